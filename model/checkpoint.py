@@ -1,0 +1,53 @@
+"""Loading a converted checkpoint directory (``xlaserve.json`` + orbax ``params/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from model.config import ModelConfig
+from model.weights import abstract_params
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """The directory is not a usable converted checkpoint."""
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path) / "xlaserve.json").is_file()
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    meta_path = Path(path) / "xlaserve.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: cannot read ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format version {meta.get('format_version')}, "
+                              f"this xlaserve reads version {FORMAT_VERSION}; convert again")
+    return ModelConfig.from_json(meta["config"])
+
+
+def load_params(path: str | Path, cfg: ModelConfig, shardings: Any = None, dtype: str | None = None) -> Any:
+    """Restore params straight into their target shardings (one device when None).
+
+    ``dtype`` casts at restore time (orbax reads and casts per array), so a bfloat16 serve of a
+    float32 checkpoint never holds the float32 copy on the device.
+    """
+    import orbax.checkpoint as ocp
+
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_params(cfg))
+    target = abstract_params(cfg, shardings)
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore((Path(path) / "params").absolute(), target)

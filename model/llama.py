@@ -1,0 +1,149 @@
+"""The Llama-family transformer (Llama 2/3, Mistral, SmolLM2, Qwen2, InternLM2) as pure
+functions over the param tree described in ``model.weights``.
+
+Dimension letters:
+  B batch rows        T tokens in this call     S cache positions (span attended)
+  D embed             N query heads             K kv heads      G = N // K
+  H head dim          F mlp hidden              V vocab         L layers
+
+KV cache: a list over layers of ``(k, v)``, each ``(B_cache, S_max, K, H)``. Writes are
+scatters at each token's position, so with a donated cache they happen in place; no step
+copies the cache. Attention reads only the first ``span`` positions (a static bucket), so
+decode cost follows the live context, not the allocated length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+KVCache = list  # list[tuple[jax.Array, jax.Array]], one (k, v) pair per layer
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # Statistics in float32: bf16 squares lose too many bits for the mean.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables (B, T, H) for rotate-half RoPE."""
+    # Angles in float32: bf16 positions lose integer precision past 256.
+    inv_freq = jnp.asarray(cfg.inv_freq(), dtype=jnp.float32)  # (H/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, H)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, T, heads, H). HF's rotate-half layout, so converted q/k need no permutation."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention(
+    cfg: ModelConfig,
+    layer: dict[str, jax.Array],
+    x: jax.Array,  # (B, T, D), already normed
+    cos: jax.Array,
+    sin: jax.Array,
+    positions: jax.Array,  # (B, T)
+    kv: tuple[jax.Array, jax.Array],  # each (B_cache, S_max, K, H)
+    rows: jax.Array | None,  # (B,) cache row of each batch row; None: row b is cache row b
+    span: int,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    b, t, _ = x.shape
+    k_heads, g, h = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+    q = jnp.einsum("btd,dnh->btnh", x, layer["wq"])
+    k = jnp.einsum("btd,dkh->btkh", x, layer["wk"])
+    v = jnp.einsum("btd,dkh->btkh", x, layer["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    k_cache, v_cache = kv
+    # Each token's K/V lands at its own position; padding past the end is dropped.
+    write_rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
+    k_cache = k_cache.at[write_rows[:, None], positions].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[write_rows[:, None], positions].set(v.astype(v_cache.dtype), mode="drop")
+    if rows is None:  # a slice, not a gather: decode over all rows copies nothing
+        keys, values = k_cache[:, :span], v_cache[:, :span]  # (B, S, K, H)
+    else:
+        keys, values = k_cache[rows, :span], v_cache[rows, :span]  # (B, S, K, H)
+
+    q = q.reshape(b, t, k_heads, g, h)  # (B, T, K, G, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
+    scores = scores * (1.0 / np.sqrt(h))
+    # A query at position p sees cache positions 0..p: its own prompt, earlier turns, itself.
+    visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype))
+    out = out.reshape(b, t, k_heads * g, h)  # (B, T, N, H)
+    return jnp.einsum("btnh,nhd->btd", out, layer["wo"]), (k_cache, v_cache)
+
+
+def mlp(layer: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", x, layer["w_gate"])
+    up = jnp.einsum("btd,df->btf", x, layer["w_up"])
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
+
+
+def forward(
+    params: dict[str, Any],
+    cfg: ModelConfig,
+    tokens: jax.Array,  # (B, T) int32
+    positions: jax.Array,  # (B, T) int32, absolute positions in each row's sequence
+    cache: KVCache,
+    span: int,
+    rows: jax.Array | None = None,  # (B,) cache rows; None means row b uses cache row b
+) -> tuple[jax.Array, KVCache]:
+    """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
+
+    Works for prefill (T > 1, any start position: chunked prefill, session turns) and decode
+    (T == 1) alike. ``span`` (static) bounds the attended cache prefix and must exceed every
+    position in ``positions`` that matters.
+    """
+    x = params["embed"][tokens]  # (B, T, D)
+    cos, sin = rope_cos_sin(cfg, positions)
+    new_cache = []
+    for layer, kv in zip(params["layers"], cache):
+        with jax.named_scope("attention"):
+            h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps),
+                              cos, sin, positions, kv, rows, span)
+        x = x + h
+        with jax.named_scope("mlp"):
+            x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))
+        new_cache.append(kv)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """(..., D) -> (..., V) float32 logits, tied or untied head."""
+    if cfg.tie_word_embeddings:
+        out = jnp.einsum("...d,vd->...v", hidden, params["embed"])
+    else:
+        out = jnp.einsum("...d,dv->...v", hidden, params["lm_head"])
+    return out.astype(jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any = None) -> KVCache:
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+def full_logits(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Uncached forward over whole sequences (B, T) -> (B, T, V); the reference path."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, _ = forward(params, cfg, tokens, positions, init_cache(cfg, b, t), span=t)
+    return logits(params, cfg, hidden)

@@ -1,0 +1,93 @@
+"""Each weight described once: shape, logical axes. That one table drives abstract shapes
+(for restore), shardings (``sharding/``), random init (tests) and the converter's checks.
+
+The param pytree is plain nested dicts and lists of arrays:
+
+    {"embed": (V, D), "final_norm": (D,), "lm_head": (D, V) unless tied,
+     "layers": [{"attn_norm", "wq", "wk", "wv", ["bq", "bk", "bv"], "wo",
+                 "mlp_norm", "w_gate", "w_up", "w_down"}, ...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, one per dim
+    init: str = "normal"  # "normal" (matrices) or "ones" (norm scales) or "zeros" (biases)
+
+
+def layer_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
+    d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                     cfg.num_kv_heads, cfg.head_dim)
+    specs = {
+        "attn_norm": WeightSpec((d,), ("norm",), "ones"),
+        "wq": WeightSpec((d, n, h), ("embed", "heads", "head_dim")),
+        "wk": WeightSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "wv": WeightSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "wo": WeightSpec((n, h, d), ("heads", "head_dim", "embed")),
+        "mlp_norm": WeightSpec((d,), ("norm",), "ones"),
+        "w_gate": WeightSpec((d, f), ("embed", "mlp")),
+        "w_up": WeightSpec((d, f), ("embed", "mlp")),
+        "w_down": WeightSpec((f, d), ("mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        specs["bq"] = WeightSpec((n, h), ("heads", "head_dim"), "zeros")
+        specs["bk"] = WeightSpec((k, h), ("kv_heads", "head_dim"), "zeros")
+        specs["bv"] = WeightSpec((k, h), ("kv_heads", "head_dim"), "zeros")
+    return specs
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The full param tree of WeightSpecs."""
+    specs: dict[str, Any] = {
+        "embed": WeightSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")),
+        "layers": [layer_specs(cfg) for _ in range(cfg.num_layers)],
+        "final_norm": WeightSpec((cfg.hidden_size,), ("norm",), "ones"),
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = WeightSpec((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+    return specs
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, WeightSpec)
+
+
+def abstract_params(cfg: ModelConfig, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs for restore; ``shardings`` is a matching tree or None."""
+    dtype = jnp.dtype(cfg.dtype)
+    specs = param_specs(cfg)
+    if shardings is None:
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs, is_leaf=is_spec)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+        specs, shardings, is_leaf=is_spec,
+    )
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.02) -> Any:
+    """Random params for tests (numpy on the host, then device arrays)."""
+    rng = np.random.default_rng(seed)
+    dtype = jnp.dtype(cfg.dtype)
+
+    def make(spec: WeightSpec):
+        if spec.init == "ones":
+            value = 1.0 + 0.1 * rng.standard_normal(spec.shape)
+        elif spec.init == "zeros":
+            value = 0.1 * rng.standard_normal(spec.shape)
+        else:
+            value = scale * rng.standard_normal(spec.shape)
+        return jnp.asarray(value.astype(np.float32), dtype=dtype)
+
+    return jax.tree.map(make, param_specs(cfg), is_leaf=is_spec)
