@@ -1,0 +1,391 @@
+"""The engine: one thread owns the device state and runs continuous batching over
+``max_batch_size`` decode slots; asyncio callers talk to it through queues.
+
+Each loop iteration: take new requests and aborts from the inbox, admit waiting requests into
+free slots, prefill one chunk (so a long prompt never stalls the running batch for long), then
+run one decode step for every running slot. Finished or aborted requests free their slot at once.
+
+Prefix reuse works at slot granularity: a free slot keeps the KV of the last sequence it held.
+A new request is placed in the free slot sharing the longest prefix with its prompt and skips
+prefilling that prefix (reported as ``cached_tokens``); otherwise the least recently used free
+slot is taken. Interactive sessions keep their token history on the host and prefer their old
+slot, so a turn whose slot was not reused prefills only its new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+import numpy as np
+
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from service.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+from service.runner import ModelRunner
+from service.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class Output:
+    """One increment of a request's result."""
+
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    history_tokens: int = 0
+
+
+@dataclasses.dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]  # the new tokens (for a session turn: this turn only)
+    params: SamplingParams
+    emit: Callable[[Output], None]
+    session_id: int | None = None
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    # engine-thread state
+    seq: list[int] = dataclasses.field(default_factory=list)  # full sequence in the slot
+    slot: int = -1
+    prefilled: int = 0  # tokens of seq already in the cache
+    cached: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)
+    max_tokens: int = 0
+    detok: IncrementalDetokenizer | None = None
+    pending_text: str = ""
+    history: int = 0
+    first_token_time: float | None = None
+
+
+@dataclasses.dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_tokens: int = 0
+    finished: int = 0
+    ttft: list[float] = dataclasses.field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 256):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.session_len = runner.session_len
+        self.max_queue = max_queue
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}  # slot -> request
+        self._slot_tokens: list[list[int]] = [[] for _ in range(runner.slots)]  # KV kept per slot
+        self._slot_used: list[float] = [0.0] * runner.slots
+        self._sessions: dict[int, tuple[list[int], int]] = {}  # id -> (history tokens, slot)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.heartbeat = time.monotonic()
+        self.stats = Stats()
+        self.waiting_count = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="xlaserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    def is_alive(self, stall_seconds: float = 120.0) -> bool:
+        busy = bool(self._running or self._waiting)
+        return bool(self._thread and self._thread.is_alive()) and not (
+            busy and time.monotonic() - self.heartbeat > stall_seconds)
+
+    # -- client API (any thread / asyncio) -----------------------------------------------------
+
+    def check_prompt(self, n_prompt: int, params: SamplingParams, history: int = 0) -> None:
+        total = history + n_prompt
+        if total >= self.session_len:
+            raise ContextLengthExceeded(total, self.session_len)
+        if params.max_tokens is not None and total + params.max_tokens > self.session_len:
+            raise ContextLengthExceeded(total, self.session_len, params.max_tokens)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
+               session_id: int | None = None, request_id: str | None = None) -> str:
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if session_id is None:
+            self.check_prompt(len(prompt_ids), params)
+        if self.waiting_count >= self.max_queue:
+            raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
+        rid = request_id or f"req-{next(self._ids)}"
+        self.waiting_count += 1
+        self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id)))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def end_session(self, session_id: int) -> None:
+        self._inbox.put(("end_session", session_id))
+
+    def session_tokens(self, session_id: int) -> int:
+        entry = self._sessions.get(session_id)
+        return len(entry[0]) if entry else 0
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       session_id: int | None = None) -> AsyncIterator[Output]:
+        """Submit and stream Outputs; closing the iterator early aborts the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Output] = asyncio.Queue()
+        rid = self.submit(prompt_ids, params, lambda o: loop.call_soon_threadsafe(q.put_nowait, o),
+                          session_id=session_id)
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                idle = not (self._running or self._waiting)
+                self._drain_inbox(block=idle)
+                self._admit()
+                self._prefill_step()
+                self._decode_step()
+                self.heartbeat = time.monotonic()
+            except Exception:  # keep serving: fail the requests in flight, not the process
+                log.exception("engine step failed; failing the requests in flight")
+                for req in list(self._running.values()):
+                    self._finish(req, "error")
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            kind, arg = item
+            if kind == "add":
+                self._waiting.append(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            elif kind == "end_session":
+                entry = self._sessions.pop(arg, None)
+                if entry:
+                    self._slot_used[entry[1]] = 0.0  # first to be reused
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _abort(self, rid: str) -> None:
+        for req in self._waiting:
+            if req.id == rid:
+                self._waiting.remove(req)
+                self.waiting_count -= 1
+                req.emit(Output(finish_reason="abort", prompt_tokens=len(req.seq or req.prompt_ids)))
+                return
+        for req in self._running.values():
+            if req.id == rid:
+                self._finish(req, "abort")
+                return
+
+    def _choose_slot(self, req: Request) -> tuple[int, int]:
+        """(slot, reusable prefix length) among free slots."""
+        free = [s for s in range(self.runner.slots) if s not in self._running]
+        session_slots = {slot for _, slot in self._sessions.values()}
+        best, best_len = -1, 0
+        for s in free:
+            n = _common_prefix(self._slot_tokens[s], req.seq)
+            if n > best_len:
+                best, best_len = s, n
+        if best < 0 or best_len == 0:
+            # least recently used; other sessions' slots last
+            best = min(free, key=lambda s: (s in session_slots, self._slot_used[s]))
+            best_len = 0
+        # At least the last prompt token is recomputed: its logits pick the first new token.
+        return best, min(best_len, len(req.seq) - 1)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.runner.slots:
+            req = self._waiting.popleft()
+            self.waiting_count -= 1
+            history: list[int] = []
+            if req.session_id is not None and req.session_id in self._sessions:
+                history = self._sessions[req.session_id][0]
+            req.history = len(history)
+            req.seq = history + req.prompt_ids
+            try:
+                self.check_prompt(len(req.prompt_ids), req.params, len(history))
+            except ContextLengthExceeded:
+                # A full session ends with "length" and no text, as LMDeploy does.
+                req.emit(Output(finish_reason="length", prompt_tokens=len(req.prompt_ids),
+                                history_tokens=len(history)))
+                continue
+            slot, reuse = self._choose_slot(req)
+            req.slot, req.prefilled, req.cached = slot, reuse, reuse
+            req.max_tokens = self.session_len - len(req.seq)
+            if req.params.max_tokens is not None:
+                req.max_tokens = min(req.max_tokens, req.params.max_tokens)
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens,
+                                               context=req.seq)
+            seed = req.params.seed if req.params.seed is not None else int(np.random.randint(2**31))
+            self.runner.set_slot(slot, req.params, req.seq, seed)
+            self._slot_tokens[slot] = req.seq[:reuse]
+            self._running[slot] = req
+
+    def _prefill_step(self) -> None:
+        """Prefill one chunk of the earliest-admitted request still prefilling."""
+        pending = [r for r in self._running.values() if r.prefilled < len(r.seq)]
+        if not pending:
+            return
+        req = min(pending, key=lambda r: r.arrival)
+        chunk = req.seq[req.prefilled:req.prefilled + self.runner.max_chunk]
+        last = req.prefilled + len(chunk) == len(req.seq)
+        token, lp, top_ids, top_lp = self.runner.prefill(req.slot, chunk, req.prefilled, last)
+        req.prefilled += len(chunk)
+        self._slot_tokens[req.slot] = req.seq[:req.prefilled]
+        if last:
+            self.stats.prompt_tokens += len(req.seq) - req.cached
+            self.stats.cached_tokens += req.cached
+            self._on_tokens([req], np.asarray(token), np.asarray(lp),
+                            None if top_ids is None else np.asarray(top_ids),
+                            None if top_lp is None else np.asarray(top_lp))
+
+    def _decode_step(self) -> None:
+        live = [r for r in self._running.values() if r.prefilled == len(r.seq) and r.generated]
+        if not live:
+            return
+        b = self.runner.slots
+        tokens = np.zeros((b,), np.int32)
+        positions = np.full((b,), self.session_len, np.int32)  # out of range: writes dropped
+        steps = np.zeros((b,), np.int32)
+        for r in live:
+            tokens[r.slot] = r.generated[-1]
+            positions[r.slot] = len(r.seq) + len(r.generated) - 1
+            steps[r.slot] = len(r.generated)
+        out = self.runner.decode(tokens, positions, steps, live_len=max(positions[r.slot] for r in live) + 1)
+        toks, lps, top_ids, top_lps = (None if x is None else np.asarray(x) for x in out)
+        idx = [r.slot for r in live]
+        self._on_tokens(live, toks[idx], lps[idx], None if top_ids is None else top_ids[idx],
+                        None if top_lps is None else top_lps[idx])
+
+    def _on_tokens(self, reqs, toks, lps, top_ids, top_lps) -> None:
+        now = time.monotonic()
+        for i, req in enumerate(reqs):
+            tok = int(toks[i])
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.stats.ttft.append(now - req.arrival)
+            req.generated.append(tok)
+            self.stats.generation_tokens += 1
+            p = req.params
+            finish = None
+            is_eos = tok in self.tokenizer.eos_ids and not p.ignore_eos
+            if is_eos or tok in p.stop_token_ids:
+                finish = "stop"
+                text = ""
+            else:
+                text = req.detok.add(tok)
+            if finish is None and (len(req.generated) >= req.max_tokens
+                                   or len(req.seq) + len(req.generated) >= self.session_len):
+                finish = "length"
+                text += req.detok.flush()
+            lp = None
+            if p.logprobs is not None:
+                top = [] if top_ids is None else [(int(a), float(b)) for a, b in
+                                                  zip(top_ids[i][:p.logprobs], top_lps[i][:p.logprobs])]
+                lp = TokenLogprob(tok, float(lps[i]), top)
+            text, stopped = self._apply_stop_strings(req, text, final=finish is not None)
+            if stopped:
+                finish = "stop"
+            out = Output(text=text, token_ids=[tok], logprobs=[lp] if lp else [],
+                         finish_reason=finish)
+            if finish:
+                self._finish(req, finish, out)
+            else:
+                req.emit(out)
+
+    def _apply_stop_strings(self, req: Request, text: str, final: bool) -> tuple[str, bool]:
+        """Match stop strings on decoded text; hold back a possible partial match."""
+        stops = req.params.stop
+        if not stops:
+            return text, False
+        buf = req.pending_text + text
+        hit = min(((buf.find(s), s) for s in stops if s in buf), default=None)
+        if hit is not None:
+            idx, s = hit
+            req.pending_text = ""
+            return buf[:idx + (len(s) if req.params.include_stop_str_in_output else 0)], True
+        if final:
+            req.pending_text = ""
+            return buf, False
+        hold = 0
+        for s in stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        req.pending_text = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], False
+
+    def _finish(self, req: Request, reason: str, out: Output | None = None) -> None:
+        out = out or Output()
+        out.finish_reason = reason
+        out.prompt_tokens = len(req.seq)
+        out.completion_tokens = len(req.generated)
+        out.cached_tokens = req.cached
+        out.history_tokens = req.history
+        self._running.pop(req.slot, None)
+        # The slot keeps the KV of everything that was written to it.
+        # The slot keeps the KV of everything written to it: the last sampled token never was.
+        written = req.prefilled + max(len(req.generated) - 1, 0)
+        self._slot_tokens[req.slot] = (req.seq + req.generated)[:written]
+        self._slot_used[req.slot] = time.monotonic()
+        if req.session_id is not None:
+            if reason in ("stop", "length") or req.generated:
+                self._sessions[req.session_id] = (req.seq + req.generated, req.slot)
+        self.stats.finished += 1
+        req.emit(out)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

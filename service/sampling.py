@@ -1,0 +1,180 @@
+"""Sampling on device, per slot. Every setting is an array indexed by slot, never a static
+argument, so a new value never recompiles.
+
+Precedence of settings (applied in ``service.protocol.to_sampling_params``): the request's value,
+then the server's default, then OpenAI's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler and of the stop logic (host side)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF style, over prompt + output tokens
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    max_tokens: int | None = None  # None: the rest of the session length
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: chosen token's logprob + top k alternatives
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+        ]
+        for ok, param, msg in checks:
+            if not ok:
+                raise InvalidSamplingParam(param, f"{param} {msg}, got {getattr(self, param, None)!r}")
+
+
+class InvalidSamplingParam(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotSampling:
+    """Device arrays, one row per decode slot."""
+
+    temperature: jax.Array  # (B,) f32
+    top_p: jax.Array  # (B,) f32
+    top_k: jax.Array  # (B,) i32, 0 = off
+    min_p: jax.Array  # (B,) f32
+    repetition_penalty: jax.Array  # (B,) f32
+    presence_penalty: jax.Array  # (B,) f32
+    frequency_penalty: jax.Array  # (B,) f32
+    min_tokens: jax.Array  # (B,) i32, EOS masked while fewer tokens were generated
+    key: jax.Array  # (B, 2) u32, per-request PRNG key
+    bias: jax.Array  # (B, V) f32 logit_bias (and min_tokens EOS masking)
+    seen: jax.Array  # (B, V) bool, prompt + output tokens (repetition penalty)
+    counts: jax.Array  # (B, V) i32, output token counts (presence/frequency)
+
+    @classmethod
+    def empty(cls, slots: int, vocab: int) -> "SlotSampling":
+        f = lambda v: jnp.full((slots,), v, jnp.float32)  # noqa: E731
+        return cls(temperature=f(0.0), top_p=f(1.0), top_k=jnp.zeros((slots,), jnp.int32),
+                   min_p=f(0.0), repetition_penalty=f(1.0), presence_penalty=f(0.0),
+                   frequency_penalty=f(0.0), min_tokens=jnp.zeros((slots,), jnp.int32), key=jnp.zeros((slots, 2), jnp.uint32),
+                   bias=jnp.zeros((slots, vocab), jnp.float32),
+                   seen=jnp.zeros((slots, vocab), bool), counts=jnp.zeros((slots, vocab), jnp.int32))
+
+
+def row_values(p: SamplingParams, vocab: int, prompt_ids: Any, seed: int) -> dict[str, np.ndarray]:
+    """Host-side values of one slot's row, for ``set_row``."""
+    bias = np.zeros((vocab,), np.float32)
+    for token, value in p.logit_bias:
+        if 0 <= token < vocab:
+            bias[token] = value
+    seen = np.zeros((vocab,), bool)
+    seen[np.asarray(prompt_ids, dtype=np.int64) % vocab] = True
+    key = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), dtype=np.uint32)
+    return dict(temperature=np.float32(p.temperature), top_p=np.float32(p.top_p),
+                top_k=np.int32(p.top_k), min_p=np.float32(p.min_p),
+                repetition_penalty=np.float32(p.repetition_penalty),
+                presence_penalty=np.float32(p.presence_penalty),
+                frequency_penalty=np.float32(p.frequency_penalty),
+                min_tokens=np.int32(0 if p.ignore_eos else p.min_tokens), key=key, bias=bias, seen=seen,
+                counts=np.zeros((vocab,), np.int32))
+
+
+def set_row(state: SlotSampling, slot: jax.Array, row: dict[str, jax.Array]) -> SlotSampling:
+    """Write one slot's settings (jit this with the state donated)."""
+    return SlotSampling(**{name: getattr(state, name).at[slot].set(row[name])
+                           for name in row})
+
+
+def _penalize(logits: jax.Array, s: SlotSampling) -> jax.Array:
+    rep = s.repetition_penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(s.seen, penalized, logits)
+    counts = s.counts.astype(jnp.float32)
+    logits = logits - s.frequency_penalty[:, None] * counts
+    logits = logits - s.presence_penalty[:, None] * (counts > 0)
+    return logits + s.bias
+
+
+def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
+    """top-k, top-p, min-p on temperature-scaled logits (B, V); excluded entries -> -inf."""
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V) descending
+    vocab = logits.shape[-1]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # (B, 1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = before < s.top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, cutoff)
+    # min_p: drop tokens with p < min_p * p_max, i.e. logit < max + log(min_p).
+    min_p_cut = sorted_logits[:, :1] + jnp.log(jnp.maximum(s.min_p[:, None], 1e-30))
+    threshold = jnp.where(s.min_p[:, None] > 0, jnp.maximum(threshold, min_p_cut), threshold)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.Array,
+           top_n: int = 0):
+    """logits (B, V) f32, steps (B,) tokens generated so far per slot, eos_mask (V,).
+
+    Returns tokens (B,), the chosen tokens' logprobs (B,), and when ``top_n`` > 0 the top
+    alternatives (B, top_n) ids and logprobs. Logprobs are of the model's distribution after
+    penalties and bias, before temperature and filtering (as OpenAI reports them).
+    """
+    logits = _penalize(logits, s)
+    logits = jnp.where(eos_mask[None, :] & (steps < s.min_tokens)[:, None], -jnp.inf, logits)
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    temp = jnp.maximum(s.temperature, 1e-6)[:, None]
+    scaled = logits / temp
+    needs_filter = jnp.any((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0))
+    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
+    # Per-slot key folded with the step: the same seed gives the same tokens whatever else
+    # shares the batch.
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.key), steps)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
+    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+    tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    if top_n:
+        top_lp, top_ids = jax.lax.top_k(logprobs_all, top_n)
+        return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+    return tokens, chosen, None, None
+
+
+def record(s: SlotSampling, tokens: jax.Array) -> SlotSampling:
+    """Account sampled tokens (B,) for the penalties."""
+    rows = jnp.arange(tokens.shape[0])
+    return dataclasses.replace(s, seen=s.seen.at[rows, tokens].set(True),
+                               counts=s.counts.at[rows, tokens].add(1))
