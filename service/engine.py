@@ -153,9 +153,12 @@ class Engine:
     def end_session(self, session_id: int) -> None:
         self._inbox.put(("end_session", session_id))
 
-    def session_tokens(self, session_id: int) -> int:
+    def abort_session(self, session_id: int) -> None:
+        self._inbox.put(("abort_session", session_id))
+
+    def session_history(self, session_id: int) -> list[int]:
         entry = self._sessions.get(session_id)
-        return len(entry[0]) if entry else 0
+        return list(entry[0]) if entry else []
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        session_id: int | None = None) -> AsyncIterator[Output]:
@@ -203,6 +206,10 @@ class Engine:
                 self._waiting.append(arg)
             elif kind == "abort":
                 self._abort(arg)
+            elif kind == "abort_session":
+                for req in [*self._waiting, *self._running.values()]:
+                    if req.session_id == arg:
+                        self._abort(req.id)
             elif kind == "end_session":
                 entry = self._sessions.pop(arg, None)
                 if entry:

@@ -1,0 +1,283 @@
+"""The ``xlaserve`` command: convert, generate, serve api_server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger("xlaserve")
+
+
+class CLIError(Exception):
+    """Printed as one line, exit status 1."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _enable_compile_cache() -> None:
+    import jax
+
+    from service.models import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _check_parallel(args) -> None:
+    if args.tp != 1 or args.dp != 1:
+        raise CLIError("--tp/--dp > 1 are not supported yet in this version; run with --tp 1 --dp 1")
+
+
+def _size_cache(args, cfg) -> int:
+    """Slots that fit --cache-max-entry-count of available memory at --session-len."""
+    import numpy as np
+
+    bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(
+        "float32" if (args.dtype or cfg.dtype) == "float32" else "float16").itemsize
+    available = _available_memory()
+    budget = args.cache_max_entry_count * available
+    per_slot = bytes_per_token * args.session_len
+    slots = min(args.max_batch_size, int(budget // per_slot))
+    if slots < 1:
+        raise CLIError(f"one sequence of --session-len {args.session_len} needs "
+                       f"{per_slot / 2**20:.0f} MiB of KV cache, more than --cache-max-entry-count "
+                       f"{args.cache_max_entry_count} of {available / 2**30:.1f} GiB free; "
+                       "lower --session-len or raise --cache-max-entry-count")
+    if slots < args.max_batch_size:
+        log.warning("KV cache budget fits %d slots, not --max-batch-size %d", slots, args.max_batch_size)
+    return slots
+
+
+def _available_memory() -> float:
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_convert(args) -> None:
+    from tools.convert_hf import ConversionError, convert
+
+    try:
+        convert(args.src, args.dst, args.dtype)
+    except ConversionError as e:
+        raise CLIError(str(e)) from None
+    print(f"converted {args.src} -> {args.dst}")
+
+
+def _load_engine(args, max_batch_size: int, warmup: bool):
+    from model.checkpoint import CheckpointError, load_config
+    from service.models import ModelSourceError, build_engine, resolve
+
+    try:
+        checkpoint, name = resolve(args.model, args.dtype)
+        cfg = load_config(checkpoint)
+    except (ModelSourceError, CheckpointError) as e:
+        raise CLIError(str(e)) from None
+    if args.session_len is None:
+        args.session_len = min(cfg.max_position_embeddings, 4096)
+    args.max_batch_size = max_batch_size
+    slots = _size_cache(args, cfg)
+    engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
+                          max_queue=getattr(args, "max_queue", 256))
+    return engine, name
+
+
+def cmd_generate(args) -> None:
+    from model.chat_template import render
+    from service.sampling import InvalidSamplingParam, SamplingParams
+
+    _enable_compile_cache()
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.seed)
+    except InvalidSamplingParam as e:
+        raise CLIError(str(e)) from None
+    engine, _ = _load_engine(args, 1, warmup=False)
+    tok = engine.tokenizer
+    if args.raw:
+        ids = tok.encode(args.prompt)
+    else:
+        text = render(tok.chat_template, [{"role": "user", "content": args.prompt}],
+                      bos_token=tok.bos_token, eos_token=tok.eos_token)
+        ids = tok.encode(text, add_special_tokens=False)
+
+    async def run():
+        t0 = time.perf_counter()
+        first, n, last = None, 0, None
+        async for out in engine.generate(ids, params):
+            if first is None:
+                first = time.perf_counter()
+            n += len(out.token_ids)
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+            last = out
+        end = time.perf_counter()
+        sys.stdout.write("\n")
+        decode_rate = (n - 1) / (end - first) if n > 1 else 0.0
+        print(f"[{n} tokens, finish_reason={last.finish_reason}, TTFT {1000 * (first - t0):.0f} ms "
+              f"(incl. compile on first use), decode {decode_rate:.1f} tokens/s]", file=sys.stderr)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.stop()
+
+
+def cmd_api_server(args) -> None:
+    import uvicorn
+
+    from service.app import ServerSettings, State, create_app
+
+    _check_parallel(args)
+    _enable_compile_cache()
+    chat_template = None
+    if args.chat_template:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        except OSError as e:
+            raise CLIError(f"--chat-template: {e}") from None
+    from service.models import DEFAULT_MODEL_NAME
+
+    settings = ServerSettings(
+        model_name=args.model_name or "", api_keys=tuple(args.api_keys or ()),
+        chat_template=chat_template, meta_instruction=args.meta_instruction,
+        allow_origins=tuple(args.allow_origins or ()), allow_credentials=args.allow_credentials,
+        allow_methods=tuple(args.allow_methods or ("*",)), allow_headers=tuple(args.allow_headers or ("*",)))
+    state = State(settings=settings)
+    if not settings.model_name:
+        settings.model_name = DEFAULT_MODEL_NAME if args.model is None else \
+            os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
+    # Resolve and convert before listening, so a bad MODEL is one error line, not a server.
+    from model.checkpoint import CheckpointError, load_config
+    from service.models import ModelSourceError, resolve
+
+    try:
+        checkpoint, _ = resolve(args.model, args.dtype)
+        load_config(checkpoint)
+    except (ModelSourceError, CheckpointError) as e:
+        raise CLIError(str(e)) from None
+    args.model = str(checkpoint)
+    url = f"http://{args.server_name}:{args.server_port}"
+    failure: list[BaseException] = []
+
+    def load():
+        try:
+            state.engine, _ = _load_engine(args, args.max_batch_size, warmup=True)
+            print(f"xlaserve: serving {settings.model_name} at {url} (Swagger UI: {url}/)", flush=True)
+        except BaseException as e:  # reported by the main thread
+            failure.append(e)
+            server.should_exit = True
+
+    app = create_app(state)
+    config = uvicorn.Config(app, host=args.server_name, port=args.server_port,
+                            log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    threading.Thread(target=load, name="xlaserve-load", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        if state.engine is not None:
+            state.engine.stop()
+    if failure:
+        e = failure[0]
+        raise CLIError(str(e)) if isinstance(e, CLIError) else e
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="converted dir, Hugging Face dir or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--session-len", type=int, default=None,
+                   help="max tokens of one sequence, prompt + output (default: min(model max, 4096))")
+    p.add_argument("--cache-max-entry-count", type=float, default=0.8,
+                   help="fraction of free memory the KV cache may take (default 0.8)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlaserve", description="LLM serving on JAX/XLA")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face dir or GGUF file")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    c.set_defaults(func=cmd_convert, log_level="WARNING")
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--raw", action="store_true", help="no chat template: complete the text as is")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve a model")
+    ssub = s.add_subparsers(dest="serve_command", required=True)
+    a = ssub.add_parser("api_server", help="OpenAI-compatible HTTP server")
+    _add_model_args(a)
+    a.add_argument("--server-name", default="0.0.0.0", help="host to bind (default 0.0.0.0)")
+    a.add_argument("--server-port", type=int, default=23333, help="port (default 23333)")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel degree")
+    a.add_argument("--dp", type=int, default=1, help="data parallel degree")
+    a.add_argument("--max-batch-size", type=int, default=16, help="decode slots (default 16)")
+    a.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    a.add_argument("--model-name", default=None, help="served model name (default from the checkpoint)")
+    a.add_argument("--api-keys", nargs="*", default=None, help="accepted Bearer keys")
+    a.add_argument("--chat-template", default=None, help="jinja2 chat template file")
+    a.add_argument("--meta-instruction", default=None, help="default system prompt")
+    a.add_argument("--allow-origins", nargs="*", default=None, help="CORS allowed origins")
+    a.add_argument("--allow-credentials", action="store_true", help="CORS allow credentials")
+    a.add_argument("--allow-methods", nargs="*", default=None, help="CORS allowed methods")
+    a.add_argument("--allow-headers", nargs="*", default=None, help="CORS allowed headers")
+    a.set_defaults(func=cmd_api_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        args.func(args)
+    except CLIError as e:
+        print(f"xlaserve: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

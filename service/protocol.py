@@ -1,0 +1,352 @@
+"""Wire types (msgspec Structs) of the OpenAI API (https://platform.openai.com/docs/api-reference)
+and LMDeploy's ``/v1/chat/interactive``, in the spec's field order. Fields marked "extension"
+are not in OpenAI's spec. This module never imports jax.
+
+``to_sampling_params`` is the one place a request becomes engine settings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Union
+
+import msgspec
+
+from service.errors import InvalidRequest
+from service.sampling import InvalidSamplingParam, SamplingParams
+
+
+class _Req(msgspec.Struct, kw_only=True, omit_defaults=True):
+    pass
+
+
+class _Resp(msgspec.Struct, kw_only=True):
+    pass
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class ContentPart(_Req):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Req):
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Req):
+    messages: list[ChatMessage]
+    model: str | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int = 1
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(_Req):
+    # str | list[str] | list[int] | list[list[int]]; msgspec allows one array type in a union,
+    # so the element kinds are checked when the prompt is tokenized.
+    prompt: Union[str, list[Union[str, int, list[int]]]]
+    model: str | None = None
+    echo: bool = False
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+    n: int = 1
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    stop_token_ids: list[int] | None = None
+
+
+class InteractiveRequest(_Req):
+    """LMDeploy's /v1/chat/interactive."""
+
+    prompt: Union[str, list[ChatMessage]]
+    session_id: int = -1
+    interactive_mode: bool = False
+    stream: bool = False
+    stop: Union[str, list[str], None] = None
+    request_output_len: int | None = None
+    top_p: float = 0.8
+    top_k: int = 40
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    cancel: bool = False
+    seed: int | None = None
+    adapter_name: str | None = None
+
+
+class TokenizeRequest(_Req):
+    prompt: Union[str, None] = None
+    messages: list[ChatMessage] | None = None
+    model: str | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Req):
+    tokens: list[int]
+    model: str | None = None
+
+
+class EncodeRequest(_Req):
+    """LMDeploy's /v1/encode."""
+
+    input: Union[str, list[str]]
+    do_preprocess: bool = False
+    add_bos: bool = True
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+class ModelCard(_Resp):
+    id: str
+    object: str = "model"
+    created: int = msgspec.field(default_factory=lambda: int(time.time()))
+    owned_by: str = "xlaserve"
+    root: str | None = None
+    max_model_len: int | None = None  # extension
+
+
+class ModelList(_Resp):
+    object: str = "list"
+    data: list[ModelCard] = msgspec.field(default_factory=list)
+
+
+class PromptTokensDetails(_Resp):
+    cached_tokens: int = 0
+
+
+class Usage(_Resp):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TopLogprob(_Resp):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(_Resp):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = msgspec.field(default_factory=list)
+
+
+class ChoiceLogprobs(_Resp):
+    content: list[TokenLogprobOut] | None = None
+
+
+class ResponseMessage(_Resp):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Resp):
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Resp):
+    id: str
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChoice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+
+
+class DeltaMessage(_Resp, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Resp):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Resp):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChunkChoice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Resp):
+    tokens: list[str] = msgspec.field(default_factory=list)
+    token_logprobs: list[float | None] = msgspec.field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = msgspec.field(default_factory=list)
+    text_offset: list[int] = msgspec.field(default_factory=list)
+
+
+class CompletionChoice(_Resp):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_Resp):
+    id: str
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    choices: list[CompletionChoice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+
+
+class InteractiveResponse(_Resp):
+    text: str
+    tokens: int
+    input_tokens: int
+    history_tokens: int
+    finish_reason: str | None = None
+
+
+class TokenizeResponse(_Resp):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Resp):
+    prompt: str
+
+
+class EncodeResponse(_Resp):
+    input_ids: Union[list[int], list[list[int]]]
+    length: Union[int, list[int]]
+
+
+class ErrorDetail(_Resp):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Resp):
+    error: ErrorDetail
+
+
+# -- request -> engine settings ----------------------------------------------------------------
+
+
+def _stops(stop: Union[str, list[str], None]) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 16 or any(not s for s in stops):
+        raise InvalidRequest("stop must be at most 16 non-empty strings", param="stop")
+    return stops
+
+
+def _bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    try:
+        out = tuple((int(k), float(v)) for k, v in bias.items())
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
+    if any(not -100 <= v <= 100 for _, v in out):
+        raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
+    return out
+
+
+def to_sampling_params(req: Any, defaults: SamplingParams | None = None) -> SamplingParams:
+    """Request -> engine settings. Precedence: the request's value, then the server default
+    (``defaults``), then OpenAI's default (SamplingParams' own)."""
+    d = defaults or SamplingParams()
+
+    def pick(name: str, default: Any = None):
+        value = getattr(req, name, None)
+        return value if value is not None else (getattr(d, name) if default is None else default)
+
+    n = getattr(req, "n", 1)
+    if n < 1 or n > 16:
+        raise InvalidRequest(f"n must be in [1, 16], got {n}", param="n")
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+    elif isinstance(req, InteractiveRequest):
+        max_tokens, logprobs = req.request_output_len, None
+    else:
+        max_tokens, logprobs = req.max_tokens, req.logprobs
+    try:
+        return SamplingParams(
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=pick("presence_penalty"),
+            frequency_penalty=pick("frequency_penalty"),
+            logit_bias=_bias(getattr(req, "logit_bias", None)),
+            seed=getattr(req, "seed", None),
+            max_tokens=max_tokens,
+            min_tokens=getattr(req, "min_tokens", 0),
+            stop=_stops(req.stop),
+            stop_token_ids=tuple(getattr(req, "stop_token_ids", None) or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except InvalidSamplingParam as e:
+        raise InvalidRequest(str(e), param=e.param) from None
