@@ -526,7 +526,9 @@ def create_app(ctx: State, lifespan: list | None = None) -> Litestar:
         title="xlaserve", version="0.1.0", path="/",
         render_plugins=[SwaggerRenderPlugin(path="/", js_url="/static/swagger/swagger-ui-bundle.js",
                                             css_url="/static/swagger/swagger-ui.css",
-                                            standalone_preset_js_url="/static/swagger/swagger-ui-standalone-preset.js")],
+                                            standalone_preset_js_url="/static/swagger/swagger-ui-standalone-preset.js",
+                                            favicon="<link rel='icon' type='image/png' "
+                                                    "href='/static/swagger/favicon-32x32.png'>")],
     )
     app = Litestar(
         route_handlers=[list_models, chat_completions, completions, chat_interactive, tokenize,

@@ -269,7 +269,7 @@ class DetokenizeResponse(_Resp):
 
 
 class EncodeResponse(_Resp):
-    input_ids: Union[list[int], list[list[int]]]
+    input_ids: list[Any]  # list[int] for one input, list[list[int]] for several
     length: Union[int, list[int]]
 
 
