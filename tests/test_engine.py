@@ -1,0 +1,250 @@
+"""Engine behaviour on a tiny random model (fast to compile) with the real tokenizer."""
+
+import asyncio
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.config import ModelConfig
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from model.weights import init_params
+from service import sampling as smp
+from service.engine import Engine, Request
+from service.errors import ContextLengthExceeded, Overloaded
+from service.runner import ModelRunner
+from service.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_checkpoint):
+    return Tokenizer.from_dir(default_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
+                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    return cfg, init_params(cfg, seed=0, scale=0.5)
+
+
+def make_engine(tiny, tokenizer, slots=4, session_len=128, **kw):
+    cfg, params = tiny
+    runner = ModelRunner(cfg, params, max_batch_size=slots, session_len=session_len,
+                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32)
+    engine = Engine(runner, tokenizer, **kw)
+    return engine
+
+
+async def collect(engine, ids, params):
+    toks, text, last = [], "", None
+    async for out in engine.generate(ids, params):
+        toks += out.token_ids
+        text += out.text
+        last = out
+    return toks, text, last
+
+
+def prompt(n, seed):
+    return [int(x) for x in np.random.default_rng(seed).integers(100, 30000, n)]
+
+
+def run(engine, coro):
+    engine.start()
+    try:
+        return asyncio.run(coro)
+    finally:
+        engine.stop()
+
+
+def test_batched_equals_one_at_a_time_with_joins_and_leaves(tiny, tokenizer):
+    reqs = [(prompt(5, 1), 20), (prompt(40, 2), 6), (prompt(17, 3), 30), (prompt(3, 4), 12), (prompt(9, 5), 8)]
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+
+    engine = make_engine(tiny, tokenizer, slots=1)
+
+    async def sequential():
+        return [(await collect(engine, ids, greedy(n)))[0] for ids, n in reqs]
+
+    solo = run(engine, sequential())
+    engine = make_engine(tiny, tokenizer, slots=3)  # fewer slots than requests: some wait
+
+    async def staggered():
+        tasks = []
+        for ids, n in reqs:
+            tasks.append(asyncio.create_task(collect(engine, ids, greedy(n))))
+            await asyncio.sleep(0.05)
+        return [(await t)[0] for t in tasks]
+
+    batched = run(engine, staggered())
+    assert batched == solo
+    assert [len(t) for t in batched] == [n for _, n in reqs]
+
+
+def test_seed_gives_same_tokens_whatever_shares_the_batch(tiny, tokenizer):
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=42, ignore_eos=True)
+    engine = make_engine(tiny, tokenizer)
+    alone = run(engine, collect(engine, prompt(8, 9), p))[0]
+    engine = make_engine(tiny, tokenizer)
+
+    async def mixed():
+        others = [asyncio.create_task(collect(engine, prompt(6, s), dataclasses.replace(p, seed=s)))
+                  for s in (1, 2)]
+        mine = await collect(engine, prompt(8, 9), p)
+        await asyncio.gather(*others)
+        return mine[0]
+
+    assert run(engine, mixed()) == alone
+    engine = make_engine(tiny, tokenizer)
+    other_seed = run(engine, collect(engine, prompt(8, 9), dataclasses.replace(p, seed=43)))[0]
+    assert other_seed != alone
+
+
+def test_no_compilation_after_warmup(tiny, tokenizer):
+    engine = make_engine(tiny, tokenizer, slots=2, session_len=128)
+    engine.runner.warmup()
+    before = engine.runner.compiled_variants()
+
+    async def workload():
+        jobs = [
+            collect(engine, prompt(3, 1), SamplingParams(temperature=0, max_tokens=5)),
+            collect(engine, prompt(70, 2), SamplingParams(temperature=0.7, top_k=5, max_tokens=20,
+                                                           stop=("the",), seed=3)),
+            collect(engine, prompt(33, 3), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1,
+                                                           repetition_penalty=1.3, presence_penalty=0.5,
+                                                           logit_bias=((5, 3.0),), logprobs=4,
+                                                           max_tokens=60, min_tokens=10)),
+            collect(engine, prompt(120, 4), SamplingParams(temperature=0, max_tokens=7)),
+        ]
+        return await asyncio.gather(*jobs)
+
+    results = run(engine, workload())
+    assert all(r[2].finish_reason in ("stop", "length") for r in results)
+    assert engine.runner.compiled_variants() == before
+
+
+def test_abort_frees_the_slot(tiny, tokenizer):
+    engine = make_engine(tiny, tokenizer, slots=1, session_len=512)
+
+    async def go():
+        gen = engine.generate(prompt(4, 1), SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+        await gen.__anext__()
+        await gen.aclose()  # the client goes away
+        for _ in range(100):
+            if engine.running_count == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.running_count == 0
+        # and the slot serves the next request
+        return await collect(engine, prompt(4, 2), SamplingParams(temperature=0, max_tokens=3))
+
+    assert run(engine, go())[2].completion_tokens == 3
+
+
+def test_queue_overflow_and_context_length_raise_typed_errors(tiny, tokenizer):
+    engine = make_engine(tiny, tokenizer, slots=1, session_len=64, max_queue=1)  # not started
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=4), lambda o: None)
+    with pytest.raises(Overloaded):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=4), lambda o: None)
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 64 tokens; the request has 80"):
+        engine.check_prompt(50, SamplingParams(max_tokens=30))
+    with pytest.raises(ContextLengthExceeded, match="the request has 70 tokens"):
+        engine.check_prompt(70, SamplingParams())
+
+
+def test_stop_strings_spanning_tokens_are_never_leaked(tiny, tokenizer):
+    engine = make_engine(tiny, tokenizer)
+    req = Request("r", [1], SamplingParams(stop=("STOP here",)), lambda o: None)
+    pieces = ["Hello ", "wor", "ld ST", "OP h", "ere and more"]
+    emitted, stopped = [], False
+    for piece in pieces:
+        text, stopped = engine._apply_stop_strings(req, piece, final=False)
+        emitted.append(text)
+        if stopped:
+            break
+    assert stopped and "".join(emitted) == "Hello world "
+    assert emitted[2] == "ld " and emitted[3] == ""  # "ST", "ST" + "OP h" held back
+    req = Request("r", [1], SamplingParams(stop=("xyz",)), lambda o: None)
+    assert engine._apply_stop_strings(req, "xyz...", final=False) == ("", True)  # very first token
+    req = Request("r", [1], SamplingParams(stop=("xyz",)), lambda o: None)
+    assert engine._apply_stop_strings(req, "ab x", final=False) == ("ab ", False)
+    assert engine._apply_stop_strings(req, "y", final=True) == ("xy", False)  # released at the end
+
+
+def test_incremental_detokenizer_never_splits_characters(tokenizer):
+    text = "Emoji 🎉🚀👍🏽, CJK 中文测试，日本語 and ascii."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+# -- the sampler against numpy references on fixed logits ------------------------------------
+
+V = 50
+
+
+def _state(rows, **kw):
+    s = smp.SlotSampling.empty(len(rows), V)
+    for i, p in enumerate(rows):
+        s = smp.set_row(s, jnp.int32(i), smp.row_values(p, V, kw.get("prompt", [3, 4]), seed=i))
+    return s
+
+
+def _logits(b=3, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(0, 3, (b, V)).astype(np.float32))
+
+
+def test_temperature_zero_and_top_k_one_are_greedy():
+    logits = _logits()
+    eos = jnp.zeros((V,), bool)
+    steps = jnp.zeros((3,), jnp.int32)
+    greedy = np.asarray(logits).argmax(-1)
+    for p in (SamplingParams(temperature=0), SamplingParams(temperature=1.5, top_k=1)):
+        toks = smp.sample(logits, _state([p] * 3), steps, eos)[0]
+        np.testing.assert_array_equal(np.asarray(toks), greedy)
+
+
+def test_penalties_match_numpy_reference():
+    logits = _logits(1, seed=1)
+    p = SamplingParams(repetition_penalty=1.5, presence_penalty=0.7, frequency_penalty=0.3,
+                       logit_bias=((7, 2.0), (9, -5.0)))
+    s = _state([p], prompt=[3, 4])
+    s = smp.record(s, jnp.asarray([10]))
+    s = smp.record(s, jnp.asarray([10]))
+    s = smp.record(s, jnp.asarray([4]))
+    got = np.asarray(smp._penalize(logits, s))[0]
+    want = np.asarray(logits)[0].copy()
+    for t in (3, 4, 10):  # prompt + output tokens: repetition penalty (HF style)
+        want[t] = want[t] / 1.5 if want[t] > 0 else want[t] * 1.5
+    counts = {10: 2, 4: 1}
+    for t, c in counts.items():  # output tokens only: OpenAI's presence/frequency
+        want[t] -= 0.3 * c + 0.7
+    want[7] += 2.0
+    want[9] -= 5.0
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_top_p_and_min_p_keep_the_expected_sets():
+    logits = _logits(1, seed=2)
+    probs = np.asarray(jax.nn.softmax(logits[0]))
+    order = np.argsort(-probs)
+    keep_p = order[: int(np.searchsorted(np.cumsum(probs[order]), 0.6) + 1)]
+    s = _state([SamplingParams(top_p=0.6)])
+    kept = np.flatnonzero(np.isfinite(np.asarray(smp._filter(logits, s))[0]))
+    assert set(kept) == set(keep_p)
+    s = _state([SamplingParams(min_p=0.2)])
+    kept = np.flatnonzero(np.isfinite(np.asarray(smp._filter(logits, s))[0]))
+    assert set(kept) == set(np.flatnonzero(probs >= 0.2 * probs.max()))
+
+
+def test_sampling_frequencies_follow_softmax():
+    logits = jnp.asarray(np.log(np.array([0.5, 0.3, 0.2] + [1e-9] * (V - 3), np.float32)))[None]
+    s = _state([SamplingParams(temperature=1.0)])
+    eos = jnp.zeros((V,), bool)
+    draws = jax.jit(jax.vmap(lambda st: smp.sample(logits, s, st[None], eos)[0][0]))(jnp.arange(4000))
+    freq = np.bincount(np.asarray(draws), minlength=3)[:3] / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.03)
