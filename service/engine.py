@@ -165,8 +165,14 @@ class Engine:
         """Submit and stream Outputs; closing the iterator early aborts the request."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Output] = asyncio.Queue()
-        rid = self.submit(prompt_ids, params, lambda o: loop.call_soon_threadsafe(q.put_nowait, o),
-                          session_id=session_id)
+
+        def emit(out: Output) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, out)
+            except RuntimeError:  # the caller's loop has closed; its abort is on the way
+                pass
+
+        rid = self.submit(prompt_ids, params, emit, session_id=session_id)
         finished = False
         try:
             while True:
@@ -193,7 +199,11 @@ class Engine:
             except Exception:  # keep serving: fail the requests in flight, not the process
                 log.exception("engine step failed; failing the requests in flight")
                 for req in list(self._running.values()):
-                    self._finish(req, "error")
+                    try:
+                        self._finish(req, "error")
+                    except Exception:
+                        log.exception("could not report the failure of %s", req.id)
+                        self._running.pop(req.slot, None)
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -129,10 +129,11 @@ def test_abort_frees_the_slot(tiny, tokenizer):
     engine = make_engine(tiny, tokenizer, slots=1, session_len=512)
 
     async def go():
+        await collect(engine, prompt(4, 3), SamplingParams(temperature=0, max_tokens=3))  # compile
         gen = engine.generate(prompt(4, 1), SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
         await gen.__anext__()
         await gen.aclose()  # the client goes away
-        for _ in range(100):
+        for _ in range(500):
             if engine.running_count == 0:
                 break
             await asyncio.sleep(0.02)

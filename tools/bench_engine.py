@@ -1,0 +1,120 @@
+"""Engine benchmark on the default (or given) model, with the machine's bounds measured in the
+same run so the figures mean something on any machine.
+
+    python tools/bench_engine.py [MODEL] --streams 1 16 --prompt-len 128 --output-len 128
+
+Reports per stream count: output tokens/s, TTFT and TPOT (median, p99), and the fraction of
+the bound: batch 1 decode is memory-bound (weight bytes x tokens/s / streaming bandwidth);
+batched decode is compute-bound (2 x params x tokens/s / matmul FLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def measure_bandwidth(mb: int = 512, reps: int = 5) -> float:
+    """Bytes/s of a streaming copy (read + write counted), median of reps."""
+    a = np.ones(mb * 2**20 // 4, np.float32)
+    b = np.empty_like(a)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - t)
+    return 2 * a.nbytes / statistics.median(times)
+
+
+def measure_flops(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def pct(xs, q):
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+async def run_streams(engine, streams: int, prompt_len: int, output_len: int):
+    from service.sampling import SamplingParams
+
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+    async def one(i):
+        ids = [int(x) for x in rng.integers(100, 30000, prompt_len)]
+        t0 = time.perf_counter()
+        stamps = []
+        async for out in engine.generate(ids, params):
+            stamps.append(time.perf_counter())
+        ttft = stamps[0] - t0
+        tpot = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+        return ttft, tpot, len(stamps)
+
+    t = time.perf_counter()
+    results = await asyncio.gather(*[one(i) for i in range(streams)])
+    wall = time.perf_counter() - t
+    return results, wall
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--dtype", default=None)
+    args = parser.parse_args(argv)
+
+    from service.models import build_engine, resolve
+
+    checkpoint, name = resolve(args.model, args.dtype)
+    session_len = 256 if args.prompt_len + args.output_len <= 256 else 512
+    engine = build_engine(checkpoint, max(args.streams), session_len, dtype=args.dtype, warmup=True)
+    cfg = engine.runner.cfg
+    weight_bytes = cfg.num_params * np.dtype("float32" if cfg.dtype == "float32" else "float16").itemsize
+    bw = measure_bandwidth()
+    flops = measure_flops(dtype=cfg.dtype)
+    print(f"model {name}: {cfg.num_params / 1e6:.1f}M params, {weight_bytes / 2**20:.0f} MiB weights ({cfg.dtype})")
+    print(f"machine: streaming bandwidth {bw / 1e9:.1f} GB/s, matmul {flops / 1e9:.1f} GFLOP/s")
+    try:
+        asyncio.run(run_streams(engine, 1, args.prompt_len, 8))  # settle
+        for streams in args.streams:
+            results, wall = asyncio.run(run_streams(engine, streams, args.prompt_len, args.output_len))
+            ttfts = [r[0] for r in results]
+            tpots = [r[1] for r in results]
+            tokens = sum(r[2] for r in results)
+            rate = tokens / wall
+            decode_rate = streams / statistics.median(tpots)
+            mem_frac = weight_bytes * (1 / statistics.median(tpots)) / bw
+            compute_frac = 2 * cfg.num_params * decode_rate / flops
+            print(f"streams={streams:3d}: {rate:7.1f} output tokens/s overall, decode {decode_rate:7.1f} tokens/s | "
+                  f"TTFT median {1000 * statistics.median(ttfts):7.1f} ms p99 {1000 * pct(ttfts, 99):7.1f} ms | "
+                  f"TPOT median {1000 * statistics.median(tpots):6.1f} ms p99 {1000 * pct(tpots, 99):6.1f} ms | "
+                  f"memory-bound fraction {mem_frac:.2f}, compute-bound fraction {compute_frac:.2f}")
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
