@@ -63,8 +63,11 @@ class ModelRunner:
         self.prefill_sizes = prefill_buckets(self.max_chunk)
         self.spans = span_buckets(session_len)
         self.top_n = top_logprobs
-        self.cache = llama.init_cache(cfg, max_batch_size, session_len)
-        self.sampling = smp.SlotSampling.empty(max_batch_size, cfg.vocab_size)
+        # Committed to the device like every later (jit-output) value of them: otherwise the
+        # second call of each step sees new input shardings and compiles all over again.
+        device = jax.devices()[0]
+        self.cache = jax.device_put(llama.init_cache(cfg, max_batch_size, session_len), device)
+        self.sampling = jax.device_put(smp.SlotSampling.empty(max_batch_size, cfg.vocab_size), device)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("span",), donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, static_argnames=("span",), donate_argnums=(1, 2))
         self._set_row = jax.jit(smp.set_row, donate_argnums=(0,))
