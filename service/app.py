@@ -19,7 +19,8 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import JSONBody
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -30,6 +31,7 @@ from litestar.static_files import create_static_files_router
 from model.chat_template import ChatTemplateError, render
 from service import protocol as p
 from service.engine import Engine, Output
+from service.metrics import CONTENT_TYPE
 from service.errors import InvalidRequest, ModelNotFound, NotReady, ServiceError, Unauthorized
 from service.sampling import SamplingParams
 
@@ -55,6 +57,9 @@ class State:
 
     settings: ServerSettings
     engine: Engine | None = None
+
+
+Ctx = NamedDependency[State]  # injected into every handler as ``ctx``
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -159,6 +164,34 @@ async def _merged(engine: Engine, prompt_ids: list[int], params: SamplingParams,
             t.cancel()
 
 
+class _Disconnected(Exception):
+    """The client went away before its (non-streamed) answer was ready."""
+
+
+async def _unless_disconnected(request: Request, coro) -> Any:
+    """Await ``coro`` unless the client disconnects first; then cancel it, which closes the
+    engine streams inside and aborts their requests (the slots free at the next step).
+
+    The body is already read by now, so the next ASGI message is the disconnect."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise _Disconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
@@ -185,19 +218,20 @@ async def _sse_stream(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 @get("/v1/models", summary="List served models")
-async def list_models(ctx: State) -> p.ModelList:
+async def list_models(ctx: Ctx) -> p.ModelList:
     max_len = ctx.engine.session_len if ctx.engine else None
     return p.ModelList(data=[p.ModelCard(id=ctx.settings.model_name, root=ctx.settings.model_name,
                                          max_model_len=max_len)])
 
 
 @post("/v1/chat/completions", summary="Chat completion (OpenAI)", status_code=200)
-async def chat_completions(data: p.ChatCompletionRequest, ctx: State) -> Any:
+async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, request: Request) -> Any:
     engine = _engine(ctx)
     _check_model(ctx, data.model)
     params = p.to_sampling_params(data, ctx.settings.defaults)
     prompt_ids = engine.tokenizer.encode(chat_prompt(ctx, engine, data.messages), add_special_tokens=False)
     engine.check_prompt(len(prompt_ids), params)
+    engine.check_capacity(data.n)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
 
     if data.stream:
@@ -229,12 +263,16 @@ async def chat_completions(data: p.ChatCompletionRequest, ctx: State) -> Any:
     texts = [""] * data.n
     lps: list[list] = [[] for _ in range(data.n)]
     finals: dict[int, Output] = {}
-    async for i, out in _merged(engine, prompt_ids, params, data.n):
-        texts[i] += out.text
-        if out.logprobs:
-            lps[i].extend(_chat_logprobs(engine, out).content)
-        if out.finish_reason is not None:
-            finals[i] = out
+
+    async def gather() -> None:
+        async for i, out in _merged(engine, prompt_ids, params, data.n):
+            texts[i] += out.text
+            if out.logprobs:
+                lps[i].extend(_chat_logprobs(engine, out).content)
+            if out.finish_reason is not None:
+                finals[i] = out
+
+    await _unless_disconnected(request, gather())
     choices = [p.ChatChoice(index=i, message=p.ResponseMessage(content=texts[i]),
                             logprobs=p.ChoiceLogprobs(content=lps[i]) if params.logprobs is not None else None,
                             finish_reason=finals[i].finish_reason) for i in range(data.n)]
@@ -271,7 +309,7 @@ def _completion_logprobs(engine: Engine, outs: list[Output], offset: int) -> p.C
 
 
 @post("/v1/completions", summary="Text completion (OpenAI)", status_code=200)
-async def completions(data: p.CompletionRequest, ctx: State) -> Any:
+async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Request) -> Any:
     engine = _engine(ctx)
     _check_model(ctx, data.model)
     if data.suffix:
@@ -285,6 +323,7 @@ async def completions(data: p.CompletionRequest, ctx: State) -> Any:
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         engine.check_prompt(len(ids), params)
+    engine.check_capacity(len(prompts) * data.n)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
 
     async def run_all():
@@ -344,9 +383,13 @@ async def completions(data: p.CompletionRequest, ctx: State) -> Any:
     total = len(prompts) * data.n
     outs: list[list[Output]] = [[] for _ in range(total)]
     prompt_of = [0] * total
-    async for idx, pi, out in run_all():
-        outs[idx].append(out)
-        prompt_of[idx] = pi
+
+    async def gather() -> None:
+        async for idx, pi, out in run_all():
+            outs[idx].append(out)
+            prompt_of[idx] = pi
+
+    await _unless_disconnected(request, gather())
     choices = []
     for idx in range(total):
         echo = echo_text(prompt_of[idx])
@@ -364,7 +407,7 @@ async def completions(data: p.CompletionRequest, ctx: State) -> Any:
 
 @post("/v1/chat/interactive", summary="Interactive chat with server-side sessions (LMDeploy)",
       status_code=200)
-async def chat_interactive(data: p.InteractiveRequest, ctx: State) -> Any:
+async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, request: Request) -> Any:
     engine = _engine(ctx)
     sid = data.session_id
     if data.cancel:
@@ -372,6 +415,12 @@ async def chat_interactive(data: p.InteractiveRequest, ctx: State) -> Any:
             engine.abort_session(sid)
         return p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
                                      finish_reason="abort")
+    if not data.interactive_mode and data.request_output_len == 0:
+        # LMDeploy's end_session: free the session, generate nothing.
+        if sid != -1:
+            engine.end_session(sid)
+        return p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
+                                     finish_reason="stop")
     params = p.to_sampling_params(data, ctx.settings.defaults)
     messages = ([p.ChatMessage(role="user", content=data.prompt)] if isinstance(data.prompt, str)
                 else data.prompt)
@@ -393,6 +442,7 @@ async def chat_interactive(data: p.InteractiveRequest, ctx: State) -> Any:
     else:
         prompt_ids = tok.encode(chat_prompt(ctx, engine, messages), add_special_tokens=False)
     session = sid if (sid != -1 and data.interactive_mode) else None
+    engine.check_capacity()
 
     async def results() -> AsyncIterator[Output]:
         async for _, out in _merged(engine, prompt_ids, params, 1, session_id=session):
@@ -410,15 +460,20 @@ async def chat_interactive(data: p.InteractiveRequest, ctx: State) -> Any:
 
         return Stream(lines(), media_type="application/x-ndjson")
     text, last = "", None
-    async for out in results():
-        text += out.text
-        last = out
+
+    async def gather() -> None:
+        nonlocal text, last
+        async for out in results():
+            text += out.text
+            last = out
+
+    await _unless_disconnected(request, gather())
     return p.InteractiveResponse(text=text, tokens=last.completion_tokens, input_tokens=len(prompt_ids),
                                  history_tokens=len(history), finish_reason=last.finish_reason)
 
 
 @post("/v1/tokenize", summary="Tokenize a prompt or chat messages", status_code=200)
-async def tokenize(data: p.TokenizeRequest, ctx: State) -> p.TokenizeResponse:
+async def tokenize(data: JSONBody[p.TokenizeRequest], ctx: Ctx) -> p.TokenizeResponse:
     engine = _engine(ctx)
     _check_model(ctx, data.model)
     if data.messages is not None:
@@ -431,7 +486,7 @@ async def tokenize(data: p.TokenizeRequest, ctx: State) -> p.TokenizeResponse:
 
 
 @post("/v1/detokenize", summary="Detokenize token ids", status_code=200)
-async def detokenize(data: p.DetokenizeRequest, ctx: State) -> p.DetokenizeResponse:
+async def detokenize(data: JSONBody[p.DetokenizeRequest], ctx: Ctx) -> p.DetokenizeResponse:
     engine = _engine(ctx)
     _check_model(ctx, data.model)
     vocab = engine.tokenizer.vocab_size
@@ -441,7 +496,7 @@ async def detokenize(data: p.DetokenizeRequest, ctx: State) -> p.DetokenizeRespo
 
 
 @post("/v1/encode", summary="Encode text to token ids (LMDeploy)", status_code=200)
-async def encode(data: p.EncodeRequest, ctx: State) -> p.EncodeResponse:
+async def encode(data: JSONBody[p.EncodeRequest], ctx: Ctx) -> p.EncodeResponse:
     engine = _engine(ctx)
 
     def one(text: str) -> list[int]:
@@ -458,12 +513,18 @@ async def encode(data: p.EncodeRequest, ctx: State) -> p.EncodeResponse:
 
 
 @get("/health", summary="Readiness", opt={"public": True})
-async def health(ctx: State) -> Response:
+async def health(ctx: Ctx) -> Response:
     if ctx.engine is None:
         return Response({"status": "loading"}, status_code=503)
     if not ctx.engine.is_alive():
         return Response({"status": "engine stalled"}, status_code=503)
     return Response({"status": "ok"}, status_code=200)
+
+
+@get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
+async def metrics(ctx: Ctx) -> Response:
+    engine = _engine(ctx)
+    return Response(engine.metrics.render(engine), media_type=CONTENT_TYPE)
 
 
 # -- errors, auth, app -------------------------------------------------------------------------
@@ -476,6 +537,9 @@ def _error_response(status: int, message: str, type_: str, param: str | None = N
 
 
 def _error_handler(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, _Disconnected):  # nobody is listening; the log says what happened
+        log.info("client left before the answer to %s was ready; request aborted", request.url.path)
+        return _error_response(499, "client closed the request", "invalid_request_error")
     if isinstance(exc, ServiceError):
         return _error_response(exc.status, str(exc), exc.type, exc.param, exc.code)
     if isinstance(exc, ValidationException):
@@ -532,7 +596,7 @@ def create_app(ctx: State, lifespan: list | None = None) -> Litestar:
     )
     app = Litestar(
         route_handlers=[list_models, chat_completions, completions, chat_interactive, tokenize,
-                        detokenize, encode, health, _swagger_static()],
+                        detokenize, encode, health, metrics, _swagger_static()],
         dependencies={"ctx": Provide(lambda: app.state.xla, sync_to_thread=False)},
         exception_handlers={Exception: _error_handler, HTTPException: _error_handler,
                             NotFoundException: _error_handler, 404: _error_handler, 405: _error_handler},

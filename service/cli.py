@@ -34,8 +34,13 @@ def _enable_compile_cache() -> None:
 
 
 def _check_parallel(args) -> None:
-    if args.tp != 1 or args.dp != 1:
-        raise CLIError("--tp/--dp > 1 are not supported yet in this version; run with --tp 1 --dp 1")
+    """Fail before loading anything when the devices cannot hold --tp x --dp."""
+    from sharding import MeshError, make_mesh
+
+    try:
+        make_mesh(args.tp, args.dp)
+    except MeshError as e:
+        raise CLIError(str(e)) from None
 
 
 def _size_cache(args, cfg) -> int:
@@ -101,8 +106,11 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
         args.session_len = min(cfg.max_position_embeddings, 4096)
     args.max_batch_size = max_batch_size
     slots = _size_cache(args, cfg)
+    if slots % args.dp:  # each data replica holds the same number of slots
+        slots = max(args.dp, slots - slots % args.dp)
+        log.warning("using %d decode slots, a multiple of --dp %d", slots, args.dp)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
-                          max_queue=getattr(args, "max_queue", 256))
+                          max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp)
     return engine, name
 
 
@@ -110,6 +118,7 @@ def cmd_generate(args) -> None:
     from model.chat_template import render
     from service.sampling import InvalidSamplingParam, SamplingParams
 
+    _check_parallel(args)
     _enable_compile_cache()
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -208,6 +217,15 @@ def cmd_api_server(args) -> None:
         raise CLIError(str(e)) if isinstance(e, CLIError) else e
 
 
+def cmd_api_client(args) -> None:
+    from service.client import APIError, chat_terminal
+
+    try:
+        chat_terminal(args.api_server_url, api_key=args.api_key, session_id=args.session_id)
+    except APIError as e:
+        raise CLIError(e.message) from None
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -220,6 +238,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="max tokens of one sequence, prompt + output (default: min(model max, 4096))")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8,
                    help="fraction of free memory the KV cache may take (default 0.8)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel degree: weights split over this many devices")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data parallel degree: decode slots split over this many replicas "
+                        "(tp x dp devices in all; on CPU set "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N to emulate N devices)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -250,8 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(a)
     a.add_argument("--server-name", default="0.0.0.0", help="host to bind (default 0.0.0.0)")
     a.add_argument("--server-port", type=int, default=23333, help="port (default 23333)")
-    a.add_argument("--tp", type=int, default=1, help="tensor parallel degree")
-    a.add_argument("--dp", type=int, default=1, help="data parallel degree")
     a.add_argument("--max-batch-size", type=int, default=16, help="decode slots (default 16)")
     a.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     a.add_argument("--model-name", default=None, help="served model name (default from the checkpoint)")
@@ -263,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-methods", nargs="*", default=None, help="CORS allowed methods")
     a.add_argument("--allow-headers", nargs="*", default=None, help="CORS allowed headers")
     a.set_defaults(func=cmd_api_server)
+    ac = ssub.add_parser("api_client", help="terminal chat with a running api_server")
+    ac.add_argument("api_server_url", help="e.g. http://localhost:23333")
+    ac.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
+    ac.add_argument("--session-id", type=int, default=1, help="server-side session to use (default 1)")
+    ac.set_defaults(func=cmd_api_client, log_level="WARNING")
     return parser
 
 

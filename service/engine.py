@@ -28,6 +28,7 @@ import numpy as np
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from service.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+from service.metrics import EngineMetrics
 from service.runner import ModelRunner
 from service.sampling import SamplingParams
 
@@ -82,7 +83,6 @@ class Stats:
     generation_tokens: int = 0
     cached_tokens: int = 0
     finished: int = 0
-    ttft: list[float] = dataclasses.field(default_factory=list)
 
 
 class Engine:
@@ -102,7 +102,9 @@ class Engine:
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self.stats = Stats()
-        self.waiting_count = 0
+        self.metrics = EngineMetrics()
+        self._count_lock = threading.Lock()
+        self.waiting_count = 0  # submitted, not yet in a slot (guarded by _count_lock)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -140,12 +142,27 @@ class Engine:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if session_id is None:
             self.check_prompt(len(prompt_ids), params)
-        if self.waiting_count >= self.max_queue:
-            raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
+        with self._count_lock:
+            if self.waiting_count >= self.max_queue:
+                raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
+            self.waiting_count += 1
         rid = request_id or f"req-{next(self._ids)}"
-        self.waiting_count += 1
         self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id)))
         return rid
+
+    def check_capacity(self, n: int = 1) -> None:
+        """Raise Overloaded now if ``n`` more requests would not fit the queue (so a stream can
+        be refused with a status code before it starts)."""
+        if self.waiting_count + n > self.max_queue:
+            raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
+
+    def snapshot(self) -> dict[str, float]:
+        """Counts for /metrics (read without locking: each value is a plain read)."""
+        running = list(self._running.values())
+        kv = sum(min(r.prefilled + len(r.generated), self.session_len) for r in running)
+        return dict(running=len(running), waiting=self.waiting_count, kv_tokens=kv,
+                    kv_capacity=self.runner.slots * self.session_len,
+                    prompt_tokens=self.stats.prompt_tokens, cached_tokens=self.stats.cached_tokens)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -233,7 +250,9 @@ class Engine:
         for req in self._waiting:
             if req.id == rid:
                 self._waiting.remove(req)
-                self.waiting_count -= 1
+                with self._count_lock:
+                    self.waiting_count -= 1
+                self.metrics.finished.labels("abort").inc()
                 req.emit(Output(finish_reason="abort", prompt_tokens=len(req.seq or req.prompt_ids)))
                 return
         for req in self._running.values():
@@ -260,7 +279,8 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.runner.slots:
             req = self._waiting.popleft()
-            self.waiting_count -= 1
+            with self._count_lock:
+                self.waiting_count -= 1
             history: list[int] = []
             if req.session_id is not None and req.session_id in self._sessions:
                 history = self._sessions[req.session_id][0]
@@ -299,6 +319,8 @@ class Engine:
         if last:
             self.stats.prompt_tokens += len(req.seq) - req.cached
             self.stats.cached_tokens += req.cached
+            self.metrics.prompt_tokens.inc(len(req.seq) - req.cached)
+            self.metrics.cached_tokens.inc(req.cached)
             self._on_tokens([req], np.asarray(token), np.asarray(lp),
                             None if top_ids is None else np.asarray(top_ids),
                             None if top_lp is None else np.asarray(top_lp))
@@ -307,19 +329,10 @@ class Engine:
         live = [r for r in self._running.values() if r.prefilled == len(r.seq) and r.generated]
         if not live:
             return
-        b = self.runner.slots
-        tokens = np.zeros((b,), np.int32)
-        positions = np.full((b,), self.session_len, np.int32)  # out of range: writes dropped
-        steps = np.zeros((b,), np.int32)
-        for r in live:
-            tokens[r.slot] = r.generated[-1]
-            positions[r.slot] = len(r.seq) + len(r.generated) - 1
-            steps[r.slot] = len(r.generated)
-        out = self.runner.decode(tokens, positions, steps, live_len=max(positions[r.slot] for r in live) + 1)
-        toks, lps, top_ids, top_lps = (None if x is None else np.asarray(x) for x in out)
-        idx = [r.slot for r in live]
-        self._on_tokens(live, toks[idx], lps[idx], None if top_ids is None else top_ids[idx],
-                        None if top_lps is None else top_lps[idx])
+        out = self.runner.decode([r.slot for r in live], [r.generated[-1] for r in live],
+                                 [len(r.seq) + len(r.generated) - 1 for r in live],
+                                 [len(r.generated) for r in live])
+        self._on_tokens(live, *out)
 
     def _on_tokens(self, reqs, toks, lps, top_ids, top_lps) -> None:
         now = time.monotonic()
@@ -327,9 +340,10 @@ class Engine:
             tok = int(toks[i])
             if req.first_token_time is None:
                 req.first_token_time = now
-                self.stats.ttft.append(now - req.arrival)
+                self.metrics.ttft.observe(now - req.arrival)
             req.generated.append(tok)
             self.stats.generation_tokens += 1
+            self.metrics.generation_tokens.inc()
             p = req.params
             finish = None
             is_eos = tok in self.tokenizer.eos_ids and not p.ignore_eos
@@ -397,6 +411,11 @@ class Engine:
             if reason in ("stop", "length") or req.generated:
                 self._sessions[req.session_id] = (req.seq + req.generated, req.slot)
         self.stats.finished += 1
+        now = time.monotonic()
+        self.metrics.finished.labels(reason).inc()
+        self.metrics.e2e.observe(now - req.arrival)
+        if req.first_token_time is not None and len(req.generated) > 1:
+            self.metrics.tpot.observe((now - req.first_token_time) / (len(req.generated) - 1))
         req.emit(out)
 
 

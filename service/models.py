@@ -68,8 +68,11 @@ def resolve(model: str | None, dtype: str | None = None) -> tuple[Path, str]:
 
 
 def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
-                 dtype: str | None = None, max_queue: int = 256, warmup: bool = True):
-    """Load params and tokenizer, size the cache, compile, start the engine thread."""
+                 dtype: str | None = None, max_queue: int = 256, warmup: bool = True,
+                 tp: int = 1, dp: int = 1):
+    """Load params (straight into their shardings when tp * dp > 1) and tokenizer, size the
+    cache, compile, start the engine thread. Raises sharding.MeshError when the devices do not
+    fit tp x dp."""
     import time
 
     from model.checkpoint import load_config, load_params
@@ -82,12 +85,19 @@ def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
         import dataclasses
 
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    params = load_params(checkpoint, cfg)
+    plan = shardings = None
+    if tp * dp > 1:
+        from sharding import make_mesh, plan_for
+
+        plan = plan_for(cfg, make_mesh(tp, dp), slots=max_batch_size)
+        shardings = plan.param_shardings(cfg)
+        log.info("mesh data=%d x model=%d over %s devices", dp, tp, plan.mesh.devices.flat[0].platform)
+    params = load_params(checkpoint, cfg, shardings)
     tokenizer = Tokenizer.from_dir(checkpoint)
     session_len = session_len or min(cfg.max_position_embeddings, 4096)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
-    runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos))
+    runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos), plan=plan)
     if warmup:
         t0 = time.monotonic()
 

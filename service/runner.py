@@ -24,6 +24,22 @@ log = logging.getLogger(__name__)
 
 MIN_SPAN = 128
 
+_compiles = 0
+
+
+def _count_compiles(event: str, duration: float, **kwargs) -> None:
+    global _compiles
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiles += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+def compile_count() -> int:
+    """XLA compilations (or persistent-cache loads) in this process so far."""
+    return _compiles
+
 
 def prefill_buckets(max_chunk: int) -> list[int]:
     out, b = [], 16
@@ -41,6 +57,14 @@ def span_buckets(session_len: int) -> list[int]:
     return out + [session_len]
 
 
+def batch_buckets(slots: int) -> list[int]:
+    out, b = [], 1
+    while b < slots:
+        out.append(b)
+        b *= 2
+    return out + [slots]
+
+
 def bucket_for(n: int, buckets: list[int]) -> int:
     for b in buckets:
         if n <= b:
@@ -49,28 +73,67 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 
 class ModelRunner:
+    """Owns the device state. With a sharding ``plan`` (see ``sharding``), params, KV cache and
+    per-slot state live sharded on its mesh: weights split over ``model`` (tensor parallel),
+    slots over ``data`` (data parallel); logits are gathered before sampling."""
+
     def __init__(self, cfg: ModelConfig, params: Any, max_batch_size: int, session_len: int,
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
-                 top_logprobs: int = smp.MAX_TOP_LOGPROBS):
+                 top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None):
         self.cfg = cfg
+        self.plan = plan
         mask = np.zeros((cfg.vocab_size,), bool)
         mask[[i for i in eos_ids if 0 <= i < cfg.vocab_size]] = True
-        self.eos_mask = jnp.asarray(mask)  # (V,) tokens held back until min_tokens
-        self.params = params
         self.slots = max_batch_size
         self.session_len = session_len
         self.max_chunk = min(max_prefill_chunk, session_len)
         self.prefill_sizes = prefill_buckets(self.max_chunk)
         self.spans = span_buckets(session_len)
+        # Slots split over a data axis decode at full width, each replica over its own rows:
+        # gathering a compacted batch from rows on other devices would move their KV.
+        self.full_width = plan is not None and plan.mesh.shape["data"] > 1
+        self.batch_sizes = [max_batch_size] if self.full_width else batch_buckets(max_batch_size)
         self.top_n = top_logprobs
-        # Committed to the device like every later (jit-output) value of them: otherwise the
-        # second call of each step sees new input shardings and compiles all over again.
-        device = jax.devices()[0]
-        self.cache = jax.device_put(llama.init_cache(cfg, max_batch_size, session_len), device)
-        self.sampling = jax.device_put(smp.SlotSampling.empty(max_batch_size, cfg.vocab_size), device)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("span",), donate_argnums=(1, 2))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("span",), donate_argnums=(1, 2))
-        self._set_row = jax.jit(smp.set_row, donate_argnums=(0,))
+        # Every array is committed to its final placement, like every later (jit-output) value
+        # of it: otherwise the second call of each step sees new input shardings and compiles
+        # all over again.
+        if plan is None:
+            device = jax.devices()[0]
+            place = lambda tree: jax.device_put(tree, device)  # noqa: E731
+            self._cache_sh = self._sampling_sh = self._out_sh = None
+            self.params = params
+            self.eos_mask = place(jnp.asarray(mask))
+        else:
+            cache_sh = plan.cache_sharding()
+            self._cache_sh = [(cache_sh, cache_sh)] * cfg.num_layers
+            self._sampling_sh = jax.tree.map(lambda x: plan.slot_sharding(x.ndim),
+                                             jax.eval_shape(lambda: smp.SlotSampling.empty(
+                                                 max_batch_size, cfg.vocab_size)))
+            self._out_sh = plan.replicated
+            self.params = jax.device_put(params, plan.param_shardings(cfg))
+            self.eos_mask = jax.device_put(mask, plan.replicated)
+        # Created directly in place (sharded when there is a plan), never whole on one device.
+        self.cache = jax.jit(lambda: llama.init_cache(cfg, max_batch_size, session_len),
+                             out_shardings=self._cache_sh)()
+        self.sampling = jax.jit(lambda: smp.SlotSampling.empty(max_batch_size, cfg.vocab_size),
+                                out_shardings=self._sampling_sh)()
+        if plan is None:
+            self.cache, self.sampling = place(self.cache), place(self.sampling)
+        step_out = None if plan is None else (self._cache_sh, self._sampling_sh, self._out_sh)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("span",), donate_argnums=(1, 2),
+                                out_shardings=step_out)
+        self._decode = jax.jit(self._decode_fn, static_argnames=("span",), donate_argnums=(1, 2),
+                               out_shardings=step_out)
+        self._set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=self._sampling_sh)
+
+    def _gathered(self, logits: jax.Array) -> jax.Array:
+        """Logits whole on every device (vocab-split lm_head) before sampling."""
+        if self.plan is None:
+            return logits
+        # Computed split over vocab where the head is (so no device gathers the head's weight),
+        # then gathered: (b, V) logits are far smaller than the (D, V) head.
+        logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding((None, "vocab")))
+        return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
 
     # -- jitted bodies -------------------------------------------------------------------------
 
@@ -85,7 +148,7 @@ class ModelRunner:
         hidden, cache = llama.forward(params, self.cfg, tokens, positions, cache, span=span,
                                       rows=slot[None])
         final = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, axis=0, keepdims=True)  # (1, D)
-        logits = llama.logits(params, self.cfg, final)  # (1, V)
+        logits = self._gathered(llama.logits(params, self.cfg, final))  # (1, V)
         row = jax.tree.map(lambda x: x[slot][None], sampling)
         token, lp, top_ids, top_lp = smp.sample(logits, row, jnp.zeros((1,), jnp.int32),
                                                 self.eos_mask, self.top_n)
@@ -95,13 +158,20 @@ class ModelRunner:
         sampling = dataclasses.replace(sampling, seen=seen, counts=counts)
         return cache, sampling, (token, lp, top_ids, top_lp)
 
-    def _decode_fn(self, params, cache, sampling, tokens, positions, steps, span):
-        """One token for every slot: tokens, positions, steps (B,)."""
+    def _decode_fn(self, params, cache, sampling, tokens, positions, steps, rows, span):
+        """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).
+
+        b is a bucket of the live slot count, so the step costs what the live requests need,
+        not what ``max_batch_size`` allows. Padding rows name slot ``self.slots`` (out of
+        range): their cache and sampling-state writes are dropped. In full-width mode
+        ``rows`` is None and batch row i is slot i.
+        """
         hidden, cache = llama.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                      span=span)
-        logits = llama.logits(params, self.cfg, hidden[:, 0])  # (B, V)
-        out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n)
-        sampling = smp.record(sampling, out[0])
+                                      span=span, rows=rows)
+        logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0]))  # (b, V)
+        row_state = sampling if rows is None else smp.gather_rows(sampling, rows)
+        out = smp.sample(logits, row_state, steps, self.eos_mask, self.top_n)
+        sampling = smp.record(sampling, out[0], rows)
         return cache, sampling, out
 
     # -- host API (engine thread only) ----------------------------------------------------------
@@ -122,27 +192,45 @@ class ModelRunner:
             jnp.int32(slot), jnp.bool_(last), span=span)
         return out
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray, live_len: int):
-        """One step for all slots; ``live_len`` bounds the positions of the live ones."""
-        span = bucket_for(int(live_len), self.spans)
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int], steps: list[int]):
+        """One step for the given slots (each with its last token, that token's position and
+        the count of tokens it generated so far). Returns host arrays (tokens, logprobs,
+        top ids, top logprobs) whose rows follow ``slots``."""
+        n = len(slots)
+        b = bucket_for(n, self.batch_sizes)
+        span = bucket_for(max(positions) + 1, self.spans)
+        # Batch row of each given slot: itself at full width, else packed from row 0.
+        where = np.asarray(slots) if self.full_width else np.arange(n)
+        tok = np.zeros((b,), np.int32)
+        pos = np.full((b,), self.session_len, np.int32)  # padding: out of range, writes dropped
+        st = np.zeros((b,), np.int32)
+        tok[where], pos[where], st[where] = tokens, positions, steps
+        if self.full_width:
+            rows = None
+        else:
+            rows = np.full((b,), self.slots, np.int32)
+            rows[:n] = slots
         self.cache, self.sampling, out = self._decode(
-            self.params, self.cache, self.sampling, tokens, positions, steps, span=span)
-        return out
+            self.params, self.cache, self.sampling, tok, pos, st, rows, span=span)
+        return tuple(None if x is None else np.asarray(x)[where] for x in out)
 
     def compiled_variants(self) -> int:
         return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row))
 
+    def warmup_shapes(self) -> list[tuple]:
+        shapes = [("decode", b, s) for b in self.batch_sizes for s in self.spans]
+        return shapes + [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]
+
     def warmup(self, progress=None) -> None:
         """Compile every prefill/decode shape now, so serving never compiles."""
-        shapes = [("decode", s) for s in self.spans]
-        shapes += [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]
+        shapes = self.warmup_shapes()
         self.set_slot(0, smp.SamplingParams(), [0], 0)
         for i, shape in enumerate(shapes):
             if progress:
                 progress(i, len(shapes), shape)
             if shape[0] == "decode":
-                z = np.zeros((self.slots,), np.int32)
-                self.decode(z, np.full((self.slots,), shape[1] - 1, np.int32), z, shape[1])
+                b, span = shape[1], shape[2]
+                self.decode(list(range(b)), [0] * b, [span - 1] * b, [0] * b)
             else:
                 n, span = shape[1], shape[2]
                 self.prefill(0, [0] * n, span - n)

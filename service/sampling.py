@@ -126,13 +126,16 @@ def _penalize(logits: jax.Array, s: SlotSampling) -> jax.Array:
     return logits + s.bias
 
 
-def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
-    """top-k, top-p, min-p on temperature-scaled logits (B, V); excluded entries -> -inf."""
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V) descending
-    vocab = logits.shape[-1]
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+CANDIDATES = 256  # top-k/top-p/min-p are decided among this many best tokens when exact
+
+
+def _threshold(sorted_logits: jax.Array, s: SlotSampling, lse: jax.Array) -> jax.Array:
+    """Per-row logit threshold of top-k, top-p and min-p, from (a prefix of) the logits sorted
+    descending (B, C) and the full log-sum-exp (B, 1). Returns (B, 1)."""
+    c = sorted_logits.shape[-1]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, c), c)
     kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # (B, 1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    probs = jnp.exp(sorted_logits - lse)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     before = jnp.cumsum(probs, axis=-1) - probs
     keep = before < s.top_p[:, None]
@@ -140,8 +143,40 @@ def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
     threshold = jnp.maximum(kth, cutoff)
     # min_p: drop tokens with p < min_p * p_max, i.e. logit < max + log(min_p).
     min_p_cut = sorted_logits[:, :1] + jnp.log(jnp.maximum(s.min_p[:, None], 1e-30))
-    threshold = jnp.where(s.min_p[:, None] > 0, jnp.maximum(threshold, min_p_cut), threshold)
+    return jnp.where(s.min_p[:, None] > 0, jnp.maximum(threshold, min_p_cut), threshold)
+
+
+def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
+    """top-k, top-p, min-p on temperature-scaled logits (B, V); excluded entries -> -inf.
+
+    A full sort of the vocabulary costs far more than the model's step on a CPU, so the
+    threshold is first found among the ``CANDIDATES`` best tokens; only when some row's kept
+    set might reach past them (a flat distribution with top_p near 1 and no top_k) is the
+    whole vocabulary sorted. Both paths give the same threshold.
+    """
+    vocab = logits.shape[-1]
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    c = min(CANDIDATES, vocab)
+    cand = jax.lax.top_k(logits, c)[0]  # (B, C) descending
+    threshold = _threshold(cand, s, lse)
+    limited_by_k = (s.top_k > 0) & (s.top_k <= c)
+    exact = (c == vocab) | limited_by_k | (threshold[:, 0] > cand[:, -1])
+    threshold = jax.lax.cond(
+        jnp.all(exact), lambda: threshold,
+        lambda: _threshold(jnp.sort(logits, axis=-1)[:, ::-1], s, lse))
     return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _sample_random(logits: jax.Array, s: SlotSampling, steps: jax.Array) -> jax.Array:
+    temp = jnp.maximum(s.temperature, 1e-6)[:, None]
+    scaled = logits / temp
+    needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0)))
+    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
+    # Per-slot key folded with the step: the same seed gives the same tokens whatever else
+    # shares the batch.
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.key), steps)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
+    return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
 
 
 def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.Array,
@@ -151,30 +186,31 @@ def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.A
     Returns tokens (B,), the chosen tokens' logprobs (B,), and when ``top_n`` > 0 the top
     alternatives (B, top_n) ids and logprobs. Logprobs are of the model's distribution after
     penalties and bias, before temperature and filtering (as OpenAI reports them).
+    Work that no row needs this step (noise and filtering for an all-greedy batch) is skipped.
     """
     logits = _penalize(logits, s)
     logits = jnp.where(eos_mask[None, :] & (steps < s.min_tokens)[:, None], -jnp.inf, logits)
-    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1)
-    temp = jnp.maximum(s.temperature, 1e-6)[:, None]
-    scaled = logits / temp
-    needs_filter = jnp.any((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0))
-    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
-    # Per-slot key folded with the step: the same seed gives the same tokens whatever else
-    # shares the batch.
-    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.key), steps)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
-    sampled = jnp.argmax(scaled + gumbel, axis=-1)
-    tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # (B,)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random,
+                           lambda l, s_, st: greedy, logits, s, steps)
+    tokens = jnp.where(s.temperature > 0, sampled, greedy)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
     if top_n:
-        top_lp, top_ids = jax.lax.top_k(logprobs_all, top_n)
-        return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+        top_logits, top_ids = jax.lax.top_k(logits, top_n)
+        return tokens, chosen, top_ids.astype(jnp.int32), top_logits - lse[:, None]
     return tokens, chosen, None, None
 
 
-def record(s: SlotSampling, tokens: jax.Array) -> SlotSampling:
-    """Account sampled tokens (B,) for the penalties."""
-    rows = jnp.arange(tokens.shape[0])
-    return dataclasses.replace(s, seen=s.seen.at[rows, tokens].set(True),
-                               counts=s.counts.at[rows, tokens].add(1))
+def gather_rows(s: SlotSampling, rows: jax.Array) -> SlotSampling:
+    """The state of slots ``rows`` (b,); out-of-range rows (padding) read the last slot."""
+    return jax.tree.map(lambda x: x.at[rows].get(mode="clip"), s)
+
+
+def record(s: SlotSampling, tokens: jax.Array, rows: jax.Array | None = None) -> SlotSampling:
+    """Account sampled tokens (b,) of slots ``rows`` for the penalties; out-of-range rows
+    (padding) are dropped."""
+    if rows is None:
+        rows = jnp.arange(tokens.shape[0])
+    return dataclasses.replace(s, seen=s.seen.at[rows, tokens].set(True, mode="drop"),
+                               counts=s.counts.at[rows, tokens].add(1, mode="drop"))

@@ -196,3 +196,163 @@ def test_openapi_is_valid_and_swagger_is_offline(server):
     assert "/static/swagger/swagger-ui-bundle.js" in page
     assert "https://" not in page  # nothing loaded from a CDN
     assert httpx.get(server + "/static/swagger/swagger-ui-bundle.js").status_code == 200
+
+
+def _metric(server, name, labels=""):
+    """Value of one series on /metrics (0 when absent)."""
+    text = httpx.get(server + "/metrics").text
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _wait_idle(server, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while _metric(server, "xlaserve_requests_running") or _metric(server, "xlaserve_requests_waiting"):
+        assert time.monotonic() < deadline, "requests still running"
+        time.sleep(0.2)
+
+
+def test_metrics_count_tokens_and_latencies(server):
+    r = httpx.get(server + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    before_gen = _metric(server, "xlaserve_generation_tokens_total")
+    before_ttft = _metric(server, "xlaserve_time_to_first_token_seconds_count")
+    before_stop = _metric(server, "xlaserve_requests_finished_total", '{finish_reason="length"}')
+    body = httpx.post(server + "/v1/completions", timeout=120, json={
+        "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "ignore_eos": True}).json()
+    assert body["usage"]["completion_tokens"] == 5
+    assert _metric(server, "xlaserve_generation_tokens_total") == before_gen + 5
+    assert _metric(server, "xlaserve_time_to_first_token_seconds_count") == before_ttft + 1
+    assert _metric(server, "xlaserve_requests_finished_total", '{finish_reason="length"}') == before_stop + 1
+    text = httpx.get(server + "/metrics").text
+    for name in ("xlaserve_kv_cache_usage_ratio", "xlaserve_prefix_cache_hit_rate",
+                 "xlaserve_prompt_tokens_total", "xlaserve_time_per_output_token_seconds_bucket",
+                 "xlaserve_e2e_request_latency_seconds_bucket", "xlaserve_requests_waiting"):
+        assert name in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts_the_request(server, stream):
+    _wait_idle(server)
+    aborted = _metric(server, "xlaserve_requests_finished_total", '{finish_reason="abort"}')
+    body = {"model": MODEL, "max_tokens": 200, "ignore_eos": True, "stream": stream,
+            "messages": [{"role": "user", "content": "Write a long essay about the sea."}]}
+    with httpx.Client(timeout=httpx.Timeout(3.0, connect=5.0)) as c:
+        if stream:  # read the first chunk, then hang up
+            with c.stream("POST", server + "/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_raw())
+        else:  # give up waiting for the answer
+            with pytest.raises(httpx.ReadTimeout):
+                c.post(server + "/v1/chat/completions", json=body)
+    # 200 tokens take far longer than this at this model's speed here: only an abort frees it.
+    _wait_idle(server, timeout=20)
+    assert _metric(server, "xlaserve_requests_finished_total", '{finish_reason="abort"}') == aborted + 1
+
+
+def test_oversized_body_is_413(server):
+    r = httpx.post(server + "/v1/completions", content=b'{"prompt": "' + b"a" * (9 * 2**20) + b'"}',
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_openapi_validates_as_openapi_3(server):
+    from openapi_spec_validator import validate
+
+    validate(httpx.get(server + "/openapi.json").json())
+
+
+SNIPPETS = [
+    # The reference document's three APIClient examples, with our import path.
+    """from service.client import APIClient
+api_client = APIClient('{url}')
+model_name = api_client.available_models[0]
+messages = [{{"role": "user", "content": "Say this is a test!"}}]
+for item in api_client.chat_completions_v1(model=model_name, messages=messages, max_tokens=8):
+    print(item)
+""",
+    """from service.client import APIClient
+api_client = APIClient('{url}')
+model_name = api_client.available_models[0]
+for item in api_client.completions_v1(model=model_name, prompt='hi'):
+    print(item)
+""",
+    """from service.client import APIClient
+api_client = APIClient('{url}')
+messages = [
+    "hi, what's your name?",
+    "who developed you?",
+]
+for message in messages:
+    for item in api_client.chat_interactive_v1(prompt=message,
+                                               session_id=11,
+                                               interactive_mode=True,
+                                               stream=False, request_output_len=8):
+        print(item)
+api_client.end_session(11)
+""",
+]
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS)
+def test_apiclient_reference_snippets_run(server, snippet):
+    r = subprocess.run([sys.executable, "-c", snippet.format(url=server)], capture_output=True,
+                       text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    items = [eval(line) for line in r.stdout.splitlines()]  # printed dicts
+    assert items and all("error" not in i for i in items)
+    if "chat_interactive_v1" in snippet:
+        assert [i["history_tokens"] > 0 for i in items] == [False, True]
+    else:
+        assert items[0]["choices"] and items[0]["usage"]["completion_tokens"] > 0
+
+
+def test_apiclient_streams_and_raises_server_errors(server):
+    from service.client import APIClient, APIError
+
+    client = APIClient(server)
+    chunks = list(client.chat_completions_v1(model=MODEL, messages="Count to five.", stream=True,
+                                             max_tokens=6, temperature=0))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    full = next(client.chat_completions_v1(model=MODEL, messages="Count to five.", max_tokens=6,
+                                           temperature=0))
+    assert text == full["choices"][0]["message"]["content"]
+    with pytest.raises(APIError) as e:
+        next(client.chat_completions_v1(model=MODEL, messages="x", temperature=-1))
+    assert e.value.status == 400 and "temperature" in e.value.message
+    with pytest.raises(APIError) as e:
+        APIClient("http://127.0.0.1:1").available_models
+    assert e.value.status == 0 and "cannot reach" in e.value.message
+
+
+def test_terminal_client_keeps_the_session(server):
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "api_client", server,
+                        "--session-id", "4242"],
+                       input="My name is Ada.\n\nWhat is my name?\n\nexit\n", capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "connected to" in r.stdout
+    replies = r.stdout.split(">>> ")[1:]
+    assert len(replies) == 3 and all(x.strip() for x in replies[:2])  # two answers, then exit
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "serve", "api_client", "http://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 1 and bad.stderr.startswith("xlaserve: error: cannot reach")
+    assert "Traceback" not in bad.stderr
+
+
+def test_sixty_four_concurrent_clients_all_finish(server):
+    import asyncio
+
+    async def one(c, i):
+        r = await c.post(server + "/v1/completions", json={
+            "prompt": f"Item {i}:", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        return r.status_code, r.json()
+
+    async def main():
+        async with httpx.AsyncClient(timeout=600) as c:
+            return await asyncio.gather(*[one(c, i) for i in range(64)])
+
+    results = asyncio.run(main())
+    assert [s for s, _ in results] == [200] * 64
+    assert all(b["usage"]["completion_tokens"] == 4 for _, b in results)
+    _wait_idle(server)

@@ -76,6 +76,27 @@ async def run_streams(engine, streams: int, prompt_len: int, output_len: int):
     return results, wall
 
 
+def context_sweep(checkpoint, contexts: list[int], reps: int = 10) -> None:
+    """Decode-step time of one slot at each context length (session sized for the longest):
+    attention reads a bucketed span, so the step should grow with the context, not with the
+    session length."""
+    from model.checkpoint import load_config, load_params
+    from service.runner import ModelRunner
+
+    cfg = load_config(checkpoint)
+    runner = ModelRunner(cfg, load_params(checkpoint, cfg), 1, max(contexts) + 1)
+    for n in contexts:
+        runner.decode([0], [1], [n], [1])  # compile this span
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            np.asarray(runner.decode([0], [1], [n], [1])[0])
+            times.append(time.perf_counter() - t)
+        print(f"context {n:6d} tokens (session {runner.session_len}): decode step "
+              f"{1000 * statistics.median(times):.1f} ms median")
+    del runner
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=None)
@@ -83,11 +104,15 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--context", type=int, nargs="*", default=[256, 4096],
+                        help="also time a 1-slot decode step with this many tokens of context")
     args = parser.parse_args(argv)
 
     from service.models import build_engine, resolve
 
     checkpoint, name = resolve(args.model, args.dtype)
+    if args.context:
+        context_sweep(checkpoint, args.context)
     session_len = 256 if args.prompt_len + args.output_len <= 256 else 512
     engine = build_engine(checkpoint, max(args.streams), session_len, dtype=args.dtype, warmup=True)
     cfg = engine.runner.cfg

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one engine, in a registry of its own (several engines, e.g. in tests,
+never share series). Counters and histograms are fed by the engine thread as requests finish;
+gauges are read from the engine when ``/metrics`` is scraped."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.prompt_tokens = Counter("xlaserve_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.cached_tokens = Counter("xlaserve_prefix_cache_hit_tokens",
+                                     "Prompt tokens served from the prefix cache (not prefilled)",
+                                     registry=r)
+        self.generation_tokens = Counter("xlaserve_generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("xlaserve_requests_finished", "Finished requests by finish reason",
+                                ["finish_reason"], registry=r)
+        self.ttft = Histogram("xlaserve_time_to_first_token_seconds",
+                              "From arrival to the first generated token", buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("xlaserve_time_per_output_token_seconds",
+                              "Mean time between a request's generated tokens", buckets=_TOKEN_BUCKETS,
+                              registry=r)
+        self.e2e = Histogram("xlaserve_e2e_request_latency_seconds", "From arrival to finish",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("xlaserve_requests_running", "Requests holding a decode slot", registry=r)
+        self.waiting = Gauge("xlaserve_requests_waiting", "Requests queued for a slot", registry=r)
+        self.kv_usage = Gauge("xlaserve_kv_cache_usage_ratio",
+                              "Fraction of the KV cache's token capacity held by running requests",
+                              registry=r)
+        self.hit_rate = Gauge("xlaserve_prefix_cache_hit_rate",
+                              "Cached prompt tokens / all prompt tokens since start", registry=r)
+        self.compiles = Gauge("xlaserve_xla_compilations", "XLA compilations in this process",
+                              registry=r)
+
+    def render(self, engine) -> bytes:
+        from service.runner import compile_count
+
+        snap = engine.snapshot()
+        self.running.set(snap["running"])
+        self.waiting.set(snap["waiting"])
+        self.kv_usage.set(snap["kv_tokens"] / snap["kv_capacity"])
+        total = snap["prompt_tokens"] + snap["cached_tokens"]
+        self.hit_rate.set(snap["cached_tokens"] / total if total else 0.0)
+        self.compiles.set(compile_count())
+        return generate_latest(self.registry)

@@ -1,0 +1,80 @@
+"""The HTTP layer in-process (Litestar's test client) over a tiny random model: auth, CORS,
+readiness, and refusals that must come as a status code before any stream starts."""
+
+import pytest
+from litestar.testing import TestClient
+
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from model.weights import init_params
+from service.app import ServerSettings, State, create_app
+from service.engine import Engine
+from service.runner import ModelRunner
+
+CHAT = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def engine(default_checkpoint):
+    tokenizer = Tokenizer.from_dir(default_checkpoint)
+    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
+                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    runner = ModelRunner(cfg, init_params(cfg, seed=0), max_batch_size=2, session_len=128,
+                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32)
+    engine = Engine(runner, tokenizer)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def client(engine, **settings):
+    return TestClient(create_app(State(ServerSettings(model_name="tiny", **settings), engine)))
+
+
+def test_api_keys_guard_every_route_but_health(engine):
+    with client(engine, api_keys=("k1", "k2")) as c:
+        assert c.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k1"}):
+            r = c.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+            assert c.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 401
+            assert c.get("/metrics", headers=headers).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer k2"}).json()["data"][0]["id"] == "tiny"
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_cors_headers_follow_the_flags(engine):
+    with client(engine, allow_origins=("http://ui.example",)) as c:
+        r = c.options("/v1/chat/completions", headers={
+            "Origin": "http://ui.example", "Access-Control-Request-Method": "POST"})
+        assert r.headers["access-control-allow-origin"] == "http://ui.example"
+        r = c.get("/v1/models", headers={"Origin": "http://other.example"})
+        assert "access-control-allow-origin" not in r.headers
+    with client(engine) as c:  # no flags: no CORS headers
+        r = c.get("/v1/models", headers={"Origin": "http://ui.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_not_ready_is_503_and_health_says_loading():
+    with TestClient(create_app(State(ServerSettings(model_name="tiny")))) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and "error" in r.json()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_overloaded_is_503_before_the_stream_starts(engine, stream):
+    queue = engine.max_queue
+    engine.max_queue = 0
+    try:
+        with client(engine) as c:
+            for path, body in (("/v1/chat/completions", CHAT),
+                               ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                               ("/v1/chat/interactive", {"prompt": "hi", "request_output_len": 2})):
+                r = c.post(path, json={**body, "stream": stream})
+                assert r.status_code == 503, (path, r.text)
+                assert "capacity" in r.json()["error"]["message"]
+    finally:
+        engine.max_queue = queue
