@@ -33,14 +33,44 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _check_parallel(args) -> None:
-    """Fail before loading anything when the devices cannot hold --tp x --dp."""
+def _check_parallel(args) -> bool:
+    """Join the multi-process job when --nnodes > 1, then fail before loading anything when the
+    devices cannot hold --tp x --dp. Returns True on process 0 (the one that serves)."""
     from sharding import MeshError, make_mesh
 
+    if args.nnodes > 1:
+        from sharding.distributed import initialize
+
+        try:
+            initialize(args.coordinator_address, args.nnodes, args.node_rank)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        except Exception as e:  # the coordinator is unreachable, a port is taken, ...
+            raise CLIError(f"could not join the job at {args.coordinator_address}: {e}") from None
     try:
         make_mesh(args.tp, args.dp)
     except MeshError as e:
         raise CLIError(str(e)) from None
+    return args.node_rank == 0
+
+
+def _follow(args, max_batch_size: int) -> None:
+    """A process other than 0: hold its shards and run the steps process 0 announces."""
+    from model.checkpoint import CheckpointError, load_config
+    from service.models import ModelSourceError, build_runner, resolve
+
+    try:
+        checkpoint, _ = resolve(args.model, args.dtype)
+        cfg = load_config(checkpoint)
+    except (ModelSourceError, CheckpointError) as e:
+        raise CLIError(str(e)) from None
+    if args.session_len is None:
+        args.session_len = min(cfg.max_position_embeddings, 4096)
+    args.max_batch_size = max_batch_size
+    slots = _slots(args, cfg)
+    runner, _ = build_runner(checkpoint, slots, args.session_len, dtype=args.dtype, tp=args.tp, dp=args.dp)
+    log.info("process %d following process 0's steps", args.node_rank)
+    runner.follow()
 
 
 def _size_cache(args, cfg) -> int:
@@ -93,6 +123,14 @@ def cmd_convert(args) -> None:
     print(f"converted {args.src} -> {args.dst}")
 
 
+def _slots(args, cfg) -> int:
+    slots = _size_cache(args, cfg)
+    if slots % args.dp:  # each data replica holds the same number of slots
+        slots = max(args.dp, slots - slots % args.dp)
+        log.warning("using %d decode slots, a multiple of --dp %d", slots, args.dp)
+    return slots
+
+
 def _load_engine(args, max_batch_size: int, warmup: bool):
     from model.checkpoint import CheckpointError, load_config
     from service.models import ModelSourceError, build_engine, resolve
@@ -105,10 +143,7 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
     if args.session_len is None:
         args.session_len = min(cfg.max_position_embeddings, 4096)
     args.max_batch_size = max_batch_size
-    slots = _size_cache(args, cfg)
-    if slots % args.dp:  # each data replica holds the same number of slots
-        slots = max(args.dp, slots - slots % args.dp)
-        log.warning("using %d decode slots, a multiple of --dp %d", slots, args.dp)
+    slots = _slots(args, cfg)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
                           max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp)
     return engine, name
@@ -118,8 +153,10 @@ def cmd_generate(args) -> None:
     from model.chat_template import render
     from service.sampling import InvalidSamplingParam, SamplingParams
 
-    _check_parallel(args)
+    leader = _check_parallel(args)
     _enable_compile_cache()
+    if not leader:
+        return _follow(args, 1)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, seed=args.seed)
@@ -161,8 +198,10 @@ def cmd_api_server(args) -> None:
 
     from service.app import ServerSettings, State, create_app
 
-    _check_parallel(args)
+    leader = _check_parallel(args)
     _enable_compile_cache()
+    if not leader:
+        return _follow(args, args.max_batch_size)
     chat_template = None
     if args.chat_template:
         try:
@@ -244,6 +283,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="data parallel degree: decode slots split over this many replicas "
                         "(tp x dp devices in all; on CPU set "
                         "XLA_FLAGS=--xla_force_host_platform_device_count=N to emulate N devices)")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="processes (machines) one mesh spans; process 0 serves, the others follow")
+    p.add_argument("--node-rank", type=int, default=0, help="this process's rank in [0, --nnodes)")
+    p.add_argument("--coordinator-address", default=None,
+                   help="HOST:PORT of process 0's coordinator (with --nnodes > 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

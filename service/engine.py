@@ -117,6 +117,7 @@ class Engine:
         self._inbox.put(None)
         if self._thread:
             self._thread.join(timeout=30)
+        self.runner.stop_followers()
 
     @property
     def running_count(self) -> int:

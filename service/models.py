@@ -67,17 +67,15 @@ def resolve(model: str | None, dtype: str | None = None) -> tuple[Path, str]:
     return dst, name
 
 
-def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
-                 dtype: str | None = None, max_queue: int = 256, warmup: bool = True,
-                 tp: int = 1, dp: int = 1):
-    """Load params (straight into their shardings when tp * dp > 1) and tokenizer, size the
-    cache, compile, start the engine thread. Raises sharding.MeshError when the devices do not
-    fit tp x dp."""
-    import time
+def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
+                 dtype: str | None = None, tp: int = 1, dp: int = 1):
+    """Load params (straight into their shardings when tp * dp > 1) and tokenizer and size
+    the device state. On a mesh spanning processes every process calls this alike. Raises
+    sharding.MeshError when the devices do not fit tp x dp."""
+    import jax
 
     from model.checkpoint import load_config, load_params
     from model.tokenizer import Tokenizer
-    from service.engine import Engine
     from service.runner import ModelRunner
 
     cfg = load_config(checkpoint)
@@ -85,19 +83,36 @@ def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
         import dataclasses
 
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    plan = shardings = None
+    plan = shardings = channel = None
     if tp * dp > 1:
         from sharding import make_mesh, plan_for
 
         plan = plan_for(cfg, make_mesh(tp, dp), slots=max_batch_size)
         shardings = plan.param_shardings(cfg)
         log.info("mesh data=%d x model=%d over %s devices", dp, tp, plan.mesh.devices.flat[0].platform)
+    if jax.process_count() > 1:
+        from sharding.distributed import StepChannel
+
+        channel = StepChannel()
     params = load_params(checkpoint, cfg, shardings)
     tokenizer = Tokenizer.from_dir(checkpoint)
     session_len = session_len or min(cfg.max_position_embeddings, 4096)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
-    runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos), plan=plan)
+    runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos), plan=plan,
+                         channel=channel)
+    return runner, tokenizer
+
+
+def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
+                 dtype: str | None = None, max_queue: int = 256, warmup: bool = True,
+                 tp: int = 1, dp: int = 1):
+    """``build_runner``, compile every step shape, start the engine thread."""
+    import time
+
+    from service.engine import Engine
+
+    runner, tokenizer = build_runner(checkpoint, max_batch_size, session_len, dtype, tp, dp)
     if warmup:
         t0 = time.monotonic()
 

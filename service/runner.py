@@ -19,6 +19,8 @@ import numpy as np
 from model import llama
 from model.config import ModelConfig
 from service import sampling as smp
+from sharding.distributed import DECODE, PREFILL, SET_ROW, STOP
+
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,12 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated step output as a host array (this process's replica: on a mesh spanning
+    processes the others' are not addressable here)."""
+    return np.asarray(x.addressable_data(0))
+
+
 class ModelRunner:
     """Owns the device state. With a sharding ``plan`` (see ``sharding``), params, KV cache and
     per-slot state live sharded on its mesh: weights split over ``model`` (tensor parallel),
@@ -79,9 +87,10 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: Any, max_batch_size: int, session_len: int,
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
-                 top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None):
+                 top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None):
         self.cfg = cfg
         self.plan = plan
+        self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
         mask = np.zeros((cfg.vocab_size,), bool)
         mask[[i for i in eos_ids if 0 <= i < cfg.vocab_size]] = True
         self.slots = max_batch_size
@@ -175,21 +184,36 @@ class ModelRunner:
         return cache, sampling, out
 
     # -- host API (engine thread only) ----------------------------------------------------------
+    # Inputs go in as numpy values, which every process of a multi-process mesh can pass.
+    # With a ``channel`` (several processes), process 0 announces each step before running it
+    # and the others replay it in ``follow``.
 
     def set_slot(self, slot: int, params: smp.SamplingParams, prompt_ids, seed: int) -> None:
         row = smp.row_values(params, self.cfg.vocab_size, prompt_ids, seed)
-        self.sampling = self._set_row(self.sampling, jnp.int32(slot), row)
+        if self.channel is not None:
+            self.channel.send(SET_ROW, (slot,), row)
+        self._run_set_row(slot, row)
+
+    def _run_set_row(self, slot: int, row) -> None:
+        self.sampling = self._set_row(self.sampling, np.int32(slot), row)
 
     def prefill(self, slot: int, tokens: list[int], start: int, last: bool = True):
-        """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``."""
+        """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host
+        arrays (token, logprob, top ids, top logprobs) of the chunk's last position."""
         n = len(tokens)
         size = bucket_for(n, self.prefill_sizes)
         span = bucket_for(min(start + size, self.session_len), self.spans)
         padded = np.zeros((1, size), np.int32)
         padded[0, :n] = tokens
+        if self.channel is not None:
+            self.channel.send(PREFILL, (size, span, n, start, slot, int(last)), padded)
+        out = self._run_prefill(padded, start, n, slot, last, span)
+        return tuple(None if x is None else _host(x) for x in out)
+
+    def _run_prefill(self, padded, start, n, slot, last, span):
         self.cache, self.sampling, out = self._prefill(
-            self.params, self.cache, self.sampling, padded, jnp.int32(start), jnp.int32(n),
-            jnp.int32(slot), jnp.bool_(last), span=span)
+            self.params, self.cache, self.sampling, padded, np.int32(start), np.int32(n),
+            np.int32(slot), np.bool_(last), span=span)
         return out
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], steps: list[int]):
@@ -205,14 +229,46 @@ class ModelRunner:
         pos = np.full((b,), self.session_len, np.int32)  # padding: out of range, writes dropped
         st = np.zeros((b,), np.int32)
         tok[where], pos[where], st[where] = tokens, positions, steps
-        if self.full_width:
-            rows = None
-        else:
-            rows = np.full((b,), self.slots, np.int32)
-            rows[:n] = slots
+        rows = np.full((b,), self.slots, np.int32)
+        rows[:n] = slots
+        if self.channel is not None:
+            self.channel.send(DECODE, (b, span), (tok, pos, st, rows))
+        out = self._run_decode(tok, pos, st, rows, span)
+        return tuple(None if x is None else _host(x)[where] for x in out)
+
+    def _run_decode(self, tok, pos, st, rows, span):
+        rows = None if self.full_width else rows
         self.cache, self.sampling, out = self._decode(
             self.params, self.cache, self.sampling, tok, pos, st, rows, span=span)
-        return tuple(None if x is None else np.asarray(x)[where] for x in out)
+        return out
+
+    def follow(self) -> None:
+        """On processes other than 0: replay the steps process 0 announces, until it stops."""
+        like_row = smp.row_values(smp.SamplingParams(), self.cfg.vocab_size, [0], 0)
+        while True:
+            header = self.channel.receive_header()
+            op, ints = int(header[0]), [int(x) for x in header[1:]]
+            if op == STOP:
+                return
+            if op == SET_ROW:
+                self._run_set_row(ints[0], self.channel.receive(like_row))
+            elif op == PREFILL:
+                size, span, n, start, slot, last = ints[:6]
+                padded = self.channel.receive(np.zeros((1, size), np.int32))
+                self._run_prefill(padded, start, n, slot, bool(last), span)
+            elif op == DECODE:
+                b, span = ints[:2]
+                z = np.zeros((b,), np.int32)
+                tok, pos, st, rows = self.channel.receive((z, z, z, z))
+                self._run_decode(tok, pos, st, rows, span)
+            else:
+                raise RuntimeError(f"unknown step {op} from process 0")
+
+    def stop_followers(self) -> None:
+        """Process 0: release the other processes (once)."""
+        if self.channel is not None and self.channel.leader:
+            self.channel.send(STOP)
+            self.channel = None
 
     def compiled_variants(self) -> int:
         return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row))

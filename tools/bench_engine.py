@@ -2,6 +2,7 @@
 same run so the figures mean something on any machine.
 
     python tools/bench_engine.py [MODEL] --streams 1 16 --prompt-len 128 --output-len 128
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tools/bench_engine.py --tp 2
 
 Reports per stream count: output tokens/s, TTFT and TPOT (median, p99), and the fraction of
 the bound: batch 1 decode is memory-bound (weight bytes x tokens/s / streaming bandwidth);
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--context", type=int, nargs="*", default=[256, 4096],
                         help="also time a 1-slot decode step with this many tokens of context")
     args = parser.parse_args(argv)
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     if args.context:
         context_sweep(checkpoint, args.context)
     session_len = 256 if args.prompt_len + args.output_len <= 256 else 512
-    engine = build_engine(checkpoint, max(args.streams), session_len, dtype=args.dtype, warmup=True)
+    engine = build_engine(checkpoint, max(args.streams), session_len, dtype=args.dtype, warmup=True,
+                          tp=args.tp, dp=args.dp)
     cfg = engine.runner.cfg
     weight_bytes = cfg.num_params * np.dtype("float32" if cfg.dtype == "float32" else "float16").itemsize
     bw = measure_bandwidth()

@@ -1,0 +1,63 @@
+"""One mesh over several processes (machines), with JAX's own multi-controller runtime.
+
+Every process runs the same jitted steps on its part of the mesh. Process 0 owns the
+scheduler (and the HTTP server); before each step it broadcasts the step's plan (which step,
+its static sizes, its input arrays) and the other processes replay it. Nothing else crosses
+between processes: params are restored by each process into its own shards, and step
+outputs are replicated, so process 0 reads them locally.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STOP, SET_ROW, PREFILL, DECODE = 0, 1, 2, 3
+HEADER = 8  # int32 words: op, then up to 7 ints of static sizes
+
+
+def initialize(coordinator_address: str, nnodes: int, node_rank: int) -> None:
+    """Join the job; call before anything touches a device. On CPU the collectives go over
+    gloo (TCP)."""
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"--node-rank must be in [0, {nnodes}), got {node_rank}")
+    if not coordinator_address:
+        raise ValueError("--coordinator-address HOST:PORT is required with --nnodes > 1")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=nnodes,
+                               process_id=node_rank)
+    log.info("process %d/%d joined: %d local of %d devices", node_rank, nnodes,
+             jax.local_device_count(), jax.device_count())
+
+
+class StepChannel:
+    """Process 0 announces each step; the others receive it (a broadcast over the mesh)."""
+
+    def __init__(self) -> None:
+        self.leader = jax.process_index() == 0
+
+    @staticmethod
+    def _broadcast(tree: Any) -> Any:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.broadcast_one_to_all(tree)
+
+    def send(self, op: int, ints: tuple[int, ...] = (), arrays: Any = None) -> None:
+        header = np.zeros((HEADER,), np.int32)
+        header[0] = op
+        header[1:1 + len(ints)] = ints
+        self._broadcast(header)
+        if arrays is not None:
+            self._broadcast(arrays)
+
+    def receive_header(self) -> np.ndarray:
+        return self._broadcast(np.zeros((HEADER,), np.int32))
+
+    def receive(self, like: Any) -> Any:
+        """The arrays of the announced step; ``like`` gives their shapes and dtypes."""
+        return self._broadcast(like)
