@@ -265,6 +265,13 @@ def cmd_api_client(args) -> None:
         raise CLIError(e.message) from None
 
 
+def cmd_gradio(args) -> None:
+    from service.webui import serve
+
+    serve(args.api_server_url, args.server_name, args.server_port, api_key=args.api_key,
+          log_level=args.log_level)
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -334,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
     ac.add_argument("--session-id", type=int, default=1, help="server-side session to use (default 1)")
     ac.set_defaults(func=cmd_api_client, log_level="WARNING")
+    gr = ssub.add_parser("gradio", help="web chat page for a running api_server")
+    gr.add_argument("api_server_url", help="e.g. http://localhost:23333")
+    gr.add_argument("--server-name", default="0.0.0.0", help="host to bind (default 0.0.0.0)")
+    gr.add_argument("--server-port", type=int, default=6006, help="port (default 6006)")
+    gr.add_argument("--api-key", default=None, help="Bearer key for the api_server")
+    gr.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    gr.set_defaults(func=cmd_gradio)
     return parser
 
 
