@@ -27,7 +27,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-from service.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+from service.errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServiceError
 from service.metrics import EngineMetrics
 from service.runner import ModelRunner
 from service.sampling import SamplingParams
@@ -196,6 +196,8 @@ class Engine:
             while True:
                 out = await q.get()
                 finished = out.finish_reason is not None
+                if out.finish_reason == "error":  # the details are in the server log
+                    raise ServiceError("the engine failed while generating this request")
                 yield out
                 if finished:
                     return
@@ -302,7 +304,13 @@ class Engine:
             req.detok = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens,
                                                context=req.seq)
             seed = req.params.seed if req.params.seed is not None else int(np.random.randint(2**31))
-            self.runner.set_slot(slot, req.params, req.seq, seed)
+            try:
+                self.runner.set_slot(slot, req.params, req.seq, seed)
+            except Exception:  # this request's settings cannot be run: fail it alone
+                log.exception("request %s could not start", req.id)
+                self.metrics.finished.labels("error").inc()
+                req.emit(Output(finish_reason="error", prompt_tokens=len(req.seq)))
+                continue
             self._slot_tokens[slot] = req.seq[:reuse]
             self._running[slot] = req
 

@@ -100,9 +100,9 @@ def row_values(p: SamplingParams, vocab: int, prompt_ids: Any, seed: int) -> dic
             bias[token] = value
     seen = np.zeros((vocab,), bool)
     seen[np.asarray(prompt_ids, dtype=np.int64) % vocab] = True
-    key = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), dtype=np.uint32)
+    key = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed % 2**32)), dtype=np.uint32)
     return dict(temperature=np.float32(p.temperature), top_p=np.float32(p.top_p),
-                top_k=np.int32(p.top_k), min_p=np.float32(p.min_p),
+                top_k=np.int32(min(p.top_k, vocab)), min_p=np.float32(p.min_p),
                 repetition_penalty=np.float32(p.repetition_penalty),
                 presence_penalty=np.float32(p.presence_penalty),
                 frequency_penalty=np.float32(p.frequency_penalty),

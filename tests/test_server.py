@@ -306,19 +306,37 @@ def test_terminal_client_keeps_the_session(server):
     assert "Traceback" not in bad.stderr
 
 
-def test_sixty_four_concurrent_clients_all_finish(server):
+def test_sixty_four_streaming_clients_half_hang_up(server):
+    """64 concurrent streams; the odd ones hang up after their first chunk. The rest get whole
+    answers, every slot is free afterwards, and the server still answers."""
     import asyncio
 
+    _wait_idle(server)
+    aborted = _metric(server, "xlaserve_requests_finished_total", '{finish_reason="abort"}')
+
     async def one(c, i):
-        r = await c.post(server + "/v1/completions", json={
-            "prompt": f"Item {i}:", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
-        return r.status_code, r.json()
+        body = {"prompt": f"Item {i}:", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        async with c.stream("POST", server + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = []
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if i % 2:  # hang up mid-stream
+                        return None
+            return events
 
     async def main():
         async with httpx.AsyncClient(timeout=600) as c:
             return await asyncio.gather(*[one(c, i) for i in range(64)])
 
     results = asyncio.run(main())
-    assert [s for s, _ in results] == [200] * 64
-    assert all(b["usage"]["completion_tokens"] == 4 for _, b in results)
+    for events in results[0::2]:
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 6
     _wait_idle(server)
+    # Those that hung up before their last token were aborted; none is left running.
+    assert _metric(server, "xlaserve_requests_finished_total", '{finish_reason="abort"}') > aborted
+    r = httpx.post(server + "/v1/completions", timeout=60, json={"prompt": "Still there?", "max_tokens": 2})
+    assert r.status_code == 200
