@@ -83,6 +83,8 @@ class Stats:
     generation_tokens: int = 0
     cached_tokens: int = 0
     finished: int = 0
+    decode_steps: int = 0
+    chained_steps: int = 0  # queued before the previous step's tokens reached the host
 
 
 class Engine:
@@ -101,6 +103,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
+        self._inflight = None  # (requests, DecodeHandle) of the decode step on the device
         self.stats = Stats()
         self.metrics = EngineMetrics()
         self._count_lock = threading.Lock()
@@ -210,7 +213,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                idle = not (self._running or self._waiting)
+                idle = not (self._running or self._waiting or self._inflight)
                 self._drain_inbox(block=idle)
                 self._admit()
                 self._prefill_step()
@@ -218,6 +221,7 @@ class Engine:
                 self.heartbeat = time.monotonic()
             except Exception:  # keep serving: fail the requests in flight, not the process
                 log.exception("engine step failed; failing the requests in flight")
+                self._inflight = None
                 for req in list(self._running.values()):
                     try:
                         self._finish(req, "error")
@@ -334,18 +338,44 @@ class Engine:
                             None if top_ids is None else np.asarray(top_ids),
                             None if top_lp is None else np.asarray(top_lp))
 
+    def _decodable(self) -> list[Request]:
+        return [r for r in self._running.values() if r.prefilled == len(r.seq) and r.generated]
+
     def _decode_step(self) -> None:
-        live = [r for r in self._running.values() if r.prefilled == len(r.seq) and r.generated]
-        if not live:
-            return
-        out = self.runner.decode([r.slot for r in live], [r.generated[-1] for r in live],
-                                 [len(r.seq) + len(r.generated) - 1 for r in live],
-                                 [len(r.generated) for r in live])
-        self._on_tokens(live, *out)
+        """Keep one decode step in flight. When the batch is unchanged since the step in
+        flight, queue the next step first, fed on the device by that step's own tokens, then
+        read and handle the tokens of the step in flight while the device works on the next:
+        the host's per-token work (detokenizing, stops, streaming) hides behind the device.
+        A request that finishes meanwhile costs the one queued step a wasted row, nothing else."""
+        live = self._decodable()
+        if self._inflight is not None:
+            prev, handle = self._inflight
+            self._inflight = None
+            chained = None
+            positions = [len(r.seq) + len(r.generated) for r in live]
+            same = len(live) == len(prev) and all(a is b for a, b in zip(live, prev))
+            if same and max(positions) < self.session_len and self.runner.channel is None:
+                chained = self.runner.dispatch_decode([r.slot for r in live], handle, positions,
+                                                      [len(r.generated) + 1 for r in live])
+            self._on_tokens(prev, *self.runner.fetch(handle))
+            if chained is not None:
+                self.stats.decode_steps += 1
+                self.stats.chained_steps += 1
+                self._inflight = (prev, chained)
+                return
+            live = self._decodable()
+        if live:
+            handle = self.runner.dispatch_decode(
+                [r.slot for r in live], [r.generated[-1] for r in live],
+                [len(r.seq) + len(r.generated) - 1 for r in live], [len(r.generated) for r in live])
+            self.stats.decode_steps += 1
+            self._inflight = (live, handle)
 
     def _on_tokens(self, reqs, toks, lps, top_ids, top_lps) -> None:
         now = time.monotonic()
         for i, req in enumerate(reqs):
+            if self._running.get(req.slot) is not req:  # finished or aborted meanwhile
+                continue
             tok = int(toks[i])
             if req.first_token_time is None:
                 req.first_token_time = now

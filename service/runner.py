@@ -80,6 +80,15 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+@dataclasses.dataclass
+class DecodeHandle:
+    """A dispatched decode step: its device outputs, and where its slots' rows are."""
+
+    out: tuple
+    where: np.ndarray
+    rows: np.ndarray
+
+
 class ModelRunner:
     """Owns the device state. With a sharding ``plan`` (see ``sharding``), params, KV cache and
     per-slot state live sharded on its mesh: weights split over ``model`` (tensor parallel),
@@ -128,6 +137,8 @@ class ModelRunner:
                                 out_shardings=self._sampling_sh)()
         if plan is None:
             self.cache, self.sampling = place(self.cache), place(self.sampling)
+        self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
+                                else plan.replicated)
         step_out = None if plan is None else (self._cache_sh, self._sampling_sh, self._out_sh)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("span",), donate_argnums=(1, 2),
                                 out_shardings=step_out)
@@ -220,21 +231,41 @@ class ModelRunner:
         """One step for the given slots (each with its last token, that token's position and
         the count of tokens it generated so far). Returns host arrays (tokens, logprobs,
         top ids, top logprobs) whose rows follow ``slots``."""
+        return self.fetch(self.dispatch_decode(slots, tokens, positions, steps))
+
+    def dispatch_decode(self, slots: list[int], tokens, positions: list[int], steps: list[int]):
+        """Start a decode step and return its handle without waiting for it (``fetch`` waits).
+
+        ``tokens`` is a list of ints, or the handle of the previous step over the same slots:
+        then its sampled tokens feed this step on the device, so step t+1 is queued before
+        the host has even looked at step t's tokens."""
         n = len(slots)
         b = bucket_for(n, self.batch_sizes)
         span = bucket_for(max(positions) + 1, self.spans)
         # Batch row of each given slot: itself at full width, else packed from row 0.
         where = np.asarray(slots) if self.full_width else np.arange(n)
-        tok = np.zeros((b,), np.int32)
         pos = np.full((b,), self.session_len, np.int32)  # padding: out of range, writes dropped
         st = np.zeros((b,), np.int32)
-        tok[where], pos[where], st[where] = tokens, positions, steps
+        pos[where], st[where] = positions, steps
         rows = np.full((b,), self.slots, np.int32)
         rows[:n] = slots
-        if self.channel is not None:
-            self.channel.send(DECODE, (b, span), (tok, pos, st, rows))
+        if isinstance(tokens, DecodeHandle):
+            if tokens.rows.shape != rows.shape or (tokens.rows != rows).any() or self.channel is not None:
+                raise ValueError("chained decode steps must cover the same slots on one process")
+            tok = tokens.out[0]
+        else:
+            host_tok = np.zeros((b,), np.int32)
+            host_tok[where] = tokens
+            if self.channel is not None:
+                self.channel.send(DECODE, (b, span), (host_tok, pos, st, rows))
+            # Placed like a step's own output tokens, so both kinds of input share one compile.
+            tok = jax.device_put(host_tok, self._token_sharding)
         out = self._run_decode(tok, pos, st, rows, span)
-        return tuple(None if x is None else _host(x)[where] for x in out)
+        return DecodeHandle(out, where, rows)
+
+    def fetch(self, handle: "DecodeHandle"):
+        """Wait for a dispatched step: host arrays whose rows follow its slots."""
+        return tuple(None if x is None else _host(x)[handle.where] for x in handle.out)
 
     def _run_decode(self, tok, pos, st, rows, span):
         rows = None if self.full_width else rows
@@ -260,7 +291,7 @@ class ModelRunner:
                 b, span = ints[:2]
                 z = np.zeros((b,), np.int32)
                 tok, pos, st, rows = self.channel.receive((z, z, z, z))
-                self._run_decode(tok, pos, st, rows, span)
+                self._run_decode(jax.device_put(tok, self._token_sharding), pos, st, rows, span)
             else:
                 raise RuntimeError(f"unknown step {op} from process 0")
 
