@@ -324,6 +324,7 @@ class Engine:
         if not pending:
             return
         req = min(pending, key=lambda r: r.arrival)
+        self._share_prefix(req)
         chunk = req.seq[req.prefilled:req.prefilled + self.runner.max_chunk]
         last = req.prefilled + len(chunk) == len(req.seq)
         token, lp, top_ids, top_lp = self.runner.prefill(req.slot, chunk, req.prefilled, last)
@@ -337,6 +338,24 @@ class Engine:
             self._on_tokens([req], np.asarray(token), np.asarray(lp),
                             None if top_ids is None else np.asarray(top_ids),
                             None if top_lp is None else np.asarray(top_lp))
+
+    def _share_prefix(self, req: Request) -> None:
+        """If another running request's slot already holds KV for a longer prefix of this
+        prompt (n > 1 samples of one prompt, a shared system prompt), copy that KV instead of
+        computing it again. The last prompt token is always computed: its logits pick the
+        first new token with this request's own sampling settings."""
+        limit = len(req.seq) - 1
+        best_slot, best = -1, req.prefilled
+        for other in self._running.values():
+            if other is not req:
+                n = min(_common_prefix(self._slot_tokens[other.slot], req.seq), limit)
+                if n > best:
+                    best_slot, best = other.slot, n
+        if best_slot >= 0:
+            self.runner.copy_slot(best_slot, req.slot)
+            req.cached += best - req.prefilled
+            req.prefilled = best
+            self._slot_tokens[req.slot] = req.seq[:best]
 
     def _decodable(self) -> list[Request]:
         return [r for r in self._running.values() if r.prefilled == len(r.seq) and r.generated]

@@ -19,7 +19,7 @@ import numpy as np
 from model import llama
 from model.config import ModelConfig
 from service import sampling as smp
-from sharding.distributed import DECODE, PREFILL, SET_ROW, STOP
+from sharding.distributed import COPY, DECODE, PREFILL, SET_ROW, STOP
 
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,12 @@ def _host(x: jax.Array) -> np.ndarray:
     """A replicated step output as a host array (this process's replica: on a mesh spanning
     processes the others' are not addressable here)."""
     return np.asarray(x.addressable_data(0))
+
+
+def _copy_slot(cache, src, dst):
+    """Row ``src`` of every layer's K and V into row ``dst`` (in place when donated)."""
+    return [tuple(jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, src, 0), dst, 0)
+                  for x in kv) for kv in cache]
 
 
 @dataclasses.dataclass
@@ -145,6 +151,7 @@ class ModelRunner:
         self._decode = jax.jit(self._decode_fn, static_argnames=("span",), donate_argnums=(1, 2),
                                out_shardings=step_out)
         self._set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=self._sampling_sh)
+        self._copy_slot = jax.jit(_copy_slot, donate_argnums=(0,), out_shardings=self._cache_sh)
 
     def _gathered(self, logits: jax.Array) -> jax.Array:
         """Logits whole on every device (vocab-split lm_head) before sampling."""
@@ -207,6 +214,16 @@ class ModelRunner:
 
     def _run_set_row(self, slot: int, row) -> None:
         self.sampling = self._set_row(self.sampling, np.int32(slot), row)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s KV into slot ``dst`` (a prompt prefix they share is then
+        prefilled once: n > 1 samples, common system prompts)."""
+        if self.channel is not None:
+            self.channel.send(COPY, (src, dst))
+        self._run_copy(src, dst)
+
+    def _run_copy(self, src: int, dst: int) -> None:
+        self.cache = self._copy_slot(self.cache, np.int32(src), np.int32(dst))
 
     def prefill(self, slot: int, tokens: list[int], start: int, last: bool = True):
         """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host
@@ -287,6 +304,8 @@ class ModelRunner:
                 size, span, n, start, slot, last = ints[:6]
                 padded = self.channel.receive(np.zeros((1, size), np.int32))
                 self._run_prefill(padded, start, n, slot, bool(last), span)
+            elif op == COPY:
+                self._run_copy(ints[0], ints[1])
             elif op == DECODE:
                 b, span = ints[:2]
                 z = np.zeros((b,), np.int32)
@@ -312,6 +331,7 @@ class ModelRunner:
         """Compile every prefill/decode shape now, so serving never compiles."""
         shapes = self.warmup_shapes()
         self.set_slot(0, smp.SamplingParams(), [0], 0)
+        self.copy_slot(0, 0)
         for i, shape in enumerate(shapes):
             if progress:
                 progress(i, len(shapes), shape)

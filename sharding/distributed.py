@@ -17,7 +17,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-STOP, SET_ROW, PREFILL, DECODE = 0, 1, 2, 3
+STOP, SET_ROW, PREFILL, DECODE, COPY = 0, 1, 2, 3, 4
 HEADER = 8  # int32 words: op, then up to 7 ints of static sizes
 
 

@@ -283,3 +283,28 @@ def test_filter_on_a_large_vocab_matches_numpy(scale, top_p, top_k, min_p):
             keep &= probs >= min_p * probs.max()
         assert got[row].sum() == keep.sum() > 0
         np.testing.assert_array_equal(got[row], keep)
+
+
+def test_concurrent_samples_of_one_prompt_prefill_it_once(tiny, tokenizer):
+    ids = prompt(45, 11)  # two chunks of 32
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = make_engine(tiny, tokenizer, slots=4)
+    solo = run(engine, collect(engine, ids, greedy))[0]
+    engine = make_engine(tiny, tokenizer, slots=4)
+
+    async def three():
+        return await asyncio.gather(*[collect(engine, ids, greedy) for _ in range(3)])
+
+    results = run(engine, three())
+    assert [r[0] for r in results] == [solo] * 3
+    # The first computes the prompt; the others copy its KV and compute only the last token.
+    assert engine.stats.prompt_tokens == len(ids) + 2
+    assert sorted(r[2].cached_tokens for r in results) == [0, len(ids) - 1, len(ids) - 1]
+    seeded = [dataclasses.replace(greedy, temperature=1.0, seed=s) for s in (1, 2)]
+    engine = make_engine(tiny, tokenizer, slots=4)
+
+    async def two_seeds():
+        return await asyncio.gather(*[collect(engine, ids, p) for p in seeded])
+
+    a, b = run(engine, two_seeds())
+    assert a[0] != b[0]  # shared prefill, own sampling

@@ -132,7 +132,8 @@ def test_engine_batched_serving_tp2_dp2_equals_single_device(default_checkpoint,
                       intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=8)
     params = init_params(cfg, seed=2, scale=0.3)
     rng = np.random.default_rng(5)
-    prompts = [[int(x) for x in rng.integers(100, 30000, n)] for n in (5, 23, 11, 40)]
+    prompts = [[int(x) for x in rng.integers(100, 30000, n)] for n in (5, 23, 11)]
+    prompts.append(list(prompts[1]))  # shares its prefill by a KV copy between slots
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
 
