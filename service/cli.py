@@ -124,10 +124,17 @@ def cmd_convert(args) -> None:
 
 
 def _slots(args, cfg) -> int:
+    import jax
+
     slots = _size_cache(args, cfg)
     if slots % args.dp:  # each data replica holds the same number of slots
         slots = max(args.dp, slots - slots % args.dp)
         log.warning("using %d decode slots, a multiple of --dp %d", slots, args.dp)
+    if jax.process_count() > 1:  # every process must size its state alike: process 0 decides
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        slots = int(multihost_utils.broadcast_one_to_all(np.int32(slots)))
     return slots
 
 

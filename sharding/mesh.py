@@ -54,6 +54,10 @@ def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[Any] | None = None) ->
                 if kind == "cpu" else "")
         raise MeshError(f"--tp {tp} --dp {dp} needs {need} devices, found {len(devices)} {kind} "
                         f"device{'s' if len(devices) != 1 else ''}{hint}")
+    if jax.process_count() > 1 and need != len(devices):
+        raise MeshError(f"--tp {tp} --dp {dp} uses {need} of the {len(devices)} devices of "
+                        f"{jax.process_count()} processes; across processes the mesh must take "
+                        f"them all (tp x dp = {len(devices)})")
     return Mesh(np.asarray(devices[:need], dtype=object).reshape(dp, tp), (DATA, MODEL))
 
 
