@@ -56,18 +56,9 @@ def _check_parallel(args) -> bool:
 
 def _follow(args, max_batch_size: int) -> None:
     """A process other than 0: hold its shards and run the steps process 0 announces."""
-    from model.checkpoint import CheckpointError, load_config
-    from service.models import ModelSourceError, build_runner, resolve
+    from service.models import build_runner
 
-    try:
-        checkpoint, _ = resolve(args.model, args.dtype)
-        cfg = load_config(checkpoint)
-    except (ModelSourceError, CheckpointError) as e:
-        raise CLIError(str(e)) from None
-    if args.session_len is None:
-        args.session_len = min(cfg.max_position_embeddings, 4096)
-    args.max_batch_size = max_batch_size
-    slots = _slots(args, cfg)
+    checkpoint, _, slots = _model_and_slots(args, max_batch_size)
     runner, _ = build_runner(checkpoint, slots, args.session_len, dtype=args.dtype, tp=args.tp, dp=args.dp)
     log.info("process %d following process 0's steps", args.node_rank)
     runner.follow()
@@ -138,9 +129,11 @@ def _slots(args, cfg) -> int:
     return slots
 
 
-def _load_engine(args, max_batch_size: int, warmup: bool):
+def _model_and_slots(args, max_batch_size: int):
+    """(checkpoint, name, decode slots) for the model the flags name; fills in --session-len.
+    Every process of a multi-process job calls this alike."""
     from model.checkpoint import CheckpointError, load_config
-    from service.models import ModelSourceError, build_engine, resolve
+    from service.models import ModelSourceError, resolve
 
     try:
         checkpoint, name = resolve(args.model, args.dtype)
@@ -150,7 +143,13 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
     if args.session_len is None:
         args.session_len = min(cfg.max_position_embeddings, 4096)
     args.max_batch_size = max_batch_size
-    slots = _slots(args, cfg)
+    return checkpoint, name, _slots(args, cfg)
+
+
+def _load_engine(args, max_batch_size: int, warmup: bool):
+    from service.models import build_engine
+
+    checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
                           max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp)
     return engine, name
