@@ -85,3 +85,22 @@ def server(default_checkpoint, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def tiny_engine(checkpoint, slots: int, max_queue: int = 256):
+    """A started engine over a tiny random model with the default model's tokenizer: the HTTP
+    layer's tests get real engine behaviour at almost no compile cost."""
+    from model.config import ModelConfig
+    from model.tokenizer import Tokenizer
+    from model.weights import init_params
+    from service.engine import Engine
+    from service.runner import ModelRunner
+
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
+                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    runner = ModelRunner(cfg, init_params(cfg, seed=0), max_batch_size=slots, session_len=128,
+                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32)
+    engine = Engine(runner, tokenizer, max_queue=max_queue)
+    engine.start()
+    return engine

@@ -4,25 +4,15 @@ readiness, and refusals that must come as a status code before any stream starts
 import pytest
 from litestar.testing import TestClient
 
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer
-from model.weights import init_params
+from conftest import tiny_engine
 from service.app import ServerSettings, State, create_app
-from service.engine import Engine
-from service.runner import ModelRunner
 
 CHAT = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
 def engine(default_checkpoint):
-    tokenizer = Tokenizer.from_dir(default_checkpoint)
-    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
-                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
-    runner = ModelRunner(cfg, init_params(cfg, seed=0), max_batch_size=2, session_len=128,
-                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32)
-    engine = Engine(runner, tokenizer)
-    engine.start()
+    engine = tiny_engine(default_checkpoint, slots=2)
     yield engine
     engine.stop()
 

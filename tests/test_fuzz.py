@@ -6,23 +6,13 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from model.config import ModelConfig  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from model.weights import init_params  # noqa: E402
+from conftest import tiny_engine  # noqa: E402
 from service.app import ServerSettings, State, create_app  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.runner import ModelRunner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def app_schema(default_checkpoint):
-    tokenizer = Tokenizer.from_dir(default_checkpoint)
-    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
-                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
-    runner = ModelRunner(cfg, init_params(cfg, seed=0), max_batch_size=4, session_len=128,
-                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32)
-    engine = Engine(runner, tokenizer, max_queue=64)
-    engine.start()
+    engine = tiny_engine(default_checkpoint, slots=4, max_queue=64)
     app = create_app(State(ServerSettings(model_name="tiny"), engine))
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
     engine.stop()
