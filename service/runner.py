@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import llama
+from model import cpu_attention, llama
 from model.config import ModelConfig
 from service import sampling as smp
 from sharding.distributed import COPY, DECODE, PREFILL, SET_ROW, STOP
@@ -113,6 +113,11 @@ class ModelRunner:
         self.max_chunk = min(max_prefill_chunk, session_len)
         self.prefill_sizes = prefill_buckets(self.max_chunk)
         self.spans = span_buckets(session_len)
+        # Single-token steps attend through the native CPU kernel where it applies: it reads
+        # each row's own context, so decode needs no span buckets (one compile per batch size).
+        self.decode_kernel = (plan is None and jnp.dtype(cfg.dtype) == jnp.float32
+                              and cpu_attention.available())
+        self.decode_spans = [session_len] if self.decode_kernel else self.spans
         # Slots split over a data axis decode at full width, each replica over its own rows:
         # gathering a compacted batch from rows on other devices would move their KV.
         self.full_width = plan is not None and plan.mesh.shape["data"] > 1
@@ -194,7 +199,7 @@ class ModelRunner:
         ``rows`` is None and batch row i is slot i.
         """
         hidden, cache = llama.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                      span=span, rows=rows)
+                                      span=span, rows=rows, decode_kernel=self.decode_kernel)
         logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0]))  # (b, V)
         row_state = sampling if rows is None else smp.gather_rows(sampling, rows)
         out = smp.sample(logits, row_state, steps, self.eos_mask, self.top_n)
@@ -258,7 +263,7 @@ class ModelRunner:
         the host has even looked at step t's tokens."""
         n = len(slots)
         b = bucket_for(n, self.batch_sizes)
-        span = bucket_for(max(positions) + 1, self.spans)
+        span = bucket_for(max(positions) + 1, self.decode_spans)
         # Batch row of each given slot: itself at full width, else packed from row 0.
         where = np.asarray(slots) if self.full_width else np.arange(n)
         pos = np.full((b,), self.session_len, np.int32)  # padding: out of range, writes dropped
@@ -324,7 +329,7 @@ class ModelRunner:
         return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row))
 
     def warmup_shapes(self) -> list[tuple]:
-        shapes = [("decode", b, s) for b in self.batch_sizes for s in self.spans]
+        shapes = [("decode", b, s) for b in self.batch_sizes for s in self.decode_spans]
         return shapes + [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]
 
     def warmup(self, progress=None) -> None:
