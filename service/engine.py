@@ -319,25 +319,37 @@ class Engine:
             self._running[slot] = req
 
     def _prefill_step(self) -> None:
-        """Prefill one chunk of the earliest-admitted request still prefilling."""
-        pending = [r for r in self._running.values() if r.prefilled < len(r.seq)]
-        if not pending:
-            return
-        req = min(pending, key=lambda r: r.arrival)
-        self._share_prefix(req)
-        chunk = req.seq[req.prefilled:req.prefilled + self.runner.max_chunk]
-        last = req.prefilled + len(chunk) == len(req.seq)
-        token, lp, top_ids, top_lp = self.runner.prefill(req.slot, chunk, req.prefilled, last)
-        req.prefilled += len(chunk)
-        self._slot_tokens[req.slot] = req.seq[:req.prefilled]
-        if last:
-            self.stats.prompt_tokens += len(req.seq) - req.cached
-            self.stats.cached_tokens += req.cached
-            self.metrics.prompt_tokens.inc(len(req.seq) - req.cached)
-            self.metrics.cached_tokens.inc(req.cached)
-            self._on_tokens([req], np.asarray(token), np.asarray(lp),
-                            None if top_ids is None else np.asarray(top_ids),
-                            None if top_lp is None else np.asarray(top_lp))
+        """Prefill prompt chunks, earliest-admitted request first, up to one chunk's worth of
+        tokens (``max_prefill_chunk``) per engine iteration. Several short prompts that arrive
+        together are all prefilled before the next decode step instead of one per step, so
+        the running batch reaches its full width sooner; a long prompt still takes one chunk
+        per iteration and never stalls decoding for longer than that. After the first chunk
+        of an iteration, a prompt is taken only if all of it fits what is left, so no prompt
+        is cut into a small tail that costs a whole step of its own."""
+        budget, first = self.runner.max_chunk, True
+        while budget > 0:
+            pending = [r for r in self._running.values() if r.prefilled < len(r.seq)]
+            if not pending:
+                return
+            req = min(pending, key=lambda r: r.arrival)
+            self._share_prefix(req)
+            if not first and len(req.seq) - req.prefilled > budget:
+                return
+            first = False
+            chunk = req.seq[req.prefilled:req.prefilled + budget]
+            budget -= len(chunk)
+            last = req.prefilled + len(chunk) == len(req.seq)
+            token, lp, top_ids, top_lp = self.runner.prefill(req.slot, chunk, req.prefilled, last)
+            req.prefilled += len(chunk)
+            self._slot_tokens[req.slot] = req.seq[:req.prefilled]
+            if last:
+                self.stats.prompt_tokens += len(req.seq) - req.cached
+                self.stats.cached_tokens += req.cached
+                self.metrics.prompt_tokens.inc(len(req.seq) - req.cached)
+                self.metrics.cached_tokens.inc(req.cached)
+                self._on_tokens([req], np.asarray(token), np.asarray(lp),
+                                None if top_ids is None else np.asarray(top_ids),
+                                None if top_lp is None else np.asarray(top_lp))
 
     def _share_prefix(self, req: Request) -> None:
         """If another running request's slot already holds KV for a longer prefix of this

@@ -55,10 +55,15 @@ def pct(xs, q):
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
+_runs = 0
+
+
 async def run_streams(engine, streams: int, prompt_len: int, output_len: int):
     from service.sampling import SamplingParams
 
-    rng = np.random.default_rng(0)
+    global _runs
+    _runs += 1  # new prompts every run: a repeated prompt would be served from the prefix cache
+    rng = np.random.default_rng(_runs)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
     async def one(i):
