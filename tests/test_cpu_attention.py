@@ -74,3 +74,11 @@ def test_kernel_reads_only_each_rows_own_positions():
     p /= p.sum(-1, keepdims=True)
     want = np.einsum("kgs,skh->kgh", p, values).reshape(4, 8)
     np.testing.assert_allclose(first[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_loading_the_kernel_keeps_subnormal_floats():
+    """The library must not switch the process to flush-to-zero (as -ffast-math builds do)."""
+    assert cpu_attention.available()
+    tiny = np.array([1e-40], np.float32)
+    assert (tiny * np.float32(1.0))[0] != 0
+    assert np.nextafter(np.float32(0), np.float32(1)) > 0
