@@ -66,14 +66,32 @@ def test_kernel_reads_only_each_rows_own_positions():
     v[1, 5:] = -1e6
     second = np.asarray(cpu_attention.decode_attention(q, jnp.asarray(k), jnp.asarray(v), rows, lens))
     np.testing.assert_array_equal(first[0], second[0])
-    # Reference for row 0 (cache row 1, 5 positions), by hand in numpy.
-    qq = np.asarray(q)[0].reshape(2, 2, 8)  # (K, G, H)
-    keys, values = k[1, :5], v[1, :5]  # (S, K, H)
-    scores = np.einsum("kgh,skh->kgs", qq, keys) / np.sqrt(8)
+    np.testing.assert_allclose(first[0], numpy_attention(np.asarray(q)[0], k, v, 1, 5),
+                               rtol=1e-5, atol=1e-6)
+
+
+def numpy_attention(q, k, v, row, length):
+    """One batch row by hand: q (N, H), caches (R, S, K, H)."""
+    n, h = q.shape
+    kv_heads = k.shape[2]
+    qq = q.reshape(kv_heads, n // kv_heads, h)
+    scores = np.einsum("kgh,skh->kgs", qq, k[row, :length]) / np.sqrt(h)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    want = np.einsum("kgs,skh->kgh", p, values).reshape(4, 8)
-    np.testing.assert_allclose(first[0], want, rtol=1e-5, atol=1e-6)
+    return np.einsum("kgs,skh->kgh", p, v[row, :length]).reshape(n, h)
+
+
+def test_long_rows_split_into_pieces_match_numpy():
+    """Rows longer than one piece (512 positions) are attended piecewise and merged."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 6, 16)).astype(np.float32)
+    k = rng.standard_normal((3, 1300, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((3, 1300, 2, 16)).astype(np.float32)
+    rows, lens = np.array([2, 0, 1], np.int32), np.array([1300, 513, 40], np.int32)
+    got = np.asarray(cpu_attention.decode_attention(*map(jnp.asarray, (q, k, v, rows, lens))))
+    for b in range(3):
+        np.testing.assert_allclose(got[b], numpy_attention(q[b], k, v, rows[b], lens[b]),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_loading_the_kernel_keeps_subnormal_floats():
