@@ -81,20 +81,21 @@ def attention(
     if decode_kernel and t == 1:
         # One token per row: the native kernel reads each row's own positions 0..p.
         out = cpu_attention.decode_attention(q[:, 0], k_cache, v_cache, write_rows, positions[:, 0] + 1)
-        return out.reshape(b, t, -1).astype(x.dtype) @ layer["wo"].reshape(-1, d), (k_cache, v_cache)
-    if rows is None:  # a slice, not a gather: decode over all rows copies nothing
-        keys, values = k_cache[:, :span], v_cache[:, :span]  # (B, S, K, H)
+        out = out.astype(x.dtype)
     else:
-        keys, values = k_cache[rows, :span], v_cache[rows, :span]  # (B, S, K, H)
+        if rows is None:  # a slice, not a gather: decode over all rows copies nothing
+            keys, values = k_cache[:, :span], v_cache[:, :span]  # (B, S, K, H)
+        else:
+            keys, values = k_cache[rows, :span], v_cache[rows, :span]  # (B, S, K, H)
 
-    q = q.reshape(b, t, k_heads, g, h)  # (B, T, K, G, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
-    scores = scores * (1.0 / np.sqrt(h))
-    # A query at position p sees cache positions 0..p: its own prompt, earlier turns, itself.
-    visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # (B, T, S)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype))
+        q = q.reshape(b, t, k_heads, g, h)  # (B, T, K, G, H)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
+        scores = scores * (1.0 / np.sqrt(h))
+        # A query at position p sees cache positions 0..p: its own prompt, earlier turns, itself.
+        visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype))
     out = out.reshape(b, t, k_heads * g * h)  # (B, T, N*H)
     return out @ layer["wo"].reshape(-1, d), (k_cache, v_cache)
 
