@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,11 @@ from model.config import ModelConfig
 from model.weights import abstract_params
 
 FORMAT_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where converted models, compiled XLA programs and native kernels are kept."""
+    return Path(os.environ.get("XLASERVE_CACHE", Path.home() / ".cache" / "xlaserve"))
 
 
 class CheckpointError(Exception):

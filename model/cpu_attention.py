@@ -26,6 +26,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from model.checkpoint import cache_dir
+
 log = logging.getLogger(__name__)
 
 TARGET = "xlaserve_decode_attention"
@@ -33,10 +35,6 @@ SOURCE = Path(__file__).with_name("cpu_attention.cc")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XLASERVE_CACHE", Path.home() / ".cache" / "xlaserve")) / "kernels"
 
 
 def _build() -> Path:
@@ -53,7 +51,7 @@ def _build() -> Path:
     key = hashlib.sha256(b"\0".join(
         [SOURCE.read_bytes(), " ".join(flags).encode(), jax.__version__.encode(),
          compiler.encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_attention-{key}.so"
+    out = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +75,7 @@ def available() -> bool:
             _state["ok"] = False
             if os.environ.get("XLASERVE_CPU_KERNELS", "1") == "0":
                 log.info("native CPU kernels turned off (XLASERVE_CPU_KERNELS=0)")
-            elif jax.default_backend() != "cpu":
-                pass
-            else:
+            elif jax.default_backend() == "cpu":
                 try:
                     lib = ctypes.cdll.LoadLibrary(str(_build()))
                     jax.ffi.register_ffi_target(

@@ -27,7 +27,7 @@ def _setup_logging(level: str) -> None:
 def _enable_compile_cache() -> None:
     import jax
 
-    from service.models import cache_dir
+    from model.checkpoint import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

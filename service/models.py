@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
-from model.checkpoint import is_converted
+from model.checkpoint import cache_dir, is_converted
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class ModelSourceError(Exception):
     """MODEL cannot be resolved; the message says what to do."""
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XLASERVE_CACHE", Path.home() / ".cache" / "xlaserve"))
 
 
 def default_gguf() -> Path:
