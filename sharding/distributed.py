@@ -10,6 +10,8 @@ outputs are replicated, so process 0 reads them locally.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 import jax
@@ -28,11 +30,22 @@ def initialize(coordinator_address: str, nnodes: int, node_rank: int) -> None:
         raise ValueError(f"--node-rank must be in [0, {nnodes}), got {node_rank}")
     if not coordinator_address:
         raise ValueError("--coordinator-address HOST:PORT is required with --nnodes > 1")
+    _stdout_for_output_only()
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=nnodes,
                                process_id=node_rank)
     log.info("process %d/%d joined: %d local of %d devices", node_rank, nnodes,
              jax.local_device_count(), jax.device_count())
+
+
+def _stdout_for_output_only() -> None:
+    """gloo's C++ side announces its connections on file descriptor 1, at any moment, cutting
+    into the program's output. Point descriptor 1 at stderr and give Python's ``sys.stdout``
+    the original stdout, so stdout carries only what the program prints itself."""
+    sys.stdout.flush()
+    output = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(output, "w", buffering=1)
 
 
 class StepChannel:
