@@ -6,6 +6,10 @@ Dimension letters:
   D embed             N query heads             K kv heads      G = N // K
   H head dim          F mlp hidden              V vocab         L layers
 
+Packed params (``pack_params``, native CPU kernels on one device): each layer's q/k/v and
+gate/up weights are fused, and every projection and the output head are stored as column
+panels for ``cpu_kernels.matmul``; a tied embedding is then read from the packed head.
+
 KV cache: a list over layers of ``(k, v)``, each ``(B_cache, S_max, K, H)``. Writes are
 scatters at each token's position, so with a donated cache they happen in place; no step
 copies the cache. Attention reads only the first ``span`` positions (a static bucket), so
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import cpu_attention
+from model import cpu_kernels
 from model.config import ModelConfig
 
 KVCache = list  # list[tuple[jax.Array, jax.Array]], one (k, v) pair per layer
@@ -64,11 +68,18 @@ def attention(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, t, d = x.shape
     k_heads, g, h = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
-    # Projections as plain 2-D matmuls over merged (heads x head_dim) columns: XLA's CPU dot
-    # runs a 3-D-weight einsum through extra copies (measured 2x slower at batch 1).
-    q = (x @ layer["wq"].reshape(d, -1)).reshape(b, t, k_heads * g, h)
-    k = (x @ layer["wk"].reshape(d, -1)).reshape(b, t, k_heads, h)
-    v = (x @ layer["wv"].reshape(d, -1)).reshape(b, t, k_heads, h)
+    if "wqkv" in layer:  # packed: one kernel call for q, k and v
+        nq, nk = k_heads * g * h, k_heads * h
+        qkv = cpu_kernels.matmul(x, layer["wqkv"], nq + 2 * nk).astype(x.dtype)
+        q = qkv[..., :nq].reshape(b, t, k_heads * g, h)
+        k = qkv[..., nq:nq + nk].reshape(b, t, k_heads, h)
+        v = qkv[..., nq + nk:].reshape(b, t, k_heads, h)
+    else:
+        # Projections as plain 2-D matmuls over merged (heads x head_dim) columns: XLA's CPU
+        # dot runs a 3-D-weight einsum through extra copies (measured 2x slower at batch 1).
+        q = (x @ layer["wq"].reshape(d, -1)).reshape(b, t, k_heads * g, h)
+        k = (x @ layer["wk"].reshape(d, -1)).reshape(b, t, k_heads, h)
+        v = (x @ layer["wv"].reshape(d, -1)).reshape(b, t, k_heads, h)
     if cfg.qkv_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -80,7 +91,7 @@ def attention(
     v_cache = v_cache.at[write_rows[:, None], positions].set(v.astype(v_cache.dtype), mode="drop")
     if decode_kernel and t == 1:
         # One token per row: the native kernel reads each row's own positions 0..p.
-        out = cpu_attention.decode_attention(q[:, 0], k_cache, v_cache, write_rows, positions[:, 0] + 1)
+        out = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, write_rows, positions[:, 0] + 1)
         out = out.astype(x.dtype)
     else:
         if rows is None:  # a slice, not a gather: decode over all rows copies nothing
@@ -97,13 +108,56 @@ def attention(
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype))
     out = out.reshape(b, t, k_heads * g * h)  # (B, T, N*H)
+    if "wqkv" in layer:
+        return cpu_kernels.matmul(out, layer["wo"], d).astype(x.dtype), (k_cache, v_cache)
     return out @ layer["wo"].reshape(-1, d), (k_cache, v_cache)
 
 
-def mlp(layer: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+def mlp(cfg: ModelConfig, layer: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    if "w_gate_up" in layer:  # packed: gate and up in one kernel call
+        f = cfg.intermediate_size
+        gate_up = cpu_kernels.matmul(x, layer["w_gate_up"], 2 * f).astype(x.dtype)
+        hidden = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
+        return cpu_kernels.matmul(hidden, layer["w_down"], cfg.hidden_size).astype(x.dtype)
     gate = jnp.einsum("btd,df->btf", x, layer["w_gate"])
     up = jnp.einsum("btd,df->btf", x, layer["w_up"])
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
+
+
+def embed(params: dict[str, Any], tokens: jax.Array) -> jax.Array:
+    """(B, T) ids -> (B, T, D) embeddings; from the packed head when a tied one is packed."""
+    if "embed" in params:
+        return params["embed"][tokens]
+    head = params["head"]  # (P, D, NR): token t is column t % NR of panel t // NR
+    nr = head.shape[-1]
+    return head[tokens // nr, :, tokens % nr]  # (B, T, D)
+
+
+def pack_params(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """The param tree in the native CPU kernels' layout (see the module docstring). The
+    inputs are not kept: with the returned tree, the originals can be freed."""
+    def layer_packed(layer):
+        d = cfg.hidden_size
+        out = {"attn_norm": layer["attn_norm"], "mlp_norm": layer["mlp_norm"]}
+        qkv = jnp.concatenate([layer[w].reshape(d, -1) for w in ("wq", "wk", "wv")], axis=1)
+        out["wqkv"] = cpu_kernels.pack(qkv)
+        out["wo"] = cpu_kernels.pack(layer["wo"].reshape(-1, d))
+        out["w_gate_up"] = cpu_kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1))
+        out["w_down"] = cpu_kernels.pack(layer["w_down"])
+        for bias in ("bq", "bk", "bv"):
+            if bias in layer:
+                out[bias] = layer[bias]
+        return out
+
+    pack_layer = jax.jit(layer_packed)
+    packed: dict[str, Any] = {"final_norm": params["final_norm"],
+                              "layers": [pack_layer(layer) for layer in params["layers"]]}
+    if cfg.tie_word_embeddings:
+        packed["head"] = jax.jit(lambda e: cpu_kernels.pack(e.T))(params["embed"])
+    else:
+        packed["embed"] = params["embed"]
+        packed["head"] = jax.jit(cpu_kernels.pack)(params["lm_head"])
+    return packed
 
 
 def forward(
@@ -121,10 +175,10 @@ def forward(
     Works for prefill (T > 1, any start position: chunked prefill, session turns) and decode
     (T == 1) alike. ``span`` (static) bounds the attended cache prefix and must exceed every
     position in ``positions`` that matters. ``decode_kernel``: single-token steps attend
-    through the native CPU kernel (``model.cpu_attention``; float32 cache, one device), which
+    through the native CPU kernel (``model.cpu_kernels``; float32 cache, one device), which
     reads each row's own context and ignores ``span``.
     """
-    x = params["embed"][tokens]  # (B, T, D)
+    x = embed(params, tokens)  # (B, T, D)
     cos, sin = rope_cos_sin(cfg, positions)
     new_cache = []
     for layer, kv in zip(params["layers"], cache):
@@ -133,13 +187,15 @@ def forward(
                               cos, sin, positions, kv, rows, span, decode_kernel)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))
+            x = x + mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))
         new_cache.append(kv)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
 
 
 def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """(..., D) -> (..., V) float32 logits, tied or untied head."""
+    if "head" in params:  # packed
+        return cpu_kernels.matmul(hidden, params["head"], cfg.vocab_size)
     if cfg.tie_word_embeddings:
         out = jnp.einsum("...d,vd->...v", hidden, params["embed"])
     else:

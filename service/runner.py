@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import cpu_attention, llama
+from model import cpu_kernels, llama
 from model.config import ModelConfig
 from service import sampling as smp
 from sharding.distributed import COPY, DECODE, PREFILL, SET_ROW, STOP
@@ -113,10 +113,11 @@ class ModelRunner:
         self.max_chunk = min(max_prefill_chunk, session_len)
         self.prefill_sizes = prefill_buckets(self.max_chunk)
         self.spans = span_buckets(session_len)
-        # Single-token steps attend through the native CPU kernel where it applies: it reads
-        # each row's own context, so decode needs no span buckets (one compile per batch size).
+        # On one CPU device with float32 weights the native kernels run the model: every
+        # projection through packed weights, and single-token attention, which reads each
+        # row's own context, so decode needs no span buckets (one compile per batch size).
         self.decode_kernel = (plan is None and jnp.dtype(cfg.dtype) == jnp.float32
-                              and cpu_attention.available())
+                              and cpu_kernels.available())
         self.decode_spans = [session_len] if self.decode_kernel else self.spans
         # Slots split over a data axis decode at full width, each replica over its own rows:
         # gathering a compacted batch from rows on other devices would move their KV.
@@ -130,7 +131,7 @@ class ModelRunner:
             device = jax.devices()[0]
             place = lambda tree: jax.device_put(tree, device)  # noqa: E731
             self._cache_sh = self._sampling_sh = self._out_sh = None
-            self.params = params
+            self.params = llama.pack_params(params, cfg) if self.decode_kernel else params
             self.eos_mask = place(jnp.asarray(mask))
         else:
             cache_sh = plan.cache_sharding()

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import cpu_attention, llama
+from model import cpu_kernels, llama
 from model.config import ModelConfig
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(),
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason="native CPU kernel unavailable (no C++ compiler?)")
 
 
@@ -61,10 +61,10 @@ def test_kernel_reads_only_each_rows_own_positions():
     k = rng.standard_normal((2, 16, 2, 8)).astype(np.float32)
     v = rng.standard_normal((2, 16, 2, 8)).astype(np.float32)
     rows, lens = jnp.asarray([1, 0], jnp.int32), jnp.asarray([5, 16], jnp.int32)
-    first = np.asarray(cpu_attention.decode_attention(q, jnp.asarray(k), jnp.asarray(v), rows, lens))
+    first = np.asarray(cpu_kernels.decode_attention(q, jnp.asarray(k), jnp.asarray(v), rows, lens))
     k[1, 5:] = 1e6
     v[1, 5:] = -1e6
-    second = np.asarray(cpu_attention.decode_attention(q, jnp.asarray(k), jnp.asarray(v), rows, lens))
+    second = np.asarray(cpu_kernels.decode_attention(q, jnp.asarray(k), jnp.asarray(v), rows, lens))
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_allclose(first[0], numpy_attention(np.asarray(q)[0], k, v, 1, 5),
                                rtol=1e-5, atol=1e-6)
@@ -81,14 +81,17 @@ def numpy_attention(q, k, v, row, length):
     return np.einsum("kgs,skh->kgh", p, v[row, :length]).reshape(n, h)
 
 
-def test_long_rows_split_into_pieces_match_numpy():
-    """Rows longer than one piece (512 positions) are attended piecewise and merged."""
-    rng = np.random.default_rng(1)
-    q = rng.standard_normal((3, 6, 16)).astype(np.float32)
-    k = rng.standard_normal((3, 1300, 2, 16)).astype(np.float32)
-    v = rng.standard_normal((3, 1300, 2, 16)).astype(np.float32)
+@pytest.mark.parametrize("head_dim,scale", [(16, 1.0), (64, 1.0), (64, 6.0), (128, 1.0), (24, 1.0)])
+def test_long_rows_split_into_pieces_match_numpy(head_dim, scale):
+    """Rows longer than one piece (512 positions) are attended piecewise and merged. Head
+    sizes cover the vector paths (one and several vectors per head) and the scalar one; a
+    large scale spreads the scores over the exponential's whole range."""
+    rng = np.random.default_rng(head_dim)
+    q = (scale * rng.standard_normal((3, 6, head_dim))).astype(np.float32)
+    k = rng.standard_normal((3, 1300, 2, head_dim)).astype(np.float32)
+    v = rng.standard_normal((3, 1300, 2, head_dim)).astype(np.float32)
     rows, lens = np.array([2, 0, 1], np.int32), np.array([1300, 513, 40], np.int32)
-    got = np.asarray(cpu_attention.decode_attention(*map(jnp.asarray, (q, k, v, rows, lens))))
+    got = np.asarray(cpu_kernels.decode_attention(*map(jnp.asarray, (q, k, v, rows, lens))))
     for b in range(3):
         np.testing.assert_allclose(got[b], numpy_attention(q[b], k, v, rows[b], lens[b]),
                                    rtol=1e-4, atol=1e-5)
@@ -96,7 +99,41 @@ def test_long_rows_split_into_pieces_match_numpy():
 
 def test_loading_the_kernel_keeps_subnormal_floats():
     """The library must not switch the process to flush-to-zero (as -ffast-math builds do)."""
-    assert cpu_attention.available()
+    assert cpu_kernels.available()
     tiny = np.array([1e-40], np.float32)
     assert (tiny * np.float32(1.0))[0] != 0
     assert np.nextafter(np.float32(0), np.float32(1)) > 0
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (7, 100, 70), (16, 64, 3 * 64 + 5), (200, 32, 64),
+                                   (13, 33, 129), (0, 8, 8)])
+def test_packed_matmul_matches_numpy(m, k, n):
+    """Batch rows from one to past a work item's row block, widths that do not fill the last
+    panel, and an empty batch."""
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed = cpu_kernels.pack(jnp.asarray(w))
+    assert packed.shape == (-(-n // cpu_kernels.panel_width()), k, cpu_kernels.panel_width())
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.unpack(packed, n)), w)
+    got = np.asarray(jax.jit(lambda x, p: cpu_kernels.matmul(x, p, n))(x, packed))
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied,bias", [(True, False), (False, True)])
+def test_packed_params_give_the_same_logits(tied, bias):
+    """The whole model on packed weights (fused q/k/v and gate/up, packed head, embedding read
+    from a packed tied head) against the plain param tree through XLA."""
+    from model.weights import init_params
+
+    cfg = ModelConfig(family="llama", vocab_size=100, hidden_size=64, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=tied, qkv_bias=bias)
+    params = init_params(cfg, seed=3, scale=0.1)
+    packed = llama.pack_params(params, cfg)
+    assert "wqkv" in packed["layers"][0] and ("embed" in packed) != tied
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 9)), jnp.int32)
+    want = np.asarray(llama.full_logits(params, cfg, tokens))
+    got = np.asarray(llama.full_logits(packed, cfg, tokens))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

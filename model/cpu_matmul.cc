@@ -1,0 +1,135 @@
+// Matmul on the CPU against weights packed into column panels: y (M, P*NR) = x (M, K) @ W.
+//
+// XLA's CPU dot runs the small-M products of decode (M = the live batch, 1..64) at a third of
+// the machine's FMA rate or less. Here the weight (K, N) is stored once, at load time, as P
+// panels of NR columns, each panel K x NR contiguous, so a micro-tile streams its panel in
+// order: every load is a full vector the prefetcher saw coming, and each broadcast x value
+// feeds NV vector FMAs. The tile (RM rows of x by one panel) keeps RM x NV accumulators in
+// registers and writes them once: no horizontal sums.
+//
+//   x   (M, K)       f32   activations, row-major
+//   w   (P, K, NR)   f32   packed weight: w[p, k, c] = W[k, p*NR + c] (zero past N)
+//   y   (M, P*NR)    f32
+//
+// Work items are (panel, block of rows), taken from an atomic counter by the calling thread
+// and helpers on XLA's intra-op thread pool, as in cpu_attention.cc. The same kernel serves
+// decode (M = batch rows) and prefill (M = chunk tokens), where it runs near the FMA peak.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVW = 16, kNV = 4, kRM = 6;  // 24 accumulators of 32 zmm registers
+#elif defined(__AVX__)
+constexpr int kVW = 8, kNV = 2, kRM = 6;   // 12 accumulators of 16 ymm registers
+#else
+constexpr int kVW = 4, kNV = 2, kRM = 4;
+#endif
+constexpr int kNR = kVW * kNV;
+// Rows of x per work item: a multiple of kRM, small enough that a prefill chunk splits into
+// several items per panel and both cores stay busy on narrow matrices.
+constexpr int64_t kRowBlock = 16 * kRM;
+
+typedef float vf __attribute__((vector_size(kVW * 4)));
+typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
+
+inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+// y[m0 .. m0+rm, panel's columns] = x[m0 .. m0+rm, :] @ panel
+template <int rm>
+inline void Tile(const float* panel, const float* x, float* y, int64_t K, int64_t ldy, int64_t m0) {
+  vf acc[rm][kNV];
+  for (int j = 0; j < rm; ++j)
+    for (int v = 0; v < kNV; ++v) acc[j][v] = vf{};
+  const float* xr = x + m0 * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kNR;
+    vf wv[kNV];
+    for (int v = 0; v < kNV; ++v) wv[v] = Load(w + v * kVW);
+    for (int j = 0; j < rm; ++j) {
+      const vf xb = vf{} + xr[j * K + k];
+      for (int v = 0; v < kNV; ++v) acc[j][v] += xb * wv[v];
+    }
+  }
+  for (int j = 0; j < rm; ++j)
+    for (int v = 0; v < kNV; ++v) Store(y + (m0 + j) * ldy + v * kVW, acc[j][v]);
+}
+
+struct Shared {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t M, K, P, blocks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void RunItem(const Shared& s, int64_t item) {
+  const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
+  const int64_t m_end = std::min(s.M, m_begin + kRowBlock), ldy = s.P * kNR;
+  const float* panel = s.w + p * s.K * kNR;
+  float* y = s.y + p * kNR;
+  int64_t m = m_begin;
+  for (; m + kRM <= m_end; m += kRM) Tile<kRM>(panel, s.x, y, s.K, ldy, m);
+  switch (m_end - m) {
+    case 1: Tile<1>(panel, s.x, y, s.K, ldy, m); break;
+    case 2: Tile<2>(panel, s.x, y, s.K, ldy, m); break;
+    case 3: Tile<3>(panel, s.x, y, s.K, ldy, m); break;
+    case 4: if constexpr (kRM > 4) Tile<4>(panel, s.x, y, s.K, ldy, m); break;
+    case 5: if constexpr (kRM > 5) Tile<5>(panel, s.x, y, s.K, ldy, m); break;
+    default: break;
+  }
+}
+
+void Drain(Shared& s) {
+  const int64_t count = s.P * s.blocks;
+  int64_t finished = 0;
+  for (int64_t i; (i = s.next.fetch_add(1)) < count; ++finished) RunItem(s, i);
+  s.done.fetch_add(finished, std::memory_order_release);
+}
+
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kNR || xd[1] != wd[1] ||
+      yd[0] != xd[0] || yd[1] != wd[0] * kNR)
+    return ffi::Error::InvalidArgument("packed matmul: inconsistent shapes");
+  auto shared = std::make_shared<Shared>();
+  Shared& s = *shared;
+  s.x = x.typed_data();
+  s.w = w.typed_data();
+  s.y = y->typed_data();
+  s.M = xd[0];
+  s.K = xd[1];
+  s.P = wd[0];
+  s.blocks = (s.M + kRowBlock - 1) / kRowBlock;
+  const int64_t count = s.P * s.blocks;
+  if (count == 0) return ffi::Error::Success();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { Drain(*shared); });
+  Drain(s);
+  while (s.done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The panel width this build packs for (it follows the vector ISA of -march=native).
+extern "C" int32_t XlaservePanelWidth() { return kNR; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmul, PackedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
