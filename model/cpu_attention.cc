@@ -2,9 +2,9 @@
 //
 // XLA's CPU backend runs this as a batched dot over (rows x kv heads) tiny matrices, each
 // one an Eigen call: about 16 us apiece, so at 16 rows the attention of a 135M model took
-// longer than all its matmuls together. Here a work item is one (row, kv head, piece of
-// positions): it streams those keys and values once, for all the query heads that share the
-// kv head, and only positions the row has (not a padded span).
+// longer than all its matmuls together. Here a work item is one (row, piece of positions):
+// it streams those keys and values once, each kv head's for all the query heads that share
+// it, and only positions the row has (not a padded span).
 //
 //   q     (B, N, H)     f32   this step's queries, rope applied
 //   k, v  (R, S, K, H)  f32   the layer's cache (this step's K/V already written)
@@ -23,6 +23,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -31,10 +32,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Positions per work item. A long row is split into pieces whose partial softmax results
-// (max, sum, unnormalised output) are merged afterwards, so one row at a long context still
-// keeps every core busy.
-constexpr int64_t kPiece = 512;
+// Positions per work item, at most. A long row is split into pieces whose partial softmax
+// results (max, sum, unnormalised output) are merged afterwards, so one row at a long
+// context still keeps every core busy; few short rows are split finer for the same reason.
+constexpr int64_t kMaxPiece = 512, kMinPiece = 64;
 
 struct Problem {
   const float* q;
@@ -47,48 +48,191 @@ struct Problem {
 };
 
 struct Item {
-  int64_t b, kh, begin, end;
-  float* partial;  // G x (H + 2): unnormalised output, then max and sum per query head
+  int64_t b, begin, end;
+  float* partial;  // N x (H + 2): unnormalised output, then max and sum, per query head
 };
 
-void RunItem(const Problem& p, const Item& it, std::vector<float>& scores) {
+#if defined(__AVX512F__)
+constexpr int kVW = 16;
+#elif defined(__AVX__)
+constexpr int kVW = 8;
+#else
+constexpr int kVW = 4;
+#endif
+typedef float vf __attribute__((vector_size(kVW * 4)));
+typedef int32_t vi __attribute__((vector_size(kVW * 4)));
+typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
+
+inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline float Sum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < kVW; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) for x <= 0 (a score minus its row's max), to about 2 ulp: x = n ln2 + r with
+// |r| <= ln2/2, a degree-6 polynomial for exp(r), and 2^n put into the exponent bits.
+inline vf Exp(vf x) {
+  x = x < -87.0f ? vf{} - 87.0f : x;
+  const vf n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + (x < 0 ? -0.5f : 0.5f), vi), vf);
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = vf{} + 1.3888889e-3f;
+  p = p * r + 8.3333333e-3f;
+  p = p * r + 4.1666667e-2f;
+  p = p * r + 1.6666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Horizontal sums of kVW vectors at once: out lane i = sum of v[i]'s lanes. Each level adds
+// the two halves of every segment of pairs of vectors, halving the vectors and the segment
+// width, so kVW sums cost kVW - 1 adds (and twice as many shuffles), not kVW trees.
+template <int h, size_t... I>
+inline vf Lo(vf x, vf y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, static_cast<int>((I / h) * 2 * h + I % h)...);
+}
+template <int h, size_t... I>
+inline vf Hi(vf x, vf y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, static_cast<int>((I / h) * 2 * h + I % h + h)...);
+}
+template <int h>
+inline void SumLevels(vf* v, int count) {
+  constexpr auto lanes = std::make_index_sequence<kVW>{};
+  for (int i = 0; i < count / 2; ++i)
+    v[i] = Lo<h>(v[2 * i], v[2 * i + 1], lanes) + Hi<h>(v[2 * i], v[2 * i + 1], lanes);
+  if constexpr (h > 1) SumLevels<h / 2>(v, count / 2);
+}
+
+// Scores of one query head against kVW consecutive keys (fewer at the end: the rest are 0).
+inline vf Scores(const float* qg, const float* key, int64_t stride, int64_t count, int64_t C) {
+  vf dots[kVW];
+  for (int s = 0; s < kVW; ++s) {
+    vf d = vf{};
+    if (s < count)
+      for (int64_t c = 0; c < C; ++c) d += Load(qg + c * kVW) * Load(key + s * stride + c * kVW);
+    dots[s] = d;
+  }
+  SumLevels<kVW / 2>(dots, kVW);
+  return dots[0];
+}
+
+// Positions per block of the value pass: their values stay in L1 across the query heads.
+constexpr int64_t kValueBlock = 64;
+
+// One batch row, positions [begin, end), every head. Both passes walk positions in order and
+// read each position's keys (then values) for all kv heads together: they are contiguous in
+// the cache, so the reads stream. Needs H % kVW == 0 (RunItemScalar otherwise).
+void RunItem(const Problem& p, const Item& it, std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t G = p.N / p.K, H = p.H, n = it.end - it.begin, C = H / kVW;
+  const int64_t row = p.rows[it.b];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const int64_t stride = p.K * H;  // between consecutive positions
+  const int64_t padded = (n + kVW - 1) / kVW * kVW;
+  const float* q = p.q + it.b * p.N * H;
+  const float* keys = p.k + (row * p.S + it.begin) * stride;
+  const float* values = p.v + (row * p.S + it.begin) * stride;
+  scores.resize(p.N * padded);  // scores[head * padded + position]
+  acc.resize(p.N * H);
+  for (int64_t s = 0; s < n; s += kVW) {
+    const int64_t count = std::min<int64_t>(kVW, n - s);
+    // Ask for the keys two blocks ahead, and this block's values for the second pass: the
+    // hardware prefetcher alone leaves this loop waiting on memory half the time.
+    const int64_t ahead = std::min<int64_t>(kVW, std::max<int64_t>(0, n - s - 2 * kVW)) * stride;
+    for (int64_t f = 0; f < ahead; f += 16) __builtin_prefetch(keys + (s + 2 * kVW) * stride + f, 0, 3);
+    for (int64_t f = 0; f < count * stride; f += 16) __builtin_prefetch(values + s * stride + f, 0, 2);
+    for (int64_t kh = 0; kh < p.K; ++kh)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t head = kh * G + g;
+        Store(scores.data() + head * padded + s,
+              Scores(q + head * H, keys + s * stride + kh * H, stride, count, C) * scale);
+      }
+  }
+  for (int64_t head = 0; head < p.N; ++head) {
+    float* sh = scores.data() + head * padded;
+    const float m = *std::max_element(sh, sh + n);
+    std::fill(sh + n, sh + padded, -INFINITY);
+    vf total = vf{};
+    for (int64_t s = 0; s < padded; s += kVW) {
+      const vf e = Exp(Load(sh + s) - m);
+      Store(sh + s, e);
+      total += e;
+    }
+    float* part = it.partial + head * (H + 2);
+    part[H] = m;
+    part[H + 1] = Sum(total);
+  }
+  std::fill(acc.begin(), acc.end(), 0.0f);
+  for (int64_t s0 = 0; s0 < n; s0 += kValueBlock) {
+    const int64_t s1 = std::min(n, s0 + kValueBlock);
+    for (int64_t kh = 0; kh < p.K; ++kh)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t head = kh * G + g;
+        const float* wh = scores.data() + head * padded;
+        float* oh = acc.data() + head * H;
+        const float* vh = values + kh * H;
+        int64_t c = 0;
+        for (; c + 4 <= C; c += 4) {  // four accumulators: one broadcast weight feeds four FMAs
+          vf o0 = Load(oh + c * kVW), o1 = Load(oh + (c + 1) * kVW);
+          vf o2 = Load(oh + (c + 2) * kVW), o3 = Load(oh + (c + 3) * kVW);
+          for (int64_t s = s0; s < s1; ++s) {
+            const float* v = vh + s * stride + c * kVW;
+            const vf w = vf{} + wh[s];
+            o0 += w * Load(v);
+            o1 += w * Load(v + kVW);
+            o2 += w * Load(v + 2 * kVW);
+            o3 += w * Load(v + 3 * kVW);
+          }
+          Store(oh + c * kVW, o0);
+          Store(oh + (c + 1) * kVW, o1);
+          Store(oh + (c + 2) * kVW, o2);
+          Store(oh + (c + 3) * kVW, o3);
+        }
+        for (; c < C; ++c) {
+          vf o = Load(oh + c * kVW);
+          for (int64_t s = s0; s < s1; ++s) o += wh[s] * Load(vh + s * stride + c * kVW);
+          Store(oh + c * kVW, o);
+        }
+      }
+  }
+  for (int64_t head = 0; head < p.N; ++head)
+    std::copy(acc.data() + head * H, acc.data() + (head + 1) * H, it.partial + head * (H + 2));
+}
+
+// The same for a head size that is not a multiple of the vector width.
+void RunItemScalar(const Problem& p, const Item& it, std::vector<float>& scores) {
   const int64_t G = p.N / p.K, H = p.H, n = it.end - it.begin;
   const int64_t row = p.rows[it.b];
-  const float* q = p.q + (it.b * p.N + it.kh * G) * H;
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  const int64_t stride = p.K * H;  // between consecutive positions of one kv head
-  const float* keys = p.k + ((row * p.S + it.begin) * p.K + it.kh) * H;
-  const float* values = p.v + ((row * p.S + it.begin) * p.K + it.kh) * H;
-
+  const int64_t stride = p.K * H;
   scores.resize(G * n);
-  for (int64_t s = 0; s < n; ++s) {
-    const float* key = keys + s * stride;
+  for (int64_t kh = 0; kh < p.K; ++kh) {
+    const float* q = p.q + (it.b * p.N + kh * G) * H;
+    const float* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * H;
+    const float* values = p.v + ((row * p.S + it.begin) * p.K + kh) * H;
     for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * H;
-      float dot = 0.0f;
-      for (int64_t h = 0; h < H; ++h) dot += qg[h] * key[h];
-      scores[g * n + s] = dot * scale;
-    }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores.data() + g * n;
-    const float m = *std::max_element(sg, sg + n);
-    float total = 0.0f;
-    for (int64_t s = 0; s < n; ++s) {
-      sg[s] = std::exp(sg[s] - m);
-      total += sg[s];
-    }
-    float* part = it.partial + g * (H + 2);
-    std::fill(part, part + H, 0.0f);
-    part[H] = m;
-    part[H + 1] = total;
-  }
-  for (int64_t s = 0; s < n; ++s) {
-    const float* value = values + s * stride;
-    for (int64_t g = 0; g < G; ++g) {
-      const float w = scores[g * n + s];
-      float* og = it.partial + g * (H + 2);
-      for (int64_t h = 0; h < H; ++h) og[h] += w * value[h];
+      float* sg = scores.data() + g * n;
+      for (int64_t s = 0; s < n; ++s) {
+        float dot = 0.0f;
+        for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * keys[s * stride + h];
+        sg[s] = dot * scale;
+      }
+      const float m = *std::max_element(sg, sg + n);
+      float total = 0.0f;
+      float* part = it.partial + (kh * G + g) * (H + 2);
+      std::fill(part, part + H, 0.0f);
+      for (int64_t s = 0; s < n; ++s) {
+        const float w = std::exp(sg[s] - m);
+        total += w;
+        for (int64_t h = 0; h < H; ++h) part[h] += w * values[s * stride + h];
+      }
+      part[H] = m;
+      part[H + 1] = total;
     }
   }
 }
@@ -102,29 +246,32 @@ struct Shared {
 };
 
 void Drain(Shared& shared) {
-  std::vector<float> scores;
+  std::vector<float> scores, acc;
   const int64_t count = static_cast<int64_t>(shared.items.size());
   int64_t finished = 0;
   for (int64_t i; (i = shared.next.fetch_add(1)) < count; ++finished)
-    RunItem(shared.problem, shared.items[i], scores);
+    if (shared.problem.H % kVW == 0)
+      RunItem(shared.problem, shared.items[i], scores, acc);
+    else
+      RunItemScalar(shared.problem, shared.items[i], scores);
   shared.done.fetch_add(finished, std::memory_order_release);
 }
 
-// Merge the pieces of every (row, kv head), in item order, into the output.
+// Merge the pieces of every row, in item order, into the output.
 void Combine(const Shared& shared) {
   const Problem& p = shared.problem;
-  const int64_t G = p.N / p.K, H = p.H;
+  const int64_t H = p.H;
   std::fill(p.out, p.out + p.B * p.N * H, 0.0f);
   size_t i = 0;
   while (i < shared.items.size()) {
     size_t j = i;
     const Item& first = shared.items[i];
-    while (j < shared.items.size() && shared.items[j].b == first.b && shared.items[j].kh == first.kh) ++j;
-    for (int64_t g = 0; g < G; ++g) {
+    while (j < shared.items.size() && shared.items[j].b == first.b) ++j;
+    for (int64_t g = 0; g < p.N; ++g) {
       float m = -INFINITY;
       for (size_t t = i; t < j; ++t) m = std::max(m, shared.items[t].partial[g * (H + 2) + H]);
       float total = 0.0f;
-      float* out = p.out + (first.b * p.N + first.kh * G + g) * H;
+      float* out = p.out + (first.b * p.N + g) * H;
       for (size_t t = i; t < j; ++t) {
         const float* part = shared.items[t].partial + g * (H + 2);
         const float w = std::exp(part[H] - m);
@@ -153,24 +300,31 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   Problem& p = shared->problem;
   p = Problem{q.typed_data(), k.typed_data(), v.typed_data(), rows.typed_data(),
               lens.typed_data(), out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[0], kd[1]};
-  const int64_t G = p.N / p.K;
   // Padding rows (row out of range) and empty rows get no items: their output stays zero.
+  auto live_len = [&](int64_t b) {
+    const int64_t row = p.rows[b];
+    return row < 0 || row >= p.R ? int64_t{0} : std::max<int64_t>(0, std::min<int64_t>(p.lens[b], p.S));
+  };
+  int64_t total = 0;
+  for (int64_t b = 0; b < p.B; ++b) total += live_len(b);
+  // About four items per thread, in pieces of kMinPiece..kMaxPiece positions.
+  const int64_t threads = pool.num_threads() + 1;
+  const int64_t piece = std::clamp<int64_t>((total / (4 * threads) + kMinPiece - 1) / kMinPiece * kMinPiece,
+                                            kMinPiece, kMaxPiece);
   for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t row = p.rows[b], len = std::min<int64_t>(p.lens[b], p.S);
-    if (row < 0 || row >= p.R || len <= 0) continue;
-    for (int64_t kh = 0; kh < p.K; ++kh)
-      for (int64_t s = 0; s < len; s += kPiece)
-        shared->items.push_back(Item{b, kh, s, std::min(s + kPiece, len), nullptr});
+    const int64_t len = live_len(b);
+    for (int64_t s = 0; s < len; s += piece)
+      shared->items.push_back(Item{b, s, std::min(s + piece, len), nullptr});
   }
-  shared->partials.resize(shared->items.size() * G * (p.H + 2));
+  shared->partials.resize(shared->items.size() * p.N * (p.H + 2));
   for (size_t i = 0; i < shared->items.size(); ++i)
-    shared->items[i].partial = shared->partials.data() + i * G * (p.H + 2);
+    shared->items[i].partial = shared->partials.data() + i * p.N * (p.H + 2);
 
   const int64_t count = static_cast<int64_t>(shared->items.size());
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { Drain(*shared); });
   Drain(*shared);
-  // The items still out are running on helpers; each is short (at most kPiece positions).
+  // The items still out are running on helpers; each is short (at most kMaxPiece positions).
   while (shared->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
   Combine(*shared);
   return ffi::Error::Success();
