@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION = "xlaserve_decode_attention"
 MATMUL = "xlaserve_packed_matmul"
+MATMUL_BF16 = "xlaserve_packed_matmul_bf16"
 SOURCES = [Path(__file__).with_name("cpu_attention.cc"), Path(__file__).with_name("cpu_matmul.cc")]
 
 _lock = threading.Lock()
@@ -88,6 +89,8 @@ def available() -> bool:
                         ATTENTION, jax.ffi.pycapsule(lib.XlaserveDecodeAttention), platform="cpu")
                     jax.ffi.register_ffi_target(
                         MATMUL, jax.ffi.pycapsule(lib.XlaservePackedMatmul), platform="cpu")
+                    jax.ffi.register_ffi_target(
+                        MATMUL_BF16, jax.ffi.pycapsule(lib.XlaservePackedMatmulBf16), platform="cpu")
                     lib.XlaservePanelWidth.restype = ctypes.c_int32
                     _state["panel"] = int(lib.XlaservePanelWidth())
                     _state["lib"] = lib  # keep the library loaded
@@ -120,12 +123,15 @@ def panel_width() -> int:
     return int(_state["panel"])
 
 
-def pack(w: jax.Array) -> jax.Array:
-    """A (K, N) weight as (P, K, NR) column panels, zero-padded to P * NR >= N columns."""
+def pack(w: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """A (K, N) weight as (P, K, NR) column panels, zero-padded to P * NR >= N columns, stored
+    as float32 or bfloat16 (the kernel widens bfloat16 to float32 as it loads it)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"packed weights are float32 or bfloat16, not {jnp.dtype(dtype)}")
     nr = panel_width()
     k, n = w.shape
     panels = -(-n // nr)
-    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, panels * nr - n)))
+    w = jnp.pad(w.astype(dtype), ((0, 0), (0, panels * nr - n)))
     return w.reshape(k, panels, nr).transpose(1, 0, 2)
 
 
@@ -136,12 +142,14 @@ def unpack(packed: jax.Array, n: int) -> jax.Array:
 
 
 def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
-    """x (..., K) @ W (K, n) with W given as ``pack(W)``; float32 (..., n)."""
+    """x (..., K) @ W (K, n) with W given as ``pack(W)``; float32 (..., n), computed in float32
+    whatever the packed dtype."""
     _require()
     lead, k = x.shape[:-1], x.shape[-1]
     p, _, nr = packed.shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
-    y = jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct((x2.shape[0], p * nr), jnp.float32))(x2, packed)
+    target = MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], p * nr), jnp.float32))(x2, packed)
     if p * nr != n:
         y = y[:, :n]
     return y.reshape(*lead, n)

@@ -8,7 +8,8 @@
 // registers and writes them once: no horizontal sums.
 //
 //   x   (M, K)       f32   activations, row-major
-//   w   (P, K, NR)   f32   packed weight: w[p, k, c] = W[k, p*NR + c] (zero past N)
+//   w   (P, K, NR)   f32   packed weight: w[p, k, c] = W[k, p*NR + c] (zero past N);
+//                    or bf16 (a second entry point): widened to f32 as loaded, half the bytes
 //   y   (M, P*NR)    f32
 //
 // Work items are (panel, block of rows), taken from an atomic counter by the calling thread
@@ -41,19 +42,28 @@ constexpr int64_t kRowBlock = 16 * kRM;
 
 typedef float vf __attribute__((vector_size(kVW * 4)));
 typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
+typedef uint16_t vhu __attribute__((vector_size(kVW * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
 
 inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+// bfloat16 is the top half of a float32: widening is a shift, exact.
+inline vf Load(const uint16_t* p) {
+  const vu bits = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  vf out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
 inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // y[m0 .. m0+rm, panel's columns] = x[m0 .. m0+rm, :] @ panel
-template <int rm>
-inline void Tile(const float* panel, const float* x, float* y, int64_t K, int64_t ldy, int64_t m0) {
+template <int rm, typename W>
+inline void Tile(const W* panel, const float* x, float* y, int64_t K, int64_t ldy, int64_t m0) {
   vf acc[rm][kNV];
   for (int j = 0; j < rm; ++j)
     for (int v = 0; v < kNV; ++v) acc[j][v] = vf{};
   const float* xr = x + m0 * K;
   for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kNR;
+    const W* w = panel + k * kNR;
     vf wv[kNV];
     for (int v = 0; v < kNV; ++v) wv[v] = Load(w + v * kVW);
     for (int j = 0; j < rm; ++j) {
@@ -65,19 +75,21 @@ inline void Tile(const float* panel, const float* x, float* y, int64_t K, int64_
     for (int v = 0; v < kNV; ++v) Store(y + (m0 + j) * ldy + v * kVW, acc[j][v]);
 }
 
+template <typename W>
 struct Shared {
   const float* x;
-  const float* w;
+  const W* w;
   float* y;
   int64_t M, K, P, blocks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
 
-void RunItem(const Shared& s, int64_t item) {
+template <typename W>
+void RunItem(const Shared<W>& s, int64_t item) {
   const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
   const int64_t m_end = std::min(s.M, m_begin + kRowBlock), ldy = s.P * kNR;
-  const float* panel = s.w + p * s.K * kNR;
+  const W* panel = s.w + p * s.K * kNR;
   float* y = s.y + p * kNR;
   int64_t m = m_begin;
   for (; m + kRM <= m_end; m += kRM) Tile<kRM>(panel, s.x, y, s.K, ldy, m);
@@ -91,23 +103,25 @@ void RunItem(const Shared& s, int64_t item) {
   }
 }
 
-void Drain(Shared& s) {
+template <typename W>
+void Drain(Shared<W>& s) {
   const int64_t count = s.P * s.blocks;
   int64_t finished = 0;
   for (int64_t i; (i = s.next.fetch_add(1)) < count; ++finished) RunItem(s, i);
   s.done.fetch_add(finished, std::memory_order_release);
 }
 
-ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+template <typename W, ffi::DataType T>
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kNR || xd[1] != wd[1] ||
       yd[0] != xd[0] || yd[1] != wd[0] * kNR)
     return ffi::Error::InvalidArgument("packed matmul: inconsistent shapes");
-  auto shared = std::make_shared<Shared>();
-  Shared& s = *shared;
+  auto shared = std::make_shared<Shared<W>>();
+  Shared<W>& s = *shared;
   s.x = x.typed_data();
-  s.w = w.typed_data();
+  s.w = reinterpret_cast<const W*>(w.untyped_data());
   s.y = y->typed_data();
   s.M = xd[0];
   s.K = xd[1];
@@ -122,6 +136,16 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  return Matmul<float>(pool, x, w, y);
+}
+
+ffi::Error PackedMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  return Matmul<uint16_t>(pool, x, w, y);
+}
+
 }  // namespace
 
 // The panel width this build packs for (it follows the vector ISA of -march=native).
@@ -132,4 +156,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmul, PackedMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmulBf16, PackedMatmulBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -125,38 +125,48 @@ def mlp(cfg: ModelConfig, layer: dict[str, jax.Array], x: jax.Array) -> jax.Arra
 
 
 def embed(params: dict[str, Any], tokens: jax.Array) -> jax.Array:
-    """(B, T) ids -> (B, T, D) embeddings; from the packed head when a tied one is packed."""
-    if "embed" in params:
+    """(B, T) ids -> (B, T, D) embeddings; from the packed head when a tied one is packed.
+    Packed params compute in float32 whatever their weights' dtype."""
+    if "head" not in params:
         return params["embed"][tokens]
+    if "embed" in params:
+        return params["embed"][tokens].astype(jnp.float32)
     head = params["head"]  # (P, D, NR): token t is column t % NR of panel t // NR
     nr = head.shape[-1]
-    return head[tokens // nr, :, tokens % nr]  # (B, T, D)
+    return head[tokens // nr, :, tokens % nr].astype(jnp.float32)  # (B, T, D)
 
 
 def pack_params(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-    """The param tree in the native CPU kernels' layout (see the module docstring). The
-    inputs are not kept: with the returned tree, the originals can be freed."""
+    """The param tree in the native CPU kernels' layout (see the module docstring). Matrices
+    stay bfloat16 when the model is (half the bytes to stream per token; the kernel widens
+    them to float32 as it loads them), float16 ones become float32; norms and biases become
+    float32, the dtype the packed model computes and caches in. The inputs are not kept: with
+    the returned tree, the originals can be freed."""
+    wdtype = jnp.bfloat16 if jnp.dtype(cfg.dtype) == jnp.bfloat16 else jnp.float32
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+
     def layer_packed(layer):
         d = cfg.hidden_size
-        out = {"attn_norm": layer["attn_norm"], "mlp_norm": layer["mlp_norm"]}
+        out = {"attn_norm": f32(layer["attn_norm"]), "mlp_norm": f32(layer["mlp_norm"])}
         qkv = jnp.concatenate([layer[w].reshape(d, -1) for w in ("wq", "wk", "wv")], axis=1)
-        out["wqkv"] = cpu_kernels.pack(qkv)
-        out["wo"] = cpu_kernels.pack(layer["wo"].reshape(-1, d))
-        out["w_gate_up"] = cpu_kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1))
-        out["w_down"] = cpu_kernels.pack(layer["w_down"])
+        out["wqkv"] = cpu_kernels.pack(qkv, wdtype)
+        out["wo"] = cpu_kernels.pack(layer["wo"].reshape(-1, d), wdtype)
+        out["w_gate_up"] = cpu_kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1),
+                                            wdtype)
+        out["w_down"] = cpu_kernels.pack(layer["w_down"], wdtype)
         for bias in ("bq", "bk", "bv"):
             if bias in layer:
-                out[bias] = layer[bias]
+                out[bias] = f32(layer[bias])
         return out
 
     pack_layer = jax.jit(layer_packed)
-    packed: dict[str, Any] = {"final_norm": params["final_norm"],
+    packed: dict[str, Any] = {"final_norm": f32(params["final_norm"]),
                               "layers": [pack_layer(layer) for layer in params["layers"]]}
     if cfg.tie_word_embeddings:
-        packed["head"] = jax.jit(lambda e: cpu_kernels.pack(e.T))(params["embed"])
+        packed["head"] = jax.jit(lambda e: cpu_kernels.pack(e.T, wdtype))(params["embed"])
     else:
         packed["embed"] = params["embed"]
-        packed["head"] = jax.jit(cpu_kernels.pack)(params["lm_head"])
+        packed["head"] = jax.jit(lambda h: cpu_kernels.pack(h, wdtype))(params["lm_head"])
     return packed
 
 

@@ -66,10 +66,13 @@ def _follow(args, max_batch_size: int) -> None:
 
 def _size_cache(args, cfg) -> int:
     """Slots that fit --cache-max-entry-count of available memory at --session-len."""
-    import numpy as np
+    import dataclasses
 
-    bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(
-        "float32" if (args.dtype or cfg.dtype) == "float32" else "float16").itemsize
+    from service.runner import cache_dtype
+
+    cfg = dataclasses.replace(cfg, dtype=args.dtype or cfg.dtype)
+    bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_dtype(
+        cfg, sharded=args.tp * args.dp > 1).itemsize
     available = _available_memory()
     budget = args.cache_max_entry_count * available
     per_slot = bytes_per_token * args.session_len

@@ -43,6 +43,16 @@ def compile_count() -> int:
     return _compiles
 
 
+def uses_cpu_kernels(sharded: bool) -> bool:
+    """Whether a runner runs on the native CPU kernels: one CPU device (no sharding plan),
+    the kernels built. Then weights are packed and the KV cache is float32."""
+    return not sharded and cpu_kernels.available()
+
+
+def cache_dtype(cfg: ModelConfig, sharded: bool) -> jnp.dtype:
+    return jnp.dtype(jnp.float32 if uses_cpu_kernels(sharded) else cfg.dtype)
+
+
 def prefill_buckets(max_chunk: int) -> list[int]:
     out, b = [], 16
     while b < max_chunk:
@@ -113,11 +123,11 @@ class ModelRunner:
         self.max_chunk = min(max_prefill_chunk, session_len)
         self.prefill_sizes = prefill_buckets(self.max_chunk)
         self.spans = span_buckets(session_len)
-        # On one CPU device with float32 weights the native kernels run the model: every
-        # projection through packed weights, and single-token attention, which reads each
-        # row's own context, so decode needs no span buckets (one compile per batch size).
-        self.decode_kernel = (plan is None and jnp.dtype(cfg.dtype) == jnp.float32
-                              and cpu_kernels.available())
+        # On one CPU device the native kernels run the model: every projection through
+        # packed weights (float32, or bfloat16 for a bfloat16 model), activations and KV cache
+        # in float32, and single-token attention, which reads each row's own context, so
+        # decode needs no span buckets (one compile per batch size).
+        self.decode_kernel = uses_cpu_kernels(plan is not None)
         self.decode_spans = [session_len] if self.decode_kernel else self.spans
         # Slots split over a data axis decode at full width, each replica over its own rows:
         # gathering a compacted batch from rows on other devices would move their KV.
@@ -143,7 +153,8 @@ class ModelRunner:
             self.params = jax.device_put(params, plan.param_shardings(cfg))
             self.eos_mask = jax.device_put(mask, plan.replicated)
         # Created directly in place (sharded when there is a plan), never whole on one device.
-        self.cache = jax.jit(lambda: llama.init_cache(cfg, max_batch_size, session_len),
+        kv_dtype = cache_dtype(cfg, plan is not None)
+        self.cache = jax.jit(lambda: llama.init_cache(cfg, max_batch_size, session_len, kv_dtype),
                              out_shardings=self._cache_sh)()
         self.sampling = jax.jit(lambda: smp.SlotSampling.empty(max_batch_size, cfg.vocab_size),
                                 out_shardings=self._sampling_sh)()

@@ -1,4 +1,7 @@
-"""The native decode-attention kernel against the XLA attention it replaces."""
+"""The native CPU kernels (decode attention, packed-weight matmul) against references: the XLA
+paths they replace, numpy, and the plain param tree."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -136,4 +139,24 @@ def test_packed_params_give_the_same_logits(tied, bias):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 9)), jnp.int32)
     want = np.asarray(llama.full_logits(params, cfg, tokens))
     got = np.asarray(llama.full_logits(packed, cfg, tokens))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_packed_weights_compute_in_float32():
+    """A bfloat16 model packs its matrices as bfloat16 and computes in float32: its logits
+    equal the plain tree's in float32 with the same bfloat16-rounded weights."""
+    from model.weights import init_params
+
+    cfg = ModelConfig(family="llama", vocab_size=100, hidden_size=64, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, dtype="bfloat16")
+    params = init_params(cfg, seed=5, scale=0.1)
+    packed = llama.pack_params(params, cfg)
+    assert packed["layers"][0]["wqkv"].dtype == jnp.bfloat16
+    assert packed["layers"][0]["attn_norm"].dtype == jnp.float32
+    rounded = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    cfg32 = dataclasses.replace(cfg, dtype="float32")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 100, (2, 9)), jnp.int32)
+    want = np.asarray(llama.full_logits(rounded, cfg32, tokens))
+    got = np.asarray(llama.full_logits(packed, cfg32, tokens))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
