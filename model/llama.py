@@ -64,7 +64,7 @@ def attention(
     kv: tuple[jax.Array, jax.Array],  # each (B_cache, S_max, K, H)
     rows: jax.Array | None,  # (B,) cache row of each batch row; None: row b is cache row b
     span: int,
-    decode_kernel: bool = False,
+    attn_kernel: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, t, d = x.shape
     k_heads, g, h = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
@@ -89,9 +89,12 @@ def attention(
     write_rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
     k_cache = k_cache.at[write_rows[:, None], positions].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[write_rows[:, None], positions].set(v.astype(v_cache.dtype), mode="drop")
-    if decode_kernel and t == 1:
-        # One token per row: the native kernel reads each row's own positions 0..p.
-        out = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, write_rows, positions[:, 0] + 1)
+    if attn_kernel:
+        # The native kernel reads each query's own positions 0..p of its row; a prefill
+        # chunk's T queries are T kernel rows on the same cache row.
+        q_rows = jnp.repeat(write_rows, t)
+        out = cpu_kernels.decode_attention(q.reshape(b * t, k_heads * g, h), k_cache, v_cache, q_rows,
+                                           positions.reshape(b * t) + 1)
         out = out.astype(x.dtype)
     else:
         if rows is None:  # a slice, not a gather: decode over all rows copies nothing
@@ -178,15 +181,15 @@ def forward(
     cache: KVCache,
     span: int,
     rows: jax.Array | None = None,  # (B,) cache rows; None means row b uses cache row b
-    decode_kernel: bool = False,
+    attn_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
     Works for prefill (T > 1, any start position: chunked prefill, session turns) and decode
     (T == 1) alike. ``span`` (static) bounds the attended cache prefix and must exceed every
-    position in ``positions`` that matters. ``decode_kernel``: single-token steps attend
-    through the native CPU kernel (``model.cpu_kernels``; float32 cache, one device), which
-    reads each row's own context and ignores ``span``.
+    position in ``positions`` that matters. ``attn_kernel``: attend through the native CPU
+    kernel (``model.cpu_kernels``; float32 cache, one device), which reads each query's own
+    context and ignores ``span``.
     """
     x = embed(params, tokens)  # (B, T, D)
     cos, sin = rope_cos_sin(cfg, positions)
@@ -194,7 +197,7 @@ def forward(
     for layer, kv in zip(params["layers"], cache):
         with jax.named_scope("attention"):
             h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps),
-                              cos, sin, positions, kv, rows, span, decode_kernel)
+                              cos, sin, positions, kv, rows, span, attn_kernel)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))

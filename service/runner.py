@@ -127,8 +127,9 @@ class ModelRunner:
         # packed weights (float32, or bfloat16 for a bfloat16 model), activations and KV cache
         # in float32, and single-token attention, which reads each row's own context, so
         # decode needs no span buckets (one compile per batch size).
-        self.decode_kernel = uses_cpu_kernels(plan is not None)
-        self.decode_spans = [session_len] if self.decode_kernel else self.spans
+        self.kernels = uses_cpu_kernels(plan is not None)
+        self.decode_spans = [session_len] if self.kernels else self.spans
+        self.prefill_spans = [session_len] if self.kernels else self.spans
         # Slots split over a data axis decode at full width, each replica over its own rows:
         # gathering a compacted batch from rows on other devices would move their KV.
         self.full_width = plan is not None and plan.mesh.shape["data"] > 1
@@ -141,7 +142,7 @@ class ModelRunner:
             device = jax.devices()[0]
             place = lambda tree: jax.device_put(tree, device)  # noqa: E731
             self._cache_sh = self._sampling_sh = self._out_sh = None
-            self.params = llama.pack_params(params, cfg) if self.decode_kernel else params
+            self.params = llama.pack_params(params, cfg) if self.kernels else params
             self.eos_mask = place(jnp.asarray(mask))
         else:
             cache_sh = plan.cache_sharding()
@@ -190,7 +191,7 @@ class ModelRunner:
         t = tokens.shape[1]
         positions = (start + jnp.arange(t, dtype=jnp.int32))[None, :]  # (1, T)
         hidden, cache = llama.forward(params, self.cfg, tokens, positions, cache, span=span,
-                                      rows=slot[None])
+                                      rows=slot[None], attn_kernel=self.kernels)
         final = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, axis=0, keepdims=True)  # (1, D)
         logits = self._gathered(llama.logits(params, self.cfg, final))  # (1, V)
         row = jax.tree.map(lambda x: x[slot][None], sampling)
@@ -211,7 +212,7 @@ class ModelRunner:
         ``rows`` is None and batch row i is slot i.
         """
         hidden, cache = llama.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                      span=span, rows=rows, decode_kernel=self.decode_kernel)
+                                      span=span, rows=rows, attn_kernel=self.kernels)
         logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0]))  # (b, V)
         row_state = sampling if rows is None else smp.gather_rows(sampling, rows)
         out = smp.sample(logits, row_state, steps, self.eos_mask, self.top_n)
@@ -247,7 +248,7 @@ class ModelRunner:
         arrays (token, logprob, top ids, top logprobs) of the chunk's last position."""
         n = len(tokens)
         size = bucket_for(n, self.prefill_sizes)
-        span = bucket_for(min(start + size, self.session_len), self.spans)
+        span = bucket_for(min(start + size, self.session_len), self.prefill_spans)
         padded = np.zeros((1, size), np.int32)
         padded[0, :n] = tokens
         if self.channel is not None:
@@ -342,7 +343,8 @@ class ModelRunner:
 
     def warmup_shapes(self) -> list[tuple]:
         shapes = [("decode", b, s) for b in self.batch_sizes for s in self.decode_spans]
-        return shapes + [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]
+        return shapes + [("prefill", n, s) for n in self.prefill_sizes for s in self.prefill_spans
+                         if s >= n]
 
     def warmup(self, progress=None) -> None:
         """Compile every prefill/decode shape now, so serving never compiles."""

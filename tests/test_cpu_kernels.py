@@ -46,7 +46,7 @@ def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
 
     def run(kernel):
         return jax.jit(lambda x, kv: llama.attention(cfg, layer, x, cos, sin, positions, kv, rows,
-                                                     session, decode_kernel=kernel))(x, kv)
+                                                     session, attn_kernel=kernel))(x, kv)
 
     want, want_kv = run(False)
     got, got_kv = run(True)
