@@ -214,8 +214,7 @@ class ModelRunner:
         hidden, cache = llama.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
                                       span=span, rows=rows, attn_kernel=self.kernels)
         logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0]))  # (b, V)
-        row_state = sampling if rows is None else smp.gather_rows(sampling, rows)
-        out = smp.sample(logits, row_state, steps, self.eos_mask, self.top_n)
+        out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=rows)
         sampling = smp.record(sampling, out[0], rows)
         return cache, sampling, out
 

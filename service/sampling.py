@@ -8,6 +8,7 @@ then the server's default, then OpenAI's default.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 import jax
@@ -77,6 +78,8 @@ class SlotSampling:
     presence_penalty: jax.Array  # (B,) f32
     frequency_penalty: jax.Array  # (B,) f32
     min_tokens: jax.Array  # (B,) i32, EOS masked while fewer tokens were generated
+    has_bias: jax.Array  # (B,) bool, the row has a logit_bias
+    wants_logprobs: jax.Array  # (B,) bool, the request asked for logprobs
     key: jax.Array  # (B, 2) u32, per-request PRNG key
     bias: jax.Array  # (B, V) f32 logit_bias (and min_tokens EOS masking)
     seen: jax.Array  # (B, V) bool, prompt + output tokens (repetition penalty)
@@ -87,7 +90,9 @@ class SlotSampling:
         f = lambda v: jnp.full((slots,), v, jnp.float32)  # noqa: E731
         return cls(temperature=f(0.0), top_p=f(1.0), top_k=jnp.zeros((slots,), jnp.int32),
                    min_p=f(0.0), repetition_penalty=f(1.0), presence_penalty=f(0.0),
-                   frequency_penalty=f(0.0), min_tokens=jnp.zeros((slots,), jnp.int32), key=jnp.zeros((slots, 2), jnp.uint32),
+                   frequency_penalty=f(0.0), min_tokens=jnp.zeros((slots,), jnp.int32),
+                   has_bias=jnp.zeros((slots,), bool), wants_logprobs=jnp.zeros((slots,), bool),
+                   key=jnp.zeros((slots, 2), jnp.uint32),
                    bias=jnp.zeros((slots, vocab), jnp.float32),
                    seen=jnp.zeros((slots, vocab), bool), counts=jnp.zeros((slots, vocab), jnp.int32))
 
@@ -106,7 +111,9 @@ def row_values(p: SamplingParams, vocab: int, prompt_ids: Any, seed: int) -> dic
                 repetition_penalty=np.float32(p.repetition_penalty),
                 presence_penalty=np.float32(p.presence_penalty),
                 frequency_penalty=np.float32(p.frequency_penalty),
-                min_tokens=np.int32(0 if p.ignore_eos else p.min_tokens), key=key, bias=bias, seen=seen,
+                min_tokens=np.int32(0 if p.ignore_eos else p.min_tokens),
+                has_bias=np.bool_(bias.any()), wants_logprobs=np.bool_(p.logprobs is not None),
+                key=key, bias=bias, seen=seen,
                 counts=np.zeros((vocab,), np.int32))
 
 
@@ -116,20 +123,32 @@ def set_row(state: SlotSampling, slot: jax.Array, row: dict[str, jax.Array]) -> 
                            for name in row})
 
 
-def _penalize(logits: jax.Array, s: SlotSampling) -> jax.Array:
-    rep = s.repetition_penalty[:, None]
+def _penalize(logits: jax.Array, s: Any, small: Any = None) -> jax.Array:
+    """Penalties and logit_bias; ``s`` has the rows' bias/seen/counts, ``small`` (default
+    ``s``) their per-row settings."""
+    small = s if small is None else small
+    rep = small.repetition_penalty[:, None]
     penalized = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = jnp.where(s.seen, penalized, logits)
     counts = s.counts.astype(jnp.float32)
-    logits = logits - s.frequency_penalty[:, None] * counts
-    logits = logits - s.presence_penalty[:, None] * (counts > 0)
+    logits = logits - small.frequency_penalty[:, None] * counts
+    logits = logits - small.presence_penalty[:, None] * (counts > 0)
     return logits + s.bias
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """First index of each row's maximum (B, V) -> (B,) int32. Two plain reductions: XLA's
+    CPU argmax (one reduction over value-index pairs) is three times slower at (16, 49152)."""
+    v = x.shape[-1]
+    m = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == m, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first, v - 1)  # a row with a NaN matches nowhere
 
 
 CANDIDATES = 256  # top-k/top-p/min-p are decided among this many best tokens when exact
 
 
-def _threshold(sorted_logits: jax.Array, s: SlotSampling, lse: jax.Array) -> jax.Array:
+def _threshold(sorted_logits: jax.Array, s: Any, lse: jax.Array) -> jax.Array:
     """Per-row logit threshold of top-k, top-p and min-p, from (a prefix of) the logits sorted
     descending (B, C) and the full log-sum-exp (B, 1). Returns (B, 1)."""
     c = sorted_logits.shape[-1]
@@ -146,7 +165,7 @@ def _threshold(sorted_logits: jax.Array, s: SlotSampling, lse: jax.Array) -> jax
     return jnp.where(s.min_p[:, None] > 0, jnp.maximum(threshold, min_p_cut), threshold)
 
 
-def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
+def _filter(logits: jax.Array, s: Any) -> jax.Array:
     """top-k, top-p, min-p on temperature-scaled logits (B, V); excluded entries -> -inf.
 
     A full sort of the vocabulary costs far more than the model's step on a CPU, so the
@@ -167,44 +186,79 @@ def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def _sample_random(logits: jax.Array, s: SlotSampling, steps: jax.Array) -> jax.Array:
+def _sample_random(logits: jax.Array, s: Any, steps: jax.Array) -> jax.Array:
     temp = jnp.maximum(s.temperature, 1e-6)[:, None]
     scaled = logits / temp
     needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0)))
-    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
+    scaled = jax.lax.cond(needs_filter, lambda: _filter(scaled, s), lambda: scaled)
     # Per-slot key folded with the step: the same seed gives the same tokens whatever else
     # shares the batch.
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.key), steps)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
-    return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    return argmax(scaled + gumbel)
+
+
+# Per-row fields small enough to gather for every step; the (B, V) ones (bias, seen, counts)
+# are gathered only inside the branches that read them.
+_SMALL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+          "frequency_penalty", "min_tokens", "has_bias", "wants_logprobs", "key")
 
 
 def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.Array,
-           top_n: int = 0):
-    """logits (B, V) f32, steps (B,) tokens generated so far per slot, eos_mask (V,).
+           top_n: int = 0, rows: jax.Array | None = None):
+    """logits (B, V) f32, steps (B,) tokens generated so far per row, eos_mask (V,).
+
+    ``s`` holds the rows' sampling state, or with ``rows`` (B,) the state of every slot, of
+    which row b uses slot ``rows[b]`` (out of range: padding, reads the last slot).
 
     Returns tokens (B,), the chosen tokens' logprobs (B,), and when ``top_n`` > 0 the top
     alternatives (B, top_n) ids and logprobs. Logprobs are of the model's distribution after
-    penalties and bias, before temperature and filtering (as OpenAI reports them).
-    Work that no row needs this step (noise and filtering for an all-greedy batch) is skipped.
+    penalties and bias, before temperature and filtering (as OpenAI reports them); they are
+    zeros when no row asked for logprobs. Each pass over the vocabulary that no row needs
+    this step (penalties, min_tokens masking, noise and filtering, logprobs) is skipped.
     """
-    logits = _penalize(logits, s)
-    logits = jnp.where(eos_mask[None, :] & (steps < s.min_tokens)[:, None], -jnp.inf, logits)
-    lse = jax.nn.logsumexp(logits, axis=-1)  # (B,)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(jnp.any(s.temperature > 0), _sample_random,
-                           lambda l, s_, st: greedy, logits, s, steps)
-    tokens = jnp.where(s.temperature > 0, sampled, greedy)
-    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
-    if top_n:
+    small = s if rows is None else gather_rows(s, rows, _SMALL)
+    needs_penalty = jnp.any((small.repetition_penalty != 1) | (small.presence_penalty != 0)
+                            | (small.frequency_penalty != 0) | small.has_bias)
+    logits = jax.lax.cond(
+        needs_penalty,
+        lambda: _penalize(logits, s if rows is None else gather_rows(s, rows, ("bias", "seen", "counts")),
+                          small),
+        lambda: logits)
+    hold_eos = steps < small.min_tokens
+    logits = jax.lax.cond(jnp.any(hold_eos),
+                          lambda: jnp.where(eos_mask[None, :] & hold_eos[:, None], -jnp.inf, logits),
+                          lambda: logits)
+    greedy = argmax(logits)
+    sampled = jax.lax.cond(jnp.any(small.temperature > 0), lambda: _sample_random(logits, small, steps),
+                           lambda: greedy)
+    tokens = jnp.where(small.temperature > 0, sampled, greedy)
+
+    def with_logprobs():
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (B,)
+        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+        if not top_n:
+            return chosen, None, None
         top_logits, top_ids = jax.lax.top_k(logits, top_n)
-        return tokens, chosen, top_ids.astype(jnp.int32), top_logits - lse[:, None]
-    return tokens, chosen, None, None
+        return chosen, top_ids.astype(jnp.int32), top_logits - lse[:, None]
+
+    def without():
+        b = logits.shape[0]
+        zeros = jnp.zeros((b,), jnp.float32)
+        if not top_n:
+            return zeros, None, None
+        return zeros, jnp.zeros((b, top_n), jnp.int32), jnp.zeros((b, top_n), jnp.float32)
+
+    chosen, top_ids, top_lps = jax.lax.cond(jnp.any(small.wants_logprobs), with_logprobs, without)
+    return tokens, chosen, top_ids, top_lps
 
 
-def gather_rows(s: SlotSampling, rows: jax.Array) -> SlotSampling:
-    """The state of slots ``rows`` (b,); out-of-range rows (padding) read the last slot."""
-    return jax.tree.map(lambda x: x.at[rows].get(mode="clip"), s)
+def gather_rows(s: SlotSampling, rows: jax.Array, fields=None):
+    """The state of slots ``rows`` (b,); out-of-range rows (padding) read the last slot. With
+    ``fields``, only those (a namespace with just them)."""
+    if fields is None:
+        return jax.tree.map(lambda x: x.at[rows].get(mode="clip"), s)
+    return types.SimpleNamespace(**{f: getattr(s, f).at[rows].get(mode="clip") for f in fields})
 
 
 def record(s: SlotSampling, tokens: jax.Array, rows: jax.Array | None = None) -> SlotSampling:

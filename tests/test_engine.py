@@ -308,3 +308,34 @@ def test_concurrent_samples_of_one_prompt_prefill_it_once(tiny, tokenizer):
 
     a, b = run(engine, two_seeds())
     assert a[0] != b[0]  # shared prefill, own sampling
+
+
+def test_argmax_takes_the_first_maximum():
+    x = np.random.default_rng(4).integers(0, 5, (6, 40)).astype(np.float32)  # many ties
+    x[2] = -np.inf
+    np.testing.assert_array_equal(np.asarray(smp.argmax(jnp.asarray(x))), x.argmax(-1))
+
+
+def test_sampling_by_slot_rows_skips_nothing_a_row_needs():
+    """``rows`` picks each batch row's slot from the whole state: a penalised, biased row with
+    logprobs next to a plain greedy one gives what the gathered state gives, and the plain
+    row's logprobs are computed too (cheap passes are skipped only when no row needs them)."""
+    plain = SamplingParams(temperature=0)
+    fancy = SamplingParams(temperature=0, repetition_penalty=3.0, logit_bias=((5, 9.0),), logprobs=3)
+    s = _state([plain, fancy, plain], prompt=[0, 1, 2, 3])
+    logits = _logits(2, seed=5)
+    rows = jnp.asarray([1, 2], jnp.int32)
+    eos = jnp.zeros((V,), bool)
+    steps = jnp.zeros((2,), jnp.int32)
+    got = smp.sample(logits, s, steps, eos, top_n=3, rows=rows)
+    want = smp.sample(logits, smp.gather_rows(s, rows), steps, eos, top_n=3)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(got[0][0]) == 5  # the bias won
+    lse = jax.nn.logsumexp(logits[1])
+    np.testing.assert_allclose(float(got[1][1]), float(logits[1, int(got[0][1])] - lse), rtol=1e-5)
+    # No row asks for logprobs: they are not computed.
+    s = _state([plain, plain])
+    out = smp.sample(logits, s, steps, eos, top_n=3)
+    assert not np.asarray(out[1]).any() and not np.asarray(out[3]).any()
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(logits).argmax(-1))
