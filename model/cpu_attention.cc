@@ -143,8 +143,8 @@ void RunItem(const Problem& p, const Item& it, std::vector<float>& scores, std::
     const int64_t count = std::min<int64_t>(kVW, n - s);
     // Ask for the keys two blocks ahead, and this block's values for the second pass: the
     // hardware prefetcher alone leaves this loop waiting on memory half the time.
-    const int64_t ahead = std::min<int64_t>(kVW, std::max<int64_t>(0, n - s - 2 * kVW)) * stride;
-    for (int64_t f = 0; f < ahead; f += 16) __builtin_prefetch(keys + (s + 2 * kVW) * stride + f, 0, 3);
+    const int64_t ahead = std::min<int64_t>(kVW, std::max<int64_t>(0, n - s - 4 * kVW)) * stride;
+    for (int64_t f = 0; f < ahead; f += 16) __builtin_prefetch(keys + (s + 4 * kVW) * stride + f, 0, 3);
     for (int64_t f = 0; f < count * stride; f += 16) __builtin_prefetch(values + s * stride + f, 0, 2);
     for (int64_t kh = 0; kh < p.K; ++kh)
       for (int64_t g = 0; g < G; ++g) {
