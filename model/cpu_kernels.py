@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 ATTENTION = "xlaserve_decode_attention"
 MATMUL = "xlaserve_packed_matmul"
 MATMUL_BF16 = "xlaserve_packed_matmul_bf16"
+MATMUL_INT8 = "xlaserve_packed_matmul_int8"
 SOURCES = [Path(__file__).with_name("cpu_attention.cc"), Path(__file__).with_name("cpu_matmul.cc")]
 
 _lock = threading.Lock()
@@ -91,6 +93,8 @@ def available() -> bool:
                         MATMUL, jax.ffi.pycapsule(lib.XlaservePackedMatmul), platform="cpu")
                     jax.ffi.register_ffi_target(
                         MATMUL_BF16, jax.ffi.pycapsule(lib.XlaservePackedMatmulBf16), platform="cpu")
+                    jax.ffi.register_ffi_target(
+                        MATMUL_INT8, jax.ffi.pycapsule(lib.XlaservePackedMatmulInt8), platform="cpu")
                     lib.XlaservePanelWidth.restype = ctypes.c_int32
                     _state["panel"] = int(lib.XlaservePanelWidth())
                     _state["lib"] = lib  # keep the library loaded
@@ -123,33 +127,66 @@ def panel_width() -> int:
     return int(_state["panel"])
 
 
-def pack(w: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """A (K, N) weight as (P, K, NR) column panels, zero-padded to P * NR >= N columns, stored
-    as float32 or bfloat16 (the kernel widens bfloat16 to float32 as it loads it)."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"packed weights are float32 or bfloat16, not {jnp.dtype(dtype)}")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def pack(w: jax.Array, dtype="float32") -> Any:
+    """A (K, N) weight as (P, K, NR) column panels, zero-padded to P * NR >= N columns.
+
+    ``dtype``: float32, bfloat16 (the kernel widens it to float32 as it loads it), or int8:
+    weight-only quantization with one float32 scale per column (max |w| / 127), returned as
+    ``{"q": panels, "scale": (P * NR,)}``. Products and sums are float32 in every case."""
+    name = jnp.dtype(dtype).name
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"packed weights are one of {', '.join(WEIGHT_DTYPES)}, not {name}")
     nr = panel_width()
     k, n = w.shape
     panels = -(-n // nr)
-    w = jnp.pad(w.astype(dtype), ((0, 0), (0, panels * nr - n)))
-    return w.reshape(k, panels, nr).transpose(1, 0, 2)
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, panels * nr - n)))
+    if name == "int8":
+        amax = jnp.max(jnp.abs(w), axis=0)
+        scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+        q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+        return {"q": q.reshape(k, panels, nr).transpose(1, 0, 2), "scale": scale}
+    return w.astype(name).reshape(k, panels, nr).transpose(1, 0, 2)
 
 
-def unpack(packed: jax.Array, n: int) -> jax.Array:
-    """The (K, n) weight back from its panels."""
-    p, k, nr = packed.shape
-    return packed.transpose(1, 0, 2).reshape(k, p * nr)[:, :n]
+def panels(packed: Any) -> jax.Array:
+    """The (P, K, NR) panel array of a packed weight."""
+    return packed["q"] if isinstance(packed, dict) else packed
 
 
-def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+def unpack(packed: Any, n: int) -> jax.Array:
+    """The (K, n) float32 weight back from its panels (dequantized for int8)."""
+    p, k, nr = panels(packed).shape
+    w = panels(packed).astype(jnp.float32).transpose(1, 0, 2).reshape(k, p * nr)
+    if isinstance(packed, dict):
+        w = w * packed["scale"]
+    return w[:, :n]
+
+
+def columns(packed: Any, ids: jax.Array) -> jax.Array:
+    """Columns ``ids`` (...) of the packed weight, float32 (..., K): an embedding read from a
+    packed tied head."""
+    nr = panels(packed).shape[-1]
+    out = panels(packed)[ids // nr, :, ids % nr].astype(jnp.float32)
+    if isinstance(packed, dict):
+        out = out * packed["scale"][ids][..., None]
+    return out
+
+
+def matmul(x: jax.Array, packed: Any, n: int) -> jax.Array:
     """x (..., K) @ W (K, n) with W given as ``pack(W)``; float32 (..., n), computed in float32
     whatever the packed dtype."""
     _require()
     lead, k = x.shape[:-1], x.shape[-1]
-    p, _, nr = packed.shape
+    p, _, nr = panels(packed).shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
-    target = MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], p * nr), jnp.float32))(x2, packed)
+    out = jax.ShapeDtypeStruct((x2.shape[0], p * nr), jnp.float32)
+    if isinstance(packed, dict):
+        y = jax.ffi.ffi_call(MATMUL_INT8, out)(x2, packed["q"], packed["scale"])
+    else:
+        y = jax.ffi.ffi_call(MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16, out)(x2, packed)
     if p * nr != n:
         y = y[:, :n]
     return y.reshape(*lead, n)

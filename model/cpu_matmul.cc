@@ -9,7 +9,8 @@
 //
 //   x   (M, K)       f32   activations, row-major
 //   w   (P, K, NR)   f32   packed weight: w[p, k, c] = W[k, p*NR + c] (zero past N);
-//                    or bf16 (a second entry point): widened to f32 as loaded, half the bytes
+//                    or bf16 (a second entry point): widened to f32 as loaded, half the bytes;
+//                    or int8 (a third, with a f32 scale per column): a quarter
 //   y   (M, P*NR)    f32
 //
 // Work items are (panel, block of rows), taken from an atomic counter by the calling thread
@@ -21,6 +22,10 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -53,11 +58,26 @@ inline vf Load(const uint16_t* p) {
   __builtin_memcpy(&out, &bits, sizeof(out));
   return out;
 }
+// int8 (weight-only quantized, a float32 scale per column applied to the sums). Intrinsics:
+// GCC turns a generic int8 -> float vector conversion into one scalar convert per lane.
+inline vf Load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)  // implies kVW == 8
+  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  vf out;
+  for (int i = 0; i < kVW; ++i) out[i] = static_cast<float>(p[i]);
+  return out;
+#endif
+}
 inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
-// y[m0 .. m0+rm, panel's columns] = x[m0 .. m0+rm, :] @ panel
+// y[m0 .. m0+rm, panel's columns] = (x[m0 .. m0+rm, :] @ panel) * scale (scale: the panel's
+// column scales, or null)
 template <int rm, typename W>
-inline void Tile(const W* panel, const float* x, float* y, int64_t K, int64_t ldy, int64_t m0) {
+inline void Tile(const W* panel, const float* scale, const float* x, float* y, int64_t K, int64_t ldy,
+                 int64_t m0) {
   vf acc[rm][kNV];
   for (int j = 0; j < rm; ++j)
     for (int v = 0; v < kNV; ++v) acc[j][v] = vf{};
@@ -71,6 +91,12 @@ inline void Tile(const W* panel, const float* x, float* y, int64_t K, int64_t ld
       for (int v = 0; v < kNV; ++v) acc[j][v] += xb * wv[v];
     }
   }
+  if (scale != nullptr) {
+    for (int v = 0; v < kNV; ++v) {
+      const vf sv = Load(scale + v * kVW);
+      for (int j = 0; j < rm; ++j) acc[j][v] *= sv;
+    }
+  }
   for (int j = 0; j < rm; ++j)
     for (int v = 0; v < kNV; ++v) Store(y + (m0 + j) * ldy + v * kVW, acc[j][v]);
 }
@@ -79,6 +105,7 @@ template <typename W>
 struct Shared {
   const float* x;
   const W* w;
+  const float* scale;  // (P * NR,) column scales of an int8 weight, else null
   float* y;
   int64_t M, K, P, blocks;
   std::atomic<int64_t> next{0};
@@ -90,15 +117,16 @@ void RunItem(const Shared<W>& s, int64_t item) {
   const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
   const int64_t m_end = std::min(s.M, m_begin + kRowBlock), ldy = s.P * kNR;
   const W* panel = s.w + p * s.K * kNR;
+  const float* scale = s.scale == nullptr ? nullptr : s.scale + p * kNR;
   float* y = s.y + p * kNR;
   int64_t m = m_begin;
-  for (; m + kRM <= m_end; m += kRM) Tile<kRM>(panel, s.x, y, s.K, ldy, m);
+  for (; m + kRM <= m_end; m += kRM) Tile<kRM>(panel, scale, s.x, y, s.K, ldy, m);
   switch (m_end - m) {
-    case 1: Tile<1>(panel, s.x, y, s.K, ldy, m); break;
-    case 2: Tile<2>(panel, s.x, y, s.K, ldy, m); break;
-    case 3: Tile<3>(panel, s.x, y, s.K, ldy, m); break;
-    case 4: if constexpr (kRM > 4) Tile<4>(panel, s.x, y, s.K, ldy, m); break;
-    case 5: if constexpr (kRM > 5) Tile<5>(panel, s.x, y, s.K, ldy, m); break;
+    case 1: Tile<1>(panel, scale, s.x, y, s.K, ldy, m); break;
+    case 2: Tile<2>(panel, scale, s.x, y, s.K, ldy, m); break;
+    case 3: Tile<3>(panel, scale, s.x, y, s.K, ldy, m); break;
+    case 4: if constexpr (kRM > 4) Tile<4>(panel, scale, s.x, y, s.K, ldy, m); break;
+    case 5: if constexpr (kRM > 5) Tile<5>(panel, scale, s.x, y, s.K, ldy, m); break;
     default: break;
   }
 }
@@ -113,7 +141,7 @@ void Drain(Shared<W>& s) {
 
 template <typename W, ffi::DataType T>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
+                  ffi::ResultBuffer<ffi::F32> y, const float* scale = nullptr) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kNR || xd[1] != wd[1] ||
       yd[0] != xd[0] || yd[1] != wd[0] * kNR)
@@ -122,6 +150,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   Shared<W>& s = *shared;
   s.x = x.typed_data();
   s.w = reinterpret_cast<const W*>(w.untyped_data());
+  s.scale = scale;
   s.y = y->typed_data();
   s.M = xd[0];
   s.K = xd[1];
@@ -146,6 +175,14 @@ ffi::Error PackedMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return Matmul<uint16_t>(pool, x, w, y);
 }
 
+ffi::Error PackedMatmulInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                                ffi::ResultBuffer<ffi::F32> y) {
+  if (w.dimensions().size() != 3 || scale.element_count() != static_cast<size_t>(w.dimensions()[0] * kNR))
+    return ffi::Error::InvalidArgument("packed matmul: one scale per packed column expected");
+  return Matmul<int8_t>(pool, x, w, y, scale.typed_data());
+}
+
 }  // namespace
 
 // The panel width this build packs for (it follows the vector ISA of -march=native).
@@ -163,4 +200,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmulBf16, PackedMatmulBf16Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmulInt8, PackedMatmulInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

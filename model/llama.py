@@ -134,18 +134,19 @@ def embed(params: dict[str, Any], tokens: jax.Array) -> jax.Array:
         return params["embed"][tokens]
     if "embed" in params:
         return params["embed"][tokens].astype(jnp.float32)
-    head = params["head"]  # (P, D, NR): token t is column t % NR of panel t // NR
-    nr = head.shape[-1]
-    return head[tokens // nr, :, tokens % nr].astype(jnp.float32)  # (B, T, D)
+    return cpu_kernels.columns(params["head"], tokens)  # (B, T, D)
 
 
-def pack_params(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+def pack_params(params: dict[str, Any], cfg: ModelConfig, quantize: str | None = None) -> dict[str, Any]:
     """The param tree in the native CPU kernels' layout (see the module docstring). Matrices
     stay bfloat16 when the model is (half the bytes to stream per token; the kernel widens
-    them to float32 as it loads them), float16 ones become float32; norms and biases become
-    float32, the dtype the packed model computes and caches in. The inputs are not kept: with
-    the returned tree, the originals can be freed."""
-    wdtype = jnp.bfloat16 if jnp.dtype(cfg.dtype) == jnp.bfloat16 else jnp.float32
+    them to float32 as it loads them), float16 ones become float32; ``quantize="int8"``
+    stores them as int8 with a scale per output column instead (a quarter of float32's bytes).
+    Norms and biases become float32, the dtype the packed model computes and caches in. The
+    inputs are not kept: with the returned tree, the originals can be freed."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize: int8 or None, not {quantize!r}")
+    wdtype = quantize or ("bfloat16" if jnp.dtype(cfg.dtype) == jnp.bfloat16 else "float32")
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
 
     def layer_packed(layer):
@@ -222,9 +223,12 @@ def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any = None) -> K
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 
-def full_logits(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Uncached forward over whole sequences (B, T) -> (B, T, V); the reference path."""
+def full_logits(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array,
+                attn_kernel: bool = False) -> jax.Array:
+    """Uncached forward over whole sequences (B, T) -> (B, T, V); the reference path.
+    ``attn_kernel``: attention through the native CPU kernel (float32 cache)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = forward(params, cfg, tokens, positions, init_cache(cfg, b, t), span=t)
+    cache = init_cache(cfg, b, t, jnp.float32 if attn_kernel else None)
+    hidden, _ = forward(params, cfg, tokens, positions, cache, span=t, attn_kernel=attn_kernel)
     return logits(params, cfg, hidden)

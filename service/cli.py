@@ -152,9 +152,17 @@ def _model_and_slots(args, max_batch_size: int):
 def _load_engine(args, max_batch_size: int, warmup: bool):
     from service.models import build_engine
 
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None:
+        from service.runner import uses_cpu_kernels
+
+        if not uses_cpu_kernels(sharded=args.tp * args.dp > 1):
+            raise CLIError(f"--quantize {quantize} runs on the native CPU kernels only: one CPU "
+                           "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
     checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
-                          max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp)
+                          max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,
+                          quantize=quantize)
     return engine, name
 
 
@@ -289,6 +297,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="converted dir, Hugging Face dir or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 (a scale per output column; float32 compute) on the CPU "
+                        "kernels: a quarter of float32's bytes per token")
     p.add_argument("--session-len", type=int, default=None,
                    help="max tokens of one sequence, prompt + output (default: min(model max, 4096))")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8,

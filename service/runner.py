@@ -112,7 +112,8 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: Any, max_batch_size: int, session_len: int,
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
-                 top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None):
+                 top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
+                 quantize: str | None = None):
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -128,6 +129,9 @@ class ModelRunner:
         # in float32, and single-token attention, which reads each row's own context, so
         # decode needs no span buckets (one compile per batch size).
         self.kernels = uses_cpu_kernels(plan is not None)
+        if quantize is not None and not self.kernels:
+            raise ValueError(f"quantize={quantize!r} needs the native CPU kernels: one CPU device, "
+                             "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
         self.decode_spans = [session_len] if self.kernels else self.spans
         self.prefill_spans = [session_len] if self.kernels else self.spans
         # Slots split over a data axis decode at full width, each replica over its own rows:
@@ -142,7 +146,7 @@ class ModelRunner:
             device = jax.devices()[0]
             place = lambda tree: jax.device_put(tree, device)  # noqa: E731
             self._cache_sh = self._sampling_sh = self._out_sh = None
-            self.params = llama.pack_params(params, cfg) if self.kernels else params
+            self.params = llama.pack_params(params, cfg, quantize) if self.kernels else params
             self.eos_mask = place(jnp.asarray(mask))
         else:
             cache_sh = plan.cache_sharding()

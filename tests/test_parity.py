@@ -12,7 +12,8 @@ from safetensors.numpy import save_file
 
 from conftest import write_tiny_tokenizer
 from model.checkpoint import load_config, load_params
-from model.llama import full_logits
+from model import cpu_kernels
+from model.llama import full_logits, pack_params
 from tools.convert_hf import convert
 
 BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -55,12 +56,17 @@ def hf_logits(model, tokens):
         return model(torch.tensor(tokens)).logits.float().numpy()
 
 
-def ours(tmp_path, src, tokens):
+def ours(tmp_path, src, tokens, kernels=False):
+    """Our logits through XLA, or (``kernels``) the way one CPU device serves: packed
+    weights, native matmul and attention kernels."""
     dst = tmp_path / "converted"
-    convert(src, dst, progress=False)
+    if not dst.exists():
+        convert(src, dst, progress=False)
     cfg = load_config(dst)
     params = load_params(dst, cfg)
-    return np.asarray(full_logits(params, cfg, jnp.asarray(tokens)))
+    if kernels:
+        params = pack_params(params, cfg)
+    return np.asarray(full_logits(params, cfg, jnp.asarray(tokens), attn_kernel=kernels))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -69,8 +75,12 @@ def test_logits_match_transformers(tmp_path, case):
     src = tmp_path / "hf"
     model = make_hf_checkpoint(src, config_cls, overrides)
     tokens = np.random.default_rng(1).integers(0, BASE["vocab_size"], (2, 40))
-    diff = np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max()
+    want = hf_logits(model, tokens)
+    diff = np.abs(ours(tmp_path, src, tokens) - want).max()
     assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
+    if cpu_kernels.available():
+        diff = np.abs(ours(tmp_path, src, tokens, kernels=True) - want).max()
+        assert diff <= 1e-4, f"{case}, CPU kernels: max abs logit diff {diff}"
 
 
 def test_transformers4_config_style_matches(tmp_path):

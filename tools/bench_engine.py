@@ -82,15 +82,19 @@ async def run_streams(engine, streams: int, prompt_len: int, output_len: int):
     return results, wall
 
 
-def context_sweep(checkpoint, contexts: list[int], reps: int = 10) -> None:
+def context_sweep(checkpoint, contexts: list[int], reps: int = 10, dtype: str | None = None,
+                  quantize: str | None = None) -> None:
     """Decode-step time of one slot at each context length (session sized for the longest):
     attention reads a bucketed span, so the step should grow with the context, not with the
     session length."""
     from model.checkpoint import load_config, load_params
     from service.runner import ModelRunner
 
+    import dataclasses
+
     cfg = load_config(checkpoint)
-    runner = ModelRunner(cfg, load_params(checkpoint, cfg), 1, max(contexts) + 1)
+    cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
+    runner = ModelRunner(cfg, load_params(checkpoint, cfg), 1, max(contexts) + 1, quantize=quantize)
     for n in contexts:
         runner.decode([0], [1], [n], [1])  # compile this span
         times = []
@@ -110,25 +114,30 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--context", type=int, nargs="*", default=[256, 4096],
                         help="also time a 1-slot decode step with this many tokens of context")
     args = parser.parse_args(argv)
 
+    import jax
+
     from service.models import build_engine, resolve
 
     checkpoint, name = resolve(args.model, args.dtype)
     if args.context:
-        context_sweep(checkpoint, args.context)
+        context_sweep(checkpoint, args.context, dtype=args.dtype, quantize=args.quantize)
     session_len = 256 if args.prompt_len + args.output_len <= 256 else 512
     engine = build_engine(checkpoint, max(args.streams), session_len, dtype=args.dtype, warmup=True,
-                          tp=args.tp, dp=args.dp)
+                          tp=args.tp, dp=args.dp, quantize=args.quantize)
     cfg = engine.runner.cfg
-    weight_bytes = cfg.num_params * np.dtype("float32" if cfg.dtype == "float32" else "float16").itemsize
+    # The bytes a decode step streams: the weights as the runner holds them.
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
+    weight_kind = args.quantize or cfg.dtype
     bw = measure_bandwidth()
     flops = measure_flops(dtype=cfg.dtype)
-    print(f"model {name}: {cfg.num_params / 1e6:.1f}M params, {weight_bytes / 2**20:.0f} MiB weights ({cfg.dtype})")
+    print(f"model {name}: {cfg.num_params / 1e6:.1f}M params, {weight_bytes / 2**20:.0f} MiB weights ({weight_kind})")
     print(f"machine: streaming bandwidth {bw / 1e9:.1f} GB/s, matmul {flops / 1e9:.1f} GFLOP/s")
     try:
         asyncio.run(run_streams(engine, 1, args.prompt_len, 8))  # settle
