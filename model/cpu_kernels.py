@@ -40,7 +40,9 @@ ATTENTION = "xlaserve_decode_attention"
 MATMUL = "xlaserve_packed_matmul"
 MATMUL_BF16 = "xlaserve_packed_matmul_bf16"
 MATMUL_INT8 = "xlaserve_packed_matmul_int8"
-SOURCES = [Path(__file__).with_name("cpu_attention.cc"), Path(__file__).with_name("cpu_matmul.cc")]
+MATMUL_W8A8 = "xlaserve_matmul_w8a8"
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("cpu_attention.cc", "cpu_matmul.cc", "cpu_matmul_i8.cc")]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -95,6 +97,10 @@ def available() -> bool:
                         MATMUL_BF16, jax.ffi.pycapsule(lib.XlaservePackedMatmulBf16), platform="cpu")
                     jax.ffi.register_ffi_target(
                         MATMUL_INT8, jax.ffi.pycapsule(lib.XlaservePackedMatmulInt8), platform="cpu")
+                    jax.ffi.register_ffi_target(
+                        MATMUL_W8A8, jax.ffi.pycapsule(lib.XlaserveMatmulW8A8), platform="cpu")
+                    lib.XlaserveInt8DotNative.restype = ctypes.c_int32
+                    _state["int8_dot"] = bool(lib.XlaserveInt8DotNative())
                     lib.XlaservePanelWidth.restype = ctypes.c_int32
                     _state["panel"] = int(lib.XlaservePanelWidth())
                     _state["lib"] = lib  # keep the library loaded
@@ -127,47 +133,80 @@ def panel_width() -> int:
     return int(_state["panel"])
 
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "w8a8")
+W8A8_COLS, W8A8_BLOCK = 64, 64  # panel width and activation block of cpu_matmul_i8.cc
+
+
+def int8_dot_native() -> bool:
+    """Whether w8a8 matmuls run on AVX512-VNNI here (else a correct but slow scalar loop)."""
+    _require()
+    return bool(_state["int8_dot"])
+
+
+def _quantize_columns(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-column symmetric int8: (q, scale) with w ~= q * scale."""
+    amax = jnp.max(jnp.abs(w), axis=0)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
 
 
 def pack(w: jax.Array, dtype="float32") -> Any:
-    """A (K, N) weight as (P, K, NR) column panels, zero-padded to P * NR >= N columns.
+    """A (K, N) weight in the layout a matmul kernel streams, zero-padded to whole panels.
 
-    ``dtype``: float32, bfloat16 (the kernel widens it to float32 as it loads it), or int8:
-    weight-only quantization with one float32 scale per column (max |w| / 127), returned as
-    ``{"q": panels, "scale": (P * NR,)}``. Products and sums are float32 in every case."""
-    name = jnp.dtype(dtype).name
+    ``dtype``: float32 or bfloat16 panels (P, K, NR) (the kernel widens bfloat16 as it loads
+    it); int8: weight-only quantization with one float32 scale per column,
+    ``{"q": panels, "scale": (P * NR,)}``, float32 products; w8a8: the same weight quantization
+    laid out for int8 dot products with activations quantized per row and block on entry,
+    ``{"q8": (P, Kp/4, 64, 4), "scale", "colsum"}`` (see cpu_matmul_i8.cc)."""
+    name = dtype if dtype == "w8a8" else jnp.dtype(dtype).name
     if name not in WEIGHT_DTYPES:
         raise ValueError(f"packed weights are one of {', '.join(WEIGHT_DTYPES)}, not {name}")
-    nr = panel_width()
     k, n = w.shape
+    w = w.astype(jnp.float32)
+    if name == "w8a8":
+        kp = -(-k // W8A8_BLOCK) * W8A8_BLOCK
+        p = -(-n // W8A8_COLS)
+        w = jnp.pad(w, ((0, kp - k), (0, p * W8A8_COLS - n)))
+        q, scale = _quantize_columns(w)
+        colsum = 128 * q.astype(jnp.int32).reshape(kp // W8A8_BLOCK, W8A8_BLOCK, -1).sum(axis=1)
+        q4 = q.reshape(kp // 4, 4, p, W8A8_COLS).transpose(2, 0, 3, 1)
+        return {"q8": q4, "scale": scale, "colsum": colsum}
+    nr = panel_width()
     panels = -(-n // nr)
-    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, panels * nr - n)))
+    w = jnp.pad(w, ((0, 0), (0, panels * nr - n)))
     if name == "int8":
-        amax = jnp.max(jnp.abs(w), axis=0)
-        scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
-        q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+        q, scale = _quantize_columns(w)
         return {"q": q.reshape(k, panels, nr).transpose(1, 0, 2), "scale": scale}
     return w.astype(name).reshape(k, panels, nr).transpose(1, 0, 2)
 
 
 def panels(packed: Any) -> jax.Array:
-    """The (P, K, NR) panel array of a packed weight."""
+    """The (P, K, NR) panel array of a float32, bfloat16 or int8 packed weight."""
     return packed["q"] if isinstance(packed, dict) else packed
 
 
-def unpack(packed: Any, n: int) -> jax.Array:
-    """The (K, n) float32 weight back from its panels (dequantized for int8)."""
-    p, k, nr = panels(packed).shape
-    w = panels(packed).astype(jnp.float32).transpose(1, 0, 2).reshape(k, p * nr)
+def unpack(packed: Any, n: int, k: int | None = None) -> jax.Array:
+    """The (K, n) float32 weight back from its panels (dequantized when quantized); ``k``
+    trims w8a8's padded rows."""
+    if isinstance(packed, dict) and "q8" in packed:
+        p, g, cols, _ = packed["q8"].shape
+        w = packed["q8"].astype(jnp.float32).transpose(1, 3, 0, 2).reshape(g * 4, p * cols)
+        return (w * packed["scale"])[:k, :n]
+    p, kk, nr = panels(packed).shape
+    w = panels(packed).astype(jnp.float32).transpose(1, 0, 2).reshape(kk, p * nr)
     if isinstance(packed, dict):
         w = w * packed["scale"]
     return w[:, :n]
 
 
-def columns(packed: Any, ids: jax.Array) -> jax.Array:
-    """Columns ``ids`` (...) of the packed weight, float32 (..., K): an embedding read from a
-    packed tied head."""
+def columns(packed: Any, ids: jax.Array, k: int) -> jax.Array:
+    """Columns ``ids`` (...) of the packed (k, N) weight, float32 (..., k): an embedding read
+    from a packed tied head."""
+    if isinstance(packed, dict) and "q8" in packed:
+        q8 = packed["q8"]
+        cols = q8[ids // W8A8_COLS, :, ids % W8A8_COLS, :]  # (..., Kp/4, 4)
+        out = cols.reshape(*ids.shape, -1)[..., :k].astype(jnp.float32)
+        return out * packed["scale"][ids][..., None]
     nr = panels(packed).shape[-1]
     out = panels(packed)[ids // nr, :, ids % nr].astype(jnp.float32)
     if isinstance(packed, dict):
@@ -177,16 +216,22 @@ def columns(packed: Any, ids: jax.Array) -> jax.Array:
 
 def matmul(x: jax.Array, packed: Any, n: int) -> jax.Array:
     """x (..., K) @ W (K, n) with W given as ``pack(W)``; float32 (..., n), computed in float32
-    whatever the packed dtype."""
+    whatever the packed dtype (w8a8: int8 products, int32 sums)."""
     _require()
     lead, k = x.shape[:-1], x.shape[-1]
-    p, _, nr = panels(packed).shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
-    out = jax.ShapeDtypeStruct((x2.shape[0], p * nr), jnp.float32)
-    if isinstance(packed, dict):
-        y = jax.ffi.ffi_call(MATMUL_INT8, out)(x2, packed["q"], packed["scale"])
+    if isinstance(packed, dict) and "q8" in packed:
+        width = packed["scale"].shape[0]
+        out = jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32)
+        y = jax.ffi.ffi_call(MATMUL_W8A8, out)(x2, packed["q8"], packed["scale"], packed["colsum"])
     else:
-        y = jax.ffi.ffi_call(MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16, out)(x2, packed)
-    if p * nr != n:
+        p, _, nr = panels(packed).shape
+        width = p * nr
+        out = jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32)
+        if isinstance(packed, dict):
+            y = jax.ffi.ffi_call(MATMUL_INT8, out)(x2, packed["q"], packed["scale"])
+        else:
+            y = jax.ffi.ffi_call(MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16, out)(x2, packed)
+    if width != n:
         y = y[:, :n]
     return y.reshape(*lead, n)

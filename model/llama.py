@@ -134,18 +134,20 @@ def embed(params: dict[str, Any], tokens: jax.Array) -> jax.Array:
         return params["embed"][tokens]
     if "embed" in params:
         return params["embed"][tokens].astype(jnp.float32)
-    return cpu_kernels.columns(params["head"], tokens)  # (B, T, D)
+    return cpu_kernels.columns(params["head"], tokens, params["final_norm"].shape[0])  # (B, T, D)
 
 
 def pack_params(params: dict[str, Any], cfg: ModelConfig, quantize: str | None = None) -> dict[str, Any]:
     """The param tree in the native CPU kernels' layout (see the module docstring). Matrices
     stay bfloat16 when the model is (half the bytes to stream per token; the kernel widens
     them to float32 as it loads them), float16 ones become float32; ``quantize="int8"``
-    stores them as int8 with a scale per output column instead (a quarter of float32's bytes).
+    stores them as int8 with a scale per output column instead (a quarter of float32's bytes),
+    ``"w8a8"`` the same int8 weights multiplied by int8 activations (quantized per row and
+    block of 64 as they come; four times the multiply-adds per instruction).
     Norms and biases become float32, the dtype the packed model computes and caches in. The
     inputs are not kept: with the returned tree, the originals can be freed."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize: int8 or None, not {quantize!r}")
+    if quantize not in (None, "int8", "w8a8"):
+        raise ValueError(f"quantize: int8, w8a8 or None, not {quantize!r}")
     wdtype = quantize or ("bfloat16" if jnp.dtype(cfg.dtype) == jnp.bfloat16 else "float32")
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
 

@@ -297,9 +297,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="converted dir, Hugging Face dir or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="weight-only int8 (a scale per output column; float32 compute) on the CPU "
-                        "kernels: a quarter of float32's bytes per token")
+    p.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
+                   help="on the CPU kernels: int8 weights with a scale per output column, float32 "
+                        "compute (int8: a quarter of float32's bytes per token), or with int8 "
+                        "activations too (w8a8: int8 dot products, about twice the multiply-adds)")
     p.add_argument("--session-len", type=int, default=None,
                    help="max tokens of one sequence, prompt + output (default: min(model max, 4096))")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8,

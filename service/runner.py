@@ -132,6 +132,9 @@ class ModelRunner:
         if quantize is not None and not self.kernels:
             raise ValueError(f"quantize={quantize!r} needs the native CPU kernels: one CPU device, "
                              "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
+        if quantize == "w8a8" and not cpu_kernels.int8_dot_native():
+            log.warning("w8a8: this CPU has no AVX512-VNNI; int8 dot products run in scalar code "
+                        "(slow): prefer --quantize int8")
         self.decode_spans = [session_len] if self.kernels else self.spans
         self.prefill_spans = [session_len] if self.kernels else self.spans
         # Slots split over a data axis decode at full width, each replica over its own rows:

@@ -129,7 +129,7 @@ def test_packed_matmul_matches_numpy(m, k, n, dtype):
     else:
         step = np.abs(w).max(axis=0) / 127
         assert (np.abs(stored - w) <= step / 2 + 1e-7).all()
-        np.testing.assert_allclose(np.asarray(cpu_kernels.columns(packed, jnp.arange(n))), stored.T,
+        np.testing.assert_allclose(np.asarray(cpu_kernels.columns(packed, jnp.arange(n), k)), stored.T,
                                    rtol=1e-6)
     got = np.asarray(jax.jit(lambda x, p: cpu_kernels.matmul(x, p, n))(x, packed))
     assert got.shape == (m, n)
@@ -174,10 +174,11 @@ def test_bfloat16_packed_weights_compute_in_float32():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_int8_weights_keep_the_real_models_predictions(default_checkpoint):
-    """Weight-only int8 on the bundled model against its float32 weights, both on the CPU
-    kernels, over a paragraph of English: the same next token almost everywhere, a small
-    divergence, and no loss in the text's likelihood."""
+@pytest.mark.parametrize("quantize,max_kl", [("int8", 0.02), ("w8a8", 0.03)])
+def test_int8_weights_keep_the_real_models_predictions(default_checkpoint, quantize, max_kl):
+    """int8 weights (with float32 or int8 activations) on the bundled model against its
+    float32 weights, all on the CPU kernels, over a paragraph of English: the same next token
+    almost everywhere, a small divergence, and no loss in the text's likelihood."""
     from model.checkpoint import load_config, load_params
     from model.tokenizer import Tokenizer
 
@@ -189,18 +190,19 @@ def test_int8_weights_keep_the_real_models_predictions(default_checkpoint):
             "positions of stars with growing precision.")
     ids = jnp.asarray([Tokenizer.from_dir(default_checkpoint).encode(text)], jnp.int32)
     logp = [jax.nn.log_softmax(llama.full_logits(llama.pack_params(params, cfg, q), cfg, ids,
-                                                 attn_kernel=True)[0]) for q in (None, "int8")]
+                                                 attn_kernel=True)[0]) for q in (None, quantize)]
     ref, quant = (np.asarray(x, np.float64) for x in logp)
     assert (ref.argmax(-1) == quant.argmax(-1)).mean() >= 0.9
     kl = (np.exp(ref) * (ref - quant)).sum(-1)
-    assert kl.mean() < 0.02, kl.mean()
+    assert kl.mean() < max_kl, kl.mean()
     targets = np.asarray(ids[0, 1:])
     nll = [-x[np.arange(len(targets)), targets].mean() for x in (ref, quant)]
     assert nll[1] < nll[0] + 0.1, nll
 
 
-def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint):
-    """``--quantize int8`` serves from the CLI; with a sharded mesh it is refused in one line."""
+@pytest.mark.parametrize("quantize", ["int8", "w8a8"])
+def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint, quantize):
+    """``--quantize`` serves from the CLI; with a sharded mesh it is refused in one line."""
     import os
     import subprocess
     import sys
@@ -212,7 +214,7 @@ def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         return subprocess.run([sys.executable, "-m", "service.cli", "generate", "--prompt",
                                "What is the capital of France?", "--max-tokens", "12",
-                               "--log-level", "WARNING", "--quantize", "int8", *extra],
+                               "--log-level", "WARNING", "--quantize", quantize, *extra],
                               env=env, cwd=root, capture_output=True, text=True, timeout=600)
 
     ok = generate()
@@ -221,5 +223,35 @@ def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint):
     bad = generate("--tp", "2", devices=2)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        "xlaserve: error: --quantize int8 runs on the native CPU kernels only: one CPU device, "
+        f"xlaserve: error: --quantize {quantize} runs on the native CPU kernels only: one CPU device, "
         "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0"]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (16, 576, 200), (13, 33, 129), (200, 64, 64),
+                                   (5, 1536, 70), (0, 64, 64)])
+def test_w8a8_matmul_matches_numpy_on_quantized_operands(m, k, n):
+    """int8 activations per row and block of 64 (zero padding past K), int8 weights per
+    column: the kernel's sums equal numpy's on the same quantized values, and stay within
+    about a percent of the float32 product."""
+    rng = np.random.default_rng(m * 7 + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, :3] *= 20  # an outlier column, as activations have
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed = cpu_kernels.pack(jnp.asarray(w), "w8a8")
+    stored = np.asarray(cpu_kernels.unpack(packed, n, k))
+    assert (np.abs(stored - w) <= np.abs(w).max(axis=0) / 254 + 1e-7).all()
+    np.testing.assert_allclose(np.asarray(cpu_kernels.columns(packed, jnp.arange(n), k)), stored.T,
+                               rtol=1e-6)
+    block = cpu_kernels.W8A8_BLOCK
+    kp = -(-k // block) * block
+    xb = np.pad(x, ((0, 0), (0, kp - k))).reshape(m, kp // block, block)
+    scale = np.abs(xb).max(-1, keepdims=True) / 127
+    scale[scale == 0] = 1
+    xq = (np.clip(np.rint(xb / scale), -127, 127) * scale).reshape(m, kp)[:, :k]
+    got = np.asarray(jax.jit(lambda x, p: cpu_kernels.matmul(x, p, n))(x, packed))
+    assert got.shape == (m, n)
+    want = xq.astype(np.float64) @ stored
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(want).max(initial=0)))
+    exact = x.astype(np.float64) @ w
+    if m:
+        assert np.abs(got - exact).max() <= 0.03 * np.abs(exact).max()

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--quantize", choices=["int8"], default=None)
+    parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--context", type=int, nargs="*", default=[256, 4096],
