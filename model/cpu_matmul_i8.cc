@@ -81,6 +81,29 @@ void QuantizeRows(Shared& s) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int32 sums of one block of kKB positions: rows x (4 vectors of 16 columns).
+template <int rm>
+__attribute__((always_inline)) inline void BlockSums(__m512i (&acc)[rm][4], const uint8_t* x, int64_t ldx,
+                                                     const int8_t* w) {
+  __m512i a[rm][4];
+  for (int j = 0; j < rm; ++j)
+    for (int v = 0; v < 4; ++v) a[j][v] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int64_t g = 0; g < kKB / 4; ++g) {
+    const __m512i w0 = _mm512_loadu_si512(w + g * 256), w1 = _mm512_loadu_si512(w + g * 256 + 64);
+    const __m512i w2 = _mm512_loadu_si512(w + g * 256 + 128), w3 = _mm512_loadu_si512(w + g * 256 + 192);
+    for (int j = 0; j < rm; ++j) {
+      const __m512i xb = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + j * ldx + g * 4));
+      a[j][0] = _mm512_dpbusd_epi32(a[j][0], xb, w0);
+      a[j][1] = _mm512_dpbusd_epi32(a[j][1], xb, w1);
+      a[j][2] = _mm512_dpbusd_epi32(a[j][2], xb, w2);
+      a[j][3] = _mm512_dpbusd_epi32(a[j][3], xb, w3);
+    }
+  }
+  for (int j = 0; j < rm; ++j)
+    for (int v = 0; v < 4; ++v) acc[j][v] = a[j][v];
+}
+
 template <int rm>
 void Tile(const Shared& s, int64_t p, int64_t m0) {
   const int64_t ldy = s.P * kCols, groups = kKB / 4;
@@ -90,20 +113,7 @@ void Tile(const Shared& s, int64_t p, int64_t m0) {
     for (int v = 0; v < 4; ++v) accf[j][v] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < s.nkb; ++kb) {
     __m512i acci[rm][4];
-    for (int j = 0; j < rm; ++j)
-      for (int v = 0; v < 4; ++v) acci[j][v] = _mm512_setzero_si512();
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t kg = kb * groups + g;
-      const int8_t* wp = panel + kg * kCols * 4;
-      __m512i wv[4];
-      for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_si512(wp + v * 64);
-      for (int j = 0; j < rm; ++j) {
-        int32_t four;
-        std::memcpy(&four, s.xq.data() + (m0 + j) * s.Kp + kg * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(four);
-        for (int v = 0; v < 4; ++v) acci[j][v] = _mm512_dpbusd_epi32(acci[j][v], xb, wv[v]);
-      }
-    }
+    BlockSums<rm>(acci, s.xq.data() + m0 * s.Kp + kb * kKB, s.Kp, panel + kb * groups * kCols * 4);
     const int32_t* cs = s.colsum + kb * ldy + p * kCols;
     for (int v = 0; v < 4; ++v) {
       const __m512i corr = _mm512_loadu_si512(cs + v * 16);
