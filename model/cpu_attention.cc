@@ -7,7 +7,8 @@
 // it, and only positions the row has (not a padded span).
 //
 //   q     (B, N, H)     f32   this step's queries, rope applied
-//   k, v  (R, S, K, H)  f32   the layer's cache (this step's K/V already written)
+//   k, v  (R, S, K, H)  f32   the layer's cache (this step's K/V already written); or u16
+//                            holding bfloat16 bits (a second entry point), widened as loaded
 //   rows  (B,)          s32   cache row of each batch row; out of range: a padding row
 //   lens  (B,)          s32   positions 0 .. lens-1 are attended
 //   out   (B, N, H)     f32   zeros for padding rows
@@ -37,10 +38,11 @@ namespace {
 // context still keeps every core busy; few short rows are split finer for the same reason.
 constexpr int64_t kMaxPiece = 512, kMinPiece = 64;
 
+template <typename T>  // cache element: float, or uint16_t holding bfloat16
 struct Problem {
   const float* q;
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   const int32_t* rows;
   const int32_t* lens;
   float* out;
@@ -63,7 +65,24 @@ typedef float vf __attribute__((vector_size(kVW * 4)));
 typedef int32_t vi __attribute__((vector_size(kVW * 4)));
 typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
 
+typedef uint16_t vhu __attribute__((vector_size(kVW * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
+
 inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+// bfloat16 is the top half of a float32: widening is a shift, exact.
+inline vf Load(const uint16_t* p) {
+  const vu bits = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  vf out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
 inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline float Sum(vf v) {
   float s = 0.0f;
@@ -110,7 +129,8 @@ inline void SumLevels(vf* v, int count) {
 }
 
 // Scores of one query head against kVW consecutive keys (fewer at the end: the rest are 0).
-inline vf Scores(const float* qg, const float* key, int64_t stride, int64_t count, int64_t C) {
+template <typename T>
+inline vf Scores(const float* qg, const T* key, int64_t stride, int64_t count, int64_t C) {
   vf dots[kVW];
   for (int s = 0; s < kVW; ++s) {
     vf d = vf{};
@@ -128,15 +148,16 @@ constexpr int64_t kValueBlock = 64;
 // One batch row, positions [begin, end), every head. Both passes walk positions in order and
 // read each position's keys (then values) for all kv heads together: they are contiguous in
 // the cache, so the reads stream. Needs H % kVW == 0 (RunItemScalar otherwise).
-void RunItem(const Problem& p, const Item& it, std::vector<float>& scores, std::vector<float>& acc) {
+template <typename T>
+void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t G = p.N / p.K, H = p.H, n = it.end - it.begin, C = H / kVW;
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const int64_t stride = p.K * H;  // between consecutive positions
   const int64_t padded = (n + kVW - 1) / kVW * kVW;
   const float* q = p.q + it.b * p.N * H;
-  const float* keys = p.k + (row * p.S + it.begin) * stride;
-  const float* values = p.v + (row * p.S + it.begin) * stride;
+  const T* keys = p.k + (row * p.S + it.begin) * stride;
+  const T* values = p.v + (row * p.S + it.begin) * stride;
   scores.resize(p.N * padded);  // scores[head * padded + position]
   acc.resize(p.N * H);
   for (int64_t s = 0; s < n; s += kVW) {
@@ -144,8 +165,9 @@ void RunItem(const Problem& p, const Item& it, std::vector<float>& scores, std::
     // Ask for the keys two blocks ahead, and this block's values for the second pass: the
     // hardware prefetcher alone leaves this loop waiting on memory half the time.
     const int64_t ahead = std::min<int64_t>(kVW, std::max<int64_t>(0, n - s - 4 * kVW)) * stride;
-    for (int64_t f = 0; f < ahead; f += 16) __builtin_prefetch(keys + (s + 4 * kVW) * stride + f, 0, 3);
-    for (int64_t f = 0; f < count * stride; f += 16) __builtin_prefetch(values + s * stride + f, 0, 2);
+    constexpr int64_t line = 64 / sizeof(T);
+    for (int64_t f = 0; f < ahead; f += line) __builtin_prefetch(keys + (s + 4 * kVW) * stride + f, 0, 3);
+    for (int64_t f = 0; f < count * stride; f += line) __builtin_prefetch(values + s * stride + f, 0, 2);
     for (int64_t kh = 0; kh < p.K; ++kh)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t head = kh * G + g;
@@ -175,13 +197,13 @@ void RunItem(const Problem& p, const Item& it, std::vector<float>& scores, std::
         const int64_t head = kh * G + g;
         const float* wh = scores.data() + head * padded;
         float* oh = acc.data() + head * H;
-        const float* vh = values + kh * H;
+        const T* vh = values + kh * H;
         int64_t c = 0;
         for (; c + 4 <= C; c += 4) {  // four accumulators: one broadcast weight feeds four FMAs
           vf o0 = Load(oh + c * kVW), o1 = Load(oh + (c + 1) * kVW);
           vf o2 = Load(oh + (c + 2) * kVW), o3 = Load(oh + (c + 3) * kVW);
           for (int64_t s = s0; s < s1; ++s) {
-            const float* v = vh + s * stride + c * kVW;
+            const T* v = vh + s * stride + c * kVW;
             const vf w = vf{} + wh[s];
             o0 += w * Load(v);
             o1 += w * Load(v + kVW);
@@ -205,7 +227,8 @@ void RunItem(const Problem& p, const Item& it, std::vector<float>& scores, std::
 }
 
 // The same for a head size that is not a multiple of the vector width.
-void RunItemScalar(const Problem& p, const Item& it, std::vector<float>& scores) {
+template <typename T>
+void RunItemScalar(const Problem<T>& p, const Item& it, std::vector<float>& scores) {
   const int64_t G = p.N / p.K, H = p.H, n = it.end - it.begin;
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
@@ -213,13 +236,13 @@ void RunItemScalar(const Problem& p, const Item& it, std::vector<float>& scores)
   scores.resize(G * n);
   for (int64_t kh = 0; kh < p.K; ++kh) {
     const float* q = p.q + (it.b * p.N + kh * G) * H;
-    const float* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * H;
-    const float* values = p.v + ((row * p.S + it.begin) * p.K + kh) * H;
+    const T* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * H;
+    const T* values = p.v + ((row * p.S + it.begin) * p.K + kh) * H;
     for (int64_t g = 0; g < G; ++g) {
       float* sg = scores.data() + g * n;
       for (int64_t s = 0; s < n; ++s) {
         float dot = 0.0f;
-        for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * keys[s * stride + h];
+        for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * ToFloat(keys[s * stride + h]);
         sg[s] = dot * scale;
       }
       const float m = *std::max_element(sg, sg + n);
@@ -229,7 +252,7 @@ void RunItemScalar(const Problem& p, const Item& it, std::vector<float>& scores)
       for (int64_t s = 0; s < n; ++s) {
         const float w = std::exp(sg[s] - m);
         total += w;
-        for (int64_t h = 0; h < H; ++h) part[h] += w * values[s * stride + h];
+        for (int64_t h = 0; h < H; ++h) part[h] += w * ToFloat(values[s * stride + h]);
       }
       part[H] = m;
       part[H + 1] = total;
@@ -237,15 +260,17 @@ void RunItemScalar(const Problem& p, const Item& it, std::vector<float>& scores)
   }
 }
 
+template <typename T>
 struct Shared {
-  Problem problem;
+  Problem<T> problem;
   std::vector<Item> items;
   std::vector<float> partials;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
 
-void Drain(Shared& shared) {
+template <typename T>
+void Drain(Shared<T>& shared) {
   std::vector<float> scores, acc;
   const int64_t count = static_cast<int64_t>(shared.items.size());
   int64_t finished = 0;
@@ -258,8 +283,9 @@ void Drain(Shared& shared) {
 }
 
 // Merge the pieces of every row, in item order, into the output.
-void Combine(const Shared& shared) {
-  const Problem& p = shared.problem;
+template <typename T>
+void Combine(const Shared<T>& shared) {
+  const Problem<T>& p = shared.problem;
   const int64_t H = p.H;
   std::fill(p.out, p.out + p.B * p.N * H, 0.0f);
   size_t i = 0;
@@ -285,10 +311,9 @@ void Combine(const Shared& shared) {
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                               ffi::ResultBuffer<ffi::F32> out) {
+template <typename T, ffi::DataType D>
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> k, ffi::Buffer<D> v,
+                  ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 ||
       !std::equal(kd.begin(), kd.end(), vd.begin()) || qd[2] != kd[3] || qd[1] % kd[2] != 0 ||
@@ -296,10 +321,11 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       lens.element_count() != static_cast<size_t>(qd[0]))
     return ffi::Error::InvalidArgument("decode attention: inconsistent shapes");
 
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
-  p = Problem{q.typed_data(), k.typed_data(), v.typed_data(), rows.typed_data(),
-              lens.typed_data(), out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[0], kd[1]};
+  auto shared = std::make_shared<Shared<T>>();
+  Problem<T>& p = shared->problem;
+  p = Problem<T>{q.typed_data(), reinterpret_cast<const T*>(k.untyped_data()),
+                 reinterpret_cast<const T*>(v.untyped_data()), rows.typed_data(), lens.typed_data(),
+                 out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[0], kd[1]};
   // Padding rows (row out of range) and empty rows get no items: their output stays zero.
   auto live_len = [&](int64_t b) {
     const int64_t row = p.rows[b];
@@ -330,6 +356,20 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  return Attend<float>(pool, q, k, v, rows, lens, out);
+}
+
+ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                   ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
+                                   ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
+                                   ffi::ResultBuffer<ffi::F32> out) {
+  return Attend<uint16_t>(pool, q, k, v, rows, lens, out);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttention, DecodeAttentionImpl,
@@ -338,6 +378,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionBf16, DecodeAttentionBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -37,6 +37,7 @@ from model.checkpoint import cache_dir
 log = logging.getLogger(__name__)
 
 ATTENTION = "xlaserve_decode_attention"
+ATTENTION_BF16 = "xlaserve_decode_attention_bf16"
 MATMUL = "xlaserve_packed_matmul"
 MATMUL_BF16 = "xlaserve_packed_matmul_bf16"
 MATMUL_INT8 = "xlaserve_packed_matmul_int8"
@@ -92,6 +93,8 @@ def available() -> bool:
                     jax.ffi.register_ffi_target(
                         ATTENTION, jax.ffi.pycapsule(lib.XlaserveDecodeAttention), platform="cpu")
                     jax.ffi.register_ffi_target(
+                        ATTENTION_BF16, jax.ffi.pycapsule(lib.XlaserveDecodeAttentionBf16), platform="cpu")
+                    jax.ffi.register_ffi_target(
                         MATMUL, jax.ffi.pycapsule(lib.XlaservePackedMatmul), platform="cpu")
                     jax.ffi.register_ffi_target(
                         MATMUL_BF16, jax.ffi.pycapsule(lib.XlaservePackedMatmulBf16), platform="cpu")
@@ -112,14 +115,28 @@ def available() -> bool:
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
                      lengths: jax.Array) -> jax.Array:
-    """q (B, N, H) f32; caches (R, S, K, H) f32; rows, lengths (B,) int32 -> (B, N, H).
+    """q (B, N, H) f32; caches (R, S, K, H) f32, or uint16 holding bfloat16 bits (see
+    ``to_cache``); rows, lengths (B,) int32 -> (B, N, H) f32.
 
     Row b attends cache row ``rows[b]``, positions ``0 .. lengths[b]-1``; a row index
     outside ``[0, R)`` gives zeros (padding rows)."""
     _require()
-    return jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+    if k_cache.dtype not in (jnp.float32, jnp.uint16) or v_cache.dtype != k_cache.dtype:
+        raise ValueError("the attention kernel reads float32 caches or bfloat16 bits in uint16 ones, "
+                         f"not {k_cache.dtype}")
+    target = ATTENTION if k_cache.dtype == jnp.float32 else ATTENTION_BF16
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), k_cache, v_cache, rows.astype(jnp.int32),
         lengths.astype(jnp.int32))
+
+
+def to_cache(x: jax.Array, cache_dtype) -> jax.Array:
+    """Values as a cache of ``cache_dtype`` stores them. A bfloat16 cache on the kernels is
+    kept as uint16 bits: XLA's CPU backend widens a bfloat16 scatter's whole operand to
+    float32 and back, a copy of the cache per layer and step; an integer scatter is in place."""
+    if jnp.dtype(cache_dtype) == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(cache_dtype)
 
 
 def _require() -> None:

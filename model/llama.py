@@ -87,8 +87,8 @@ def attention(
     k_cache, v_cache = kv
     # Each token's K/V lands at its own position; padding past the end is dropped.
     write_rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
-    k_cache = k_cache.at[write_rows[:, None], positions].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[write_rows[:, None], positions].set(v.astype(v_cache.dtype), mode="drop")
+    k_cache = k_cache.at[write_rows[:, None], positions].set(cpu_kernels.to_cache(k, k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[write_rows[:, None], positions].set(cpu_kernels.to_cache(v, v_cache.dtype), mode="drop")
     if attn_kernel:
         # The native kernel reads each query's own positions 0..p of its row; a prefill
         # chunk's T queries are T kernel rows on the same cache row.

@@ -59,7 +59,8 @@ def _follow(args, max_batch_size: int) -> None:
     from service.models import build_runner
 
     checkpoint, _, slots = _model_and_slots(args, max_batch_size)
-    runner, _ = build_runner(checkpoint, slots, args.session_len, dtype=args.dtype, tp=args.tp, dp=args.dp)
+    runner, _ = build_runner(checkpoint, slots, args.session_len, dtype=args.dtype, tp=args.tp, dp=args.dp,
+                             kv_cache_dtype=args.kv_cache_dtype)
     log.info("process %d following process 0's steps", args.node_rank)
     runner.follow()
 
@@ -72,7 +73,7 @@ def _size_cache(args, cfg) -> int:
 
     cfg = dataclasses.replace(cfg, dtype=args.dtype or cfg.dtype)
     bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_dtype(
-        cfg, sharded=args.tp * args.dp > 1).itemsize
+        cfg, sharded=args.tp * args.dp > 1, kv_cache_dtype=args.kv_cache_dtype).itemsize
     available = _available_memory()
     budget = args.cache_max_entry_count * available
     per_slot = bytes_per_token * args.session_len
@@ -162,7 +163,7 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
     checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
                           max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,
-                          quantize=quantize)
+                          quantize=quantize, kv_cache_dtype=args.kv_cache_dtype)
     return engine, name
 
 
@@ -301,6 +302,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="on the CPU kernels: int8 weights with a scale per output column, float32 "
                         "compute (int8: a quarter of float32's bytes per token), or with int8 "
                         "activations too (w8a8: int8 dot products, about twice the multiply-adds)")
+    p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="KV cache dtype (default: float32 on the CPU kernels, else the compute "
+                        "dtype); bfloat16 halves the cache's memory and the bytes attention reads")
     p.add_argument("--session-len", type=int, default=None,
                    help="max tokens of one sequence, prompt + output (default: min(model max, 4096))")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8,

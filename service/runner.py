@@ -49,8 +49,12 @@ def uses_cpu_kernels(sharded: bool) -> bool:
     return not sharded and cpu_kernels.available()
 
 
-def cache_dtype(cfg: ModelConfig, sharded: bool) -> jnp.dtype:
-    return jnp.dtype(jnp.float32 if uses_cpu_kernels(sharded) else cfg.dtype)
+def cache_dtype(cfg: ModelConfig, sharded: bool, kv_cache_dtype: str | None = None) -> jnp.dtype:
+    """The KV cache's storage dtype: as asked, else float32 on the CPU kernels, else the
+    model's. On the kernels a bfloat16 cache is stored as its uint16 bits (``to_cache``)."""
+    kernels = uses_cpu_kernels(sharded)
+    dtype = jnp.dtype(kv_cache_dtype or (jnp.float32 if kernels else cfg.dtype))
+    return jnp.dtype(jnp.uint16) if kernels and dtype == jnp.bfloat16 else dtype
 
 
 def prefill_buckets(max_chunk: int) -> list[int]:
@@ -113,7 +117,7 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: Any, max_batch_size: int, session_len: int,
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
                  top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, kv_cache_dtype: str | None = None):
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -132,6 +136,10 @@ class ModelRunner:
         if quantize is not None and not self.kernels:
             raise ValueError(f"quantize={quantize!r} needs the native CPU kernels: one CPU device, "
                              "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
+        if (self.kernels and kv_cache_dtype is not None
+                and jnp.dtype(kv_cache_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: the CPU kernels keep the KV cache "
+                             "in float32 or bfloat16")
         if quantize == "w8a8" and not cpu_kernels.int8_dot_native():
             log.warning("w8a8: this CPU has no AVX512-VNNI; int8 dot products run in scalar code "
                         "(slow): prefer --quantize int8")
@@ -161,7 +169,7 @@ class ModelRunner:
             self.params = jax.device_put(params, plan.param_shardings(cfg))
             self.eos_mask = jax.device_put(mask, plan.replicated)
         # Created directly in place (sharded when there is a plan), never whole on one device.
-        kv_dtype = cache_dtype(cfg, plan is not None)
+        kv_dtype = cache_dtype(cfg, plan is not None, kv_cache_dtype)
         self.cache = jax.jit(lambda: llama.init_cache(cfg, max_batch_size, session_len, kv_dtype),
                              out_shardings=self._cache_sh)()
         self.sampling = jax.jit(lambda: smp.SlotSampling.empty(max_batch_size, cfg.vocab_size),

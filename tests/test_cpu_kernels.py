@@ -255,3 +255,40 @@ def test_w8a8_matmul_matches_numpy_on_quantized_operands(m, k, n):
     exact = x.astype(np.float64) @ w
     if m:
         assert np.abs(got - exact).max() <= 0.03 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("head_dim", [64, 24])
+def test_bfloat16_cache_attends_like_its_float32_values(head_dim):
+    """A bfloat16 KV cache: the kernel widens each value exactly, so its output equals numpy's
+    over the same values in float32 (vector and scalar head sizes, several pieces per row)."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((3, 6, head_dim)).astype(np.float32)
+    k = cpu_kernels.to_cache(jnp.asarray(rng.standard_normal((3, 700, 2, head_dim))), jnp.uint16)
+    v = cpu_kernels.to_cache(jnp.asarray(rng.standard_normal((3, 700, 2, head_dim))), jnp.uint16)
+    rows, lens = np.array([2, 0, 1], np.int32), np.array([700, 513, 40], np.int32)
+    got = np.asarray(cpu_kernels.decode_attention(jnp.asarray(q), k, v, jnp.asarray(rows), jnp.asarray(lens)))
+    k32, v32 = (np.asarray(jax.lax.bitcast_convert_type(x, jnp.bfloat16), np.float32) for x in (k, v))
+    for b in range(3):
+        np.testing.assert_allclose(got[b], numpy_attention(q[b], k32, v32, rows[b], lens[b]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_kv_cache_serves_like_float32(default_checkpoint):
+    """A runner with ``kv_cache_dtype="bfloat16"`` stores half the bytes (bfloat16 bits in
+    uint16, scattered in place) and greedy decoding follows the float32 cache's tokens."""
+    from service import sampling as smp
+    from service.models import build_runner
+
+    out = {}
+    for kv in ("float32", "bfloat16"):
+        runner, tok = build_runner(default_checkpoint, 1, 128, kv_cache_dtype=kv)
+        assert runner.cache[0][0].dtype == (jnp.float32 if kv == "float32" else jnp.uint16)
+        prompt = tok.encode("The capital of France is")
+        runner.set_slot(0, smp.SamplingParams(temperature=0), prompt, 0)
+        token = int(runner.prefill(0, prompt, 0)[0][0])
+        tokens = [token]
+        for i in range(8):
+            token = int(runner.decode([0], [token], [len(prompt) + i], [i + 1])[0][0])
+            tokens.append(token)
+        out[kv] = tokens
+    assert out["bfloat16"] == out["float32"]

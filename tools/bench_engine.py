@@ -83,7 +83,7 @@ async def run_streams(engine, streams: int, prompt_len: int, output_len: int):
 
 
 def context_sweep(checkpoint, contexts: list[int], reps: int = 10, dtype: str | None = None,
-                  quantize: str | None = None) -> None:
+                  quantize: str | None = None, kv_cache_dtype: str | None = None) -> None:
     """Decode-step time of one slot at each context length (session sized for the longest):
     attention reads a bucketed span, so the step should grow with the context, not with the
     session length."""
@@ -94,7 +94,8 @@ def context_sweep(checkpoint, contexts: list[int], reps: int = 10, dtype: str | 
 
     cfg = load_config(checkpoint)
     cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
-    runner = ModelRunner(cfg, load_params(checkpoint, cfg), 1, max(contexts) + 1, quantize=quantize)
+    runner = ModelRunner(cfg, load_params(checkpoint, cfg), 1, max(contexts) + 1, quantize=quantize,
+                         kv_cache_dtype=kv_cache_dtype)
     for n in contexts:
         runner.decode([0], [1], [n], [1])  # compile this span
         times = []
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None)
+    parser.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--context", type=int, nargs="*", default=[256, 4096],
@@ -127,10 +129,12 @@ def main(argv=None) -> int:
 
     checkpoint, name = resolve(args.model, args.dtype)
     if args.context:
-        context_sweep(checkpoint, args.context, dtype=args.dtype, quantize=args.quantize)
+        context_sweep(checkpoint, args.context, dtype=args.dtype, quantize=args.quantize,
+                      kv_cache_dtype=args.kv_cache_dtype)
     session_len = 256 if args.prompt_len + args.output_len <= 256 else 512
     engine = build_engine(checkpoint, max(args.streams), session_len, dtype=args.dtype, warmup=True,
-                          tp=args.tp, dp=args.dp, quantize=args.quantize)
+                          tp=args.tp, dp=args.dp, quantize=args.quantize,
+                          kv_cache_dtype=args.kv_cache_dtype)
     cfg = engine.runner.cfg
     # The bytes a decode step streams: the weights as the runner holds them.
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
