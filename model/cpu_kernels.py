@@ -58,7 +58,10 @@ def _build() -> Path:
     include = jax.ffi.include_dir()
     # Reassociation lets the dot products vectorize. Not -ffast-math: a library linked with it
     # turns on flush-to-zero for the whole process when it is loaded.
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+    # XLASERVE_CPU_MARCH builds for another target than this CPU (the tests build the AVX2
+    # and pre-AVX paths this way).
+    march = os.environ.get("XLASERVE_CPU_MARCH", "native")
+    flags = ["-O3", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
              "-fno-signed-zeros", "-std=c++17", "-shared", "-fPIC"]
     key = hashlib.sha256(b"\0".join(
         [*(src.read_bytes() for src in SOURCES), " ".join(flags).encode(),

@@ -292,3 +292,21 @@ def test_bfloat16_kv_cache_serves_like_float32(default_checkpoint):
             tokens.append(token)
         out[kv] = tokens
     assert out["bfloat16"] == out["float32"]
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 instruction sets")
+@pytest.mark.parametrize("march,panel", [("x86-64-v2", 8), ("x86-64-v3", 16)])
+def test_kernels_built_for_older_instruction_sets_compute_the_same(march, panel, tmp_path):
+    """Machines without AVX-512 (AVX2 only, or SSE only) build the same sources with narrower
+    vectors and the scalar int8 dot product: each entry point still matches numpy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "XLASERVE_CPU_MARCH": march, "XLASERVE_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(root / "tests" / "data" / "cpu_kernels_check.py")],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["panel", str(panel), "vnni", "False", "ok"]
