@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -321,6 +322,9 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
       lens.element_count() != static_cast<size_t>(qd[0]))
     return ffi::Error::InvalidArgument("decode attention: inconsistent shapes");
 
+  // The cache is read in full every step.
+  UseHugePages(k.untyped_data(), k.size_bytes());
+  UseHugePages(v.untyped_data(), v.size_bytes());
   auto shared = std::make_shared<Shared<T>>();
   Problem<T>& p = shared->problem;
   p = Problem<T>{q.typed_data(), reinterpret_cast<const T*>(k.untyped_data()),

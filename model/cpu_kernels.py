@@ -44,6 +44,7 @@ MATMUL_INT8 = "xlaserve_packed_matmul_int8"
 MATMUL_W8A8 = "xlaserve_matmul_w8a8"
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_attention.cc", "cpu_matmul.cc", "cpu_matmul_i8.cc")]
+HEADER = Path(__file__).with_name("cpu_common.h")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -64,7 +65,7 @@ def _build() -> Path:
     flags = ["-O3", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
              "-fno-signed-zeros", "-std=c++17", "-shared", "-fPIC"]
     key = hashlib.sha256(b"\0".join(
-        [*(src.read_bytes() for src in SOURCES), " ".join(flags).encode(),
+        [*(src.read_bytes() for src in (*SOURCES, HEADER)), " ".join(flags).encode(),
          jax.__version__.encode(), compiler.encode()])).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if out.exists():

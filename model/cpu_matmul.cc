@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -150,6 +151,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   Shared<W>& s = *shared;
   s.x = x.typed_data();
   s.w = reinterpret_cast<const W*>(w.untyped_data());
+  UseHugePages(s.w, w.size_bytes());
   s.scale = scale;
   s.y = y->typed_data();
   s.M = xd[0];

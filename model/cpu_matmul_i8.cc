@@ -31,6 +31,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -181,6 +182,7 @@ ffi::Error MatmulW8A8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   Shared& s = *shared;
   s.x = x.typed_data();
   s.w = w.typed_data();
+  UseHugePages(s.w, w.size_bytes());
   s.scale = scale.typed_data();
   s.colsum = colsum.typed_data();
   s.y = y->typed_data();
