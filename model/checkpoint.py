@@ -13,7 +13,7 @@ import jax
 from model.config import ModelConfig
 from model.weights import abstract_params
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the converted layout; tools/convert_hf.py writes it
 
 
 def cache_dir() -> Path:

@@ -32,10 +32,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model.checkpoint import FORMAT_VERSION  # noqa: E402  (the reader's; one number for both)
 from model.config import ModelConfig, UnsupportedConfigError, from_hf_config  # noqa: E402
 from model.weights import WeightSpec, is_spec, param_specs  # noqa: E402
-
-FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
