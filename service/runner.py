@@ -176,6 +176,12 @@ class ModelRunner:
                                 out_shardings=self._sampling_sh)()
         if plan is None:
             self.cache, self.sampling = place(self.cache), place(self.sampling)
+        weight_mib = sum(x.nbytes for x in jax.tree.leaves(self.params)) / 2**20
+        cache_mib = sum(x.nbytes for kv in self.cache for x in kv) / 2**20
+        log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB (%d slots x %d positions)",
+                 "native CPU kernels" if self.kernels else f"XLA on {jax.devices()[0].platform}",
+                 quantize or cfg.dtype, weight_mib, "bfloat16" if kv_dtype == jnp.uint16 else kv_dtype.name,
+                 cache_mib, max_batch_size, session_len)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
         step_out = None if plan is None else (self._cache_sh, self._sampling_sh, self._out_sh)
