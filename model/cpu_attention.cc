@@ -55,28 +55,6 @@ struct Item {
   float* partial;  // N x (H + 2): unnormalised output, then max and sum, per query head
 };
 
-#if defined(__AVX512F__)
-constexpr int kVW = 16;
-#elif defined(__AVX__)
-constexpr int kVW = 8;
-#else
-constexpr int kVW = 4;
-#endif
-typedef float vf __attribute__((vector_size(kVW * 4)));
-typedef int32_t vi __attribute__((vector_size(kVW * 4)));
-typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
-
-typedef uint16_t vhu __attribute__((vector_size(kVW * 2), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
-
-inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-// bfloat16 is the top half of a float32: widening is a shift, exact.
-inline vf Load(const uint16_t* p) {
-  const vu bits = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
-  vf out;
-  __builtin_memcpy(&out, &bits, sizeof(out));
-  return out;
-}
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t x) {
   const uint32_t bits = static_cast<uint32_t>(x) << 16;
@@ -84,7 +62,6 @@ inline float ToFloat(uint16_t x) {
   __builtin_memcpy(&out, &bits, sizeof(out));
   return out;
 }
-inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline float Sum(vf v) {
   float s = 0.0f;
   for (int i = 0; i < kVW; ++i) s += v[i];

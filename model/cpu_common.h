@@ -9,6 +9,46 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+// The vector the build's instruction set offers: kVW floats (-march picks the path).
+#if defined(__AVX512F__)
+constexpr int kVW = 16;
+#elif defined(__AVX__)
+constexpr int kVW = 8;
+#else
+constexpr int kVW = 4;
+#endif
+typedef float vf __attribute__((vector_size(kVW * 4)));
+typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kVW * 4)));
+typedef uint16_t vhu __attribute__((vector_size(kVW * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
+
+inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+// bfloat16 is the top half of a float32: widening is a shift, exact.
+inline vf Load(const uint16_t* p) {
+  const vu bits = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  vf out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+// int8 to float. Intrinsics: GCC turns a generic int8 -> float vector conversion into one
+// scalar convert per lane.
+inline vf Load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)  // implies kVW == 8
+  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  vf out;
+  for (int i = 0; i < kVW; ++i) out[i] = static_cast<float>(p[i]);
+  return out;
+#endif
+}
+inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // Buffers the kernels stream in full every step (packed weights, the KV cache) are read 4 KiB
 // page after page; backed by 2 MiB pages they spare most TLB misses (measured: attention

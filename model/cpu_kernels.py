@@ -45,6 +45,10 @@ MATMUL_W8A8 = "xlaserve_matmul_w8a8"
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_attention.cc", "cpu_matmul.cc", "cpu_matmul_i8.cc")]
 HEADER = Path(__file__).with_name("cpu_common.h")
+# FFI target -> the handler's symbol in the library.
+_SYMBOLS = {ATTENTION: "XlaserveDecodeAttention", ATTENTION_BF16: "XlaserveDecodeAttentionBf16",
+            MATMUL: "XlaservePackedMatmul", MATMUL_BF16: "XlaservePackedMatmulBf16",
+            MATMUL_INT8: "XlaservePackedMatmulInt8", MATMUL_W8A8: "XlaserveMatmulW8A8"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -94,18 +98,9 @@ def available() -> bool:
             elif jax.default_backend() == "cpu":
                 try:
                     lib = ctypes.cdll.LoadLibrary(str(_build()))
-                    jax.ffi.register_ffi_target(
-                        ATTENTION, jax.ffi.pycapsule(lib.XlaserveDecodeAttention), platform="cpu")
-                    jax.ffi.register_ffi_target(
-                        ATTENTION_BF16, jax.ffi.pycapsule(lib.XlaserveDecodeAttentionBf16), platform="cpu")
-                    jax.ffi.register_ffi_target(
-                        MATMUL, jax.ffi.pycapsule(lib.XlaservePackedMatmul), platform="cpu")
-                    jax.ffi.register_ffi_target(
-                        MATMUL_BF16, jax.ffi.pycapsule(lib.XlaservePackedMatmulBf16), platform="cpu")
-                    jax.ffi.register_ffi_target(
-                        MATMUL_INT8, jax.ffi.pycapsule(lib.XlaservePackedMatmulInt8), platform="cpu")
-                    jax.ffi.register_ffi_target(
-                        MATMUL_W8A8, jax.ffi.pycapsule(lib.XlaserveMatmulW8A8), platform="cpu")
+                    for target, symbol in _SYMBOLS.items():
+                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                                    platform="cpu")
                     lib.XlaserveInt8DotNative.restype = ctypes.c_int32
                     _state["int8_dot"] = bool(lib.XlaserveInt8DotNative())
                     lib.XlaservePanelWidth.restype = ctypes.c_int32

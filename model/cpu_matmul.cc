@@ -23,9 +23,6 @@
 #include <memory>
 #include <thread>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -35,44 +32,16 @@ namespace ffi = xla::ffi;
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int kVW = 16, kNV = 4, kRM = 6;  // 24 accumulators of 32 zmm registers
+constexpr int kNV = 4, kRM = 6;  // 24 accumulators of 32 zmm registers
 #elif defined(__AVX__)
-constexpr int kVW = 8, kNV = 2, kRM = 6;   // 12 accumulators of 16 ymm registers
+constexpr int kNV = 2, kRM = 6;  // 12 accumulators of 16 ymm registers
 #else
-constexpr int kVW = 4, kNV = 2, kRM = 4;
+constexpr int kNV = 2, kRM = 4;
 #endif
 constexpr int kNR = kVW * kNV;
 // Rows of x per work item: a multiple of kRM, small enough that a prefill chunk splits into
 // several items per panel and both cores stay busy on narrow matrices.
 constexpr int64_t kRowBlock = 16 * kRM;
-
-typedef float vf __attribute__((vector_size(kVW * 4)));
-typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
-typedef uint16_t vhu __attribute__((vector_size(kVW * 2), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
-
-inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-// bfloat16 is the top half of a float32: widening is a shift, exact.
-inline vf Load(const uint16_t* p) {
-  const vu bits = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
-  vf out;
-  __builtin_memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-// int8 (weight-only quantized, a float32 scale per column applied to the sums). Intrinsics:
-// GCC turns a generic int8 -> float vector conversion into one scalar convert per lane.
-inline vf Load(const int8_t* p) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
-#elif defined(__AVX2__)  // implies kVW == 8
-  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
-#else
-  vf out;
-  for (int i = 0; i < kVW; ++i) out[i] = static_cast<float>(p[i]);
-  return out;
-#endif
-}
-inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // y[m0 .. m0+rm, panel's columns] = (x[m0 .. m0+rm, :] @ panel) * scale (scale: the panel's
 // column scales, or null)
