@@ -45,7 +45,8 @@ def compile_count() -> int:
 
 def uses_cpu_kernels(sharded: bool) -> bool:
     """Whether a runner runs on the native CPU kernels: one CPU device (no sharding plan),
-    the kernels built. Then weights are packed and the KV cache is float32."""
+    the kernels built. Then weights are packed, activations float32, and the KV cache float32
+    unless bfloat16 is asked."""
     return not sharded and cpu_kernels.available()
 
 
@@ -129,9 +130,9 @@ class ModelRunner:
         self.prefill_sizes = prefill_buckets(self.max_chunk)
         self.spans = span_buckets(session_len)
         # On one CPU device the native kernels run the model: every projection through
-        # packed weights (float32, or bfloat16 for a bfloat16 model), activations and KV cache
-        # in float32, and single-token attention, which reads each row's own context, so
-        # decode needs no span buckets (one compile per batch size).
+        # packed weights (float32; bfloat16 for a bfloat16 model; int8 with ``quantize``),
+        # float32 activations, and attention that reads each query's own context, so neither
+        # decode nor prefill needs span buckets (one compile per batch or chunk size).
         self.kernels = uses_cpu_kernels(plan is not None)
         if quantize is not None and not self.kernels:
             raise ValueError(f"quantize={quantize!r} needs the native CPU kernels: one CPU device, "
