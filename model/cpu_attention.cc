@@ -106,57 +106,103 @@ inline void SumLevels(vf* v, int count) {
   if constexpr (h > 1) SumLevels<h / 2>(v, count / 2);
 }
 
-// Scores of one query head against kVW consecutive keys (fewer at the end: the rest are 0).
-template <typename T>
-inline vf Scores(const float* qg, const T* key, int64_t stride, int64_t count, int64_t C) {
+// Positions per block: a block's keys (then values) are widened to float32 once into a scratch
+// buffer that stays in L1 while every query head of the block reads it.
+constexpr int64_t kBlock = kVW;
+constexpr int64_t kValueBlock = 2 * kVW;
+
+// A block of n <= kB positions x kv heads x H as float32 rows of `stride` floats: the cache
+// itself when it is float32 and the block is whole, else widened (and zero-padded) into buf.
+template <int64_t kB>
+inline const float* Widened(const float* src, int64_t n, int64_t stride, float* buf) {
+  if (n == kB) return src;
+  std::copy(src, src + n * stride, buf);
+  std::fill(buf + n * stride, buf + kB * stride, 0.0f);
+  return buf;
+}
+template <int64_t kB>
+inline const float* Widened(const uint16_t* src, int64_t n, int64_t stride, float* buf) {
+  int64_t i = 0;
+  for (; i + kVW <= n * stride; i += kVW) Store(buf + i, Load(src + i));
+  for (; i < n * stride; ++i) buf[i] = ToFloat(src[i]);
+  std::fill(buf + n * stride, buf + kB * stride, 0.0f);
+  return buf;
+}
+
+// Scores of one query head (C vectors) against kVW keys `stride` floats apart. Every key's
+// dot product is its own chain of C FMAs, so the kVW chains overlap instead of waiting on
+// one another; the horizontal sums then come from one shuffle tree.
+template <int C>
+inline vf Scores(const float* qh, const float* keys, int64_t stride) {
+  vf qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = Load(qh + c * kVW);
   vf dots[kVW];
+#pragma GCC unroll 16
   for (int s = 0; s < kVW; ++s) {
-    vf d = vf{};
-    if (s < count)
-      for (int64_t c = 0; c < C; ++c) d += Load(qg + c * kVW) * Load(key + s * stride + c * kVW);
+    vf d = qv[0] * Load(keys + s * stride);
+    for (int c = 1; c < C; ++c) d += qv[c] * Load(keys + s * stride + c * kVW);
     dots[s] = d;
   }
   SumLevels<kVW / 2>(dots, kVW);
   return dots[0];
 }
 
-// Positions per block of the value pass: their values stay in L1 across the query heads.
-constexpr int64_t kValueBlock = 64;
+// out[0..C) += sum over positions of w[s] * values[s] (values `stride` floats apart), with two
+// sets of accumulators (even and odd positions) so the FMA chains keep both units busy.
+template <int C>
+inline void Weighted(const float* w, const float* values, int64_t n, int64_t stride, float* out) {
+  vf a[C], b[C];
+  for (int c = 0; c < C; ++c) a[c] = Load(out + c * kVW), b[c] = vf{};
+  int64_t s = 0;
+  for (; s + 2 <= n; s += 2) {
+    const vf w0 = vf{} + w[s], w1 = vf{} + w[s + 1];
+    for (int c = 0; c < C; ++c) {
+      a[c] += w0 * Load(values + s * stride + c * kVW);
+      b[c] += w1 * Load(values + (s + 1) * stride + c * kVW);
+    }
+  }
+  if (s < n)
+    for (int c = 0; c < C; ++c) a[c] += w[s] * Load(values + s * stride + c * kVW);
+  for (int c = 0; c < C; ++c) Store(out + c * kVW, a[c] + b[c]);
+}
 
-// One batch row, positions [begin, end), every head. Both passes walk positions in order and
-// read each position's keys (then values) for all kv heads together: they are contiguous in
-// the cache, so the reads stream. Needs H % kVW == 0 (RunItemScalar otherwise).
-template <typename T>
-void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, std::vector<float>& acc) {
-  const int64_t G = p.N / p.K, H = p.H, n = it.end - it.begin, C = H / kVW;
+// One batch row, positions [begin, end), every head, for H == C * kVW. Both passes walk
+// positions in blocks and read each block's keys (then values) for all kv heads together:
+// they are contiguous in the cache, so the reads stream.
+template <int C, typename T>
+void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, std::vector<float>& acc,
+             std::vector<float>& buf) {
+  const int64_t G = p.N / p.K, H = C * kVW, n = it.end - it.begin;
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const int64_t stride = p.K * H;  // between consecutive positions
-  const int64_t padded = (n + kVW - 1) / kVW * kVW;
+  const int64_t padded = (n + kBlock - 1) / kBlock * kBlock;
   const float* q = p.q + it.b * p.N * H;
   const T* keys = p.k + (row * p.S + it.begin) * stride;
   const T* values = p.v + (row * p.S + it.begin) * stride;
   scores.resize(p.N * padded);  // scores[head * padded + position]
-  acc.resize(p.N * H);
-  for (int64_t s = 0; s < n; s += kVW) {
-    const int64_t count = std::min<int64_t>(kVW, n - s);
-    // Ask for the keys two blocks ahead, and this block's values for the second pass: the
-    // hardware prefetcher alone leaves this loop waiting on memory half the time.
-    const int64_t ahead = std::min<int64_t>(kVW, std::max<int64_t>(0, n - s - 4 * kVW)) * stride;
-    constexpr int64_t line = 64 / sizeof(T);
-    for (int64_t f = 0; f < ahead; f += line) __builtin_prefetch(keys + (s + 4 * kVW) * stride + f, 0, 3);
-    for (int64_t f = 0; f < count * stride; f += line) __builtin_prefetch(values + s * stride + f, 0, 2);
-    for (int64_t kh = 0; kh < p.K; ++kh)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t head = kh * G + g;
-        Store(scores.data() + head * padded + s,
-              Scores(q + head * H, keys + s * stride + kh * H, stride, count, C) * scale);
-      }
+  acc.assign(p.N * H, 0.0f);
+  buf.resize(std::max(kBlock, kValueBlock) * stride);
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t count = std::min<int64_t>(kBlock, n - s);
+    // Ask for the next block's keys: the hardware prefetcher alone leaves this loop waiting.
+    const int64_t ahead = std::min<int64_t>(kBlock, std::max<int64_t>(0, n - s - kBlock)) * stride;
+    for (int64_t f = 0; f < ahead; f += line) __builtin_prefetch(keys + (s + kBlock) * stride + f, 0, 3);
+    const float* kb = Widened<kBlock>(keys + s * stride, count, stride, buf.data());
+    for (int64_t head = 0; head < p.N; ++head)
+      Store(scores.data() + head * padded + s, Scores<C>(q + head * H, kb + (head / G) * H, stride) * scale);
   }
   for (int64_t head = 0; head < p.N; ++head) {
     float* sh = scores.data() + head * padded;
-    const float m = *std::max_element(sh, sh + n);
     std::fill(sh + n, sh + padded, -INFINITY);
+    vf top = Load(sh);
+    for (int64_t s = kVW; s < padded; s += kVW) {
+      const vf x = Load(sh + s);
+      top = x > top ? x : top;
+    }
+    float m = top[0];
+    for (int i = 1; i < kVW; ++i) m = std::max(m, top[i]);
     vf total = vf{};
     for (int64_t s = 0; s < padded; s += kVW) {
       const vf e = Exp(Load(sh + s) - m);
@@ -167,38 +213,13 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     part[H] = m;
     part[H + 1] = Sum(total);
   }
-  std::fill(acc.begin(), acc.end(), 0.0f);
-  for (int64_t s0 = 0; s0 < n; s0 += kValueBlock) {
-    const int64_t s1 = std::min(n, s0 + kValueBlock);
-    for (int64_t kh = 0; kh < p.K; ++kh)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t head = kh * G + g;
-        const float* wh = scores.data() + head * padded;
-        float* oh = acc.data() + head * H;
-        const T* vh = values + kh * H;
-        int64_t c = 0;
-        for (; c + 4 <= C; c += 4) {  // four accumulators: one broadcast weight feeds four FMAs
-          vf o0 = Load(oh + c * kVW), o1 = Load(oh + (c + 1) * kVW);
-          vf o2 = Load(oh + (c + 2) * kVW), o3 = Load(oh + (c + 3) * kVW);
-          for (int64_t s = s0; s < s1; ++s) {
-            const T* v = vh + s * stride + c * kVW;
-            const vf w = vf{} + wh[s];
-            o0 += w * Load(v);
-            o1 += w * Load(v + kVW);
-            o2 += w * Load(v + 2 * kVW);
-            o3 += w * Load(v + 3 * kVW);
-          }
-          Store(oh + c * kVW, o0);
-          Store(oh + (c + 1) * kVW, o1);
-          Store(oh + (c + 2) * kVW, o2);
-          Store(oh + (c + 3) * kVW, o3);
-        }
-        for (; c < C; ++c) {
-          vf o = Load(oh + c * kVW);
-          for (int64_t s = s0; s < s1; ++s) o += wh[s] * Load(vh + s * stride + c * kVW);
-          Store(oh + c * kVW, o);
-        }
-      }
+  for (int64_t s = 0; s < n; s += kValueBlock) {
+    const int64_t count = std::min<int64_t>(kValueBlock, n - s);
+    const int64_t ahead = std::min<int64_t>(kValueBlock, std::max<int64_t>(0, n - s - kValueBlock)) * stride;
+    for (int64_t f = 0; f < ahead; f += line) __builtin_prefetch(values + (s + kValueBlock) * stride + f, 0, 3);
+    const float* vb = Widened<kValueBlock>(values + s * stride, count, stride, buf.data());
+    for (int64_t head = 0; head < p.N; ++head)
+      Weighted<C>(scores.data() + head * padded + s, vb + (head / G) * H, count, stride, acc.data() + head * H);
   }
   for (int64_t head = 0; head < p.N; ++head)
     std::copy(acc.data() + head * H, acc.data() + (head + 1) * H, it.partial + head * (H + 2));
@@ -247,14 +268,35 @@ struct Shared {
   std::atomic<int64_t> done{0};
 };
 
+// The vector path for a head size of C vectors; 0 where there is none (scalar path).
+template <typename T>
+using ItemFn = void (*)(const Problem<T>&, const Item&, std::vector<float>&, std::vector<float>&,
+                        std::vector<float>&);
+template <typename T>
+ItemFn<T> VectorItem(int64_t H) {
+  if (H % kVW != 0) return nullptr;
+  switch (H / kVW) {
+    case 1: return RunItem<1, T>;
+    case 2: return RunItem<2, T>;
+    case 3: return RunItem<3, T>;
+    case 4: return RunItem<4, T>;
+    case 5: return RunItem<5, T>;
+    case 6: return RunItem<6, T>;
+    case 8: return RunItem<8, T>;
+    case 16: return RunItem<16, T>;
+    default: return nullptr;
+  }
+}
+
 template <typename T>
 void Drain(Shared<T>& shared) {
-  std::vector<float> scores, acc;
+  std::vector<float> scores, acc, buf;
+  const ItemFn<T> vector_item = VectorItem<T>(shared.problem.H);
   const int64_t count = static_cast<int64_t>(shared.items.size());
   int64_t finished = 0;
   for (int64_t i; (i = shared.next.fetch_add(1)) < count; ++finished)
-    if (shared.problem.H % kVW == 0)
-      RunItem(shared.problem, shared.items[i], scores, acc);
+    if (vector_item != nullptr)
+      vector_item(shared.problem, shared.items[i], scores, acc, buf);
     else
       RunItemScalar(shared.problem, shared.items[i], scores);
   shared.done.fetch_add(finished, std::memory_order_release);

@@ -30,6 +30,12 @@ typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
 inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 // bfloat16 is the top half of a float32: widening is a shift, exact.
 inline vf Load(const uint16_t* p) {
+#if defined(__AVX512F__)
+  // One widening load and a shift (GCC splits the generic conversion into halves).
+  return reinterpret_cast<vf>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vf>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#endif
   const vu bits = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
   vf out;
   __builtin_memcpy(&out, &bits, sizeof(out));

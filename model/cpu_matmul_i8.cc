@@ -69,11 +69,29 @@ void QuantizeRows(Shared& s) {
     for (int64_t b = 0; b < s.nkb; ++b) {
       const int64_t k0 = b * kKB, k1 = std::min(s.K, k0 + kKB);
       float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
+      int64_t k = k0;
+#if defined(__AVX512F__)
+      __m512 vmax = _mm512_setzero_ps();
+      for (; k + 16 <= k1; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+      amax = _mm512_reduce_max_ps(vmax);
+#endif
+      for (; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
       if (amax == 0.0f) continue;
       const float scale = amax / 127.0f, inv = 127.0f / amax;
       s.xs[m * s.nkb + b] = scale;
-      for (int64_t k = k0; k < k1; ++k) {
+      k = k0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      // The same rounding as nearbyint (the current mode: to nearest even); q + 128 as a
+      // byte is q's byte with the top bit flipped.
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (; k + 16 <= k1; k += 16) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), vinv));
+        q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(s.xq.data() + m * s.Kp + k),
+                         _mm_xor_si128(_mm512_cvtepi32_epi8(q), _mm_set1_epi8(static_cast<char>(0x80))));
+      }
+#endif
+      for (; k < k1; ++k) {
         const float q = std::nearbyint(row[k] * inv);
         s.xq[m * s.Kp + k] = static_cast<uint8_t>(static_cast<int>(std::clamp(q, -127.0f, 127.0f)) + 128);
       }
