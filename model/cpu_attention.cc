@@ -110,14 +110,15 @@ inline void SumLevels(vf* v, int count) {
 // buffer that stays in L1 while every query head of the block reads it.
 constexpr int64_t kBlock = kVW;
 constexpr int64_t kValueBlock = 2 * kVW;
+constexpr int64_t kAhead = 3;  // blocks
 
 // A block of n <= kB positions x kv heads x H as float32 rows of `stride` floats: the cache
-// itself when it is float32 and the block is whole, else widened (and zero-padded) into buf.
+// itself when it is float32 and the block is whole, else widened into buf. Rows past n are
+// left as they are: scores past a row's length are overwritten, values past it never read.
 template <int64_t kB>
 inline const float* Widened(const float* src, int64_t n, int64_t stride, float* buf) {
   if (n == kB) return src;
   std::copy(src, src + n * stride, buf);
-  std::fill(buf + n * stride, buf + kB * stride, 0.0f);
   return buf;
 }
 template <int64_t kB>
@@ -125,7 +126,6 @@ inline const float* Widened(const uint16_t* src, int64_t n, int64_t stride, floa
   int64_t i = 0;
   for (; i + kVW <= n * stride; i += kVW) Store(buf + i, Load(src + i));
   for (; i < n * stride; ++i) buf[i] = ToFloat(src[i]);
-  std::fill(buf + n * stride, buf + kB * stride, 0.0f);
   return buf;
 }
 
@@ -184,14 +184,19 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   acc.assign(p.N * H, 0.0f);
   buf.resize(std::max(kBlock, kValueBlock) * stride);
   constexpr int64_t line = 64 / sizeof(T);
+  // The first blocks, before the loops below take over.
+  for (int64_t l = 0; l < std::min<int64_t>(n, kAhead * kBlock) * stride; l += line) __builtin_prefetch(keys + l, 0, 2);
   for (int64_t s = 0; s < n; s += kBlock) {
     const int64_t count = std::min<int64_t>(kBlock, n - s);
-    // Ask for the next block's keys: the hardware prefetcher alone leaves this loop waiting.
-    const int64_t ahead = std::min<int64_t>(kBlock, std::max<int64_t>(0, n - s - kBlock)) * stride;
-    for (int64_t f = 0; f < ahead; f += line) __builtin_prefetch(keys + (s + kBlock) * stride + f, 0, 3);
+    // Keys kAhead blocks on are asked for a few lines per head, spread through the block's
+    // work so the requests never queue up.
+    const T* next = keys + (s + kAhead * kBlock) * stride;
+    const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kBlock, n - s - kAhead * kBlock)) * stride / line;
     const float* kb = Widened<kBlock>(keys + s * stride, count, stride, buf.data());
-    for (int64_t head = 0; head < p.N; ++head)
+    for (int64_t head = 0; head < p.N; ++head) {
+      for (int64_t l = head * lines / p.N; l < (head + 1) * lines / p.N; ++l) __builtin_prefetch(next + l * line, 0, 2);
       Store(scores.data() + head * padded + s, Scores<C>(q + head * H, kb + (head / G) * H, stride) * scale);
+    }
   }
   for (int64_t head = 0; head < p.N; ++head) {
     float* sh = scores.data() + head * padded;
@@ -213,13 +218,16 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     part[H] = m;
     part[H + 1] = Sum(total);
   }
+  for (int64_t l = 0; l < std::min<int64_t>(n, kAhead * kValueBlock) * stride; l += line) __builtin_prefetch(values + l, 0, 2);
   for (int64_t s = 0; s < n; s += kValueBlock) {
     const int64_t count = std::min<int64_t>(kValueBlock, n - s);
-    const int64_t ahead = std::min<int64_t>(kValueBlock, std::max<int64_t>(0, n - s - kValueBlock)) * stride;
-    for (int64_t f = 0; f < ahead; f += line) __builtin_prefetch(values + (s + kValueBlock) * stride + f, 0, 3);
+    const T* next = values + (s + kAhead * kValueBlock) * stride;
+    const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kValueBlock, n - s - kAhead * kValueBlock)) * stride / line;
     const float* vb = Widened<kValueBlock>(values + s * stride, count, stride, buf.data());
-    for (int64_t head = 0; head < p.N; ++head)
+    for (int64_t head = 0; head < p.N; ++head) {
+      for (int64_t l = head * lines / p.N; l < (head + 1) * lines / p.N; ++l) __builtin_prefetch(next + l * line, 0, 2);
       Weighted<C>(scores.data() + head * padded + s, vb + (head / G) * H, count, stride, acc.data() + head * H);
+    }
   }
   for (int64_t head = 0; head < p.N; ++head)
     std::copy(acc.data() + head * H, acc.data() + (head + 1) * H, it.partial + head * (H + 2));
