@@ -46,6 +46,18 @@ def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def rope_table(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (length, H) for positions 0..length-1, as ``rope_cos_sin`` computes them.
+
+    Steps look their positions up here (``forward``'s ``rope``) instead of computing cos and
+    sin: XLA fuses those into every layer's rope and evaluates them per element of q and k,
+    which cost a tenth of a 128-token prefill on the CPU."""
+    inv_freq = np.asarray(cfg.inv_freq(), dtype=np.float32)
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq  # float32, like rope_cos_sin
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x: (B, T, heads, H). HF's rotate-half layout, so converted q/k need no permutation."""
     half = x.shape[-1] // 2
@@ -185,6 +197,7 @@ def forward(
     span: int,
     rows: jax.Array | None = None,  # (B,) cache rows; None means row b uses cache row b
     attn_kernel: bool = False,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
@@ -192,10 +205,14 @@ def forward(
     (T == 1) alike. ``span`` (static) bounds the attended cache prefix and must exceed every
     position in ``positions`` that matters. ``attn_kernel``: attend through the native CPU
     kernel (``model.cpu_kernels``; float32 cache, one device), which reads each query's own
-    context and ignores ``span``.
+    context and ignores ``span``. ``rope``: a ``rope_table`` to look cos/sin up in (positions
+    past its end, padding, read its last row) instead of computing them.
     """
     x = embed(params, tokens)  # (B, T, D)
-    cos, sin = rope_cos_sin(cfg, positions)
+    if rope is None:
+        cos, sin = rope_cos_sin(cfg, positions)
+    else:
+        cos, sin = (jnp.take(t, positions, axis=0, mode="clip") for t in rope)
     new_cache = []
     for layer, kv in zip(params["layers"], cache):
         with jax.named_scope("attention"):

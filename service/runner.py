@@ -170,6 +170,8 @@ class ModelRunner:
             self.params = jax.device_put(params, plan.param_shardings(cfg))
             self.eos_mask = jax.device_put(mask, plan.replicated)
         # Created directly in place (sharded when there is a plan), never whole on one device.
+        self.rope = jax.device_put(llama.rope_table(cfg, session_len),
+                                   jax.devices()[0] if plan is None else plan.replicated)
         kv_dtype = cache_dtype(cfg, plan is not None, kv_cache_dtype)
         self.cache = jax.jit(lambda: llama.init_cache(cfg, max_batch_size, session_len, kv_dtype),
                              out_shardings=self._cache_sh)()
@@ -204,7 +206,7 @@ class ModelRunner:
 
     # -- jitted bodies -------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, cache, sampling, tokens, start, length, slot, last, span):
+    def _prefill_fn(self, params, cache, sampling, rope, tokens, start, length, slot, last, span):
         """tokens (1, T) padded; the real ones are tokens[0, :length] at positions start...
 
         Returns the first sampled token of this chunk's last real position (used only when
@@ -213,7 +215,7 @@ class ModelRunner:
         t = tokens.shape[1]
         positions = (start + jnp.arange(t, dtype=jnp.int32))[None, :]  # (1, T)
         hidden, cache = llama.forward(params, self.cfg, tokens, positions, cache, span=span,
-                                      rows=slot[None], attn_kernel=self.kernels)
+                                      rows=slot[None], attn_kernel=self.kernels, rope=rope)
         final = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, axis=0, keepdims=True)  # (1, D)
         logits = self._gathered(llama.logits(params, self.cfg, final))  # (1, V)
         row = jax.tree.map(lambda x: x[slot][None], sampling)
@@ -225,7 +227,7 @@ class ModelRunner:
         sampling = dataclasses.replace(sampling, seen=seen, counts=counts)
         return cache, sampling, (token, lp, top_ids, top_lp)
 
-    def _decode_fn(self, params, cache, sampling, tokens, positions, steps, rows, span):
+    def _decode_fn(self, params, cache, sampling, rope, tokens, positions, steps, rows, span):
         """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).
 
         b is a bucket of the live slot count, so the step costs what the live requests need,
@@ -234,7 +236,7 @@ class ModelRunner:
         ``rows`` is None and batch row i is slot i.
         """
         hidden, cache = llama.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                      span=span, rows=rows, attn_kernel=self.kernels)
+                                      span=span, rows=rows, attn_kernel=self.kernels, rope=rope)
         logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0]))  # (b, V)
         out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=rows)
         sampling = smp.record(sampling, out[0], rows)
@@ -279,7 +281,7 @@ class ModelRunner:
 
     def _run_prefill(self, padded, start, n, slot, last, span):
         self.cache, self.sampling, out = self._prefill(
-            self.params, self.cache, self.sampling, padded, np.int32(start), np.int32(n),
+            self.params, self.cache, self.sampling, self.rope, padded, np.int32(start), np.int32(n),
             np.int32(slot), np.bool_(last), span=span)
         return out
 
@@ -326,7 +328,7 @@ class ModelRunner:
     def _run_decode(self, tok, pos, st, rows, span):
         rows = None if self.full_width else rows
         self.cache, self.sampling, out = self._decode(
-            self.params, self.cache, self.sampling, tok, pos, st, rows, span=span)
+            self.params, self.cache, self.sampling, self.rope, tok, pos, st, rows, span=span)
         return out
 
     def follow(self) -> None:
