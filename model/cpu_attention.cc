@@ -38,6 +38,7 @@ namespace {
 // results (max, sum, unnormalised output) are merged afterwards, so one row at a long
 // context still keeps every core busy; few short rows are split finer for the same reason.
 constexpr int64_t kMaxPiece = 512, kMinPiece = 64;
+constexpr int64_t kQueryBlock = 16;  // queries of a prefill chunk per item
 
 template <typename T>  // cache element: float, or uint16_t holding bfloat16
 struct Problem {
@@ -50,10 +51,18 @@ struct Problem {
   int64_t B, N, K, H, R, S;
 };
 
+// Batch rows b .. b + nb - 1 (a block of a prefill chunk's queries on one cache row at
+// consecutive positions, or one row), cache positions [begin, end) clipped to each row's length.
 struct Item {
-  int64_t b, begin, end;
-  float* partial;  // N x (H + 2): unnormalised output, then max and sum, per query head
+  int64_t b, nb, begin, end;
+  float* partial;  // nb x N x (H + 2): unnormalised output, then max and sum, per query head
 };
+
+// Positions of row b that item `it` covers.
+template <typename T>
+inline int64_t Covered(const Problem<T>& p, const Item& it, int64_t b) {
+  return std::max<int64_t>(0, std::min<int64_t>(it.end, p.lens[b]) - it.begin);
+}
 
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t x) {
@@ -166,22 +175,24 @@ inline void Weighted(const float* w, const float* values, int64_t n, int64_t str
   for (int c = 0; c < C; ++c) Store(out + c * kVW, a[c] + b[c]);
 }
 
-// One batch row, positions [begin, end), every head, for H == C * kVW. Both passes walk
-// positions in blocks and read each block's keys (then values) for all kv heads together:
-// they are contiguous in the cache, so the reads stream.
+// An item's rows (one, or a block of queries sharing a cache row), its positions, every head,
+// for H == C * kVW. Both passes walk positions in blocks and read each block's keys (then
+// values) for all kv heads together: they are contiguous in the cache, so the reads stream,
+// and a block widened once serves every query of the item.
 template <int C, typename T>
 void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, std::vector<float>& acc,
              std::vector<float>& buf) {
-  const int64_t G = p.N / p.K, H = C * kVW, n = it.end - it.begin;
+  const int64_t G = p.N / p.K, H = C * kVW, N = p.N;
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const int64_t stride = p.K * H;  // between consecutive positions
+  int64_t n = 0;  // positions of the item's longest row
+  for (int64_t i = 0; i < it.nb; ++i) n = std::max(n, Covered(p, it, it.b + i));
   const int64_t padded = (n + kBlock - 1) / kBlock * kBlock;
-  const float* q = p.q + it.b * p.N * H;
   const T* keys = p.k + (row * p.S + it.begin) * stride;
   const T* values = p.v + (row * p.S + it.begin) * stride;
-  scores.resize(p.N * padded);  // scores[head * padded + position]
-  acc.assign(p.N * H, 0.0f);
+  scores.resize(it.nb * N * padded);  // scores[(query * N + head) * padded + position]
+  acc.assign(it.nb * N * H, 0.0f);
   buf.resize(std::max(kBlock, kValueBlock) * stride);
   constexpr int64_t line = 64 / sizeof(T);
   // The first blocks, before the loops below take over.
@@ -193,30 +204,43 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     const T* next = keys + (s + kAhead * kBlock) * stride;
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kBlock, n - s - kAhead * kBlock)) * stride / line;
     const float* kb = Widened<kBlock>(keys + s * stride, count, stride, buf.data());
-    for (int64_t head = 0; head < p.N; ++head) {
-      for (int64_t l = head * lines / p.N; l < (head + 1) * lines / p.N; ++l) __builtin_prefetch(next + l * line, 0, 2);
-      Store(scores.data() + head * padded + s, Scores<C>(q + head * H, kb + (head / G) * H, stride) * scale);
+    for (int64_t i = 0; i < it.nb; ++i) {
+      if (s >= Covered(p, it, it.b + i)) continue;
+      const float* q = p.q + (it.b + i) * N * H;
+      for (int64_t head = 0; head < N; ++head) {
+        if (i == it.nb - 1)
+          for (int64_t l = head * lines / N; l < (head + 1) * lines / N; ++l) __builtin_prefetch(next + l * line, 0, 2);
+        Store(scores.data() + (i * N + head) * padded + s, Scores<C>(q + head * H, kb + (head / G) * H, stride) * scale);
+      }
     }
   }
-  for (int64_t head = 0; head < p.N; ++head) {
-    float* sh = scores.data() + head * padded;
-    std::fill(sh + n, sh + padded, -INFINITY);
-    vf top = Load(sh);
-    for (int64_t s = kVW; s < padded; s += kVW) {
-      const vf x = Load(sh + s);
-      top = x > top ? x : top;
+  for (int64_t i = 0; i < it.nb; ++i) {
+    const int64_t ni = Covered(p, it, it.b + i), pi = (ni + kVW - 1) / kVW * kVW;
+    for (int64_t head = 0; head < N; ++head) {
+      float* sh = scores.data() + (i * N + head) * padded;
+      float* part = it.partial + (i * N + head) * (H + 2);
+      if (ni == 0) {  // no positions here: a piece past this query's length
+        part[H] = -INFINITY;
+        part[H + 1] = 0.0f;
+        continue;
+      }
+      std::fill(sh + ni, sh + pi, -INFINITY);
+      vf top = Load(sh);
+      for (int64_t s = kVW; s < pi; s += kVW) {
+        const vf x = Load(sh + s);
+        top = x > top ? x : top;
+      }
+      float m = top[0];
+      for (int l = 1; l < kVW; ++l) m = std::max(m, top[l]);
+      vf total = vf{};
+      for (int64_t s = 0; s < pi; s += kVW) {
+        const vf e = Exp(Load(sh + s) - m);
+        Store(sh + s, e);
+        total += e;
+      }
+      part[H] = m;
+      part[H + 1] = Sum(total);
     }
-    float m = top[0];
-    for (int i = 1; i < kVW; ++i) m = std::max(m, top[i]);
-    vf total = vf{};
-    for (int64_t s = 0; s < padded; s += kVW) {
-      const vf e = Exp(Load(sh + s) - m);
-      Store(sh + s, e);
-      total += e;
-    }
-    float* part = it.partial + head * (H + 2);
-    part[H] = m;
-    part[H + 1] = Sum(total);
   }
   for (int64_t l = 0; l < std::min<int64_t>(n, kAhead * kValueBlock) * stride; l += line) __builtin_prefetch(values + l, 0, 2);
   for (int64_t s = 0; s < n; s += kValueBlock) {
@@ -224,45 +248,53 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     const T* next = values + (s + kAhead * kValueBlock) * stride;
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kValueBlock, n - s - kAhead * kValueBlock)) * stride / line;
     const float* vb = Widened<kValueBlock>(values + s * stride, count, stride, buf.data());
-    for (int64_t head = 0; head < p.N; ++head) {
-      for (int64_t l = head * lines / p.N; l < (head + 1) * lines / p.N; ++l) __builtin_prefetch(next + l * line, 0, 2);
-      Weighted<C>(scores.data() + head * padded + s, vb + (head / G) * H, count, stride, acc.data() + head * H);
+    for (int64_t i = 0; i < it.nb; ++i) {
+      const int64_t ci = std::min<int64_t>(kValueBlock, Covered(p, it, it.b + i) - s);
+      if (ci <= 0) continue;
+      for (int64_t head = 0; head < N; ++head) {
+        if (i == it.nb - 1)
+          for (int64_t l = head * lines / N; l < (head + 1) * lines / N; ++l) __builtin_prefetch(next + l * line, 0, 2);
+        Weighted<C>(scores.data() + (i * N + head) * padded + s, vb + (head / G) * H, ci, stride,
+                    acc.data() + (i * N + head) * H);
+      }
     }
   }
-  for (int64_t head = 0; head < p.N; ++head)
-    std::copy(acc.data() + head * H, acc.data() + (head + 1) * H, it.partial + head * (H + 2));
+  for (int64_t qh = 0; qh < it.nb * N; ++qh)
+    std::copy(acc.data() + qh * H, acc.data() + (qh + 1) * H, it.partial + qh * (H + 2));
 }
 
 // The same for a head size that is not a multiple of the vector width.
 template <typename T>
 void RunItemScalar(const Problem<T>& p, const Item& it, std::vector<float>& scores) {
-  const int64_t G = p.N / p.K, H = p.H, n = it.end - it.begin;
+  const int64_t G = p.N / p.K, H = p.H;
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const int64_t stride = p.K * H;
-  scores.resize(G * n);
-  for (int64_t kh = 0; kh < p.K; ++kh) {
-    const float* q = p.q + (it.b * p.N + kh * G) * H;
-    const T* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * H;
-    const T* values = p.v + ((row * p.S + it.begin) * p.K + kh) * H;
-    for (int64_t g = 0; g < G; ++g) {
-      float* sg = scores.data() + g * n;
-      for (int64_t s = 0; s < n; ++s) {
-        float dot = 0.0f;
-        for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * ToFloat(keys[s * stride + h]);
-        sg[s] = dot * scale;
+  for (int64_t i = 0; i < it.nb; ++i) {
+    const int64_t n = Covered(p, it, it.b + i);
+    scores.resize(std::max<int64_t>(1, n));
+    for (int64_t kh = 0; kh < p.K; ++kh) {
+      const float* q = p.q + ((it.b + i) * p.N + kh * G) * H;
+      const T* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * H;
+      const T* values = p.v + ((row * p.S + it.begin) * p.K + kh) * H;
+      for (int64_t g = 0; g < G; ++g) {
+        float* part = it.partial + ((i * p.N) + kh * G + g) * (H + 2);
+        std::fill(part, part + H, 0.0f);
+        float m = -INFINITY, total = 0.0f;
+        for (int64_t s = 0; s < n; ++s) {
+          float dot = 0.0f;
+          for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * ToFloat(keys[s * stride + h]);
+          scores[s] = dot * scale;
+          m = std::max(m, scores[s]);
+        }
+        for (int64_t s = 0; s < n; ++s) {
+          const float w = std::exp(scores[s] - m);
+          total += w;
+          for (int64_t h = 0; h < H; ++h) part[h] += w * ToFloat(values[s * stride + h]);
+        }
+        part[H] = m;
+        part[H + 1] = total;
       }
-      const float m = *std::max_element(sg, sg + n);
-      float total = 0.0f;
-      float* part = it.partial + (kh * G + g) * (H + 2);
-      std::fill(part, part + H, 0.0f);
-      for (int64_t s = 0; s < n; ++s) {
-        const float w = std::exp(sg[s] - m);
-        total += w;
-        for (int64_t h = 0; h < H; ++h) part[h] += w * ToFloat(values[s * stride + h]);
-      }
-      part[H] = m;
-      part[H + 1] = total;
     }
   }
 }
@@ -310,7 +342,8 @@ void Drain(Shared<T>& shared) {
   shared.done.fetch_add(finished, std::memory_order_release);
 }
 
-// Merge the pieces of every row, in item order, into the output.
+// Merge the pieces of every row into the output: the items of one block of rows are
+// consecutive, one per piece of positions.
 template <typename T>
 void Combine(const Shared<T>& shared) {
   const Problem<T>& p = shared.problem;
@@ -321,13 +354,15 @@ void Combine(const Shared<T>& shared) {
     size_t j = i;
     const Item& first = shared.items[i];
     while (j < shared.items.size() && shared.items[j].b == first.b) ++j;
-    for (int64_t g = 0; g < p.N; ++g) {
+    for (int64_t qh = 0; qh < first.nb * p.N; ++qh) {
       float m = -INFINITY;
-      for (size_t t = i; t < j; ++t) m = std::max(m, shared.items[t].partial[g * (H + 2) + H]);
+      for (size_t t = i; t < j; ++t) m = std::max(m, shared.items[t].partial[qh * (H + 2) + H]);
+      if (m == -INFINITY) continue;
       float total = 0.0f;
-      float* out = p.out + (first.b * p.N + g) * H;
+      float* out = p.out + (first.b * p.N + qh) * H;
       for (size_t t = i; t < j; ++t) {
-        const float* part = shared.items[t].partial + g * (H + 2);
+        const float* part = shared.items[t].partial + qh * (H + 2);
+        if (part[H + 1] == 0.0f) continue;
         const float w = std::exp(part[H] - m);
         total += w * part[H + 1];
         for (int64_t h = 0; h < H; ++h) out[h] += w * part[h];
@@ -368,14 +403,37 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
   const int64_t threads = pool.num_threads() + 1;
   const int64_t piece = std::clamp<int64_t>((total / (4 * threads) + kMinPiece - 1) / kMinPiece * kMinPiece,
                                             kMinPiece, kMaxPiece);
+  // Blocks of rows: a prefill chunk's queries (same cache row, consecutive lengths) share
+  // one pass over their keys and values, up to kQueryBlock at a time.
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (first row, rows)
   for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t len = live_len(b);
-    for (int64_t s = 0; s < len; s += piece)
-      shared->items.push_back(Item{b, s, std::min(s + piece, len), nullptr});
+    if (live_len(b) == 0) continue;
+    if (!blocks.empty()) {
+      auto& [b0, nb] = blocks.back();
+      if (b0 + nb == b && nb < kQueryBlock && p.rows[b] == p.rows[b - 1] && live_len(b) == live_len(b - 1) + 1) {
+        ++nb;
+        continue;
+      }
+    }
+    blocks.emplace_back(b, 1);
   }
-  shared->partials.resize(shared->items.size() * p.N * (p.H + 2));
-  for (size_t i = 0; i < shared->items.size(); ++i)
-    shared->items[i].partial = shared->partials.data() + i * p.N * (p.H + 2);
+  // Longest blocks first (a chunk's last queries see the most positions), so no thread is
+  // left with a long item at the end.
+  size_t partial_floats = 0;
+  for (auto block = blocks.rbegin(); block != blocks.rend(); ++block) {
+    const auto [b0, nb] = *block;
+    const int64_t len = live_len(b0 + nb - 1);
+    for (int64_t s = 0; s < len; s += piece) {
+      shared->items.push_back(Item{b0, nb, s, std::min(s + piece, len), nullptr});
+      partial_floats += nb * p.N * (p.H + 2);
+    }
+  }
+  shared->partials.resize(partial_floats);
+  float* next_partial = shared->partials.data();
+  for (Item& item : shared->items) {
+    item.partial = next_partial;
+    next_partial += item.nb * p.N * (p.H + 2);
+  }
 
   const int64_t count = static_cast<int64_t>(shared->items.size());
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;

@@ -100,6 +100,29 @@ def test_long_rows_split_into_pieces_match_numpy(head_dim, scale):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim,bf16", [(64, False), (64, True), (24, False)])
+def test_prefill_chunk_queries_attend_in_blocks_like_numpy(head_dim, bf16):
+    """A prefill chunk's queries (one cache row, consecutive lengths) share passes over the
+    keys in blocks of queries. Here a 40-query chunk after 500 positions (blocks of 16 that
+    straddle the 512-position pieces), a second row's chunk of 3, a decode row between them and
+    a padding row: each query must see exactly its own positions."""
+    rng = np.random.default_rng(head_dim + bf16)
+    t = 40
+    k = rng.standard_normal((3, 700, 2, head_dim)).astype(np.float32)
+    v = rng.standard_normal((3, 700, 2, head_dim)).astype(np.float32)
+    if bf16:  # compare against the values the bf16 cache holds
+        k, v = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in (k, v))
+    rows = np.array([1] * t + [0] + [2] * 3 + [7], np.int32)
+    lens = np.array(list(range(501, 501 + t)) + [9] + [5, 6, 7] + [3], np.int32)
+    q = rng.standard_normal((len(rows), 6, head_dim)).astype(np.float32)
+    kc, vc = (cpu_kernels.to_cache(jnp.asarray(x), jnp.uint16 if bf16 else jnp.float32) for x in (k, v))
+    got = np.asarray(cpu_kernels.decode_attention(jnp.asarray(q), kc, vc, jnp.asarray(rows), jnp.asarray(lens)))
+    for b in range(len(rows) - 1):
+        np.testing.assert_allclose(got[b], numpy_attention(q[b], k, v, rows[b], lens[b]),
+                                   rtol=1e-4, atol=1e-5)
+    assert not got[-1].any()  # the padding row (cache row 7 does not exist)
+
+
 def test_loading_the_kernel_keeps_subnormal_floats():
     """The library must not switch the process to flush-to-zero (as -ffast-math builds do)."""
     assert cpu_kernels.available()
