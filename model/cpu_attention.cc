@@ -1,10 +1,13 @@
-// Decode attention on the CPU: one query token per batch row against that row's KV cache.
+// Attention on the CPU: one query token per batch row against that row's KV cache. Decode
+// steps have a row per sequence; a prefill chunk's T queries are T rows on one cache row.
 //
 // XLA's CPU backend runs this as a batched dot over (rows x kv heads) tiny matrices, each
 // one an Eigen call: about 16 us apiece, so at 16 rows the attention of a 135M model took
-// longer than all its matmuls together. Here a work item is one (row, piece of positions):
-// it streams those keys and values once, each kv head's for all the query heads that share
-// it, and only positions the row has (not a padded span).
+// longer than all its matmuls together. Here a work item is one (block of rows, piece of
+// positions): it streams those keys and values once, widened to float32 a block of
+// positions at a time for all the query heads that share them, and only positions the rows
+// have (not a padded span). A block of rows is one decode row, or up to 16 consecutive
+// queries of a prefill chunk, which then share the pass over their common context.
 //
 //   q     (B, N, H)     f32   this step's queries, rope applied
 //   k, v  (R, S, K, H)  f32   the layer's cache (this step's K/V already written); or u16
