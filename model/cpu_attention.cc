@@ -335,14 +335,12 @@ template <typename T>
 void Drain(Shared<T>& shared) {
   std::vector<float> scores, acc, buf;
   const ItemFn<T> vector_item = VectorItem<T>(shared.problem.H);
-  const int64_t count = static_cast<int64_t>(shared.items.size());
-  int64_t finished = 0;
-  for (int64_t i; (i = shared.next.fetch_add(1)) < count; ++finished)
+  TakeItems(shared, static_cast<int64_t>(shared.items.size()), [&](int64_t i) {
     if (vector_item != nullptr)
       vector_item(shared.problem, shared.items[i], scores, acc, buf);
     else
       RunItemScalar(shared.problem, shared.items[i], scores);
-  shared.done.fetch_add(finished, std::memory_order_release);
+  });
 }
 
 // Merge the pieces of every row into the output: the items of one block of rows are
@@ -439,11 +437,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
   }
 
   const int64_t count = static_cast<int64_t>(shared->items.size());
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { Drain(*shared); });
-  Drain(*shared);
-  // The items still out are running on helpers; each is short (at most kMaxPiece positions).
-  while (shared->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  ShareWork(pool, shared, count, Drain<T>);  // items are short: at most kMaxPiece positions
   Combine(*shared);
   return ffi::Error::Success();
 }

@@ -1,10 +1,14 @@
 // Helpers shared by the native CPU kernels.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -78,4 +82,25 @@ inline void UseHugePages(const void* data, size_t bytes) {
 #endif
   madvise(reinterpret_cast<void*>(begin), end - begin, MADV_COLLAPSE);
 #endif
+}
+
+// Work shared between the calling thread and helpers on XLA's intra-op pool. `State` holds
+// the items' inputs and two counters, `std::atomic<int64_t> next, done`; `drain(state)` takes
+// items with TakeItems until none are left. The caller drains too and returns once every
+// item is done, so a helper that starts late finds nothing left and only drops its
+// reference to the state.
+template <typename State, typename Fn>
+inline void TakeItems(State& state, int64_t count, Fn&& run) {
+  int64_t finished = 0;
+  for (int64_t i; (i = state.next.fetch_add(1)) < count; ++finished) run(i);
+  state.done.fetch_add(finished, std::memory_order_release);
+}
+
+template <typename Pool, typename State, typename Drain>
+inline void ShareWork(Pool& pool, const std::shared_ptr<State>& state, int64_t count, Drain drain) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, drain] { drain(*state); });
+  drain(*state);
+  // The items still out are running on helpers; each is short.
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }

@@ -101,14 +101,6 @@ void RunItem(const Shared<W>& s, int64_t item) {
   }
 }
 
-template <typename W>
-void Drain(Shared<W>& s) {
-  const int64_t count = s.P * s.blocks;
-  int64_t finished = 0;
-  for (int64_t i; (i = s.next.fetch_add(1)) < count; ++finished) RunItem(s, i);
-  s.done.fetch_add(finished, std::memory_order_release);
-}
-
 template <typename W, ffi::DataType T>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                   ffi::ResultBuffer<ffi::F32> y, const float* scale = nullptr) {
@@ -129,10 +121,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   s.blocks = (s.M + kRowBlock - 1) / kRowBlock;
   const int64_t count = s.P * s.blocks;
   if (count == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { Drain(*shared); });
-  Drain(s);
-  while (s.done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  ShareWork(pool, shared, count, [count](Shared<W>& state) {
+    TakeItems(state, count, [&](int64_t i) { RunItem(state, i); });
+  });
   return ffi::Error::Success();
 }
 

@@ -180,13 +180,6 @@ void RunItem(const Shared& s, int64_t item) {
   }
 }
 
-void Drain(Shared& s) {
-  const int64_t count = s.P * s.blocks;
-  int64_t finished = 0;
-  for (int64_t i; (i = s.next.fetch_add(1)) < count; ++finished) RunItem(s, i);
-  s.done.fetch_add(finished, std::memory_order_release);
-}
-
 ffi::Error MatmulW8A8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> colsum,
                           ffi::ResultBuffer<ffi::F32> y) {
@@ -213,10 +206,9 @@ ffi::Error MatmulW8A8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t count = s.P * s.blocks;
   if (count == 0) return ffi::Error::Success();
   QuantizeRows(s);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { Drain(*shared); });
-  Drain(s);
-  while (s.done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  ShareWork(pool, shared, count, [count](Shared& state) {
+    TakeItems(state, count, [&](int64_t i) { RunItem(state, i); });
+  });
   return ffi::Error::Success();
 }
 
