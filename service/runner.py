@@ -169,9 +169,10 @@ class ModelRunner:
             self._out_sh = plan.replicated
             self.params = jax.device_put(params, plan.param_shardings(cfg))
             self.eos_mask = jax.device_put(mask, plan.replicated)
-        # Created directly in place (sharded when there is a plan), never whole on one device.
+        # Every step looks its positions' cos/sin up here (see llama.rope_table).
         self.rope = jax.device_put(llama.rope_table(cfg, session_len),
                                    jax.devices()[0] if plan is None else plan.replicated)
+        # Created directly in place (sharded when there is a plan), never whole on one device.
         kv_dtype = cache_dtype(cfg, plan is not None, kv_cache_dtype)
         self.cache = jax.jit(lambda: llama.init_cache(cfg, max_batch_size, session_len, kv_dtype),
                              out_shardings=self._cache_sh)()

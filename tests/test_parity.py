@@ -83,6 +83,30 @@ def test_logits_match_transformers(tmp_path, case):
         assert diff <= 1e-4, f"{case}, CPU kernels: max abs logit diff {diff}"
 
 
+@pytest.mark.parametrize("case", ["llama3_rope_scaling", "smollm2_scaled"])
+def test_served_steps_rope_table_matches_transformers(tmp_path, case):
+    """Serving steps look rope cos/sin up in a table made once (``rope_table``) instead of
+    computing them in the step; the logits must still be transformers', scaled rope too."""
+    import jax
+
+    from model import llama
+
+    config_cls, overrides = CASES[case]
+    src = tmp_path / "hf"
+    model = make_hf_checkpoint(src, config_cls, overrides)
+    tokens = np.random.default_rng(2).integers(0, BASE["vocab_size"], (2, 40))
+    dst = tmp_path / "converted"
+    convert(src, dst, progress=False)
+    cfg = load_config(dst)
+    params = load_params(dst, cfg)
+    positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+    rope = tuple(map(jnp.asarray, llama.rope_table(cfg, 64)))
+    hidden, _ = jax.jit(lambda p, c: llama.forward(p, cfg, jnp.asarray(tokens), positions, c, span=40,
+                                                   rope=rope))(params, llama.init_cache(cfg, 2, 40))
+    diff = np.abs(np.asarray(llama.logits(params, cfg, hidden)) - hf_logits(model, tokens)).max()
+    assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
+
+
 def test_transformers4_config_style_matches(tmp_path):
     """rope_theta / rope_scaling at the top level (transformers 4) read like rope_parameters."""
     config_cls, overrides = CASES["llama3_rope_scaling"]
