@@ -39,11 +39,12 @@ inline vf Load(const uint16_t* p) {
   return reinterpret_cast<vf>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 #elif defined(__AVX2__)
   return reinterpret_cast<vf>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-#endif
+#else
   const vu bits = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
   vf out;
   __builtin_memcpy(&out, &bits, sizeof(out));
   return out;
+#endif
 }
 // int8 to float. Intrinsics: GCC turns a generic int8 -> float vector conversion into one
 // scalar convert per lane.
