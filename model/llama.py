@@ -74,7 +74,8 @@ def attention(
     sin: jax.Array,
     positions: jax.Array,  # (B, T)
     kv: tuple[jax.Array, jax.Array],  # each (B_cache, S_max, K, H)
-    rows: jax.Array | None,  # (B,) cache row of each batch row; None: row b is cache row b
+    rows: jax.Array | None,  # (B,) cache row of each batch row, (B, T) of each token (kernel
+    #                          only); None: row b is cache row b
     span: int,
     attn_kernel: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -97,14 +98,22 @@ def attention(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     k_cache, v_cache = kv
-    # Each token's K/V lands at its own position; padding past the end is dropped.
-    write_rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
-    k_cache = k_cache.at[write_rows[:, None], positions].set(cpu_kernels.to_cache(k, k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[write_rows[:, None], positions].set(cpu_kernels.to_cache(v, v_cache.dtype), mode="drop")
+    # Each token's K/V lands at its own position of its row; padding (a position past the
+    # end, or with per-token rows a row out of range) is dropped.
+    if rows is None:
+        write_rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    elif rows.ndim == 2:
+        if not attn_kernel:
+            raise ValueError("per-token cache rows need the native attention kernel")
+        write_rows = rows
+    else:
+        write_rows = rows[:, None]
+    k_cache = k_cache.at[write_rows, positions].set(cpu_kernels.to_cache(k, k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[write_rows, positions].set(cpu_kernels.to_cache(v, v_cache.dtype), mode="drop")
     if attn_kernel:
         # The native kernel reads each query's own positions 0..p of its row; a prefill
         # chunk's T queries are T kernel rows on the same cache row.
-        q_rows = jnp.repeat(write_rows, t)
+        q_rows = jnp.broadcast_to(write_rows, (b, t)).reshape(b * t)
         out = cpu_kernels.decode_attention(q.reshape(b * t, k_heads * g, h), k_cache, v_cache, q_rows,
                                            positions.reshape(b * t) + 1)
         out = out.astype(x.dtype)
@@ -195,7 +204,7 @@ def forward(
     positions: jax.Array,  # (B, T) int32, absolute positions in each row's sequence
     cache: KVCache,
     span: int,
-    rows: jax.Array | None = None,  # (B,) cache rows; None means row b uses cache row b
+    rows: jax.Array | None = None,  # (B,) cache rows, or (B, T) per token; None: row b
     attn_kernel: bool = False,
     rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache]:
@@ -205,7 +214,8 @@ def forward(
     (T == 1) alike. ``span`` (static) bounds the attended cache prefix and must exceed every
     position in ``positions`` that matters. ``attn_kernel``: attend through the native CPU
     kernel (``model.cpu_kernels``; float32 cache, one device), which reads each query's own
-    context and ignores ``span``. ``rope``: a ``rope_table`` to look cos/sin up in (positions
+    context and ignores ``span``; only it takes ``rows`` per token, so one call can prefill
+    chunks of several sequences packed into one row of tokens. ``rope``: a ``rope_table`` to look cos/sin up in (positions
     past its end, padding, read its last row) instead of computing them.
     """
     x = embed(params, tokens)  # (B, T, D)

@@ -110,6 +110,7 @@ class Stats:
     cached_tokens: int = 0
     finished: int = 0
     decode_steps: int = 0
+    prefill_calls: int = 0
     chained_steps: int = 0  # queued before the previous step's tokens reached the host
 
 
@@ -343,31 +344,60 @@ class Engine:
         the running batch reaches its full width sooner; a long prompt still takes one chunk
         per iteration and never stalls decoding for longer than that. After the first chunk
         of an iteration, a prompt is taken only if all of it fits what is left, so no prompt
-        is cut into a small tail that costs a whole step of its own."""
+        is cut into a small tail that costs a whole step of its own.
+
+        The chunks go to the device packed, several prompts per call where the runner can
+        (``prompts_per_call``): one pass over the weights for all of them, and one wait."""
         budget, first = self.runner.max_chunk, True
         while budget > 0:
-            pending = [r for r in self._running.values() if r.prefilled < len(r.seq)]
-            if not pending:
-                return
-            req = min(pending, key=lambda r: r.arrival)
-            self._share_prefix(req)
-            if not first and len(req.seq) - req.prefilled > budget:
+            pack = self._next_pack(budget, first)
+            if not pack:
                 return
             first = False
-            chunk = req.seq[req.prefilled:req.prefilled + budget]
-            budget -= len(chunk)
-            last = req.prefilled + len(chunk) == len(req.seq)
-            token, lp, top_ids, top_lp = self.runner.prefill(req.slot, chunk, req.prefilled, last)
+            budget -= sum(len(chunk) for _, chunk, _ in pack)
+            self._run_pack(pack)
+
+    def _next_pack(self, budget: int, first: bool) -> list[tuple[Request, list[int], bool]]:
+        """The chunks of the next prefill call: (request, tokens, whether they end the prompt)."""
+        pending = sorted((r for r in self._running.values() if r.prefilled < len(r.seq)),
+                         key=lambda r: r.arrival)
+        pack: list[tuple[Request, list[int], bool]] = []
+        total = 0
+        for req in pending:
+            self._share_prefix(req)
+            # A prompt that shares a prefix with one in this call waits for the next call,
+            # which copies that prefix's KV instead of computing it twice.
+            limit = len(req.seq) - 1
+            if any(min(_common_prefix(other.seq[:other.prefilled + len(chunk)], req.seq), limit)
+                   > req.prefilled for other, chunk, _ in pack):
+                break
+            remaining = len(req.seq) - req.prefilled
+            if (pack or not first) and remaining > budget - total:
+                break
+            n = min(remaining, budget - total)
+            if len(pack) + 1 > self.runner.prompts_per_call(total + n):
+                break
+            pack.append((req, req.seq[req.prefilled:req.prefilled + n], req.prefilled + n == len(req.seq)))
+            total += n
+        return pack
+
+    def _run_pack(self, pack: list[tuple[Request, list[int], bool]]) -> None:
+        self.stats.prefill_calls += 1
+        token, lp, top_ids, top_lp = self.runner.prefill_packed(
+            [(req.slot, chunk, req.prefilled, last) for req, chunk, last in pack])
+        done = []
+        for i, (req, chunk, last) in enumerate(pack):
             req.prefilled += len(chunk)
             self._slot_tokens[req.slot] = req.seq[:req.prefilled]
             if last:
+                done.append(i)
                 self.stats.prompt_tokens += len(req.seq) - req.cached
                 self.stats.cached_tokens += req.cached
                 self.metrics.prompt_tokens.inc(len(req.seq) - req.cached)
                 self.metrics.cached_tokens.inc(req.cached)
-                self._on_tokens([req], np.asarray(token), np.asarray(lp),
-                                None if top_ids is None else np.asarray(top_ids),
-                                None if top_lp is None else np.asarray(top_lp))
+        if done:
+            pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
+            self._on_tokens([pack[i][0] for i in done], pick(token), pick(lp), pick(top_ids), pick(top_lp))
 
     def _share_prefix(self, req: Request) -> None:
         """If another running request's slot already holds KV for a longer prefix of this

@@ -86,6 +86,62 @@ def test_batched_equals_one_at_a_time_with_joins_and_leaves(tiny, tokenizer):
     assert [len(t) for t in batched] == [n for _, n in reqs]
 
 
+def test_packed_prefill_equals_one_chunk_per_call(tiny, tokenizer):
+    """Chunks of three slots in one prefill call (one continuing an earlier chunk) write the
+    same KV and sample the same first tokens, with the same logprobs, as one call each."""
+    cfg, params = tiny
+    p1, p2, p3 = prompt(20, 21), prompt(13, 22), prompt(11, 23)
+    lp = SamplingParams(temperature=0, logprobs=5)
+
+    def runner_with_rows():
+        r = ModelRunner(cfg, params, max_batch_size=4, session_len=128, max_prefill_chunk=64)
+        for slot, ids in ((0, p2), (1, p1), (3, p3)):
+            r.set_slot(slot, lp, ids, seed=0)
+        r.prefill(3, p3[:5], 0, last=False)
+        return r
+
+    packed = runner_with_rows()
+    if packed.prompts_per_call(39) < 3:
+        pytest.skip("this runner prefills one sequence per call (no native kernels)")
+    got = packed.prefill_packed([(1, p1, 0, True), (0, p2, 0, True), (3, p3[5:], 5, True)])
+    single = runner_with_rows()
+    want = [single.prefill(slot, ids, start) for slot, ids, start in ((1, p1, 0), (0, p2, 0), (3, p3[5:], 5))]
+    for i, one in enumerate(want):
+        assert int(got[0][i]) == int(one[0][0])
+        np.testing.assert_allclose(got[1][i], one[1][0], atol=1e-5)
+        np.testing.assert_array_equal(got[2][i], one[2][0])
+        np.testing.assert_allclose(got[3][i], one[3][0], atol=1e-5)
+    # Decoding on from there reads the KV each call wrote: the same tokens both ways.
+    slots, positions = [1, 0, 3], [20, 13, 11]
+    toks_a = toks_b = [int(got[0][i]) for i in range(3)]
+    for step in range(4):
+        toks_a = [int(t) for t in packed.decode(slots, toks_a, positions, [step + 1] * 3)[0]]
+        toks_b = [int(t) for t in single.decode(slots, toks_b, positions, [step + 1] * 3)[0]]
+        assert toks_a == toks_b
+        positions = [p + 1 for p in positions]
+    with pytest.raises(ValueError, match="distinct slots"):
+        packed.prefill_packed([(1, p1[:3], 0, False), (1, p1[3:6], 3, False)])
+
+
+def test_prompts_arriving_together_share_prefill_calls(tiny, tokenizer):
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [prompt(n, 30 + n) for n in (5, 9, 4, 12)]
+    engine = make_engine(tiny, tokenizer, slots=4)
+
+    async def each():
+        return [(await collect(engine, ids, greedy))[0] for ids in prompts]
+
+    solo = run(engine, each())
+    engine = make_engine(tiny, tokenizer, slots=4)
+
+    async def together():
+        return [r[0] for r in await asyncio.gather(*[collect(engine, ids, greedy) for ids in prompts])]
+
+    assert run(engine, together()) == solo
+    if engine.runner.prompts_per_call(32) > 1:
+        assert engine.stats.prefill_calls < len(prompts)
+
+
 def test_seed_gives_same_tokens_whatever_shares_the_batch(tiny, tokenizer):
     p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=42, ignore_eos=True)
     engine = make_engine(tiny, tokenizer)
