@@ -27,6 +27,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -178,6 +179,73 @@ inline void Weighted(const float* w, const float* values, int64_t n, int64_t str
   for (int c = 0; c < C; ++c) Store(out + c * kVW, a[c] + b[c]);
 }
 
+// bfloat16 without widening: a vector of 32-bit lanes loaded from 2 * kVW bfloat16 values
+// holds each even position's bits in its low half and each odd one's in its high half, so a
+// shift gives the even positions as float32 and a mask the odd ones, exactly. Dot products
+// then take the other operand in that order (even dims, then odd, per 2 * kVW), and the
+// value pass keeps its sums in it, put back in order at the end. This spares the pass that
+// widened every block into a scratch buffer (as many instructions as the products it fed).
+inline vu LoadPairs(const uint16_t* p) { return *reinterpret_cast<const vuu*>(p); }
+inline vf Even(vu bits) { return reinterpret_cast<vf>(bits << 16); }
+inline vf Odd(vu bits) { return reinterpret_cast<vf>(bits & 0xFFFF0000u); }
+
+// x (H floats) in the order above: per 2 * kVW, the even entries, then the odd ones.
+inline void ToPairOrder(const float* x, int64_t H, float* out) {
+  for (int64_t c = 0; c < H; c += 2 * kVW)
+    for (int64_t i = 0; i < kVW; ++i) out[c + i] = x[c + 2 * i], out[c + kVW + i] = x[c + 2 * i + 1];
+}
+inline void FromPairOrder(const float* x, int64_t H, float* out) {
+  for (int64_t c = 0; c < H; c += 2 * kVW)
+    for (int64_t i = 0; i < kVW; ++i) out[c + 2 * i] = x[c + i], out[c + 2 * i + 1] = x[c + kVW + i];
+}
+
+// Scores as above against bfloat16 keys read straight from the cache; qh in pair order.
+template <int C>
+inline vf ScoresPairs(const float* qh, const uint16_t* keys, int64_t stride) {
+  vf qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = Load(qh + c * kVW);
+  vf dots[kVW];
+#pragma GCC unroll 16
+  for (int s = 0; s < kVW; ++s) {
+    const vu k0 = LoadPairs(keys + s * stride);
+    vf d = qv[0] * Even(k0) + qv[1] * Odd(k0);
+    for (int c = 2; c < C; c += 2) {
+      const vu kc = LoadPairs(keys + s * stride + c * kVW);
+      d += qv[c] * Even(kc);
+      d += qv[c + 1] * Odd(kc);
+    }
+    dots[s] = d;
+  }
+  SumLevels<kVW / 2>(dots, kVW);
+  return dots[0];
+}
+
+// Weighted as above over bfloat16 values read straight from the cache; out in pair order.
+template <int C>
+inline void WeightedPairs(const float* w, const uint16_t* values, int64_t n, int64_t stride, float* out) {
+  vf a[C], b[C];
+  for (int c = 0; c < C; ++c) a[c] = Load(out + c * kVW), b[c] = vf{};
+  int64_t s = 0;
+  for (; s + 2 <= n; s += 2) {
+    const vf w0 = vf{} + w[s], w1 = vf{} + w[s + 1];
+    for (int c = 0; c < C; c += 2) {
+      const vu x0 = LoadPairs(values + s * stride + c * kVW);
+      const vu x1 = LoadPairs(values + (s + 1) * stride + c * kVW);
+      a[c] += w0 * Even(x0);
+      a[c + 1] += w0 * Odd(x0);
+      b[c] += w1 * Even(x1);
+      b[c + 1] += w1 * Odd(x1);
+    }
+  }
+  if (s < n)
+    for (int c = 0; c < C; c += 2) {
+      const vu x = LoadPairs(values + s * stride + c * kVW);
+      a[c] += w[s] * Even(x);
+      a[c + 1] += w[s] * Odd(x);
+    }
+  for (int c = 0; c < C; ++c) Store(out + c * kVW, a[c] + b[c]);
+}
+
 // An item's rows (one, or a block of queries sharing a cache row), its positions, every head,
 // for H == C * kVW. Both passes walk positions in blocks and read each block's keys (then
 // values) for all kv heads together: they are contiguous in the cache, so the reads stream,
@@ -196,7 +264,13 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   const T* values = p.v + (row * p.S + it.begin) * stride;
   scores.resize(it.nb * N * padded);  // scores[(query * N + head) * padded + position]
   acc.assign(it.nb * N * H, 0.0f);
-  buf.resize(std::max(kBlock, kValueBlock) * stride);
+  // bfloat16 with an even C: products straight from the cache, queries in pair order (in
+  // buf, then the item's last partial block of keys, copied so no read passes the cache).
+  constexpr bool pairs = std::is_same_v<T, uint16_t> && C % 2 == 0;
+  const int64_t qfloats = pairs ? it.nb * N * H : 0;
+  buf.resize(qfloats + std::max(kBlock, kValueBlock) * stride);
+  if constexpr (pairs)
+    for (int64_t qh = 0; qh < it.nb * N; ++qh) ToPairOrder(p.q + it.b * N * H + qh * H, H, buf.data() + qh * H);
   constexpr int64_t line = 64 / sizeof(T);
   // The first blocks, before the loops below take over.
   for (int64_t l = 0; l < std::min<int64_t>(n, kAhead * kBlock) * stride; l += line) __builtin_prefetch(keys + l, 0, 2);
@@ -206,14 +280,28 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     // work so the requests never queue up.
     const T* next = keys + (s + kAhead * kBlock) * stride;
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kBlock, n - s - kAhead * kBlock)) * stride / line;
-    const float* kb = Widened<kBlock>(keys + s * stride, count, stride, buf.data());
+    const float* kb = nullptr;
+    const T* kraw = keys + s * stride;
+    if constexpr (pairs) {
+      if (count < kBlock) {
+        T* tail = reinterpret_cast<T*>(buf.data() + qfloats);
+        std::copy(kraw, kraw + count * stride, tail);
+        kraw = tail;
+      }
+    } else {
+      kb = Widened<kBlock>(kraw, count, stride, buf.data());
+    }
     for (int64_t i = 0; i < it.nb; ++i) {
       if (s >= Covered(p, it, it.b + i)) continue;
-      const float* q = p.q + (it.b + i) * N * H;
       for (int64_t head = 0; head < N; ++head) {
         if (i == it.nb - 1)
           for (int64_t l = head * lines / N; l < (head + 1) * lines / N; ++l) __builtin_prefetch(next + l * line, 0, 2);
-        Store(scores.data() + (i * N + head) * padded + s, Scores<C>(q + head * H, kb + (head / G) * H, stride) * scale);
+        vf dots;
+        if constexpr (pairs)
+          dots = ScoresPairs<C>(buf.data() + (i * N + head) * H, kraw + (head / G) * H, stride);
+        else
+          dots = Scores<C>(p.q + ((it.b + i) * N + head) * H, kb + (head / G) * H, stride);
+        Store(scores.data() + (i * N + head) * padded + s, dots * scale);
       }
     }
   }
@@ -250,20 +338,28 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     const int64_t count = std::min<int64_t>(kValueBlock, n - s);
     const T* next = values + (s + kAhead * kValueBlock) * stride;
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kValueBlock, n - s - kAhead * kValueBlock)) * stride / line;
-    const float* vb = Widened<kValueBlock>(values + s * stride, count, stride, buf.data());
+    const float* vb = pairs ? nullptr : Widened<kValueBlock>(values + s * stride, count, stride, buf.data());
     for (int64_t i = 0; i < it.nb; ++i) {
       const int64_t ci = std::min<int64_t>(kValueBlock, Covered(p, it, it.b + i) - s);
       if (ci <= 0) continue;
       for (int64_t head = 0; head < N; ++head) {
         if (i == it.nb - 1)
           for (int64_t l = head * lines / N; l < (head + 1) * lines / N; ++l) __builtin_prefetch(next + l * line, 0, 2);
-        Weighted<C>(scores.data() + (i * N + head) * padded + s, vb + (head / G) * H, ci, stride,
-                    acc.data() + (i * N + head) * H);
+        const float* w = scores.data() + (i * N + head) * padded + s;
+        float* a = acc.data() + (i * N + head) * H;
+        if constexpr (pairs)
+          WeightedPairs<C>(w, values + s * stride + (head / G) * H, ci, stride, a);
+        else
+          Weighted<C>(w, vb + (head / G) * H, ci, stride, a);
       }
     }
   }
-  for (int64_t qh = 0; qh < it.nb * N; ++qh)
-    std::copy(acc.data() + qh * H, acc.data() + (qh + 1) * H, it.partial + qh * (H + 2));
+  for (int64_t qh = 0; qh < it.nb * N; ++qh) {
+    if constexpr (pairs)
+      FromPairOrder(acc.data() + qh * H, H, it.partial + qh * (H + 2));
+    else
+      std::copy(acc.data() + qh * H, acc.data() + (qh + 1) * H, it.partial + qh * (H + 2));
+  }
 }
 
 // The same for a head size that is not a multiple of the vector width.

@@ -30,6 +30,7 @@ typedef float vfu __attribute__((vector_size(kVW * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(kVW * 4)));
 typedef uint16_t vhu __attribute__((vector_size(kVW * 2), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
+typedef uint32_t vuu __attribute__((vector_size(kVW * 4), aligned(2)));
 
 inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 // bfloat16 is the top half of a float32: widening is a shift, exact.

@@ -281,10 +281,11 @@ def test_w8a8_matmul_matches_numpy_on_quantized_operands(m, k, n):
         assert np.abs(got - exact).max() <= 0.03 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("head_dim", [64, 24])
+@pytest.mark.parametrize("head_dim", [64, 48, 32, 24])
 def test_bfloat16_cache_attends_like_its_float32_values(head_dim):
     """A bfloat16 KV cache: the kernel widens each value exactly, so its output equals numpy's
-    over the same values in float32 (vector and scalar head sizes, several pieces per row)."""
+    over the same values in float32 (head sizes of the paths: an even and an odd number of
+    vectors, two vectors, scalar; several pieces per row)."""
     rng = np.random.default_rng(7)
     q = rng.standard_normal((3, 6, head_dim)).astype(np.float32)
     k = cpu_kernels.to_cache(jnp.asarray(rng.standard_normal((3, 700, 2, head_dim))), jnp.uint16)
