@@ -86,6 +86,15 @@ inline void UseHugePages(const void* data, size_t bytes) {
 #endif
 }
 
+// Rows of a matmul's x that hold data: the first `live[0]` of `rows` (a step puts its padding
+// rows last). The output's other rows are zeroed, not computed: a prefill chunk padded to
+// its bucket or a decode batch padded to its size costs what its real rows need.
+inline int64_t LiveRows(float* y, int64_t rows, int64_t cols, const int32_t* live) {
+  const int64_t m = std::clamp<int64_t>(live[0], 0, rows);
+  std::fill(y + m * cols, y + rows * cols, 0.0f);
+  return m;
+}
+
 // Work shared between the calling thread and helpers on XLA's intra-op pool. `State` holds
 // the items' inputs and two counters, `std::atomic<int64_t> next, done`; `drain(state)` takes
 // items with TakeItems until none are left. The caller drains too and returns once every

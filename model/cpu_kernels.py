@@ -230,24 +230,28 @@ def columns(packed: Any, ids: jax.Array, k: int) -> jax.Array:
     return out
 
 
-def matmul(x: jax.Array, packed: Any, n: int) -> jax.Array:
+def matmul(x: jax.Array, packed: Any, n: int, live: jax.Array | None = None) -> jax.Array:
     """x (..., K) @ W (K, n) with W given as ``pack(W)``; float32 (..., n), computed in float32
-    whatever the packed dtype (w8a8: int8 products, int32 sums)."""
+    whatever the packed dtype (w8a8: int8 products, int32 sums).
+
+    ``live`` (int32 scalar): only the first ``live`` rows of x (flattened over its leading
+    dims) are multiplied, the output's others are zeros; padding placed last costs nothing."""
     _require()
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).astype(jnp.float32)
+    live = jnp.full((1,), x2.shape[0], jnp.int32) if live is None else jnp.reshape(live, (1,)).astype(jnp.int32)
     if isinstance(packed, dict) and "q8" in packed:
         width = packed["scale"].shape[0]
         out = jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32)
-        y = jax.ffi.ffi_call(MATMUL_W8A8, out)(x2, packed["q8"], packed["scale"], packed["colsum"])
+        y = jax.ffi.ffi_call(MATMUL_W8A8, out)(x2, packed["q8"], packed["scale"], packed["colsum"], live)
     else:
         p, _, nr = panels(packed).shape
         width = p * nr
         out = jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32)
         if isinstance(packed, dict):
-            y = jax.ffi.ffi_call(MATMUL_INT8, out)(x2, packed["q"], packed["scale"])
+            y = jax.ffi.ffi_call(MATMUL_INT8, out)(x2, packed["q"], packed["scale"], live)
         else:
-            y = jax.ffi.ffi_call(MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16, out)(x2, packed)
+            y = jax.ffi.ffi_call(MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16, out)(x2, packed, live)
     if width != n:
         y = y[:, :n]
     return y.reshape(*lead, n)

@@ -102,11 +102,11 @@ void RunItem(const Shared<W>& s, int64_t item) {
 }
 
 template <typename W, ffi::DataType T>
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ffi::S32> live,
                   ffi::ResultBuffer<ffi::F32> y, const float* scale = nullptr) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kNR || xd[1] != wd[1] ||
-      yd[0] != xd[0] || yd[1] != wd[0] * kNR)
+      yd[0] != xd[0] || yd[1] != wd[0] * kNR || live.element_count() != 1)
     return ffi::Error::InvalidArgument("packed matmul: inconsistent shapes");
   auto shared = std::make_shared<Shared<W>>();
   Shared<W>& s = *shared;
@@ -115,7 +115,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   UseHugePages(s.w, w.size_bytes());
   s.scale = scale;
   s.y = y->typed_data();
-  s.M = xd[0];
+  s.M = LiveRows(y->typed_data(), xd[0], yd[1], live.typed_data());
   s.K = xd[1];
   s.P = wd[0];
   s.blocks = (s.M + kRowBlock - 1) / kRowBlock;
@@ -127,22 +127,22 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   return ffi::Error::Success();
 }
 
-ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  return Matmul<float>(pool, x, w, y);
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                            ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
+  return Matmul<float>(pool, x, w, live, y);
 }
 
-ffi::Error PackedMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
-  return Matmul<uint16_t>(pool, x, w, y);
+ffi::Error PackedMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                                ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
+  return Matmul<uint16_t>(pool, x, w, live, y);
 }
 
 ffi::Error PackedMatmulInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
-                                ffi::ResultBuffer<ffi::F32> y) {
+                                ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
   if (w.dimensions().size() != 3 || scale.element_count() != static_cast<size_t>(w.dimensions()[0] * kNR))
     return ffi::Error::InvalidArgument("packed matmul: one scale per packed column expected");
-  return Matmul<int8_t>(pool, x, w, y, scale.typed_data());
+  return Matmul<int8_t>(pool, x, w, live, y, scale.typed_data());
 }
 
 }  // namespace
@@ -155,6 +155,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmul, PackedMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmulBf16, PackedMatmulBf16Impl,
@@ -162,6 +163,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmulBf16, PackedMatmulBf16Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmulInt8, PackedMatmulInt8Impl,
@@ -170,4 +172,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePackedMatmulInt8, PackedMatmulInt8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -182,12 +182,12 @@ void RunItem(const Shared& s, int64_t item) {
 
 ffi::Error MatmulW8A8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> colsum,
-                          ffi::ResultBuffer<ffi::F32> y) {
+                          ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), cd = colsum.dimensions();
   if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || cd.size() != 2 || wd[2] != kCols ||
       wd[3] != 4 || (wd[1] * 4) % kKB != 0 || xd[1] > wd[1] * 4 || yd[0] != xd[0] ||
       yd[1] != wd[0] * kCols || cd[0] != wd[1] * 4 / kKB || cd[1] != yd[1] ||
-      scale.element_count() != static_cast<size_t>(yd[1]))
+      scale.element_count() != static_cast<size_t>(yd[1]) || live.element_count() != 1)
     return ffi::Error::InvalidArgument("w8a8 matmul: inconsistent shapes");
   auto shared = std::make_shared<Shared>();
   Shared& s = *shared;
@@ -197,7 +197,7 @@ ffi::Error MatmulW8A8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   s.scale = scale.typed_data();
   s.colsum = colsum.typed_data();
   s.y = y->typed_data();
-  s.M = xd[0];
+  s.M = LiveRows(s.y, xd[0], yd[1], live.typed_data());
   s.K = xd[1];
   s.Kp = wd[1] * 4;
   s.P = wd[0];
@@ -223,5 +223,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveMatmulW8A8, MatmulW8A8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -78,12 +78,13 @@ def attention(
     #                          only); None: row b is cache row b
     span: int,
     attn_kernel: bool = False,
+    live: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, t, d = x.shape
     k_heads, g, h = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
     if "wqkv" in layer:  # packed: one kernel call for q, k and v
         nq, nk = k_heads * g * h, k_heads * h
-        qkv = cpu_kernels.matmul(x, layer["wqkv"], nq + 2 * nk).astype(x.dtype)
+        qkv = cpu_kernels.matmul(x, layer["wqkv"], nq + 2 * nk, live).astype(x.dtype)
         q = qkv[..., :nq].reshape(b, t, k_heads * g, h)
         k = qkv[..., nq:nq + nk].reshape(b, t, k_heads, h)
         v = qkv[..., nq + nk:].reshape(b, t, k_heads, h)
@@ -133,16 +134,16 @@ def attention(
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype))
     out = out.reshape(b, t, k_heads * g * h)  # (B, T, N*H)
     if "wqkv" in layer:
-        return cpu_kernels.matmul(out, layer["wo"], d).astype(x.dtype), (k_cache, v_cache)
+        return cpu_kernels.matmul(out, layer["wo"], d, live).astype(x.dtype), (k_cache, v_cache)
     return out @ layer["wo"].reshape(-1, d), (k_cache, v_cache)
 
 
-def mlp(cfg: ModelConfig, layer: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+def mlp(cfg: ModelConfig, layer: dict[str, jax.Array], x: jax.Array, live: jax.Array | None = None) -> jax.Array:
     if "w_gate_up" in layer:  # packed: gate and up in one kernel call
         f = cfg.intermediate_size
-        gate_up = cpu_kernels.matmul(x, layer["w_gate_up"], 2 * f).astype(x.dtype)
+        gate_up = cpu_kernels.matmul(x, layer["w_gate_up"], 2 * f, live).astype(x.dtype)
         hidden = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
-        return cpu_kernels.matmul(hidden, layer["w_down"], cfg.hidden_size).astype(x.dtype)
+        return cpu_kernels.matmul(hidden, layer["w_down"], cfg.hidden_size, live).astype(x.dtype)
     gate = jnp.einsum("btd,df->btf", x, layer["w_gate"])
     up = jnp.einsum("btd,df->btf", x, layer["w_up"])
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
@@ -207,6 +208,7 @@ def forward(
     rows: jax.Array | None = None,  # (B,) cache rows, or (B, T) per token; None: row b
     attn_kernel: bool = False,
     rope: tuple[jax.Array, jax.Array] | None = None,
+    live: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
@@ -216,7 +218,9 @@ def forward(
     kernel (``model.cpu_kernels``; float32 cache, one device), which reads each query's own
     context and ignores ``span``; only it takes ``rows`` per token, so one call can prefill
     chunks of several sequences packed into one row of tokens. ``rope``: a ``rope_table`` to look cos/sin up in (positions
-    past its end, padding, read its last row) instead of computing them.
+    past its end, padding, read its last row) instead of computing them. ``live`` (int32
+    scalar, packed params only): the first ``live`` of the B * T rows hold data and padding
+    follows them; the projections skip the padding (its outputs are zeros).
     """
     x = embed(params, tokens)  # (B, T, D)
     if rope is None:
@@ -227,18 +231,19 @@ def forward(
     for layer, kv in zip(params["layers"], cache):
         with jax.named_scope("attention"):
             h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps),
-                              cos, sin, positions, kv, rows, span, attn_kernel)
+                              cos, sin, positions, kv, rows, span, attn_kernel, live)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))
+            x = x + mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), live)
         new_cache.append(kv)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
 
 
-def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """(..., D) -> (..., V) float32 logits, tied or untied head."""
+def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array,
+           live: jax.Array | None = None) -> jax.Array:
+    """(..., D) -> (..., V) float32 logits, tied or untied head (``live`` as in ``forward``)."""
     if "head" in params:  # packed
-        return cpu_kernels.matmul(hidden, params["head"], cfg.vocab_size)
+        return cpu_kernels.matmul(hidden, params["head"], cfg.vocab_size, live)
     if cfg.tie_word_embeddings:
         out = jnp.einsum("...d,vd->...v", hidden, params["embed"])
     else:

@@ -207,20 +207,22 @@ class ModelRunner:
 
     # -- jitted bodies -------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, cache, sampling, rope, tokens, positions, rows, ends, slots, last, span):
+    def _prefill_fn(self, params, cache, sampling, rope, tokens, positions, rows, ends, slots, last, live,
+                    span):
         """Chunks of up to P sequences packed into one row of tokens.
 
         tokens, positions (1, T), padded at the end (padding positions are out of range, so
         their cache writes are dropped); rows: each token's cache row (1, T) on the kernels,
         else the one chunk's (1,). ends, slots, last (P,): each chunk's last index in
         ``tokens``, its slot (padding entries: out of range) and whether it ends its prompt.
+        live: the real tokens' count (the kernels' projections skip the padding).
 
         Returns the token sampled at each chunk's last position (P,) with its logprobs. Only
         a chunk that ends its prompt really emits its token; only those are accounted for
         penalties.
         """
         hidden, cache = llama.forward(params, self.cfg, tokens, positions, cache, span=span,
-                                      rows=rows, attn_kernel=self.kernels, rope=rope)
+                                      rows=rows, attn_kernel=self.kernels, rope=rope, live=live)
         final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
         logits = self._gathered(llama.logits(params, self.cfg, final))  # (P, V)
         p = ends.shape[0]
@@ -229,7 +231,7 @@ class ModelRunner:
         sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
         return cache, sampling, out
 
-    def _decode_fn(self, params, cache, sampling, rope, tokens, positions, steps, rows, span):
+    def _decode_fn(self, params, cache, sampling, rope, tokens, positions, steps, rows, live, span):
         """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).
 
         b is a bucket of the live slot count, so the step costs what the live requests need,
@@ -238,8 +240,8 @@ class ModelRunner:
         ``rows`` is None and batch row i is slot i.
         """
         hidden, cache = llama.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                      span=span, rows=rows, attn_kernel=self.kernels, rope=rope)
-        logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0]))  # (b, V)
+                                      span=span, rows=rows, attn_kernel=self.kernels, rope=rope, live=live)
+        logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
         out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=rows)
         sampling = smp.record(sampling, out[0], rows)
         return cache, sampling, out
@@ -319,13 +321,13 @@ class ModelRunner:
         span = bucket_for(min(max(starts) + size, self.session_len), self.prefill_spans)
         arrays = (tokens, positions, rows, ends, slots, last)
         if self.channel is not None:
-            self.channel.send(PREFILL, (size, p, span), arrays)
-        out = self._run_prefill(arrays, span)
+            self.channel.send(PREFILL, (size, p, span, n), arrays)
+        out = self._run_prefill(arrays, n, span)
         return tuple(None if x is None else _host(x) for x in out)
 
-    def _run_prefill(self, arrays, span):
+    def _run_prefill(self, arrays, n, span):
         self.cache, self.sampling, out = self._prefill(
-            self.params, self.cache, self.sampling, self.rope, *arrays, span=span)
+            self.params, self.cache, self.sampling, self.rope, *arrays, np.int32(n), span=span)
         return out
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], steps: list[int]):
@@ -358,20 +360,22 @@ class ModelRunner:
             host_tok = np.zeros((b,), np.int32)
             host_tok[where] = tokens
             if self.channel is not None:
-                self.channel.send(DECODE, (b, span), (host_tok, pos, st, rows))
+                self.channel.send(DECODE, (b, span, n), (host_tok, pos, st, rows))
             # Placed like a step's own output tokens, so both kinds of input share one compile.
             tok = jax.device_put(host_tok, self._token_sharding)
-        out = self._run_decode(tok, pos, st, rows, span)
+        out = self._run_decode(tok, pos, st, rows, n, span)
         return DecodeHandle(out, where, rows)
 
     def fetch(self, handle: "DecodeHandle"):
         """Wait for a dispatched step: host arrays whose rows follow its slots."""
         return tuple(None if x is None else _host(x)[handle.where] for x in handle.out)
 
-    def _run_decode(self, tok, pos, st, rows, span):
+    def _run_decode(self, tok, pos, st, rows, n, span):
+        # Live rows first, padding after (at full width every row is a slot: all count).
+        live = np.int32(len(pos) if self.full_width else n)
         rows = None if self.full_width else rows
         self.cache, self.sampling, out = self._decode(
-            self.params, self.cache, self.sampling, self.rope, tok, pos, st, rows, span=span)
+            self.params, self.cache, self.sampling, self.rope, tok, pos, st, rows, live, span=span)
         return out
 
     def follow(self) -> None:
@@ -385,15 +389,15 @@ class ModelRunner:
             if op == SET_ROW:
                 self._run_set_row(ints[0], self.channel.receive(like_row))
             elif op == PREFILL:
-                size, p, span = ints[:3]
-                self._run_prefill(self.channel.receive(self._prefill_arrays(size, p)), span)
+                size, p, span, n = ints[:4]
+                self._run_prefill(self.channel.receive(self._prefill_arrays(size, p)), n, span)
             elif op == COPY:
                 self._run_copy(ints[0], ints[1])
             elif op == DECODE:
-                b, span = ints[:2]
+                b, span, n = ints[:3]
                 z = np.zeros((b,), np.int32)
                 tok, pos, st, rows = self.channel.receive((z, z, z, z))
-                self._run_decode(jax.device_put(tok, self._token_sharding), pos, st, rows, span)
+                self._run_decode(jax.device_put(tok, self._token_sharding), pos, st, rows, n, span)
             else:
                 raise RuntimeError(f"unknown step {op} from process 0")
 

@@ -131,6 +131,23 @@ def test_loading_the_kernel_keeps_subnormal_floats():
     assert np.nextafter(np.float32(0), np.float32(1)) > 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "w8a8"])
+def test_matmul_multiplies_only_live_rows(dtype):
+    """With ``live``, the rows before it are the full product's and the rest are zeros (even
+    where x holds NaN: they are never read); the count comes at run time, one compile."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((20, 64)).astype(np.float32)
+    packed = cpu_kernels.pack(jnp.asarray(rng.standard_normal((64, 72)).astype(np.float32)), dtype)
+    full = np.asarray(cpu_kernels.matmul(jnp.asarray(x), packed, 72))
+    f = jax.jit(lambda x, p, live: cpu_kernels.matmul(x, p, 72, live))
+    for live in (0, 1, 7, 19, 20, 25):
+        padded = x.copy()
+        padded[live:] = np.nan
+        got = np.asarray(f(padded, packed, np.int32(live)))
+        np.testing.assert_array_equal(got[:live], full[:live])
+        assert (got[live:] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 960), (7, 100, 70), (16, 64, 3 * 64 + 5), (200, 32, 64),
                                    (13, 33, 129), (0, 8, 8)])

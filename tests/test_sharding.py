@@ -117,7 +117,7 @@ def test_decode_step_gathers_no_weights(models, tp, dp):
     z = np.zeros((b,), np.int32)
     rows = None if runner.full_width else np.arange(b, dtype=np.int32)
     hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, z, z, z, rows,
-                               span=runner.spans[0]).compile().as_text()
+                               np.int32(len(z)), span=runner.spans[0]).compile().as_text()
     full_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
     assert "all-gather" in hlo or "all-reduce" in hlo  # it is a sharded program
     assert _weight_gathers(hlo, full_shapes) == []
