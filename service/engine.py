@@ -111,6 +111,7 @@ class Stats:
     finished: int = 0
     decode_steps: int = 0
     prefill_calls: int = 0
+    mixed_calls: int = 0  # prefill calls that decode rows rode along
     chained_steps: int = 0  # queued before the previous step's tokens reached the host
 
 
@@ -131,6 +132,7 @@ class Engine:
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self._inflight = None  # (requests, DecodeHandle) of the decode step on the device
+        self._rode = False  # this iteration's decode rows rode along a prefill call
         self.stats = Stats()
         self.metrics = EngineMetrics()
         self._count_lock = threading.Lock()
@@ -347,18 +349,40 @@ class Engine:
         is cut into a small tail that costs a whole step of its own.
 
         The chunks go to the device packed, several prompts per call where the runner can
-        (``prompts_per_call``): one pass over the weights for all of them, and one wait."""
+        (``prompts_per_call``): one pass over the weights for all of them, and one wait. The
+        running requests' decode rows ride along in the iteration's first call, one token
+        each, in place of that iteration's decode step: they advance at no extra pass over
+        the weights while prompts are prefilled."""
+        self._rode = False
         budget, first = self.runner.max_chunk, True
         while budget > 0:
-            pack = self._next_pack(budget, first)
+            want = len(self._decodable()) if first else 0
+            pack = self._next_pack(budget, first, want)
             if not pack:
                 return
+            used = sum(len(chunk) for _, chunk, _ in pack)
+            riders: list[Request] = []
+            # Rows ride only in room the prompts leave: they never push a prompt out (a
+            # prompt longer than the budget leaves them room in its first chunk).
+            if want and used + want <= budget and len(pack) + want <= self.runner.prompts_per_call(used + want):
+                riders = self._riders()
             first = False
-            budget -= sum(len(chunk) for _, chunk, _ in pack)
-            self._run_pack(pack)
+            budget -= used + len(riders)
+            self._run_pack(pack, riders)
 
-    def _next_pack(self, budget: int, first: bool) -> list[tuple[Request, list[int], bool]]:
-        """The chunks of the next prefill call: (request, tokens, whether they end the prompt)."""
+    def _riders(self) -> list[Request]:
+        """The decodable requests, once the decode step in flight (if any) has been read: its
+        tokens are their next inputs."""
+        if self._inflight is not None:
+            prev, handle = self._inflight
+            self._inflight = None
+            self._on_tokens(prev, *self.runner.fetch(handle))
+        return [r for r in self._decodable() if len(r.seq) + len(r.generated) < self.session_len]
+
+    def _next_pack(self, budget: int, first: bool, reserve: int = 0) -> list[tuple[Request, list[int], bool]]:
+        """The prompt chunks of the next prefill call: (request, tokens, whether they end the
+        prompt). A first chunk cut from a prompt longer than the budget leaves ``reserve``
+        tokens of it for decode rows to ride in."""
         pending = sorted((r for r in self._running.values() if r.prefilled < len(r.seq)),
                          key=lambda r: r.arrival)
         pack: list[tuple[Request, list[int], bool]] = []
@@ -375,16 +399,23 @@ class Engine:
             if (pack or not first) and remaining > budget - total:
                 break
             n = min(remaining, budget - total)
+            if first and not pack and remaining > budget and budget > 2 * reserve:
+                n = budget - reserve
             if len(pack) + 1 > self.runner.prompts_per_call(total + n):
                 break
             pack.append((req, req.seq[req.prefilled:req.prefilled + n], req.prefilled + n == len(req.seq)))
             total += n
         return pack
 
-    def _run_pack(self, pack: list[tuple[Request, list[int], bool]]) -> None:
+    def _run_pack(self, pack: list[tuple[Request, list[int], bool]], riders: list[Request]) -> None:
         self.stats.prefill_calls += 1
-        token, lp, top_ids, top_lp = self.runner.prefill_packed(
-            [(req.slot, chunk, req.prefilled, last) for req, chunk, last in pack])
+        chunks = [(req.slot, chunk, req.prefilled, last) for req, chunk, last in pack]
+        if riders:
+            self._rode = True
+            self.stats.mixed_calls += 1
+            chunks += [(r.slot, [r.generated[-1]], len(r.seq) + len(r.generated) - 1, True, len(r.generated))
+                       for r in riders]
+        token, lp, top_ids, top_lp = self.runner.prefill_packed(chunks)
         done = []
         for i, (req, chunk, last) in enumerate(pack):
             req.prefilled += len(chunk)
@@ -395,9 +426,11 @@ class Engine:
                 self.stats.cached_tokens += req.cached
                 self.metrics.prompt_tokens.inc(len(req.seq) - req.cached)
                 self.metrics.cached_tokens.inc(req.cached)
+        done += range(len(pack), len(pack) + len(riders))
         if done:
             pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
-            self._on_tokens([pack[i][0] for i in done], pick(token), pick(lp), pick(top_ids), pick(top_lp))
+            self._on_tokens([pack[i][0] for i in done[:len(done) - len(riders)]] + riders,
+                            pick(token), pick(lp), pick(top_ids), pick(top_lp))
 
     def _share_prefix(self, req: Request) -> None:
         """If another running request's slot already holds KV for a longer prefix of this
@@ -426,6 +459,8 @@ class Engine:
         read and handle the tokens of the step in flight while the device works on the next:
         the host's per-token work (detokenizing, stops, streaming) hides behind the device.
         A request that finishes meanwhile costs the one queued step a wasted row, nothing else."""
+        if self._rode:  # this iteration's decode rows rode along a prefill call
+            return
         live = self._decodable()
         if self._inflight is not None:
             prev, handle = self._inflight

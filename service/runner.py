@@ -207,14 +207,16 @@ class ModelRunner:
 
     # -- jitted bodies -------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, cache, sampling, rope, tokens, positions, rows, ends, slots, last, live,
-                    span):
+    def _prefill_fn(self, params, cache, sampling, rope, tokens, positions, rows, ends, slots, last, steps,
+                    live, span):
         """Chunks of up to P sequences packed into one row of tokens.
 
         tokens, positions (1, T), padded at the end (padding positions are out of range, so
         their cache writes are dropped); rows: each token's cache row (1, T) on the kernels,
         else the one chunk's (1,). ends, slots, last (P,): each chunk's last index in
         ``tokens``, its slot (padding entries: out of range) and whether it ends its prompt.
+        steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a decode
+        row riding along is a one-token chunk with its own count, as ``_decode_fn`` has it).
         live: the real tokens' count (the kernels' projections skip the padding).
 
         Returns the token sampled at each chunk's last position (P,) with its logprobs. Only
@@ -226,8 +228,7 @@ class ModelRunner:
         final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
         logits = self._gathered(llama.logits(params, self.cfg, final))  # (P, V)
         p = ends.shape[0]
-        out = smp.sample(logits, sampling, jnp.zeros((p,), jnp.int32), self.eos_mask, self.top_n,
-                         rows=slots)
+        out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=slots)
         sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
         return cache, sampling, out
 
@@ -281,9 +282,9 @@ class ModelRunner:
         return min(self.slots, max(1, bucket_for(n_tokens, self.prefill_sizes) // 4))
 
     def _prefill_arrays(self, size: int, p: int):
-        """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last."""
+        """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps."""
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        return z(1, size), z(1, size), z(1, size) if self.kernels else z(1), z(p), z(p), z(p)
+        return z(1, size), z(1, size), z(1, size) if self.kernels else z(1), z(p), z(p), z(p), z(p)
 
     def prefill(self, slot: int, tokens: list[int], start: int, last: bool = True):
         """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host
@@ -291,23 +292,26 @@ class ModelRunner:
         out = self.prefill_packed([(slot, tokens, start, last)])
         return tuple(None if x is None else x[:1] for x in out)
 
-    def prefill_packed(self, chunks: list[tuple[int, list[int], int, bool]]):
-        """Prefill chunks (slot, tokens, start, last) of different slots in one call: at most
-        ``prompts_per_call`` of them, ``max_chunk`` tokens in all. Returns host arrays (tokens,
-        logprobs, top ids, top logprobs) whose first rows follow ``chunks``: the token sampled
-        at each chunk's last position (meaningful where the chunk ends its prompt)."""
+    def prefill_packed(self, chunks: list[tuple]):
+        """Prefill chunks (slot, tokens, start, last[, step]) of different slots in one call:
+        at most ``prompts_per_call`` of them, ``max_chunk`` tokens in all. Returns host arrays
+        (tokens, logprobs, top ids, top logprobs) whose first rows follow ``chunks``: the token
+        sampled at each chunk's last position (meaningful where the chunk ends its prompt).
+
+        A decode row can ride along as a one-token chunk (its last token at its position,
+        ``last`` true, ``step`` its generated count): its sampled token is its next one."""
         n = sum(len(c[1]) for c in chunks)
         size = bucket_for(n, self.prefill_sizes)
         p = self.prompts_per_call(n)
         if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, "
                              f"got {len(chunks)}")
-        tokens, positions, rows, ends, slots, last = self._prefill_arrays(size, p)
+        tokens, positions, rows, ends, slots, last, steps = self._prefill_arrays(size, p)
         positions[:] = self.session_len  # padding: out of range, writes dropped
         rows[:] = self.slots
         slots[:] = self.slots
         i = 0
-        for j, (slot, toks, start, is_last) in enumerate(chunks):
+        for j, (slot, toks, start, is_last, *step) in enumerate(chunks):
             k = len(toks)
             tokens[0, i:i + k] = toks
             positions[0, i:i + k] = np.arange(start, start + k)
@@ -315,11 +319,11 @@ class ModelRunner:
                 rows[0, i:i + k] = slot
             else:
                 rows[0] = slot  # (1,): the one chunk's slot
-            ends[j], slots[j], last[j] = i + k - 1, slot, is_last
+            ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step[0] if step else 0
             i += k
         starts = [c[2] for c in chunks]
         span = bucket_for(min(max(starts) + size, self.session_len), self.prefill_spans)
-        arrays = (tokens, positions, rows, ends, slots, last)
+        arrays = (tokens, positions, rows, ends, slots, last, steps)
         if self.channel is not None:
             self.channel.send(PREFILL, (size, p, span, n), arrays)
         out = self._run_prefill(arrays, n, span)

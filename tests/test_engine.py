@@ -142,6 +142,41 @@ def test_prompts_arriving_together_share_prefill_calls(tiny, tokenizer):
         assert engine.stats.prefill_calls < len(prompts)
 
 
+def test_decode_rows_ride_along_prefill_calls(tiny, tokenizer):
+    """Requests decoding while a long prompt is prefilled advance inside its prefill calls,
+    with the same tokens (greedy and seeded) as when each runs alone."""
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=40, ignore_eos=True)
+    jobs = [(prompt(6, 41), greedy), (prompt(8, 42), seeded), (prompt(70, 43), dataclasses.replace(greedy, max_tokens=8))]
+    engine = make_engine(tiny, tokenizer, slots=4)
+
+    async def each():
+        return [(await collect(engine, ids, p))[0] for ids, p in jobs]
+
+    solo = run(engine, each())
+    engine = make_engine(tiny, tokenizer, slots=4)
+
+    async def overlapping():
+        started = asyncio.Event()
+
+        async def first():
+            toks = []
+            async for out in engine.generate(*jobs[0]):
+                toks += out.token_ids
+                if len(toks) >= 3:
+                    started.set()
+            return toks
+
+        a = asyncio.create_task(first())
+        b = asyncio.create_task(collect(engine, *jobs[1]))
+        await started.wait()
+        c = await collect(engine, *jobs[2])  # 70 tokens: three prefill calls of 32
+        return [await a, (await b)[0], c[0]]
+
+    assert run(engine, overlapping()) == solo
+    assert engine.stats.mixed_calls >= 2
+
+
 def test_seed_gives_same_tokens_whatever_shares_the_batch(tiny, tokenizer):
     p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=42, ignore_eos=True)
     engine = make_engine(tiny, tokenizer)
