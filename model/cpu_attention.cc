@@ -142,22 +142,28 @@ inline const float* Widened(const uint16_t* src, int64_t n, int64_t stride, floa
   return buf;
 }
 
-// Scores of one query head (C vectors) against kVW keys `stride` floats apart. Every key's
-// dot product is its own chain of C FMAs, so the kVW chains overlap instead of waiting on
+// Scores of one query head against kVW keys: dot(s) is key s's products summed into one
+// vector. Every key is its own chain of FMAs, so the kVW chains overlap instead of waiting on
 // one another; the horizontal sums then come from one shuffle tree.
+template <typename Dot>
+__attribute__((always_inline)) inline vf ScoresOf(Dot dot) {
+  vf dots[kVW];
+#pragma GCC unroll 16
+  for (int s = 0; s < kVW; ++s) dots[s] = dot(s);
+  SumLevels<kVW / 2>(dots, kVW);
+  return dots[0];
+}
+
+// Against float32 keys `stride` floats apart; qh is C vectors.
 template <int C>
 inline vf Scores(const float* qh, const float* keys, int64_t stride) {
   vf qv[C];
   for (int c = 0; c < C; ++c) qv[c] = Load(qh + c * kVW);
-  vf dots[kVW];
-#pragma GCC unroll 16
-  for (int s = 0; s < kVW; ++s) {
+  return ScoresOf([&](int s) __attribute__((always_inline)) {
     vf d = qv[0] * Load(keys + s * stride);
     for (int c = 1; c < C; ++c) d += qv[c] * Load(keys + s * stride + c * kVW);
-    dots[s] = d;
-  }
-  SumLevels<kVW / 2>(dots, kVW);
-  return dots[0];
+    return d;
+  });
 }
 
 // out[0..C) += sum over positions of w[s] * values[s] (values `stride` floats apart), with two
@@ -199,14 +205,12 @@ inline void FromPairOrder(const float* x, int64_t H, float* out) {
     for (int64_t i = 0; i < kVW; ++i) out[c + 2 * i] = x[c + i], out[c + 2 * i + 1] = x[c + kVW + i];
 }
 
-// Scores as above against bfloat16 keys read straight from the cache; qh in pair order.
+// Scores against bfloat16 keys read straight from the cache; qh in pair order.
 template <int C>
 inline vf ScoresPairs(const float* qh, const uint16_t* keys, int64_t stride) {
   vf qv[C];
   for (int c = 0; c < C; ++c) qv[c] = Load(qh + c * kVW);
-  vf dots[kVW];
-#pragma GCC unroll 16
-  for (int s = 0; s < kVW; ++s) {
+  return ScoresOf([&](int s) __attribute__((always_inline)) {
     const vu k0 = LoadPairs(keys + s * stride);
     vf d = qv[0] * Even(k0) + qv[1] * Odd(k0);
     for (int c = 2; c < C; c += 2) {
@@ -214,10 +218,8 @@ inline vf ScoresPairs(const float* qh, const uint16_t* keys, int64_t stride) {
       d += qv[c] * Even(kc);
       d += qv[c + 1] * Odd(kc);
     }
-    dots[s] = d;
-  }
-  SumLevels<kVW / 2>(dots, kVW);
-  return dots[0];
+    return d;
+  });
 }
 
 // Weighted as above over bfloat16 values read straight from the cache; out in pair order.
