@@ -166,23 +166,28 @@ inline vf Scores(const float* qh, const float* keys, int64_t stride) {
   });
 }
 
-// out[0..C) += sum over positions of w[s] * values[s] (values `stride` floats apart), with two
-// sets of accumulators (even and odd positions) so the FMA chains keep both units busy.
-template <int C>
-inline void Weighted(const float* w, const float* values, int64_t n, int64_t stride, float* out) {
+// out[0..C) += sum over positions s < n of w[s] * (position s's values), with two sets of
+// accumulators (even and odd positions) so the FMA chains keep both units busy. add(acc, ws, s)
+// adds the broadcast weight ws times position s's values into acc[0..C).
+template <int C, typename Add>
+__attribute__((always_inline)) inline void WeightedOf(const float* w, int64_t n, float* out, Add add) {
   vf a[C], b[C];
   for (int c = 0; c < C; ++c) a[c] = Load(out + c * kVW), b[c] = vf{};
   int64_t s = 0;
   for (; s + 2 <= n; s += 2) {
-    const vf w0 = vf{} + w[s], w1 = vf{} + w[s + 1];
-    for (int c = 0; c < C; ++c) {
-      a[c] += w0 * Load(values + s * stride + c * kVW);
-      b[c] += w1 * Load(values + (s + 1) * stride + c * kVW);
-    }
+    add(a, vf{} + w[s], s);
+    add(b, vf{} + w[s + 1], s + 1);
   }
-  if (s < n)
-    for (int c = 0; c < C; ++c) a[c] += w[s] * Load(values + s * stride + c * kVW);
+  if (s < n) add(a, vf{} + w[s], s);
   for (int c = 0; c < C; ++c) Store(out + c * kVW, a[c] + b[c]);
+}
+
+// Over float32 values `stride` floats apart.
+template <int C>
+inline void Weighted(const float* w, const float* values, int64_t n, int64_t stride, float* out) {
+  WeightedOf<C>(w, n, out, [&](vf* acc, vf ws, int64_t s) __attribute__((always_inline)) {
+    for (int c = 0; c < C; ++c) acc[c] += ws * Load(values + s * stride + c * kVW);
+  });
 }
 
 // bfloat16 without widening: a vector of 32-bit lanes loaded from 2 * kVW bfloat16 values
@@ -222,30 +227,16 @@ inline vf ScoresPairs(const float* qh, const uint16_t* keys, int64_t stride) {
   });
 }
 
-// Weighted as above over bfloat16 values read straight from the cache; out in pair order.
+// Over bfloat16 values read straight from the cache; out in pair order.
 template <int C>
 inline void WeightedPairs(const float* w, const uint16_t* values, int64_t n, int64_t stride, float* out) {
-  vf a[C], b[C];
-  for (int c = 0; c < C; ++c) a[c] = Load(out + c * kVW), b[c] = vf{};
-  int64_t s = 0;
-  for (; s + 2 <= n; s += 2) {
-    const vf w0 = vf{} + w[s], w1 = vf{} + w[s + 1];
-    for (int c = 0; c < C; c += 2) {
-      const vu x0 = LoadPairs(values + s * stride + c * kVW);
-      const vu x1 = LoadPairs(values + (s + 1) * stride + c * kVW);
-      a[c] += w0 * Even(x0);
-      a[c + 1] += w0 * Odd(x0);
-      b[c] += w1 * Even(x1);
-      b[c + 1] += w1 * Odd(x1);
-    }
-  }
-  if (s < n)
+  WeightedOf<C>(w, n, out, [&](vf* acc, vf ws, int64_t s) __attribute__((always_inline)) {
     for (int c = 0; c < C; c += 2) {
       const vu x = LoadPairs(values + s * stride + c * kVW);
-      a[c] += w[s] * Even(x);
-      a[c + 1] += w[s] * Odd(x);
+      acc[c] += ws * Even(x);
+      acc[c + 1] += ws * Odd(x);
     }
-  for (int c = 0; c < C; ++c) Store(out + c * kVW, a[c] + b[c]);
+  });
 }
 
 // An item's rows (one, or a block of queries sharing a cache row), its positions, every head,
