@@ -227,7 +227,6 @@ class ModelRunner:
                                       rows=rows, attn_kernel=self.kernels, rope=rope, live=live)
         final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
         logits = self._gathered(llama.logits(params, self.cfg, final))  # (P, V)
-        p = ends.shape[0]
         out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=slots)
         sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
         return cache, sampling, out
