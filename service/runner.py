@@ -8,6 +8,7 @@ them in place.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 from typing import Any
@@ -41,6 +42,22 @@ jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 def compile_count() -> int:
     """XLA compilations (or persistent-cache loads) in this process so far."""
     return _compiles
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory instead of handing it back to the OS. Every
+    step frees and allocates the same buffers (activations, logits, a quantized copy of x);
+    given back, they return as fresh pages that fault in again on each step (measured on the
+    CPU backend: 1,400-3,000 page faults a decode step in some processes, about 0.4 s of
+    system time in a 3.5 s run of 16 streams). Process-wide; False where it does not apply."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # Blocks up to 32 MiB (glibc's largest) come from the heap, and its top is trimmed
+        # only past 1 GiB free.
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def uses_cpu_kernels(sharded: bool) -> bool:
@@ -134,6 +151,8 @@ class ModelRunner:
         # float32 activations, and attention that reads each query's own context, so neither
         # decode nor prefill needs span buckets (one compile per batch or chunk size).
         self.kernels = uses_cpu_kernels(plan is not None)
+        if jax.default_backend() == "cpu":
+            keep_freed_memory()
         if quantize is not None and not self.kernels:
             raise ValueError(f"quantize={quantize!r} needs the native CPU kernels: one CPU device, "
                              "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")

@@ -352,3 +352,35 @@ def test_kernels_built_for_older_instruction_sets_compute_the_same(march, panel,
                           env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["panel", str(panel), "vnni", "False", "ok"]
+
+
+def test_freed_step_buffers_stay_in_the_process_heap():
+    """After keep_freed_memory, a block of 20 MiB (a prefill step's activations) comes from
+    malloc's heap, where freed memory is reused, not from a fresh mapping that would fault
+    in page by page on every step. Run in a fresh process: the setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, sys
+sys.path.insert(0, {root!r})
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+if sys.argv[1] == "keep":
+    from service.runner import keep_freed_memory
+    assert keep_freed_memory()
+p = libc.malloc(20 << 20)
+print(libc.mallinfo2().hblkhd)
+"""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    mapped = {mode: int(subprocess.run([sys.executable, "-c", code.format(root=root), mode],
+                                       capture_output=True, text=True, check=True).stdout.split()[-1])
+              for mode in ("default", "keep")}
+    assert mapped["default"] >= 20 << 20  # glibc's default maps a fresh block that large
+    assert mapped["keep"] < 20 << 20
