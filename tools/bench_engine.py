@@ -4,7 +4,8 @@ same run so the figures mean something on any machine.
     python tools/bench_engine.py [MODEL] --streams 1 16 --prompt-len 128 --output-len 128
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python tools/bench_engine.py --tp 2
 
-Reports per stream count: output tokens/s, TTFT and TPOT (median, p99), and the fraction of
+Each stream count runs --repeat times (default 3) and the run of median throughput is
+reported, with the spread. Reports per stream count: output tokens/s, TTFT and TPOT (median, p99), and the fraction of
 the bound: batch 1 decode is memory-bound (weight bytes x tokens/s / streaming bandwidth);
 batched decode is compute-bound (2 x params x tokens/s / matmul FLOP/s).
 """
@@ -117,6 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None)
     parser.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16"], default=None)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per stream count; the run of median throughput is reported, "
+                             "with the spread of all runs")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--context", type=int, nargs="*", default=[256, 4096],
@@ -146,15 +150,19 @@ def main(argv=None) -> int:
     try:
         asyncio.run(run_streams(engine, 1, args.prompt_len, 8))  # settle
         for streams in args.streams:
-            results, wall = asyncio.run(run_streams(engine, streams, args.prompt_len, args.output_len))
+            runs = []
+            for _ in range(max(1, args.repeat)):
+                results, wall = asyncio.run(run_streams(engine, streams, args.prompt_len, args.output_len))
+                runs.append((sum(r[2] for r in results) / wall, results))
+            runs.sort(key=lambda run: run[0])
+            rate, results = runs[len(runs) // 2]
             ttfts = [r[0] for r in results]
             tpots = [r[1] for r in results]
-            tokens = sum(r[2] for r in results)
-            rate = tokens / wall
             decode_rate = streams / statistics.median(tpots)
             mem_frac = weight_bytes * (1 / statistics.median(tpots)) / bw
             compute_frac = 2 * cfg.num_params * decode_rate / flops
-            print(f"streams={streams:3d}: {rate:7.1f} output tokens/s overall, decode {decode_rate:7.1f} tokens/s | "
+            spread = f" (runs {runs[0][0]:.1f}-{runs[-1][0]:.1f})" if len(runs) > 1 else ""
+            print(f"streams={streams:3d}: {rate:7.1f} output tokens/s overall{spread}, decode {decode_rate:7.1f} tokens/s | "
                   f"TTFT median {1000 * statistics.median(ttfts):7.1f} ms p99 {1000 * pct(ttfts, 99):7.1f} ms | "
                   f"TPOT median {1000 * statistics.median(tpots):6.1f} ms p99 {1000 * pct(tpots, 99):6.1f} ms | "
                   f"memory-bound fraction {mem_frac:.2f}, compute-bound fraction {compute_frac:.2f}")
