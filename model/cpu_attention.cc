@@ -11,7 +11,9 @@
 //
 //   q     (B, N, H)     f32   this step's queries, rope applied
 //   k, v  (R, S, K, H)  f32   the layer's cache (this step's K/V already written); or u16
-//                            holding bfloat16 bits (a second entry point), widened as loaded
+//                            holding bfloat16 bits (a second entry point), widened as loaded;
+//         (R, S, K, H + 4) s8 or int8 (a third): each position's head is H values and the
+//                            float32 bytes of their scale (value = int8 * scale)
 //   rows  (B,)          s32   cache row of each batch row; out of range: a padding row
 //   lens  (B,)          s32   positions 0 .. lens-1 are attended
 //   out   (B, N, H)     f32   zeros for padding rows
@@ -44,7 +46,24 @@ namespace {
 constexpr int64_t kMaxPiece = 512, kMinPiece = 64;
 constexpr int64_t kQueryBlock = 16;  // queries of a prefill chunk per item
 
-template <typename T>  // cache element: float, or uint16_t holding bfloat16
+// How a cache element type stores one position's head: float and bfloat16 hold H values;
+// int8 holds H values, then the 4 bytes of a float32 scale.
+template <typename T>
+struct Stored {
+  static constexpr int64_t kExtra = 0;
+  static float Scale(const T*, int64_t) { return 1.0f; }
+};
+template <>
+struct Stored<int8_t> {
+  static constexpr int64_t kExtra = 4;
+  static float Scale(const int8_t* head, int64_t H) {
+    float scale;
+    __builtin_memcpy(&scale, head + H, sizeof(scale));
+    return scale;
+  }
+};
+
+template <typename T>  // cache element: float, uint16_t holding bfloat16, or int8 (see Stored)
 struct Problem {
   const float* q;
   const T* k;
@@ -69,6 +88,7 @@ inline int64_t Covered(const Problem<T>& p, const Item& it, int64_t b) {
 }
 
 inline float ToFloat(float x) { return x; }
+inline float ToFloat(int8_t x) { return static_cast<float>(x); }
 inline float ToFloat(uint16_t x) {
   const uint32_t bits = static_cast<uint32_t>(x) << 16;
   float out;
@@ -125,23 +145,24 @@ constexpr int64_t kBlock = kVW;
 constexpr int64_t kValueBlock = 2 * kVW;
 constexpr int64_t kAhead = 3;  // blocks
 
-// A block of n <= kB positions x kv heads x H as float32 rows of `stride` floats: the cache
-// itself when it is float32 and the block is whole, else widened into buf. Rows past n are
-// left as they are: scores past a row's length are overwritten, values past it never read.
+// A block of n <= kB positions x K kv heads x H as float32 rows of K * H floats: the cache
+// itself when it is float32 and the block is whole, else widened into buf.
+// Rows past n are left as they are: scores past a row's length are overwritten, values past
+// it never read.
 template <int64_t kB>
-inline const float* Widened(const float* src, int64_t n, int64_t stride, float* buf) {
+inline const float* Widened(const float* src, int64_t n, int64_t K, int64_t H, float* buf) {
   if (n == kB) return src;
-  std::copy(src, src + n * stride, buf);
+  std::copy(src, src + n * K * H, buf);
   return buf;
 }
 template <int64_t kB>
-inline const float* Widened(const uint16_t* src, int64_t n, int64_t stride, float* buf) {
+inline const float* Widened(const uint16_t* src, int64_t n, int64_t K, int64_t H, float* buf) {
+  const int64_t size = n * K * H;
   int64_t i = 0;
-  for (; i + kVW <= n * stride; i += kVW) Store(buf + i, Load(src + i));
-  for (; i < n * stride; ++i) buf[i] = ToFloat(src[i]);
+  for (; i + kVW <= size; i += kVW) Store(buf + i, Load(src + i));
+  for (; i < size; ++i) buf[i] = ToFloat(src[i]);
   return buf;
 }
-
 // Scores of one query head against kVW keys: dot(s) is key s's products summed into one
 // vector. Every key is its own chain of FMAs, so the kVW chains overlap instead of waiting on
 // one another; the horizontal sums then come from one shuffle tree.
@@ -154,9 +175,10 @@ __attribute__((always_inline)) inline vf ScoresOf(Dot dot) {
   return dots[0];
 }
 
-// Against float32 keys `stride` floats apart; qh is C vectors.
-template <int C>
-inline vf Scores(const float* qh, const float* keys, int64_t stride) {
+// Against float32 keys `stride` floats apart, or int8 ones `stride` bytes apart (their scales
+// applied by the caller); qh is C vectors.
+template <int C, typename E>
+inline vf Scores(const float* qh, const E* keys, int64_t stride) {
   vf qv[C];
   for (int c = 0; c < C; ++c) qv[c] = Load(qh + c * kVW);
   return ScoresOf([&](int s) __attribute__((always_inline)) {
@@ -187,6 +209,16 @@ template <int C>
 inline void Weighted(const float* w, const float* values, int64_t n, int64_t stride, float* out) {
   WeightedOf<C>(w, n, out, [&](vf* acc, vf ws, int64_t s) __attribute__((always_inline)) {
     for (int c = 0; c < C; ++c) acc[c] += ws * Load(values + s * stride + c * kVW);
+  });
+}
+
+// Over int8 values read straight from the cache, `stride` bytes apart, each position's
+// weight times its scale.
+template <int C>
+inline void Weighted(const float* w, const int8_t* values, int64_t n, int64_t stride, float* out) {
+  WeightedOf<C>(w, n, out, [&](vf* acc, vf ws, int64_t s) __attribute__((always_inline)) {
+    const vf wv = ws * Stored<int8_t>::Scale(values + s * stride, C * kVW);
+    for (int c = 0; c < C; ++c) acc[c] += wv * Load(values + s * stride + c * kVW);
   });
 }
 
@@ -239,6 +271,9 @@ inline void WeightedPairs(const float* w, const uint16_t* values, int64_t n, int
   });
 }
 
+template <int C>
+constexpr int64_t H0() { return C * kVW; }
+
 // An item's rows (one, or a block of queries sharing a cache row), its positions, every head,
 // for H == C * kVW. Both passes walk positions in blocks and read each block's keys (then
 // values) for all kv heads together: they are contiguous in the cache, so the reads stream,
@@ -249,7 +284,8 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   const int64_t G = p.N / p.K, H = C * kVW, N = p.N;
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  const int64_t stride = p.K * H;  // between consecutive positions
+  const int64_t stride = p.K * (H + Stored<T>::kExtra);  // between consecutive positions
+  const int64_t wide = p.K * H;  // the same in a widened block
   int64_t n = 0;  // positions of the item's longest row
   for (int64_t i = 0; i < it.nb; ++i) n = std::max(n, Covered(p, it, it.b + i));
   const int64_t padded = (n + kBlock - 1) / kBlock * kBlock;
@@ -259,9 +295,15 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   acc.assign(it.nb * N * H, 0.0f);
   // bfloat16 with an even C: products straight from the cache, queries in pair order (in
   // buf, then the item's last partial block of keys, copied so no read passes the cache).
+  // int8: products straight from the cache too (widened as loaded), each key's scale applied
+  // to its score and each value's to its weight.
   constexpr bool pairs = std::is_same_v<T, uint16_t> && C % 2 == 0;
+  constexpr bool bytes = std::is_same_v<T, int8_t>;
+  constexpr int64_t hs = H0<C>() + Stored<T>::kExtra;  // entries per head in the cache
   const int64_t qfloats = pairs ? it.nb * N * H : 0;
-  buf.resize(qfloats + std::max(kBlock, kValueBlock) * stride);
+  const int64_t block_floats = std::max(kBlock, kValueBlock) * wide;
+  buf.resize(qfloats + block_floats + (bytes ? p.K * kVW : 0));
+  float* key_scales = buf.data() + qfloats + block_floats;
   if constexpr (pairs)
     for (int64_t qh = 0; qh < it.nb * N; ++qh) ToPairOrder(p.q + it.b * N * H + qh * H, H, buf.data() + qh * H);
   constexpr int64_t line = 64 / sizeof(T);
@@ -275,25 +317,33 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kBlock, n - s - kAhead * kBlock)) * stride / line;
     const float* kb = nullptr;
     const T* kraw = keys + s * stride;
-    if constexpr (pairs) {
+    if constexpr (pairs || bytes) {
       if (count < kBlock) {
         T* tail = reinterpret_cast<T*>(buf.data() + qfloats);
         std::copy(kraw, kraw + count * stride, tail);
         kraw = tail;
       }
     } else {
-      kb = Widened<kBlock>(kraw, count, stride, buf.data());
+      kb = Widened<kBlock>(kraw, count, p.K, H, buf.data());
     }
+    // int8: the block's key scales, kVW per kv head.
+    if constexpr (bytes)
+      for (int64_t kh = 0; kh < p.K; ++kh)
+        for (int k = 0; k < kVW; ++k) key_scales[kh * kVW + k] = Stored<T>::Scale(kraw + k * stride + kh * hs, H);
     for (int64_t i = 0; i < it.nb; ++i) {
       if (s >= Covered(p, it, it.b + i)) continue;
       for (int64_t head = 0; head < N; ++head) {
         if (i == it.nb - 1)
           for (int64_t l = head * lines / N; l < (head + 1) * lines / N; ++l) __builtin_prefetch(next + l * line, 0, 2);
         vf dots;
-        if constexpr (pairs)
+        if constexpr (pairs) {
           dots = ScoresPairs<C>(buf.data() + (i * N + head) * H, kraw + (head / G) * H, stride);
-        else
-          dots = Scores<C>(p.q + ((it.b + i) * N + head) * H, kb + (head / G) * H, stride);
+        } else if constexpr (bytes) {
+          dots = Scores<C>(p.q + ((it.b + i) * N + head) * H, kraw + (head / G) * hs, stride) *
+                 Load(key_scales + (head / G) * kVW);
+        } else {
+          dots = Scores<C>(p.q + ((it.b + i) * N + head) * H, kb + (head / G) * H, wide);
+        }
         Store(scores.data() + (i * N + head) * padded + s, dots * scale);
       }
     }
@@ -331,7 +381,8 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     const int64_t count = std::min<int64_t>(kValueBlock, n - s);
     const T* next = values + (s + kAhead * kValueBlock) * stride;
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kValueBlock, n - s - kAhead * kValueBlock)) * stride / line;
-    const float* vb = pairs ? nullptr : Widened<kValueBlock>(values + s * stride, count, stride, buf.data());
+    const float* vb = nullptr;
+    if constexpr (!pairs && !bytes) vb = Widened<kValueBlock>(values + s * stride, count, p.K, H, buf.data());
     for (int64_t i = 0; i < it.nb; ++i) {
       const int64_t ci = std::min<int64_t>(kValueBlock, Covered(p, it, it.b + i) - s);
       if (ci <= 0) continue;
@@ -342,8 +393,10 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
         float* a = acc.data() + (i * N + head) * H;
         if constexpr (pairs)
           WeightedPairs<C>(w, values + s * stride + (head / G) * H, ci, stride, a);
+        else if constexpr (bytes)
+          Weighted<C>(w, values + s * stride + (head / G) * hs, ci, stride, a);
         else
-          Weighted<C>(w, vb + (head / G) * H, ci, stride, a);
+          Weighted<C>(w, vb + (head / G) * H, ci, wide, a);
       }
     }
   }
@@ -361,14 +414,14 @@ void RunItemScalar(const Problem<T>& p, const Item& it, std::vector<float>& scor
   const int64_t G = p.N / p.K, H = p.H;
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  const int64_t stride = p.K * H;
+  const int64_t hs = H + Stored<T>::kExtra, stride = p.K * hs;
   for (int64_t i = 0; i < it.nb; ++i) {
     const int64_t n = Covered(p, it, it.b + i);
     scores.resize(std::max<int64_t>(1, n));
     for (int64_t kh = 0; kh < p.K; ++kh) {
       const float* q = p.q + ((it.b + i) * p.N + kh * G) * H;
-      const T* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * H;
-      const T* values = p.v + ((row * p.S + it.begin) * p.K + kh) * H;
+      const T* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * hs;
+      const T* values = p.v + ((row * p.S + it.begin) * p.K + kh) * hs;
       for (int64_t g = 0; g < G; ++g) {
         float* part = it.partial + ((i * p.N) + kh * G + g) * (H + 2);
         std::fill(part, part + H, 0.0f);
@@ -376,13 +429,14 @@ void RunItemScalar(const Problem<T>& p, const Item& it, std::vector<float>& scor
         for (int64_t s = 0; s < n; ++s) {
           float dot = 0.0f;
           for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * ToFloat(keys[s * stride + h]);
-          scores[s] = dot * scale;
+          scores[s] = dot * Stored<T>::Scale(keys + s * stride, H) * scale;
           m = std::max(m, scores[s]);
         }
         for (int64_t s = 0; s < n; ++s) {
           const float w = std::exp(scores[s] - m);
           total += w;
-          for (int64_t h = 0; h < H; ++h) part[h] += w * ToFloat(values[s * stride + h]);
+          const float ws = w * Stored<T>::Scale(values + s * stride, H);
+          for (int64_t h = 0; h < H; ++h) part[h] += ws * ToFloat(values[s * stride + h]);
         }
         part[H] = m;
         part[H + 1] = total;
@@ -469,7 +523,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
                   ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 ||
-      !std::equal(kd.begin(), kd.end(), vd.begin()) || qd[2] != kd[3] || qd[1] % kd[2] != 0 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || qd[2] + Stored<T>::kExtra != kd[3] ||
+      qd[1] % kd[2] != 0 ||
       rows.element_count() != static_cast<size_t>(qd[0]) ||
       lens.element_count() != static_cast<size_t>(qd[0]))
     return ffi::Error::InvalidArgument("decode attention: inconsistent shapes");
@@ -545,6 +600,13 @@ ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
   return Attend<uint16_t>(pool, q, k, v, rows, lens, out);
 }
 
+ffi::Error DecodeAttentionInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                   ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::S8> v,
+                                   ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
+                                   ffi::ResultBuffer<ffi::F32> out) {
+  return Attend<int8_t>(pool, q, k, v, rows, lens, out);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttention, DecodeAttentionImpl,
@@ -563,6 +625,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionBf16, DecodeAttentionBf16Im
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionInt8, DecodeAttentionInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION = "xlaserve_decode_attention"
 ATTENTION_BF16 = "xlaserve_decode_attention_bf16"
+ATTENTION_INT8 = "xlaserve_decode_attention_int8"
 MATMUL = "xlaserve_packed_matmul"
 MATMUL_BF16 = "xlaserve_packed_matmul_bf16"
 MATMUL_INT8 = "xlaserve_packed_matmul_int8"
@@ -47,6 +48,7 @@ SOURCES = [Path(__file__).with_name(name)
 HEADER = Path(__file__).with_name("cpu_common.h")
 # FFI target -> the handler's symbol in the library.
 _SYMBOLS = {ATTENTION: "XlaserveDecodeAttention", ATTENTION_BF16: "XlaserveDecodeAttentionBf16",
+            ATTENTION_INT8: "XlaserveDecodeAttentionInt8",
             MATMUL: "XlaservePackedMatmul", MATMUL_BF16: "XlaservePackedMatmulBf16",
             MATMUL_INT8: "XlaservePackedMatmulInt8", MATMUL_W8A8: "XlaserveMatmulW8A8"}
 
@@ -114,28 +116,61 @@ def available() -> bool:
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
                      lengths: jax.Array) -> jax.Array:
-    """q (B, N, H) f32; caches (R, S, K, H) f32, or uint16 holding bfloat16 bits (see
-    ``to_cache``); rows, lengths (B,) int32 -> (B, N, H) f32.
+    """q (B, N, H) f32; caches (R, S, K, H) f32, or uint16 holding bfloat16 bits, or
+    (R, S, K, H + 4) int8 with a scale per head (see ``to_cache``); rows, lengths (B,) int32
+    -> (B, N, H) f32.
 
     Row b attends cache row ``rows[b]``, positions ``0 .. lengths[b]-1``; a row index
     outside ``[0, R)`` gives zeros (padding rows)."""
     _require()
-    if k_cache.dtype not in (jnp.float32, jnp.uint16) or v_cache.dtype != k_cache.dtype:
-        raise ValueError("the attention kernel reads float32 caches or bfloat16 bits in uint16 ones, "
-                         f"not {k_cache.dtype}")
-    target = ATTENTION if k_cache.dtype == jnp.float32 else ATTENTION_BF16
+    targets = {jnp.dtype(jnp.float32): ATTENTION, jnp.dtype(jnp.uint16): ATTENTION_BF16,
+               jnp.dtype(jnp.int8): ATTENTION_INT8}
+    if k_cache.dtype not in targets or v_cache.dtype != k_cache.dtype:
+        raise ValueError("the attention kernel reads float32 caches, bfloat16 bits in uint16 ones or "
+                         f"int8 ones, not {k_cache.dtype}")
+    if k_cache.shape[-1] != cache_head_size(q.shape[-1], k_cache.dtype):
+        raise ValueError(f"a {k_cache.dtype} cache of head size {q.shape[-1]} stores "
+                         f"{cache_head_size(q.shape[-1], k_cache.dtype)} entries per head, not {k_cache.shape[-1]}")
+    target = targets[jnp.dtype(k_cache.dtype)]
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), k_cache, v_cache, rows.astype(jnp.int32),
         lengths.astype(jnp.int32))
 
 
+INT8_SCALE_BYTES = 4
+
+
+def cache_head_size(head_dim: int, cache_dtype) -> int:
+    """Entries one position's head takes in a cache of ``cache_dtype``: an int8 cache stores
+    the float32 bytes of the head's scale after its values."""
+    return head_dim + (INT8_SCALE_BYTES if jnp.dtype(cache_dtype) == jnp.int8 else 0)
+
+
 def to_cache(x: jax.Array, cache_dtype) -> jax.Array:
-    """Values as a cache of ``cache_dtype`` stores them. A bfloat16 cache on the kernels is
-    kept as uint16 bits: XLA's CPU backend widens a bfloat16 scatter's whole operand to
-    float32 and back, a copy of the cache per layer and step; an integer scatter is in place."""
+    """Values (..., H) as a cache of ``cache_dtype`` stores them. A bfloat16 cache on the
+    kernels is kept as uint16 bits: XLA's CPU backend widens a bfloat16 scatter's whole operand
+    to float32 and back, a copy of the cache per layer and step; an integer scatter is in place.
+    An int8 cache holds each head's values rounded to int8 against its largest magnitude
+    (scale = max |x| / 127), then the scale's 4 bytes: (..., H + 4)."""
     if jnp.dtype(cache_dtype) == jnp.uint16:
         return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    if jnp.dtype(cache_dtype) == jnp.int8:
+        x = x.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+        scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+        q = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
+        return jnp.concatenate([q, jax.lax.bitcast_convert_type(scale, jnp.int8)[..., 0, :]], axis=-1)
     return x.astype(cache_dtype)
+
+
+def from_cache(stored: jax.Array, head_dim: int) -> jax.Array:
+    """The float32 values a cache entry holds (``to_cache``'s inverse, up to its rounding)."""
+    if stored.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(stored, jnp.bfloat16).astype(jnp.float32)
+    if stored.dtype == jnp.int8:
+        scale = jax.lax.bitcast_convert_type(stored[..., head_dim:], jnp.float32)
+        return stored[..., :head_dim].astype(jnp.float32) * scale[..., None]
+    return stored.astype(jnp.float32)
 
 
 def _require() -> None:

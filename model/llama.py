@@ -253,16 +253,17 @@ def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array,
 
 def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any = None) -> KVCache:
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (rows, length, cfg.num_kv_heads, cpu_kernels.cache_head_size(cfg.head_dim, dtype))
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 
 def full_logits(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array,
-                attn_kernel: bool = False) -> jax.Array:
+                attn_kernel: bool = False, kv_dtype: Any = None) -> jax.Array:
     """Uncached forward over whole sequences (B, T) -> (B, T, V); the reference path.
-    ``attn_kernel``: attention through the native CPU kernel (float32 cache)."""
+    ``attn_kernel``: attention through the native CPU kernel, over a cache of ``kv_dtype``
+    (default float32; as the kernel stores it: see ``cpu_kernels.to_cache``)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cache = init_cache(cfg, b, t, jnp.float32 if attn_kernel else None)
+    cache = init_cache(cfg, b, t, (kv_dtype or jnp.float32) if attn_kernel else None)
     hidden, _ = forward(params, cfg, tokens, positions, cache, span=t, attn_kernel=attn_kernel)
     return logits(params, cfg, hidden)

@@ -72,8 +72,11 @@ def _size_cache(args, cfg) -> int:
     from service.runner import cache_dtype
 
     cfg = dataclasses.replace(cfg, dtype=args.dtype or cfg.dtype)
-    bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_dtype(
-        cfg, sharded=args.tp * args.dp > 1, kv_cache_dtype=args.kv_cache_dtype).itemsize
+    from model.cpu_kernels import cache_head_size
+
+    kv_dtype = cache_dtype(cfg, sharded=args.tp * args.dp > 1, kv_cache_dtype=args.kv_cache_dtype)
+    bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cache_head_size(cfg.head_dim, kv_dtype)
+                       * kv_dtype.itemsize)
     available = _available_memory()
     budget = args.cache_max_entry_count * available
     per_slot = bytes_per_token * args.session_len
@@ -154,11 +157,13 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
     from service.models import build_engine
 
     quantize = getattr(args, "quantize", None)
-    if quantize is not None:
+    kernel_only = ([f"--quantize {quantize}"] if quantize is not None else []) + (
+        ["--kv-cache-dtype int8"] if getattr(args, "kv_cache_dtype", None) == "int8" else [])
+    if kernel_only:
         from service.runner import uses_cpu_kernels
 
         if not uses_cpu_kernels(sharded=args.tp * args.dp > 1):
-            raise CLIError(f"--quantize {quantize} runs on the native CPU kernels only: one CPU "
+            raise CLIError(f"{' and '.join(kernel_only)} runs on the native CPU kernels only: one CPU "
                            "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
     checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
@@ -302,9 +307,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="on the CPU kernels: int8 weights with a scale per output column, float32 "
                         "compute (int8: a quarter of float32's bytes per token), or with int8 "
                         "activations too (w8a8: int8 dot products, about twice the multiply-adds)")
-    p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16"], default=None,
+    p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "int8"], default=None,
                    help="KV cache dtype (default: float32 on the CPU kernels, else the compute "
-                        "dtype); bfloat16 halves the cache's memory and the bytes attention reads")
+                        "dtype); bfloat16 halves the cache's memory and the bytes attention reads, "
+                        "int8 (CPU kernels; a scale per position and head) takes about a quarter")
     p.add_argument("--session-len", type=int, default=None,
                    help="max tokens of one sequence, prompt + output (default: min(model max, 4096))")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8,

@@ -63,13 +63,14 @@ def keep_freed_memory() -> bool:
 def uses_cpu_kernels(sharded: bool) -> bool:
     """Whether a runner runs on the native CPU kernels: one CPU device (no sharding plan),
     the kernels built. Then weights are packed, activations float32, and the KV cache float32
-    unless bfloat16 is asked."""
+    unless bfloat16 or int8 is asked."""
     return not sharded and cpu_kernels.available()
 
 
 def cache_dtype(cfg: ModelConfig, sharded: bool, kv_cache_dtype: str | None = None) -> jnp.dtype:
     """The KV cache's storage dtype: as asked, else float32 on the CPU kernels, else the
-    model's. On the kernels a bfloat16 cache is stored as its uint16 bits (``to_cache``)."""
+    model's. On the kernels a bfloat16 cache is stored as its uint16 bits, and an int8 one
+    with each head's scale after its values (``cpu_kernels.to_cache``)."""
     kernels = uses_cpu_kernels(sharded)
     dtype = jnp.dtype(kv_cache_dtype or (jnp.float32 if kernels else cfg.dtype))
     return jnp.dtype(jnp.uint16) if kernels and dtype == jnp.bfloat16 else dtype
@@ -157,9 +158,13 @@ class ModelRunner:
             raise ValueError(f"quantize={quantize!r} needs the native CPU kernels: one CPU device, "
                              "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
         if (self.kernels and kv_cache_dtype is not None
-                and jnp.dtype(kv_cache_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))):
+                and jnp.dtype(kv_cache_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                                      jnp.dtype(jnp.int8))):
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: the CPU kernels keep the KV cache "
-                             "in float32 or bfloat16")
+                             "in float32, bfloat16 or int8")
+        if not self.kernels and kv_cache_dtype is not None and jnp.dtype(kv_cache_dtype) == jnp.int8:
+            raise ValueError("kv_cache_dtype='int8' needs the native CPU kernels: one CPU device, "
+                             "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
         if quantize == "w8a8" and not cpu_kernels.int8_dot_native():
             log.warning("w8a8: this CPU has no AVX512-VNNI; int8 dot products run in scalar code "
                         "(slow): prefer --quantize int8")

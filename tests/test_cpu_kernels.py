@@ -240,10 +240,37 @@ def test_int8_weights_keep_the_real_models_predictions(default_checkpoint, quant
     assert nll[1] < nll[0] + 0.1, nll
 
 
-@pytest.mark.parametrize("quantize", ["int8", "w8a8"])
-def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint, quantize):
-    """``--quantize`` serves from the CLI; with a sharded mesh it is refused in one line. (A raw
-    completion: the chat answer's first token is a near tie, 0.1 logits, even at float32.)"""
+@pytest.mark.parametrize("kv_dtype,max_kl", [(jnp.uint16, 0.0005), (jnp.int8, 0.005)])
+def test_reduced_kv_caches_keep_the_real_models_predictions(default_checkpoint, kv_dtype, max_kl):
+    """The bundled model over a paragraph with its keys and values stored in bfloat16 (as
+    uint16 bits) or int8 (a scale per position and head) against a float32 cache: the same
+    next token almost everywhere, a small divergence, and no loss in the text's likelihood."""
+    from model.checkpoint import load_config, load_params
+    from model.tokenizer import Tokenizer
+
+    cfg = load_config(default_checkpoint)
+    params = llama.pack_params(load_params(default_checkpoint, cfg), cfg, None)
+    text = ("In the spring the river rose over its banks, and the farmers who lived along it moved "
+            "their animals to higher ground. When the water went down it left a layer of rich "
+            "soil, and that year the harvest was the best anyone could remember.")
+    ids = jnp.asarray([Tokenizer.from_dir(default_checkpoint).encode(text)], jnp.int32)
+    logp = [jax.nn.log_softmax(llama.full_logits(params, cfg, ids, attn_kernel=True, kv_dtype=dt)[0])
+            for dt in (jnp.float32, kv_dtype)]
+    ref, reduced = (np.asarray(x, np.float64) for x in logp)
+    assert (ref.argmax(-1) == reduced.argmax(-1)).mean() >= 0.9
+    kl = (np.exp(ref) * (ref - reduced)).sum(-1)
+    assert 0 < kl.mean() < max_kl, kl.mean()
+    targets = np.asarray(ids[0, 1:])
+    nll = [-x[np.arange(len(targets)), targets].mean() for x in (ref, reduced)]
+    assert nll[1] < nll[0] + 0.05, nll
+
+
+@pytest.mark.parametrize("flag", [("--quantize", "int8"), ("--quantize", "w8a8"),
+                                  ("--kv-cache-dtype", "int8")])
+def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint, flag):
+    """``--quantize`` and an int8 KV cache serve from the CLI; with a sharded mesh they are
+    refused in one line. (A raw completion: the chat answer's first token is a near tie, 0.1
+    logits, even at float32.)"""
     import os
     import subprocess
     import sys
@@ -255,7 +282,7 @@ def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint, 
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         return subprocess.run([sys.executable, "-m", "service.cli", "generate", "--raw", "--prompt",
                                "The capital of France is", "--max-tokens", "8",
-                               "--log-level", "WARNING", "--quantize", quantize, *extra],
+                               "--log-level", "WARNING", *flag, *extra],
                               env=env, cwd=root, capture_output=True, text=True, timeout=600)
 
     ok = generate()
@@ -264,7 +291,7 @@ def test_generate_with_int8_weights_and_where_it_cannot_run(default_checkpoint, 
     bad = generate("--tp", "2", devices=2)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        f"xlaserve: error: --quantize {quantize} runs on the native CPU kernels only: one CPU device, "
+        f"xlaserve: error: {' '.join(flag)} runs on the native CPU kernels only: one CPU device, "
         "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0"]
 
 
@@ -310,6 +337,29 @@ def test_bfloat16_cache_attends_like_its_float32_values(head_dim):
     rows, lens = np.array([2, 0, 1], np.int32), np.array([700, 513, 40], np.int32)
     got = np.asarray(cpu_kernels.decode_attention(jnp.asarray(q), k, v, jnp.asarray(rows), jnp.asarray(lens)))
     k32, v32 = (np.asarray(jax.lax.bitcast_convert_type(x, jnp.bfloat16), np.float32) for x in (k, v))
+    for b in range(3):
+        np.testing.assert_allclose(got[b], numpy_attention(q[b], k32, v32, rows[b], lens[b]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 48, 32, 24])
+def test_int8_cache_attends_like_its_dequantized_values(head_dim):
+    """An int8 KV cache (values and a float32 scale per position and head): the kernel's output
+    equals numpy's over the dequantized values, and those are within half a step of the
+    originals (head sizes of the vector and scalar paths; several pieces per row)."""
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((3, 6, head_dim)).astype(np.float32)
+    k_in, v_in = (rng.standard_normal((3, 700, 2, head_dim)).astype(np.float32) * 3 for _ in range(2))
+    k_in[1, 5, 0] = 0.0  # a head of zeros: scale 1, values 0
+    k, v = (cpu_kernels.to_cache(jnp.asarray(x), jnp.int8) for x in (k_in, v_in))
+    assert k.dtype == jnp.int8 and k.shape == (3, 700, 2, head_dim + 4)
+    k32, v32 = (np.asarray(cpu_kernels.from_cache(x, head_dim)) for x in (k, v))
+    for x, x32 in ((k_in, k32), (v_in, v32)):
+        step = np.abs(x).max(axis=-1, keepdims=True) / 127
+        assert np.all(np.abs(x32 - x) <= step / 2 + 1e-6)
+    assert np.all(k32[1, 5, 0] == 0.0)
+    rows, lens = np.array([2, 0, 1], np.int32), np.array([700, 513, 40], np.int32)
+    got = np.asarray(cpu_kernels.decode_attention(jnp.asarray(q), k, v, jnp.asarray(rows), jnp.asarray(lens)))
     for b in range(3):
         np.testing.assert_allclose(got[b], numpy_attention(q[b], k32, v32, rows[b], lens[b]),
                                    rtol=1e-4, atol=1e-5)

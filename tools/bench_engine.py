@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None)
-    parser.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16"], default=None)
+    parser.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "int8"], default=None)
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per stream count; the run of median throughput is reported, "
                              "with the spread of all runs")
