@@ -401,6 +401,52 @@ def test_concurrent_samples_of_one_prompt_prefill_it_once(tiny, tokenizer):
     assert a[0] != b[0]  # shared prefill, own sampling
 
 
+@pytest.mark.parametrize("kv", ["float32", "int8"])
+def test_cached_prefix_and_session_turn_equal_a_cold_prefill(tiny, tokenizer, kv):
+    """A prompt that starts with a finished request's prompt and output prefills only the rest
+    (cached_tokens), and a session's second turn prefills only its own tokens: both give the
+    tokens a fresh engine gives for the whole sequence. Also over an int8 KV cache, whose
+    reused entries are the stored values and scales."""
+    from service.runner import uses_cpu_kernels
+
+    if kv == "int8" and not uses_cpu_kernels(sharded=False):
+        pytest.skip("an int8 KV cache needs the native CPU kernels")
+    cfg, params = tiny
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+
+    def fresh():
+        runner = ModelRunner(cfg, params, max_batch_size=2, session_len=128, eos_ids=tokenizer.eos_ids,
+                             max_prefill_chunk=32, kv_cache_dtype=kv)
+        return Engine(runner, tokenizer)
+
+    first, extra = prompt(40, 21), prompt(9, 22)
+    engine = fresh()
+
+    async def warm():
+        a = await collect(engine, first, greedy(6))
+        b = await collect(engine, first + a[0] + extra, greedy(10))
+        turn1 = await collect_session(engine, first, greedy(6), 5)
+        turn2 = await collect_session(engine, extra, greedy(10), 5)
+        return a[0], b, turn1[0], turn2
+
+    a, reused, turn1, turn2 = run(engine, warm())
+    assert reused[2].cached_tokens >= len(first) + len(a) - 1
+    assert turn2[2].cached_tokens >= len(first) + len(turn1) - 1
+    for history, got in ((first + a, reused), (first + turn1, turn2)):
+        cold = fresh()
+        want = run(cold, collect(cold, history + extra, greedy(10)))
+        assert want[2].cached_tokens == 0
+        assert got[0] == want[0]
+
+
+async def collect_session(engine, ids, params, session_id):
+    toks, last = [], None
+    async for out in engine.generate(ids, params, session_id=session_id):
+        toks += out.token_ids
+        last = out
+    return toks, last, last
+
+
 def test_argmax_takes_the_first_maximum():
     x = np.random.default_rng(4).integers(0, 5, (6, 40)).astype(np.float32)  # many ties
     x[2] = -np.inf
