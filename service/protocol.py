@@ -1,6 +1,7 @@
 """Wire types (msgspec Structs) of the OpenAI API (https://platform.openai.com/docs/api-reference)
-and LMDeploy's ``/v1/chat/interactive``, in the spec's field order. Fields marked "extension"
-are not in OpenAI's spec. This module never imports jax.
+and LMDeploy's ``/v1/chat/interactive``; chat and text completions share their sampling fields
+through one base. Fields marked "extension" are not in OpenAI's spec. This module never
+imports jax.
 
 ``to_sampling_params`` is the one place a request becomes engine settings.
 """
@@ -42,62 +43,47 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Req):
-    messages: list[ChatMessage]
+class _Generation(_Req):
+    """The fields chat and text completions share: sampling, stops and streaming."""
+
     model: str | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    n: int = 1
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    stop_token_ids: list[int] | None = None
+
+
+class ChatCompletionRequest(_Generation, kw_only=True):
+    messages: list[ChatMessage]
     logprobs: bool = False
     top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    n: int = 1
-    presence_penalty: float | None = None
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    user: str | None = None
-    # extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    stop_token_ids: list[int] | None = None
 
 
-class CompletionRequest(_Req):
+class CompletionRequest(_Generation, kw_only=True):
     # str | list[str] | list[int] | list[list[int]]; msgspec allows one array type in a union,
     # so the element kinds are checked when the prompt is tokenized.
     prompt: Union[str, list[Union[str, int, list[int]]]]
-    model: str | None = None
     echo: bool = False
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = None
     max_tokens: int | None = 16
-    n: int = 1
-    presence_penalty: float | None = None
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    user: str | None = None
-    # extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    stop_token_ids: list[int] | None = None
 
 
 class InteractiveRequest(_Req):
