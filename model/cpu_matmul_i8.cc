@@ -100,15 +100,20 @@ void QuantizeRows(Shared& s) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// int32 sums of one block of kKB positions: rows x (4 vectors of 16 columns).
+// int32 sums of one block of kKB positions: rows x (4 vectors of 16 columns). With `pf`, each
+// step also asks for two lines from there into L2 (see RunItem).
 template <int rm>
 __attribute__((always_inline)) inline void BlockSums(__m512i (&acc)[rm][4], const uint8_t* x, int64_t ldx,
-                                                     const int8_t* w) {
+                                                     const int8_t* w, const char* pf) {
   __m512i a[rm][4];
   for (int j = 0; j < rm; ++j)
     for (int v = 0; v < 4; ++v) a[j][v] = _mm512_setzero_si512();
 #pragma GCC unroll 4
   for (int64_t g = 0; g < kKB / 4; ++g) {
+    if (pf != nullptr) {
+      _mm_prefetch(pf + g * 128, _MM_HINT_T1);
+      _mm_prefetch(pf + g * 128 + 64, _MM_HINT_T1);
+    }
     const __m512i w0 = _mm512_loadu_si512(w + g * 256), w1 = _mm512_loadu_si512(w + g * 256 + 64);
     const __m512i w2 = _mm512_loadu_si512(w + g * 256 + 128), w3 = _mm512_loadu_si512(w + g * 256 + 192);
     for (int j = 0; j < rm; ++j) {
@@ -124,7 +129,7 @@ __attribute__((always_inline)) inline void BlockSums(__m512i (&acc)[rm][4], cons
 }
 
 template <int rm>
-void Tile(const Shared& s, int64_t p, int64_t m0) {
+void Tile(const Shared& s, int64_t p, int64_t m0, const char* pf) {
   const int64_t ldy = s.P * kCols, groups = kKB / 4;
   const int8_t* panel = s.w + p * (s.Kp / 4) * kCols * 4;
   __m512 accf[rm][4];
@@ -132,7 +137,8 @@ void Tile(const Shared& s, int64_t p, int64_t m0) {
     for (int v = 0; v < 4; ++v) accf[j][v] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < s.nkb; ++kb) {
     __m512i acci[rm][4];
-    BlockSums<rm>(acci, s.xq.data() + m0 * s.Kp + kb * kKB, s.Kp, panel + kb * groups * kCols * 4);
+    BlockSums<rm>(acci, s.xq.data() + m0 * s.Kp + kb * kKB, s.Kp, panel + kb * groups * kCols * 4,
+                  pf == nullptr ? nullptr : pf + kb * groups * 128);
     const int32_t* cs = s.colsum + kb * ldy + p * kCols;
     for (int v = 0; v < 4; ++v) {
       const __m512i corr = _mm512_loadu_si512(cs + v * 16);
@@ -150,7 +156,7 @@ void Tile(const Shared& s, int64_t p, int64_t m0) {
 }
 #else
 template <int rm>
-void Tile(const Shared& s, int64_t p, int64_t m0) {
+void Tile(const Shared& s, int64_t p, int64_t m0, const char*) {
   const int64_t ldy = s.P * kCols;
   const int8_t* panel = s.w + p * (s.Kp / 4) * kCols * 4;
   for (int j = 0; j < rm; ++j)
@@ -168,14 +174,28 @@ void Tile(const Shared& s, int64_t p, int64_t m0) {
 }
 #endif
 
-void RunItem(const Shared& s, int64_t item) {
+// `next` is the item this thread runs after this one (-1: none). At decode's few rows the
+// first row tile of a panel waits on memory and the later ones compute from cache, so the
+// later ones ask for the next item's panel meanwhile: the second and third tiles half of it
+// each (two lines a step, into L2). Measured on the model's 121 matrices at 16 rows: 7% less
+// time; into L1 (T0), or a line a step, gained nothing. Prefill (many row blocks) is
+// compute-bound and skips it.
+void RunItem(const Shared& s, int64_t item, int64_t next) {
   const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
   const int64_t m_end = std::min(s.M, m_begin + kRowBlock);
-  int64_t m = m_begin;
-  for (; m + kRM <= m_end; m += kRM) Tile<kRM>(s, p, m);
+  const int64_t panel_bytes = (s.Kp / 4) * kCols * 4;  // a tile's steps ask for half of it
+  const char* ahead = next >= 0 && s.blocks == 1
+                          ? reinterpret_cast<const char*>(s.w + (next / s.blocks) * panel_bytes)
+                          : nullptr;
+  int64_t m = m_begin, tile = 0;
+  auto pf = [&]() -> const char* {
+    const int64_t t = tile++;
+    return ahead != nullptr && (t == 1 || t == 2) ? ahead + (t - 1) * (panel_bytes / 2) : nullptr;
+  };
+  for (; m + kRM <= m_end; m += kRM) Tile<kRM>(s, p, m, pf());
   switch (m_end - m) {
-    case 1: Tile<1>(s, p, m); break;
-    case 2: Tile<2>(s, p, m); break;
+    case 1: Tile<1>(s, p, m, pf()); break;
+    case 2: Tile<2>(s, p, m, pf()); break;
     default: break;
   }
 }
@@ -207,7 +227,14 @@ ffi::Error MatmulW8A8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (count == 0) return ffi::Error::Success();
   QuantizeRows(s);
   ShareWork(pool, shared, count, [count](Shared& state) {
-    TakeItems(state, count, [&](int64_t i) { RunItem(state, i); });
+    // TakeItems, with each thread's next item claimed before it runs the current one.
+    int64_t finished = 0;
+    for (int64_t i = state.next.fetch_add(1); i < count; ++finished) {
+      const int64_t j = state.next.fetch_add(1);
+      RunItem(state, i, j < count ? j : -1);
+      i = j;
+    }
+    state.done.fetch_add(finished, std::memory_order_release);
   });
   return ffi::Error::Success();
 }
