@@ -145,24 +145,23 @@ constexpr int64_t kBlock = kVW;
 constexpr int64_t kValueBlock = 2 * kVW;
 constexpr int64_t kAhead = 3;  // blocks
 
-// A block of n <= kB positions x K kv heads x H as float32 rows of K * H floats: the cache
-// itself when it is float32 and the block is whole, else widened into buf.
-// Rows past n are left as they are: scores past a row's length are overwritten, values past
-// it never read.
+// A block of n <= kB positions x kv heads x H as float32 rows of `stride` floats: the cache
+// itself when it is float32 and the block is whole, else widened into buf. Rows past n are
+// left as they are: scores past a row's length are overwritten, values past it never read.
 template <int64_t kB>
-inline const float* Widened(const float* src, int64_t n, int64_t K, int64_t H, float* buf) {
+inline const float* Widened(const float* src, int64_t n, int64_t stride, float* buf) {
   if (n == kB) return src;
-  std::copy(src, src + n * K * H, buf);
+  std::copy(src, src + n * stride, buf);
   return buf;
 }
 template <int64_t kB>
-inline const float* Widened(const uint16_t* src, int64_t n, int64_t K, int64_t H, float* buf) {
-  const int64_t size = n * K * H;
+inline const float* Widened(const uint16_t* src, int64_t n, int64_t stride, float* buf) {
   int64_t i = 0;
-  for (; i + kVW <= size; i += kVW) Store(buf + i, Load(src + i));
-  for (; i < size; ++i) buf[i] = ToFloat(src[i]);
+  for (; i + kVW <= n * stride; i += kVW) Store(buf + i, Load(src + i));
+  for (; i < n * stride; ++i) buf[i] = ToFloat(src[i]);
   return buf;
 }
+
 // Scores of one query head against kVW keys: dot(s) is key s's products summed into one
 // vector. Every key is its own chain of FMAs, so the kVW chains overlap instead of waiting on
 // one another; the horizontal sums then come from one shuffle tree.
@@ -271,9 +270,6 @@ inline void WeightedPairs(const float* w, const uint16_t* values, int64_t n, int
   });
 }
 
-template <int C>
-constexpr int64_t H0() { return C * kVW; }
-
 // An item's rows (one, or a block of queries sharing a cache row), its positions, every head,
 // for H == C * kVW. Both passes walk positions in blocks and read each block's keys (then
 // values) for all kv heads together: they are contiguous in the cache, so the reads stream,
@@ -285,7 +281,7 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   const int64_t row = p.rows[it.b];
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const int64_t stride = p.K * (H + Stored<T>::kExtra);  // between consecutive positions
-  const int64_t wide = p.K * H;  // the same in a widened block
+  const int64_t wide = p.K * H;  // the same in a block widened to float32
   int64_t n = 0;  // positions of the item's longest row
   for (int64_t i = 0; i < it.nb; ++i) n = std::max(n, Covered(p, it, it.b + i));
   const int64_t padded = (n + kBlock - 1) / kBlock * kBlock;
@@ -299,7 +295,7 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   // to its score and each value's to its weight.
   constexpr bool pairs = std::is_same_v<T, uint16_t> && C % 2 == 0;
   constexpr bool bytes = std::is_same_v<T, int8_t>;
-  constexpr int64_t hs = H0<C>() + Stored<T>::kExtra;  // entries per head in the cache
+  const int64_t hs = H + Stored<T>::kExtra;  // entries per head in the cache
   const int64_t qfloats = pairs ? it.nb * N * H : 0;
   const int64_t block_floats = std::max(kBlock, kValueBlock) * wide;
   buf.resize(qfloats + block_floats + (bytes ? p.K * kVW : 0));
@@ -324,7 +320,7 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
         kraw = tail;
       }
     } else {
-      kb = Widened<kBlock>(kraw, count, p.K, H, buf.data());
+      kb = Widened<kBlock>(kraw, count, wide, buf.data());
     }
     // int8: the block's key scales, kVW per kv head.
     if constexpr (bytes)
@@ -382,7 +378,7 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     const T* next = values + (s + kAhead * kValueBlock) * stride;
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kValueBlock, n - s - kAhead * kValueBlock)) * stride / line;
     const float* vb = nullptr;
-    if constexpr (!pairs && !bytes) vb = Widened<kValueBlock>(values + s * stride, count, p.K, H, buf.data());
+    if constexpr (!pairs && !bytes) vb = Widened<kValueBlock>(values + s * stride, count, wide, buf.data());
     for (int64_t i = 0; i < it.nb; ++i) {
       const int64_t ci = std::min<int64_t>(kValueBlock, Covered(p, it, it.b + i) - s);
       if (ci <= 0) continue;

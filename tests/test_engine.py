@@ -38,9 +38,9 @@ def make_engine(tiny, tokenizer, slots=4, session_len=128, **kw):
     return engine
 
 
-async def collect(engine, ids, params):
+async def collect(engine, ids, params, session_id=None):
     toks, text, last = [], "", None
-    async for out in engine.generate(ids, params):
+    async for out in engine.generate(ids, params, session_id=session_id):
         toks += out.token_ids
         text += out.text
         last = out
@@ -425,8 +425,8 @@ def test_cached_prefix_and_session_turn_equal_a_cold_prefill(tiny, tokenizer, kv
     async def warm():
         a = await collect(engine, first, greedy(6))
         b = await collect(engine, first + a[0] + extra, greedy(10))
-        turn1 = await collect_session(engine, first, greedy(6), 5)
-        turn2 = await collect_session(engine, extra, greedy(10), 5)
+        turn1 = await collect(engine, first, greedy(6), session_id=5)
+        turn2 = await collect(engine, extra, greedy(10), session_id=5)
         return a[0], b, turn1[0], turn2
 
     a, reused, turn1, turn2 = run(engine, warm())
@@ -437,14 +437,6 @@ def test_cached_prefix_and_session_turn_equal_a_cold_prefill(tiny, tokenizer, kv
         want = run(cold, collect(cold, history + extra, greedy(10)))
         assert want[2].cached_tokens == 0
         assert got[0] == want[0]
-
-
-async def collect_session(engine, ids, params, session_id):
-    toks, last = [], None
-    async for out in engine.generate(ids, params, session_id=session_id):
-        toks += out.token_ids
-        last = out
-    return toks, last, last
 
 
 def test_argmax_takes_the_first_maximum():
