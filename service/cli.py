@@ -69,11 +69,10 @@ def _size_cache(args, cfg) -> int:
     """Slots that fit --cache-max-entry-count of available memory at --session-len."""
     import dataclasses
 
+    from model.cpu_kernels import cache_head_size
     from service.runner import cache_dtype
 
     cfg = dataclasses.replace(cfg, dtype=args.dtype or cfg.dtype)
-    from model.cpu_kernels import cache_head_size
-
     kv_dtype = cache_dtype(cfg, sharded=args.tp * args.dp > 1, kv_cache_dtype=args.kv_cache_dtype)
     bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cache_head_size(cfg.head_dim, kv_dtype)
                        * kv_dtype.itemsize)
@@ -163,7 +162,8 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
         from service.runner import uses_cpu_kernels
 
         if not uses_cpu_kernels(sharded=args.tp * args.dp > 1):
-            raise CLIError(f"{' and '.join(kernel_only)} runs on the native CPU kernels only: one CPU "
+            verb = "runs" if len(kernel_only) == 1 else "run"
+            raise CLIError(f"{' and '.join(kernel_only)} {verb} on the native CPU kernels only: one CPU "
                            "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
     checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
