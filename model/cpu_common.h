@@ -107,6 +107,19 @@ inline void TakeItems(State& state, int64_t count, Fn&& run) {
   state.done.fetch_add(finished, std::memory_order_release);
 }
 
+// TakeItems, with each thread's next item claimed before it runs the current one, so the
+// current one can prefetch the next one's data: run(item, next), next -1 after the last.
+template <typename State, typename Fn>
+inline void TakeItemsAhead(State& state, int64_t count, Fn&& run) {
+  int64_t finished = 0;
+  for (int64_t i = state.next.fetch_add(1); i < count; ++finished) {
+    const int64_t next = state.next.fetch_add(1);
+    run(i, next < count ? next : -1);
+    i = next;
+  }
+  state.done.fetch_add(finished, std::memory_order_release);
+}
+
 template <typename Pool, typename State, typename Drain>
 inline void ShareWork(Pool& pool, const std::shared_ptr<State>& state, int64_t count, Drain drain) {
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;

@@ -44,15 +44,19 @@ constexpr int kNR = kVW * kNV;
 constexpr int64_t kRowBlock = 16 * kRM;
 
 // y[m0 .. m0+rm, panel's columns] = (x[m0 .. m0+rm, :] @ panel) * scale (scale: the panel's
-// column scales, or null)
+// column scales, or null). With `pf`, the steps also ask for half a panel from there into L2,
+// in order (see RunItem).
 template <int rm, typename W>
 inline void Tile(const W* panel, const float* scale, const float* x, float* y, int64_t K, int64_t ldy,
-                 int64_t m0) {
+                 int64_t m0, const char* pf) {
+  constexpr int64_t half = kNR * sizeof(W) / 2;  // bytes of half a panel per step
   vf acc[rm][kNV];
   for (int j = 0; j < rm; ++j)
     for (int v = 0; v < kNV; ++v) acc[j][v] = vf{};
   const float* xr = x + m0 * K;
   for (int64_t k = 0; k < K; ++k) {
+    if (pf != nullptr && (k * half) % 64 < half)
+      for (int64_t l = 0; l < (half + 63) / 64; ++l) __builtin_prefetch(pf + k * half + l * 64, 0, 2);
     const W* w = panel + k * kNR;
     vf wv[kNV];
     for (int v = 0; v < kNV; ++v) wv[v] = Load(w + v * kVW);
@@ -82,21 +86,32 @@ struct Shared {
   std::atomic<int64_t> done{0};
 };
 
+// `next` is the item this thread runs after this one (-1: none). At decode's few rows the
+// first row tile of a panel waits on memory and the later ones compute from cache, so the
+// second and third ask for half of the next item's panel each, as cpu_matmul_i8.cc does.
 template <typename W>
-void RunItem(const Shared<W>& s, int64_t item) {
+void RunItem(const Shared<W>& s, int64_t item, int64_t next) {
   const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
   const int64_t m_end = std::min(s.M, m_begin + kRowBlock), ldy = s.P * kNR;
   const W* panel = s.w + p * s.K * kNR;
   const float* scale = s.scale == nullptr ? nullptr : s.scale + p * kNR;
   float* y = s.y + p * kNR;
+  const char* ahead = next >= 0 && s.blocks == 1
+                          ? reinterpret_cast<const char*>(s.w + (next / s.blocks) * s.K * kNR)
+                          : nullptr;
+  int64_t tile = 0;
+  auto pf = [&]() -> const char* {
+    const int64_t t = tile++;
+    return ahead != nullptr && (t == 1 || t == 2) ? ahead + (t - 1) * s.K * kNR * sizeof(W) / 2 : nullptr;
+  };
   int64_t m = m_begin;
-  for (; m + kRM <= m_end; m += kRM) Tile<kRM>(panel, scale, s.x, y, s.K, ldy, m);
+  for (; m + kRM <= m_end; m += kRM) Tile<kRM>(panel, scale, s.x, y, s.K, ldy, m, pf());
   switch (m_end - m) {
-    case 1: Tile<1>(panel, scale, s.x, y, s.K, ldy, m); break;
-    case 2: Tile<2>(panel, scale, s.x, y, s.K, ldy, m); break;
-    case 3: Tile<3>(panel, scale, s.x, y, s.K, ldy, m); break;
-    case 4: if constexpr (kRM > 4) Tile<4>(panel, scale, s.x, y, s.K, ldy, m); break;
-    case 5: if constexpr (kRM > 5) Tile<5>(panel, scale, s.x, y, s.K, ldy, m); break;
+    case 1: Tile<1>(panel, scale, s.x, y, s.K, ldy, m, pf()); break;
+    case 2: Tile<2>(panel, scale, s.x, y, s.K, ldy, m, pf()); break;
+    case 3: Tile<3>(panel, scale, s.x, y, s.K, ldy, m, pf()); break;
+    case 4: if constexpr (kRM > 4) Tile<4>(panel, scale, s.x, y, s.K, ldy, m, pf()); break;
+    case 5: if constexpr (kRM > 5) Tile<5>(panel, scale, s.x, y, s.K, ldy, m, pf()); break;
     default: break;
   }
 }
@@ -122,7 +137,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const int64_t count = s.P * s.blocks;
   if (count == 0) return ffi::Error::Success();
   ShareWork(pool, shared, count, [count](Shared<W>& state) {
-    TakeItems(state, count, [&](int64_t i) { RunItem(state, i); });
+    TakeItemsAhead(state, count, [&](int64_t i, int64_t next) { RunItem(state, i, next); });
   });
   return ffi::Error::Success();
 }

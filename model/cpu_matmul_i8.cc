@@ -227,14 +227,7 @@ ffi::Error MatmulW8A8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (count == 0) return ffi::Error::Success();
   QuantizeRows(s);
   ShareWork(pool, shared, count, [count](Shared& state) {
-    // TakeItems, with each thread's next item claimed before it runs the current one.
-    int64_t finished = 0;
-    for (int64_t i = state.next.fetch_add(1); i < count; ++finished) {
-      const int64_t j = state.next.fetch_add(1);
-      RunItem(state, i, j < count ? j : -1);
-      i = j;
-    }
-    state.done.fetch_add(finished, std::memory_order_release);
+    TakeItemsAhead(state, count, [&](int64_t i, int64_t next) { RunItem(state, i, next); });
   });
   return ffi::Error::Success();
 }
