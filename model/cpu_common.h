@@ -107,6 +107,24 @@ inline void TakeItems(State& state, int64_t count, Fn&& run) {
   state.done.fetch_add(finished, std::memory_order_release);
 }
 
+// At decode's few rows a matmul item's first row tile waits on memory for its weight panel
+// and the later tiles compute from cache; meanwhile the second and third tiles each ask for
+// half of the thread's next panel (`next`: null when there is none, or nothing to gain).
+// Each call hands the next tile its half to prefetch, or null.
+class PanelAhead {
+ public:
+  PanelAhead(const void* next, int64_t bytes) : next_(static_cast<const char*>(next)), bytes_(bytes) {}
+  const char* operator()() {
+    const int64_t t = tile_++;
+    return next_ != nullptr && (t == 1 || t == 2) ? next_ + (t - 1) * (bytes_ / 2) : nullptr;
+  }
+
+ private:
+  const char* next_;
+  int64_t bytes_;
+  int64_t tile_ = 0;
+};
+
 // TakeItems, with each thread's next item claimed before it runs the current one, so the
 // current one can prefetch the next one's data: run(item, next), next -1 after the last.
 template <typename State, typename Fn>

@@ -88,7 +88,7 @@ struct Shared {
 
 // `next` is the item this thread runs after this one (-1: none). At decode's few rows the
 // first row tile of a panel waits on memory and the later ones compute from cache, so the
-// second and third ask for half of the next item's panel each, as cpu_matmul_i8.cc does.
+// second and third ask for half of the next item's panel each (PanelAhead).
 template <typename W>
 void RunItem(const Shared<W>& s, int64_t item, int64_t next) {
   const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
@@ -96,14 +96,8 @@ void RunItem(const Shared<W>& s, int64_t item, int64_t next) {
   const W* panel = s.w + p * s.K * kNR;
   const float* scale = s.scale == nullptr ? nullptr : s.scale + p * kNR;
   float* y = s.y + p * kNR;
-  const char* ahead = next >= 0 && s.blocks == 1
-                          ? reinterpret_cast<const char*>(s.w + (next / s.blocks) * s.K * kNR)
-                          : nullptr;
-  int64_t tile = 0;
-  auto pf = [&]() -> const char* {
-    const int64_t t = tile++;
-    return ahead != nullptr && (t == 1 || t == 2) ? ahead + (t - 1) * s.K * kNR * sizeof(W) / 2 : nullptr;
-  };
+  PanelAhead pf(next >= 0 && s.blocks == 1 ? s.w + (next / s.blocks) * s.K * kNR : nullptr,
+                s.K * kNR * sizeof(W));
   int64_t m = m_begin;
   for (; m + kRM <= m_end; m += kRM) Tile<kRM>(panel, scale, s.x, y, s.K, ldy, m, pf());
   switch (m_end - m) {

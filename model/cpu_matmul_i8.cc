@@ -177,21 +177,15 @@ void Tile(const Shared& s, int64_t p, int64_t m0, const char*) {
 // `next` is the item this thread runs after this one (-1: none). At decode's few rows the
 // first row tile of a panel waits on memory and the later ones compute from cache, so the
 // later ones ask for the next item's panel meanwhile: the second and third tiles half of it
-// each (two lines a step, into L2). Measured on the model's 121 matrices at 16 rows: 7% less
-// time; into L1 (T0), or a line a step, gained nothing. Prefill (many row blocks) is
-// compute-bound and skips it.
+// each (PanelAhead; two lines a step, into L2). Measured on the model's 121 matrices at 16
+// rows: 7% less time; into L1 (T0), or a line a step, gained nothing. Prefill (many row
+// blocks) is compute-bound and skips it.
 void RunItem(const Shared& s, int64_t item, int64_t next) {
   const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
   const int64_t m_end = std::min(s.M, m_begin + kRowBlock);
   const int64_t panel_bytes = (s.Kp / 4) * kCols * 4;  // a tile's steps ask for half of it
-  const char* ahead = next >= 0 && s.blocks == 1
-                          ? reinterpret_cast<const char*>(s.w + (next / s.blocks) * panel_bytes)
-                          : nullptr;
-  int64_t m = m_begin, tile = 0;
-  auto pf = [&]() -> const char* {
-    const int64_t t = tile++;
-    return ahead != nullptr && (t == 1 || t == 2) ? ahead + (t - 1) * (panel_bytes / 2) : nullptr;
-  };
+  PanelAhead pf(next >= 0 && s.blocks == 1 ? s.w + (next / s.blocks) * panel_bytes : nullptr, panel_bytes);
+  int64_t m = m_begin;
   for (; m + kRM <= m_end; m += kRM) Tile<kRM>(s, p, m, pf());
   switch (m_end - m) {
     case 1: Tile<1>(s, p, m, pf()); break;
