@@ -5,8 +5,8 @@ same run so the figures mean something on any machine.
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python tools/bench_engine.py --tp 2
 
 Each stream count runs --repeat times (default 3) and the run of median throughput is
-reported, with the spread. Reports per stream count: output tokens/s, TTFT and TPOT (median, p99), and the fraction of
-the bound: batch 1 decode is memory-bound (weight bytes x tokens/s / streaming bandwidth);
+reported, with the spread. Reports per stream count: output tokens/s, TTFT and TPOT (median,
+p99), and the fraction of the bound: batch 1 decode is memory-bound (weight bytes x tokens/s / streaming bandwidth);
 batched decode is compute-bound (2 x params x tokens/s / matmul FLOP/s).
 """
 
