@@ -13,16 +13,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2", "internlm2")
-
-# HF architecture / model_type names -> our family.
-_MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "internlm2": "internlm2",
-}
-
 
 class UnsupportedConfigError(ValueError):
     """The checkpoint's config asks for something this project does not implement."""
@@ -60,6 +50,8 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        from model.families import FAMILIES  # the families import this module
+
         if self.family not in FAMILIES:
             raise UnsupportedConfigError(f"unknown model family {self.family!r}")
         if self.num_heads % self.num_kv_heads:
@@ -149,28 +141,30 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 
 def family_of(cfg: Mapping[str, Any]) -> str:
+    from model.families import MODEL_TYPES
+
     model_type = cfg.get("model_type")
-    if model_type in _MODEL_TYPES:
-        return _MODEL_TYPES[model_type]
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
     archs = ", ".join(cfg.get("architectures") or []) or "none"
     raise UnsupportedConfigError(
         f"unsupported architecture: model_type={model_type!r} (architectures: {archs}); "
-        f"supported model types: {', '.join(sorted(_MODEL_TYPES))}"
+        f"supported model types: {', '.join(sorted(MODEL_TYPES))}"
     )
 
 
 def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelConfig:
     """Build a ModelConfig from a parsed HF ``config.json``; refuse what we do not implement."""
+    from model.families import family as family_module
+
     family = family_of(cfg)
+    fam = family_module(family)
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act not in ("silu", "swish"):
         raise UnsupportedConfigError(f"hidden_act={act!r} is not supported (only silu)")
     if cfg.get("mlp_bias"):
         raise UnsupportedConfigError("mlp_bias=true is not supported")
-    if family == "llama" and cfg.get("attention_bias"):
-        raise UnsupportedConfigError("attention_bias=true (bias on o_proj) is not supported")
-    if family == "internlm2" and cfg.get("bias"):
-        raise UnsupportedConfigError("InternLM2 bias=true is not supported")
+    fam.check_config(cfg)
     window = cfg.get("sliding_window")
     uses_window = cfg.get("use_sliding_window", cfg.get("model_type") == "mistral")
     if window is not None and uses_window:
@@ -196,7 +190,7 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
         rope_scaling=scaling,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2",
+        qkv_bias=fam.QKV_BIAS,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         dtype=dtype or (torch_dtype if torch_dtype in ("bfloat16", "float16") else "float32"),

@@ -111,7 +111,7 @@ def _available_memory() -> float:
 
 
 def cmd_convert(args) -> None:
-    from tools.convert_hf import ConversionError, convert
+    from model.convert import ConversionError, convert
 
     try:
         convert(args.src, args.dst, args.dtype)

@@ -39,7 +39,7 @@ def default_gguf() -> Path:
 
 def resolve(model: str | None, dtype: str | None = None) -> tuple[Path, str]:
     """(converted checkpoint dir, default served model name)."""
-    from tools.convert_hf import ConversionError, convert
+    from model.convert import ConversionError, convert
 
     if model is None:
         src, name = default_gguf(), DEFAULT_MODEL_NAME

@@ -10,7 +10,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from test_parity import BASE, make_hf_checkpoint
-from tools.convert_hf import ConversionError, convert
+from model.convert import ConversionError, convert
 
 
 @pytest.fixture()

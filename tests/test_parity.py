@@ -14,7 +14,7 @@ from conftest import write_tiny_tokenizer
 from model.checkpoint import load_config, load_params
 from model import cpu_kernels
 from model.llama import full_logits, pack_params
-from tools.convert_hf import convert
+from model.convert import convert
 
 BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             max_position_embeddings=256, rms_norm_eps=1e-5)

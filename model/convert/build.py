@@ -1,0 +1,197 @@
+"""The conversion: (key, tensor) pairs through the family's key table into a checked param
+tree, saved as a converted checkpoint directory (``xlaserve.json``, orbax ``params/``, the
+tokenizer files).
+
+It fails closed: an unmapped key, a missing or duplicate param, a shape that does not match
+the weight spec, or a config attribute we do not implement is an error that names the key.
+Output is written to a temporary sibling directory and renamed into place only when
+complete: a failure leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from model.checkpoint import FORMAT_VERSION
+from model.config import ModelConfig, UnsupportedConfigError, from_hf_config
+from model.convert.gguf import gguf_hf_config, gguf_reader, gguf_tensors, gguf_tokenizer_files
+from model.convert.sources import hf_tensors
+from model.convert.transforms import ConversionError
+from model.families import family
+from model.weights import param_specs
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+# Keys that carry no weights we need (derived buffers of old checkpoints).
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+def _np_dtype(name: str):
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
+
+
+def _empty_tree(cfg: ModelConfig) -> dict[str, Any]:
+    specs = param_specs(cfg)
+    return {k: ([dict() for _ in v] if k == "layers" else None) for k, v in specs.items()}
+
+
+def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], progress: bool = True) -> dict:
+    """Consume (key, tensor) pairs through the family's table into a checked param tree."""
+    table = [(re.compile(p), fn) for p, fn in family(cfg.family).KEY_TABLE]
+    specs = param_specs(cfg)
+    out = _empty_tree(cfg)
+    dtype = _np_dtype(cfg.dtype)
+    total = sum(1 for _ in _iter_paths(specs))
+    bar = _progress(total, progress)
+    for key, tensor in tensors:
+        if IGNORED.fullmatch(key):
+            continue
+        for pattern, fn in table:
+            m = pattern.fullmatch(key)
+            if m:
+                break
+        else:
+            raise ConversionError(f"unexpected tensor {key!r}: no rule maps it for family {cfg.family}")
+        if cfg.tie_word_embeddings and key in ("lm_head.weight", "output.weight"):
+            continue  # tied: the head is the embedding; some checkpoints store a copy
+        for path, value in fn(np.asarray(tensor, dtype=np.float32), cfg, m):
+            try:
+                spec = _lookup(specs, path)
+            except (KeyError, IndexError):
+                raise ConversionError(f"tensor {key!r} maps to {'.'.join(map(str, path))}, "
+                                      "which this model config does not have") from None
+            if tuple(value.shape) != spec.shape:
+                raise ConversionError(f"tensor {key!r}: shape {tuple(tensor.shape)} does not fit "
+                                      f"{'.'.join(map(str, path))} {spec.shape}")
+            if _lookup(out, path, missing_ok=True) is not None:
+                raise ConversionError(f"tensor {key!r}: duplicate value for {'.'.join(map(str, path))}")
+            _assign(out, path, np.ascontiguousarray(value.astype(dtype)))
+            bar.update(1)
+    bar.close()
+    missing = [".".join(map(str, p)) for p in _iter_paths(specs) if _lookup(out, p, missing_ok=True) is None]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ConversionError(f"checkpoint is missing params: {', '.join(missing[:5])}{more}")
+    return out
+
+
+def _iter_paths(specs) -> Iterator[tuple]:
+    for k, v in specs.items():
+        if k == "layers":
+            for i, layer in enumerate(v):
+                for name in layer:
+                    yield ("layers", i, name)
+        else:
+            yield (k,)
+
+
+def _lookup(tree, path, missing_ok=False):
+    node = tree
+    for p in path:
+        if missing_ok and isinstance(node, dict) and p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _assign(tree, path, value):
+    node = tree
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="converting", unit="tensor", file=sys.stderr)
+
+
+def save_checkpoint(dst: Path, cfg: ModelConfig, params: dict, source: str) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save((dst / "params").absolute(), params)
+    meta = {"format_version": FORMAT_VERSION, "config": cfg.to_json(), "source": source}
+    (dst / "xlaserve.json").write_text(json.dumps(meta, indent=2))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
+            progress: bool = True) -> Path:
+    """Convert ``src`` (HF dir or .gguf file) into ``dst``; returns ``dst``. Atomic."""
+    src, dst = Path(src), Path(dst)
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConversionError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    if not src.exists():
+        raise ConversionError(f"{src}: no such file or directory")
+    if dst.exists():
+        raise ConversionError(f"{dst} already exists; remove it or choose another output path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        if src.is_file():
+            _convert_gguf(src, tmp, dtype, progress)
+        else:
+            _convert_hf_dir(src, tmp, dtype, progress)
+        os.replace(tmp, dst)
+    except UnsupportedConfigError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(str(e)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _convert_hf_dir(src: Path, tmp: Path, dtype: str | None, progress: bool) -> None:
+    config_path = src / "config.json"
+    if not config_path.exists():
+        raise ConversionError(f"{src}: not a Hugging Face checkpoint (no config.json)")
+    try:
+        hf_cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{config_path}: invalid JSON ({e})") from None
+    cfg = from_hf_config(hf_cfg, dtype)
+    if not any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        raise ConversionError(f"{src}: no tokenizer.json or tokenizer.model")
+    params = build_params(cfg, hf_tensors(src), progress)
+    save_checkpoint(tmp, cfg, params, source=str(src))
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, tmp / name)
+    # Generation defaults (EOS ids) may live only in config.json.
+    if not (tmp / "generation_config.json").exists():
+        gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id") if k in hf_cfg}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def _convert_gguf(src: Path, tmp: Path, dtype: str | None, progress: bool) -> None:
+    if src.suffix != ".gguf":
+        raise ConversionError(f"{src}: expected a Hugging Face directory or a .gguf file")
+    reader = gguf_reader(src)
+    hf_cfg = gguf_hf_config(reader)
+    cfg = from_hf_config(hf_cfg, dtype or "float32")
+    gguf_tokenizer_files(reader, tmp)
+    params = build_params(cfg, gguf_tensors(reader, hf_cfg), progress)
+    save_checkpoint(tmp, cfg, params, source=str(src))
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))

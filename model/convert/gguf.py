@@ -1,0 +1,162 @@
+"""GGUF (llama.cpp) input: metadata as an HF-style config, tensors dequantized one at a time
+under their HF names (so GGUF input reuses the Llama key table), and the tokenizer rebuilt."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from model.config import UnsupportedConfigError
+from model.convert.transforms import ConversionError
+
+# GGUF (llama.cpp) tensor names -> HF names, so GGUF input reuses the Llama table.
+GGUF_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{}.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_q\.weight", "model.layers.{}.self_attn.q_proj.weight"),
+    (r"blk\.(\d+)\.attn_k\.weight", "model.layers.{}.self_attn.k_proj.weight"),
+    (r"blk\.(\d+)\.attn_v\.weight", "model.layers.{}.self_attn.v_proj.weight"),
+    (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{}.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{}.mlp.gate_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{}.mlp.up_proj.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight"),
+]
+
+
+def gguf_reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct errors/... on corrupt input
+        raise ConversionError(f"{path.name}: not a valid GGUF file ({e})") from None
+
+
+def _gguf_field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_hf_config(reader) -> dict[str, Any]:
+    """An HF-style config.json built from GGUF metadata (llama architecture only)."""
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise UnsupportedConfigError(f"unsupported GGUF architecture {arch!r} (supported: llama)")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise UnsupportedConfigError("GGUF rope_freqs (Llama 3.1 rope scaling) is not supported yet")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = _gguf_field(reader, f"llama.{key}", default)
+        if value is None:
+            raise ConversionError(f"GGUF metadata is missing llama.{key}")
+        return value
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        "hidden_act": "silu",
+    }
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF rotate-half)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(reader, hf_cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    supported = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
+    for t in reader.tensors:
+        qtype = GGMLQuantizationType(t.tensor_type).name
+        if qtype not in supported:
+            raise ConversionError(f"GGUF tensor {t.name} has type {qtype}; supported: {', '.join(sorted(supported))}")
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims fastest-first
+        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        for pattern, hf_name in GGUF_NAMES:
+            m = re.fullmatch(pattern, t.name)
+            if m:
+                name = hf_name.format(*m.groups())
+                break
+        else:
+            raise ConversionError(f"unexpected GGUF tensor {t.name!r}")
+        if ".attn_q." in t.name:
+            w = _unpermute(w, hf_cfg["num_attention_heads"])
+        elif ".attn_k." in t.name:
+            w = _unpermute(w, hf_cfg["num_key_value_heads"])
+        yield name, w
+
+
+def gguf_tokenizer_files(reader, dst: Path) -> None:
+    """Rebuild a byte-level BPE ``tokenizer.json`` (+ config files) from GGUF vocab/merges."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = _gguf_field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedConfigError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2)")
+    tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                 fuse_unk=False, ignore_merges=False))
+    # The split regex the merges were learned with. For SmolLM-style vocabularies digits are
+    # split one by one first, as llama.cpp's "smollm" pre-tokenizer does.
+    pre = _gguf_field(reader, "tokenizer.ggml.pre", "default")
+    steps = []
+    if pre in ("smollm", "starcoder", "refact"):
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"):
+        split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    else:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps) if len(steps) > 1 else steps[0]
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    tok.add_special_tokens(control)
+    tok.save(str(dst / "tokenizer.json"))
+
+    def token(key):
+        i = _gguf_field(reader, f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    config = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+              "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
+              "add_bos_token": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False))}
+    template = _gguf_field(reader, "tokenizer.chat_template")
+    if template:
+        (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    gen = {"bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+           "eos_token_id": eos}
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
