@@ -69,13 +69,11 @@ def _size_cache(args, cfg) -> int:
     """Slots that fit --cache-max-entry-count of available memory at --session-len."""
     import dataclasses
 
-    from model.cpu_kernels import cache_head_size
-    from service.runner import cache_dtype
+    from model.backends import select
 
     cfg = dataclasses.replace(cfg, dtype=args.dtype or cfg.dtype)
-    kv_dtype = cache_dtype(cfg, sharded=args.tp * args.dp > 1, kv_cache_dtype=args.kv_cache_dtype)
-    bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cache_head_size(cfg.head_dim, kv_dtype)
-                       * kv_dtype.itemsize)
+    backend = select(sharded=args.tp * args.dp > 1)
+    bytes_per_token = backend.kv_bytes_per_token(cfg, args.kv_cache_dtype)
     available = _available_memory()
     budget = args.cache_max_entry_count * available
     per_slot = bytes_per_token * args.session_len
@@ -159,12 +157,14 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
     kernel_only = ([f"--quantize {quantize}"] if quantize is not None else []) + (
         ["--kv-cache-dtype int8"] if getattr(args, "kv_cache_dtype", None) == "int8" else [])
     if kernel_only:
-        from service.runner import uses_cpu_kernels
+        from model.backends import select
 
-        if not uses_cpu_kernels(sharded=args.tp * args.dp > 1):
+        try:
+            select(sharded=args.tp * args.dp > 1).check(quantize, args.kv_cache_dtype)
+        except ValueError:
             verb = "runs" if len(kernel_only) == 1 else "run"
             raise CLIError(f"{' and '.join(kernel_only)} {verb} on the native CPU kernels only: one CPU "
-                           "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
+                           "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0") from None
     checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
                           max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,

@@ -41,7 +41,7 @@ class EngineMetrics:
                               registry=r)
 
     def render(self, engine) -> bytes:
-        from service.runner import compile_count
+        from service.engine.runner import compile_count
 
         snap = engine.snapshot()
         self.running.set(snap["running"])

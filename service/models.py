@@ -73,7 +73,7 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
 
     from model.checkpoint import load_config, load_params
     from model.tokenizer import Tokenizer
-    from service.runner import ModelRunner
+    from service.engine.runner import ModelRunner
 
     cfg = load_config(checkpoint)
     if dtype:

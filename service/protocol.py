@@ -9,7 +9,7 @@ imports jax.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import msgspec
 

@@ -1,16 +1,17 @@
 """One mesh over several processes (machines), with JAX's own multi-controller runtime.
 
 Every process runs the same jitted steps on its part of the mesh. Process 0 owns the
-scheduler (and the HTTP server); before each step it broadcasts the step's plan (which step,
-its static sizes, its input arrays) and the other processes replay it. Nothing else crosses
-between processes: params are restored by each process into its own shards, and step
-outputs are replicated, so process 0 reads them locally.
+scheduler (and the HTTP server); before each step it broadcasts the call (the runner method's
+name and its host arguments) and the other processes replay it, one generic mechanism for
+every step. Nothing else crosses between processes: params are restored by each process into
+its own shards, and step outputs are replicated, so process 0 reads them locally.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 from typing import Any
 
@@ -19,8 +20,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-STOP, SET_ROW, PREFILL, DECODE, COPY = 0, 1, 2, 3, 4
-HEADER = 8  # int32 words: op, then up to 7 ints of static sizes
+STOP, CALL = 0, 1
+HEADER = 2  # int32 words: op, payload bytes
 
 
 def initialize(coordinator_address: str, nnodes: int, node_rank: int) -> None:
@@ -49,7 +50,10 @@ def _stdout_for_output_only() -> None:
 
 
 class StepChannel:
-    """Process 0 announces each step; the others receive it (a broadcast over the mesh)."""
+    """Process 0 announces each step's call; the others receive it (broadcasts over the mesh).
+
+    A call is pickled: the processes of one job run the same code and trust each other, and
+    the arguments are small host values (numpy arrays, ints, tuples of them)."""
 
     def __init__(self) -> None:
         self.leader = jax.process_index() == 0
@@ -60,17 +64,18 @@ class StepChannel:
 
         return multihost_utils.broadcast_one_to_all(tree)
 
-    def send(self, op: int, ints: tuple[int, ...] = (), arrays: Any = None) -> None:
-        header = np.zeros((HEADER,), np.int32)
-        header[0] = op
-        header[1:1 + len(ints)] = ints
-        self._broadcast(header)
-        if arrays is not None:
-            self._broadcast(arrays)
+    def announce(self, name: str, args: tuple) -> None:
+        payload = np.frombuffer(pickle.dumps((name, args), protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+        self._broadcast(np.asarray([CALL, payload.size], np.int32))
+        self._broadcast(payload)
 
-    def receive_header(self) -> np.ndarray:
-        return self._broadcast(np.zeros((HEADER,), np.int32))
+    def stop(self) -> None:
+        self._broadcast(np.asarray([STOP, 0], np.int32))
 
-    def receive(self, like: Any) -> Any:
-        """The arrays of the announced step; ``like`` gives their shapes and dtypes."""
-        return self._broadcast(like)
+    def next_call(self) -> tuple[str, tuple] | None:
+        """The announced (method name, arguments), or None when process 0 stops."""
+        op, size = (int(x) for x in self._broadcast(np.zeros((HEADER,), np.int32)))
+        if op == STOP:
+            return None
+        payload = self._broadcast(np.zeros((size,), np.uint8))
+        return pickle.loads(np.asarray(payload).tobytes())

@@ -94,7 +94,7 @@ def tiny_engine(checkpoint, slots: int, max_queue: int = 256):
     from model.tokenizer import Tokenizer
     from model.weights import init_params
     from service.engine import Engine
-    from service.runner import ModelRunner
+    from service.engine.runner import ModelRunner
 
     tokenizer = Tokenizer.from_dir(checkpoint)
     cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32,

@@ -2,12 +2,11 @@
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import llama
+from model import transformer as llama
 from model.config import ModelConfig
 from model.weights import init_params
 
@@ -19,7 +18,7 @@ CFG = ModelConfig(family="llama", vocab_size=97, hidden_size=48, intermediate_si
                          ids=["llama", "qwen2"])
 @pytest.mark.parametrize("chunks", [[12], [5, 7]], ids=["one_chunk", "two_chunks"])
 def test_prefill_then_decode_equals_full_forward(cfg, chunks):
-    params = init_params(cfg, seed=0, scale=0.2)
+    params = llama.prepare(init_params(cfg, seed=0, scale=0.2), cfg)
     total = 20
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, total)).astype(np.int32)
     want = np.asarray(llama.full_logits(params, cfg, jnp.asarray(tokens)))[0]  # (T, V)
@@ -44,7 +43,7 @@ def test_prefill_then_decode_equals_full_forward(cfg, chunks):
 def test_decode_all_rows_uses_each_rows_own_history():
     """Batched decode over all cache rows (rows=None) matches per-sequence forwards."""
     cfg = CFG
-    params = init_params(cfg, seed=1, scale=0.2)
+    params = llama.prepare(init_params(cfg, seed=1, scale=0.2), cfg)
     rng = np.random.default_rng(1)
     seqs = [rng.integers(0, cfg.vocab_size, (n,)).astype(np.int32) for n in (9, 4, 13)]
     cache = llama.init_cache(cfg, rows=3, length=32)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import cpu_kernels, llama
+from model import layers, transformer as llama
+from model.backends.cpu import CpuKernels, Panels, kernels as cpu_kernels
+from model.backends.xla import Dense, Split
 from model.config import ModelConfig
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
@@ -23,7 +25,7 @@ def tiny_cfg(heads=6, kv_heads=2, head_dim=16):
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (8, 1)])
 def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
-    """One decode step through llama.attention both ways: rows in any order, each with its own
+    """One decode step through layers.attention both ways: rows in any order, each with its own
     context length, and a padding row (slot out of range) whose output is zero and whose
     cache write is dropped."""
     cfg = tiny_cfg(heads, kv_heads)
@@ -31,10 +33,10 @@ def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
     slots, session = 5, 40
     d, h = cfg.hidden_size, cfg.head_dim
     layer = {
-        "wq": jnp.asarray(rng.standard_normal((d, heads, h)) * 0.2, jnp.float32),
-        "wk": jnp.asarray(rng.standard_normal((d, kv_heads, h)) * 0.2, jnp.float32),
-        "wv": jnp.asarray(rng.standard_normal((d, kv_heads, h)) * 0.2, jnp.float32),
-        "wo": jnp.asarray(rng.standard_normal((heads, h, d)) * 0.2, jnp.float32),
+        "qkv": Split((Dense(jnp.asarray(rng.standard_normal((d, heads, h)) * 0.2, jnp.float32)),
+                      Dense(jnp.asarray(rng.standard_normal((d, kv_heads, h)) * 0.2, jnp.float32)),
+                      Dense(jnp.asarray(rng.standard_normal((d, kv_heads, h)) * 0.2, jnp.float32)))),
+        "wo": Dense(jnp.asarray(rng.standard_normal((heads, h, d)) * 0.2, jnp.float32)),
     }
     shape = (slots, session, kv_heads, h)
     kv = (jnp.asarray(rng.standard_normal(shape), jnp.float32),
@@ -42,11 +44,12 @@ def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
     rows = jnp.asarray([3, 0, slots, 4], jnp.int32)  # row 2 pads the batch
     positions = jnp.asarray([[7], [0], [session], [39]], jnp.int32)
     x = jnp.asarray(rng.standard_normal((4, 1, d)), jnp.float32)
-    cos, sin = llama.rope_cos_sin(cfg, positions)
+    cos, sin = layers.rope_cos_sin(cfg, positions)
 
     def run(kernel):
-        return jax.jit(lambda x, kv: llama.attention(cfg, layer, x, cos, sin, positions, kv, rows,
-                                                     session, attn_kernel=kernel))(x, kv)
+        backend = CpuKernels() if kernel else llama.XLA
+        return jax.jit(lambda x, kv: layers.attention(cfg, layer, x, cos, sin, positions, kv, rows,
+                                                      session, backend))(x, kv)
 
     want, want_kv = run(False)
     got, got_kv = run(True)
@@ -186,10 +189,10 @@ def test_packed_params_give_the_same_logits(tied, bias):
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=tied, qkv_bias=bias)
     params = init_params(cfg, seed=3, scale=0.1)
-    packed = llama.pack_params(params, cfg)
-    assert "wqkv" in packed["layers"][0] and ("embed" in packed) != tied
+    packed = CpuKernels().prepare(params, cfg)
+    assert isinstance(packed["layers"][0]["qkv"], Panels) and (packed["embed"] is packed["head"]) == tied
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 9)), jnp.int32)
-    want = np.asarray(llama.full_logits(params, cfg, tokens))
+    want = np.asarray(llama.full_logits(llama.prepare(params, cfg), cfg, tokens))
     got = np.asarray(llama.full_logits(packed, cfg, tokens))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -203,13 +206,13 @@ def test_bfloat16_packed_weights_compute_in_float32():
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=True, dtype="bfloat16")
     params = init_params(cfg, seed=5, scale=0.1)
-    packed = llama.pack_params(params, cfg)
-    assert packed["layers"][0]["wqkv"].dtype == jnp.bfloat16
+    packed = CpuKernels().prepare(params, cfg)
+    assert packed["layers"][0]["qkv"].panels.dtype == jnp.bfloat16
     assert packed["layers"][0]["attn_norm"].dtype == jnp.float32
     rounded = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     cfg32 = dataclasses.replace(cfg, dtype="float32")
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 100, (2, 9)), jnp.int32)
-    want = np.asarray(llama.full_logits(rounded, cfg32, tokens))
+    want = np.asarray(llama.full_logits(llama.prepare(rounded, cfg32), cfg32, tokens))
     got = np.asarray(llama.full_logits(packed, cfg32, tokens))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -229,8 +232,8 @@ def test_int8_weights_keep_the_real_models_predictions(default_checkpoint, quant
             "the planets to keep calendars, and later scholars built instruments to measure the "
             "positions of stars with growing precision.")
     ids = jnp.asarray([Tokenizer.from_dir(default_checkpoint).encode(text)], jnp.int32)
-    logp = [jax.nn.log_softmax(llama.full_logits(llama.pack_params(params, cfg, q), cfg, ids,
-                                                 attn_kernel=True)[0]) for q in (None, quantize)]
+    logp = [jax.nn.log_softmax(llama.full_logits(CpuKernels().prepare(params, cfg, q), cfg, ids,
+                                                 backend=CpuKernels())[0]) for q in (None, quantize)]
     ref, quant = (np.asarray(x, np.float64) for x in logp)
     assert (ref.argmax(-1) == quant.argmax(-1)).mean() >= 0.9
     kl = (np.exp(ref) * (ref - quant)).sum(-1)
@@ -249,12 +252,12 @@ def test_reduced_kv_caches_keep_the_real_models_predictions(default_checkpoint, 
     from model.tokenizer import Tokenizer
 
     cfg = load_config(default_checkpoint)
-    params = llama.pack_params(load_params(default_checkpoint, cfg), cfg, None)
+    params = CpuKernels().prepare(load_params(default_checkpoint, cfg), cfg, None)
     text = ("In the spring the river rose over its banks, and the farmers who lived along it moved "
             "their animals to higher ground. When the water went down it left a layer of rich "
             "soil, and that year the harvest was the best anyone could remember.")
     ids = jnp.asarray([Tokenizer.from_dir(default_checkpoint).encode(text)], jnp.int32)
-    logp = [jax.nn.log_softmax(llama.full_logits(params, cfg, ids, attn_kernel=True, kv_dtype=dt)[0])
+    logp = [jax.nn.log_softmax(llama.full_logits(params, cfg, ids, backend=CpuKernels(), kv_dtype=dt)[0])
             for dt in (jnp.float32, kv_dtype)]
     ref, reduced = (np.asarray(x, np.float64) for x in logp)
     assert (ref.argmax(-1) == reduced.argmax(-1)).mean() >= 0.9
@@ -421,7 +424,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 libc.malloc.restype = ctypes.c_void_p
 if sys.argv[1] == "keep":
-    from service.runner import keep_freed_memory
+    from model.backends import keep_freed_memory
     assert keep_freed_memory()
 p = libc.malloc(20 << 20)
 print(libc.mallinfo2().hblkhd)

@@ -12,9 +12,10 @@ from model.config import ModelConfig
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from model.weights import init_params
 from service import sampling as smp
-from service.engine import Engine, Request
+from service.engine import Engine, Request, Sequence
+from service.engine.output import apply_stop_strings
 from service.errors import ContextLengthExceeded, Overloaded
-from service.runner import ModelRunner, compile_count
+from service.engine.runner import ModelRunner, compile_count
 from service.sampling import SamplingParams
 
 
@@ -249,23 +250,22 @@ def test_queue_overflow_and_context_length_raise_typed_errors(tiny, tokenizer):
         engine.check_prompt(70, SamplingParams())
 
 
-def test_stop_strings_spanning_tokens_are_never_leaked(tiny, tokenizer):
-    engine = make_engine(tiny, tokenizer)
-    req = Request("r", [1], SamplingParams(stop=("STOP here",)), lambda o: None)
+def test_stop_strings_spanning_tokens_are_never_leaked():
+    req = Sequence(Request("r", [1], SamplingParams(stop=("STOP here",)), lambda o: None))
     pieces = ["Hello ", "wor", "ld ST", "OP h", "ere and more"]
     emitted, stopped = [], False
     for piece in pieces:
-        text, stopped = engine._apply_stop_strings(req, piece, final=False)
+        text, stopped = apply_stop_strings(req, piece, final=False)
         emitted.append(text)
         if stopped:
             break
     assert stopped and "".join(emitted) == "Hello world "
     assert emitted[2] == "ld " and emitted[3] == ""  # "ST", "ST" + "OP h" held back
-    req = Request("r", [1], SamplingParams(stop=("xyz",)), lambda o: None)
-    assert engine._apply_stop_strings(req, "xyz...", final=False) == ("", True)  # very first token
-    req = Request("r", [1], SamplingParams(stop=("xyz",)), lambda o: None)
-    assert engine._apply_stop_strings(req, "ab x", final=False) == ("ab ", False)
-    assert engine._apply_stop_strings(req, "y", final=True) == ("xy", False)  # released at the end
+    req = Sequence(Request("r", [1], SamplingParams(stop=("xyz",)), lambda o: None))
+    assert apply_stop_strings(req, "xyz...", final=False) == ("", True)  # very first token
+    req = Sequence(Request("r", [1], SamplingParams(stop=("xyz",)), lambda o: None))
+    assert apply_stop_strings(req, "ab x", final=False) == ("ab ", False)
+    assert apply_stop_strings(req, "y", final=True) == ("xy", False)  # released at the end
 
 
 def test_incremental_detokenizer_never_splits_characters(tokenizer):
@@ -407,9 +407,9 @@ def test_cached_prefix_and_session_turn_equal_a_cold_prefill(tiny, tokenizer, kv
     (cached_tokens), and a session's second turn prefills only its own tokens: both give the
     tokens a fresh engine gives for the whole sequence. Also over an int8 KV cache, whose
     reused entries are the stored values and scales."""
-    from service.runner import uses_cpu_kernels
+    from model.backends import cpu
 
-    if kv == "int8" and not uses_cpu_kernels(sharded=False):
+    if kv == "int8" and not cpu.available():
         pytest.skip("an int8 KV cache needs the native CPU kernels")
     cfg, params = tiny
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731

@@ -98,7 +98,7 @@ def test_real_model_first_32_greedy_tokens_equal_transformers(hf_gguf, ours):
     import asyncio
 
     from service.engine import Engine
-    from service.runner import ModelRunner
+    from service.engine.runner import ModelRunner
     from service.sampling import SamplingParams
 
     hf_tok, model = hf_gguf

@@ -12,8 +12,9 @@ from safetensors.numpy import save_file
 
 from conftest import write_tiny_tokenizer
 from model.checkpoint import load_config, load_params
-from model import cpu_kernels
-from model.llama import full_logits, pack_params
+from model import transformer
+from model.backends import cpu as cpu_kernels
+from model.transformer import full_logits
 from model.convert import convert
 
 BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -63,10 +64,9 @@ def ours(tmp_path, src, tokens, kernels=False):
     if not dst.exists():
         convert(src, dst, progress=False)
     cfg = load_config(dst)
-    params = load_params(dst, cfg)
-    if kernels:
-        params = pack_params(params, cfg)
-    return np.asarray(full_logits(params, cfg, jnp.asarray(tokens), attn_kernel=kernels))
+    backend = cpu_kernels.CpuKernels() if kernels else transformer.XLA
+    params = backend.prepare(load_params(dst, cfg), cfg)
+    return np.asarray(full_logits(params, cfg, jnp.asarray(tokens), backend=backend))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -89,7 +89,7 @@ def test_served_steps_rope_table_matches_transformers(tmp_path, case):
     computing them in the step; the logits must still be transformers', scaled rope too."""
     import jax
 
-    from model import llama
+    from model import layers, transformer
 
     config_cls, overrides = CASES[case]
     src = tmp_path / "hf"
@@ -98,12 +98,12 @@ def test_served_steps_rope_table_matches_transformers(tmp_path, case):
     dst = tmp_path / "converted"
     convert(src, dst, progress=False)
     cfg = load_config(dst)
-    params = load_params(dst, cfg)
+    params = transformer.prepare(load_params(dst, cfg), cfg)
     positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
-    rope = tuple(map(jnp.asarray, llama.rope_table(cfg, 64)))
-    hidden, _ = jax.jit(lambda p, c: llama.forward(p, cfg, jnp.asarray(tokens), positions, c, span=40,
-                                                   rope=rope))(params, llama.init_cache(cfg, 2, 40))
-    diff = np.abs(np.asarray(llama.logits(params, cfg, hidden)) - hf_logits(model, tokens)).max()
+    rope = tuple(map(jnp.asarray, layers.rope_table(cfg, 64)))
+    hidden, _ = jax.jit(lambda p, c: transformer.forward(p, cfg, jnp.asarray(tokens), positions, c, span=40,
+                                                         rope=rope))(params, transformer.init_cache(cfg, 2, 40))
+    diff = np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - hf_logits(model, tokens)).max()
     assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
 
 

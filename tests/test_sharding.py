@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from model import llama
+from model import transformer as llama
 from model.config import ModelConfig
 from model.weights import init_params
-from service.runner import ModelRunner
+from service.engine.runner import ModelRunner
 from service.sampling import SamplingParams
 from sharding import MeshError, make_mesh, plan_for
 
@@ -58,10 +58,10 @@ def test_mesh_needs_enough_devices():
 def test_sharded_logits_and_tokens_equal_unsharded(models, name, tp, dp):
     cfg, params = models[name]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
-    want = np.asarray(jax.jit(lambda p, t: llama.full_logits(p, cfg, t))(params, tokens))
+    want = np.asarray(jax.jit(lambda p, t: llama.full_logits(llama.prepare(p, cfg), cfg, t))(params, tokens))
     plan = plan_for(cfg, make_mesh(tp, dp), slots=2)
     sharded = jax.device_put(params, plan.param_shardings(cfg))
-    got = np.asarray(jax.jit(lambda p, t: llama.full_logits(p, cfg, t))(sharded, tokens))
+    got = np.asarray(jax.jit(lambda p, t: llama.full_logits(llama.prepare(p, cfg), cfg, t))(sharded, tokens))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
     prompt = [int(x) for x in tokens[0, :7]]

@@ -17,12 +17,8 @@ import asyncio
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def measure_bandwidth(mb: int = 512, reps: int = 5) -> float:
@@ -89,7 +85,7 @@ def context_sweep(checkpoint, contexts: list[int], reps: int = 10, dtype: str | 
     attention reads a bucketed span, so the step should grow with the context, not with the
     session length."""
     from model.checkpoint import load_config, load_params
-    from service.runner import ModelRunner
+    from service.engine.runner import ModelRunner
 
     import dataclasses
 
@@ -127,8 +123,8 @@ def main(argv=None) -> int:
                         help="also time a 1-slot decode step with this many tokens of context")
     args = parser.parse_args(argv)
 
-    import jax
 
+    from model.backends import param_bytes
     from service.models import build_engine, resolve
 
     checkpoint, name = resolve(args.model, args.dtype)
@@ -141,7 +137,7 @@ def main(argv=None) -> int:
                           kv_cache_dtype=args.kv_cache_dtype)
     cfg = engine.runner.cfg
     # The bytes a decode step streams: the weights as the runner holds them.
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
+    weight_bytes = param_bytes(engine.runner.params)
     weight_kind = args.quantize or cfg.dtype
     bw = measure_bandwidth()
     flops = measure_flops(dtype=cfg.dtype)

@@ -27,7 +27,6 @@ from model.config import ModelConfig, UnsupportedConfigError, from_hf_config
 from model.convert.gguf import gguf_hf_config, gguf_reader, gguf_tensors, gguf_tokenizer_files
 from model.convert.sources import hf_tensors
 from model.convert.transforms import ConversionError
-from model.families import family
 from model.weights import param_specs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -47,6 +46,8 @@ def _empty_tree(cfg: ModelConfig) -> dict[str, Any]:
 
 def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], progress: bool = True) -> dict:
     """Consume (key, tensor) pairs through the family's table into a checked param tree."""
+    from model.families import family  # its key tables import this package's transforms
+
     table = [(re.compile(p), fn) for p, fn in family(cfg.family).KEY_TABLE]
     specs = param_specs(cfg)
     out = _empty_tree(cfg)

@@ -1,7 +1,7 @@
 """Run by test_cpu_kernels in a subprocess built for another instruction set (XLASERVE_CPU_MARCH):
 every kernel entry point against numpy."""
-import numpy as np, jax, jax.numpy as jnp
-from model import cpu_kernels
+import numpy as np, jax.numpy as jnp
+from model.backends.cpu import kernels as cpu_kernels
 assert cpu_kernels.available()
 rng = np.random.default_rng(0)
 m, k, n = 7, 100, 70

@@ -1,5 +1,7 @@
-"""Native CPU kernels, called through XLA's FFI: decode attention (``cpu_attention.cc``) and
-the matmul against packed weights (``cpu_matmul.cc``).
+"""Native CPU kernels, called through XLA's FFI: attention that reads each query's own context
+from the KV cache (``cpu_attention.cc``) and matmuls against weights packed into column
+panels (``cpu_matmul.cc``, ``cpu_matmul_i8.cc``), with their build, their registration, the
+packed weight types and the KV cache's storage format.
 
 XLA's CPU backend runs single-token attention as a batched dot of (rows x kv heads) tiny
 matrices, one library call each; at 16 rows that cost more than every matmul of the model.
@@ -11,7 +13,7 @@ to a prefill chunk.
 The kernels are built on first use with the machine's C++ compiler (``-O3 -march=native``)
 into the xlaserve cache and loaded from there afterwards. Where they cannot be built (no
 compiler) or do not apply (not the CPU backend, float32 weights and cache, a sharded mesh),
-the caller keeps the XLA path: ``available()`` says which.
+the XLA backend runs the model instead: ``available()`` says which.
 
 ``XLASERVE_CPU_KERNELS=0`` turns the kernel off.
 """
@@ -19,6 +21,7 @@ the caller keeps the XLA path: ``available()`` says which.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -27,7 +30,6 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -201,14 +203,130 @@ def _quantize_columns(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
 
 
-def pack(w: jax.Array, dtype="float32") -> Any:
+def _live(x2: jax.Array, live: jax.Array | None) -> jax.Array:
+    if live is None:
+        return jnp.full((1,), x2.shape[0], jnp.int32)
+    return jnp.reshape(live, (1,)).astype(jnp.int32)
+
+
+def _call(x: jax.Array, n: int, width: int, target: str, *operands, live=None) -> jax.Array:
+    """x (..., K) through the FFI matmul ``target``: float32 (..., n)."""
+    _require()
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32)
+    y = jax.ffi.ffi_call(target, out)(x2, *operands, _live(x2, live))
+    if width != n:
+        y = y[:, :n]
+    return y.reshape(*lead, n)
+
+
+class _Packed:
+    """What every packed weight does: multiply (``apply``), split one product into parts
+    (``apply_split``), and read columns back as rows (``lookup``: an embedding from a tied
+    head). ``live`` (int32 scalar): only the first ``live`` rows of x (flattened over its
+    leading dims) are multiplied, the output's others are zeros; padding placed last costs
+    nothing."""
+
+    n: int  # the weight's columns (the padding to whole panels excluded)
+
+    def apply_split(self, x: jax.Array, sizes: tuple[int, ...], live=None) -> tuple[jax.Array, ...]:
+        y = self.apply(x, live)
+        out, at = [], 0
+        for size in sizes:
+            out.append(y[..., at:at + size])
+            at += size
+        return tuple(out)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Panels(_Packed):
+    """A (K, n) float32 or bfloat16 weight as column panels (P, K, NR), zero-padded to whole
+    panels; the kernel widens bfloat16 to float32 as it loads it."""
+
+    panels: jax.Array
+    n: int = dataclasses.field(metadata=dict(static=True))
+
+    def apply(self, x, live=None):
+        p, _, nr = self.panels.shape
+        target = MATMUL if self.panels.dtype == jnp.float32 else MATMUL_BF16
+        return _call(x, self.n, p * nr, target, self.panels, live=live)
+
+    def lookup(self, ids):
+        nr = self.panels.shape[-1]
+        return self.panels[ids // nr, :, ids % nr].astype(jnp.float32)
+
+    def unpack(self):
+        p, k, nr = self.panels.shape
+        return self.panels.astype(jnp.float32).transpose(1, 0, 2).reshape(k, p * nr)[:, :self.n]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Panels(_Packed):
+    """Weight-only int8: panels (P, K, NR) of int8 and one float32 scale per column; the
+    products are float32."""
+
+    q: jax.Array
+    scale: jax.Array  # (P * NR,)
+    n: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def panels(self):
+        return self.q
+
+    def apply(self, x, live=None):
+        p, _, nr = self.q.shape
+        return _call(x, self.n, p * nr, MATMUL_INT8, self.q, self.scale, live=live)
+
+    def lookup(self, ids):
+        nr = self.q.shape[-1]
+        return self.q[ids // nr, :, ids % nr].astype(jnp.float32) * self.scale[ids][..., None]
+
+    def unpack(self):
+        p, k, nr = self.q.shape
+        w = self.q.astype(jnp.float32).transpose(1, 0, 2).reshape(k, p * nr)
+        return (w * self.scale)[:, :self.n]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class W8A8Panels(_Packed):
+    """int8 weights laid out for int8 dot products with activations quantized per row and
+    block of 64 on entry: q8 (P, Kp/4, 64, 4), a scale and the 128-offset column sums per
+    block (see cpu_matmul_i8.cc)."""
+
+    q8: jax.Array
+    scale: jax.Array
+    colsum: jax.Array
+    n: int = dataclasses.field(metadata=dict(static=True))
+    k: int = dataclasses.field(metadata=dict(static=True))
+
+    def apply(self, x, live=None):
+        return _call(x, self.n, self.scale.shape[0], MATMUL_W8A8, self.q8, self.scale, self.colsum,
+                     live=live)
+
+    def lookup(self, ids):
+        cols = self.q8[ids // W8A8_COLS, :, ids % W8A8_COLS, :]  # (..., Kp/4, 4)
+        out = cols.reshape(*ids.shape, -1)[..., :self.k].astype(jnp.float32)
+        return out * self.scale[ids][..., None]
+
+    def unpack(self):
+        p, g, cols, _ = self.q8.shape
+        w = self.q8.astype(jnp.float32).transpose(1, 3, 0, 2).reshape(g * 4, p * cols)
+        return (w * self.scale)[:self.k, :self.n]
+
+
+PackedWeight = Panels | Int8Panels | W8A8Panels
+
+
+def pack(w: jax.Array, dtype="float32") -> PackedWeight:
     """A (K, N) weight in the layout a matmul kernel streams, zero-padded to whole panels.
 
-    ``dtype``: float32 or bfloat16 panels (P, K, NR) (the kernel widens bfloat16 as it loads
-    it); int8: weight-only quantization with one float32 scale per column,
-    ``{"q": panels, "scale": (P * NR,)}``, float32 products; w8a8: the same weight quantization
-    laid out for int8 dot products with activations quantized per row and block on entry,
-    ``{"q8": (P, Kp/4, 64, 4), "scale", "colsum"}`` (see cpu_matmul_i8.cc)."""
+    ``dtype``: float32 or bfloat16 panels; int8: weight-only quantization with one float32
+    scale per column, float32 products; w8a8: the same weight quantization laid out for int8
+    dot products."""
     name = dtype if dtype == "w8a8" else jnp.dtype(dtype).name
     if name not in WEIGHT_DTYPES:
         raise ValueError(f"packed weights are one of {', '.join(WEIGHT_DTYPES)}, not {name}")
@@ -221,72 +339,35 @@ def pack(w: jax.Array, dtype="float32") -> Any:
         q, scale = _quantize_columns(w)
         colsum = 128 * q.astype(jnp.int32).reshape(kp // W8A8_BLOCK, W8A8_BLOCK, -1).sum(axis=1)
         q4 = q.reshape(kp // 4, 4, p, W8A8_COLS).transpose(2, 0, 3, 1)
-        return {"q8": q4, "scale": scale, "colsum": colsum}
+        return W8A8Panels(q4, scale, colsum, n=n, k=k)
     nr = panel_width()
     panels = -(-n // nr)
     w = jnp.pad(w, ((0, 0), (0, panels * nr - n)))
     if name == "int8":
         q, scale = _quantize_columns(w)
-        return {"q": q.reshape(k, panels, nr).transpose(1, 0, 2), "scale": scale}
-    return w.astype(name).reshape(k, panels, nr).transpose(1, 0, 2)
+        return Int8Panels(q.reshape(k, panels, nr).transpose(1, 0, 2), scale, n=n)
+    return Panels(w.astype(name).reshape(k, panels, nr).transpose(1, 0, 2), n=n)
 
 
-def panels(packed: Any) -> jax.Array:
+def panels(packed: Panels | Int8Panels) -> jax.Array:
     """The (P, K, NR) panel array of a float32, bfloat16 or int8 packed weight."""
-    return packed["q"] if isinstance(packed, dict) else packed
+    return packed.panels
 
 
-def unpack(packed: Any, n: int, k: int | None = None) -> jax.Array:
-    """The (K, n) float32 weight back from its panels (dequantized when quantized); ``k``
-    trims w8a8's padded rows."""
-    if isinstance(packed, dict) and "q8" in packed:
-        p, g, cols, _ = packed["q8"].shape
-        w = packed["q8"].astype(jnp.float32).transpose(1, 3, 0, 2).reshape(g * 4, p * cols)
-        return (w * packed["scale"])[:k, :n]
-    p, kk, nr = panels(packed).shape
-    w = panels(packed).astype(jnp.float32).transpose(1, 0, 2).reshape(kk, p * nr)
-    if isinstance(packed, dict):
-        w = w * packed["scale"]
-    return w[:, :n]
+def unpack(packed: PackedWeight, n: int | None = None, k: int | None = None) -> jax.Array:
+    """The (K, n) float32 weight back from its panels (dequantized when quantized)."""
+    w = packed.unpack()
+    return w[:k, :n]
 
 
-def columns(packed: Any, ids: jax.Array, k: int) -> jax.Array:
-    """Columns ``ids`` (...) of the packed (k, N) weight, float32 (..., k): an embedding read
-    from a packed tied head."""
-    if isinstance(packed, dict) and "q8" in packed:
-        q8 = packed["q8"]
-        cols = q8[ids // W8A8_COLS, :, ids % W8A8_COLS, :]  # (..., Kp/4, 4)
-        out = cols.reshape(*ids.shape, -1)[..., :k].astype(jnp.float32)
-        return out * packed["scale"][ids][..., None]
-    nr = panels(packed).shape[-1]
-    out = panels(packed)[ids // nr, :, ids % nr].astype(jnp.float32)
-    if isinstance(packed, dict):
-        out = out * packed["scale"][ids][..., None]
-    return out
+def columns(packed: PackedWeight, ids: jax.Array, k: int | None = None) -> jax.Array:
+    """Columns ``ids`` (...) of the packed (K, N) weight, float32 (..., K)."""
+    return packed.lookup(ids)
 
 
-def matmul(x: jax.Array, packed: Any, n: int, live: jax.Array | None = None) -> jax.Array:
+def matmul(x: jax.Array, packed: PackedWeight, n: int | None = None, live: jax.Array | None = None) -> jax.Array:
     """x (..., K) @ W (K, n) with W given as ``pack(W)``; float32 (..., n), computed in float32
-    whatever the packed dtype (w8a8: int8 products, int32 sums).
-
-    ``live`` (int32 scalar): only the first ``live`` rows of x (flattened over its leading
-    dims) are multiplied, the output's others are zeros; padding placed last costs nothing."""
-    _require()
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k).astype(jnp.float32)
-    live = jnp.full((1,), x2.shape[0], jnp.int32) if live is None else jnp.reshape(live, (1,)).astype(jnp.int32)
-    if isinstance(packed, dict) and "q8" in packed:
-        width = packed["scale"].shape[0]
-        out = jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32)
-        y = jax.ffi.ffi_call(MATMUL_W8A8, out)(x2, packed["q8"], packed["scale"], packed["colsum"], live)
-    else:
-        p, _, nr = panels(packed).shape
-        width = p * nr
-        out = jax.ShapeDtypeStruct((x2.shape[0], width), jnp.float32)
-        if isinstance(packed, dict):
-            y = jax.ffi.ffi_call(MATMUL_INT8, out)(x2, packed["q"], packed["scale"], live)
-        else:
-            y = jax.ffi.ffi_call(MATMUL if packed.dtype == jnp.float32 else MATMUL_BF16, out)(x2, packed, live)
-    if width != n:
-        y = y[:, :n]
-    return y.reshape(*lead, n)
+    whatever the packed dtype (w8a8: int8 products, int32 sums)."""
+    if n is not None and n != packed.n:
+        raise ValueError(f"the packed weight has {packed.n} columns, not {n}")
+    return packed.apply(x, live)

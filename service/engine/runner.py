@@ -8,8 +8,8 @@ them in place.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import cpu_kernels, llama
+from model import layers, transformer
+from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
-from sharding.distributed import COPY, DECODE, PREFILL, SET_ROW, STOP
+from service.engine.plan import Copy, StepPlan
 
 
 log = logging.getLogger(__name__)
@@ -42,38 +43,6 @@ jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 def compile_count() -> int:
     """XLA compilations (or persistent-cache loads) in this process so far."""
     return _compiles
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory instead of handing it back to the OS. Every
-    step frees and allocates the same buffers (activations, logits, a quantized copy of x);
-    given back, they return as fresh pages that fault in again on each step (measured on the
-    CPU backend: 1,400-3,000 page faults a decode step in some processes, about 0.4 s of
-    system time in a 3.5 s run of 16 streams). Process-wide; False where it does not apply."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        # Blocks up to 32 MiB (glibc's largest) come from the heap, and its top is trimmed
-        # only past 1 GiB free.
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
-def uses_cpu_kernels(sharded: bool) -> bool:
-    """Whether a runner runs on the native CPU kernels: one CPU device (no sharding plan),
-    the kernels built. Then weights are packed, activations float32, and the KV cache float32
-    unless bfloat16 or int8 is asked."""
-    return not sharded and cpu_kernels.available()
-
-
-def cache_dtype(cfg: ModelConfig, sharded: bool, kv_cache_dtype: str | None = None) -> jnp.dtype:
-    """The KV cache's storage dtype: as asked, else float32 on the CPU kernels, else the
-    model's. On the kernels a bfloat16 cache is stored as its uint16 bits, and an int8 one
-    with each head's scale after its values (``cpu_kernels.to_cache``)."""
-    kernels = uses_cpu_kernels(sharded)
-    dtype = jnp.dtype(kv_cache_dtype or (jnp.float32 if kernels else cfg.dtype))
-    return jnp.dtype(jnp.uint16) if kernels and dtype == jnp.bfloat16 else dtype
 
 
 def prefill_buckets(max_chunk: int) -> list[int]:
@@ -119,6 +88,19 @@ def _copy_slot(cache, src, dst):
                   for x in kv) for kv in cache]
 
 
+def replayed(method):
+    """A step every process of a multi-process mesh runs: process 0 announces the call (its
+    name and host arguments) before running it, and the others replay it in ``follow``."""
+
+    @functools.wraps(method)
+    def announced(self, *args):
+        if self.channel is not None and self.channel.leader:
+            self.channel.announce(method.__name__, args)
+        return method(self, *args)
+
+    return announced
+
+
 @dataclasses.dataclass
 class DecodeHandle:
     """A dispatched decode step: its device outputs, and where its slots' rows are."""
@@ -136,7 +118,8 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: Any, max_batch_size: int, session_len: int,
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
                  top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
-                 quantize: str | None = None, kv_cache_dtype: str | None = None):
+                 quantize: str | None = None, kv_cache_dtype: str | None = None,
+                 backend: Backend | None = None):
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -147,29 +130,15 @@ class ModelRunner:
         self.max_chunk = min(max_prefill_chunk, session_len)
         self.prefill_sizes = prefill_buckets(self.max_chunk)
         self.spans = span_buckets(session_len)
-        # On one CPU device the native kernels run the model: every projection through
-        # packed weights (float32; bfloat16 for a bfloat16 model; int8 with ``quantize``),
-        # float32 activations, and attention that reads each query's own context, so neither
-        # decode nor prefill needs span buckets (one compile per batch or chunk size).
-        self.kernels = uses_cpu_kernels(plan is not None)
+        # The device path, chosen once: the native CPU kernels on one CPU device, else XLA.
+        self.backend = backend or select(sharded=plan is not None)
+        self.backend.check(quantize, kv_cache_dtype)
         if jax.default_backend() == "cpu":
             keep_freed_memory()
-        if quantize is not None and not self.kernels:
-            raise ValueError(f"quantize={quantize!r} needs the native CPU kernels: one CPU device, "
-                             "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
-        if (self.kernels and kv_cache_dtype is not None
-                and jnp.dtype(kv_cache_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
-                                                      jnp.dtype(jnp.int8))):
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: the CPU kernels keep the KV cache "
-                             "in float32, bfloat16 or int8")
-        if not self.kernels and kv_cache_dtype is not None and jnp.dtype(kv_cache_dtype) == jnp.int8:
-            raise ValueError("kv_cache_dtype='int8' needs the native CPU kernels: one CPU device, "
-                             "no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0")
-        if quantize == "w8a8" and not cpu_kernels.int8_dot_native():
-            log.warning("w8a8: this CPU has no AVX512-VNNI; int8 dot products run in scalar code "
-                        "(slow): prefer --quantize int8")
-        self.decode_spans = [session_len] if self.kernels else self.spans
-        self.prefill_spans = [session_len] if self.kernels else self.spans
+        # A backend that reads each query's own context needs no span buckets (one compile
+        # per batch or chunk size).
+        self.decode_spans = [session_len] if self.backend.reads_own_context else self.spans
+        self.prefill_spans = self.decode_spans
         # Slots split over a data axis decode at full width, each replica over its own rows:
         # gathering a compacted batch from rows on other devices would move their KV.
         self.full_width = plan is not None and plan.mesh.shape["data"] > 1
@@ -182,7 +151,7 @@ class ModelRunner:
             device = jax.devices()[0]
             place = lambda tree: jax.device_put(tree, device)  # noqa: E731
             self._cache_sh = self._sampling_sh = self._out_sh = None
-            self.params = llama.pack_params(params, cfg, quantize) if self.kernels else params
+            self.params = self.backend.prepare(params, cfg, quantize)
             self.eos_mask = place(jnp.asarray(mask))
         else:
             cache_sh = plan.cache_sharding()
@@ -191,23 +160,23 @@ class ModelRunner:
                                              jax.eval_shape(lambda: smp.SlotSampling.empty(
                                                  max_batch_size, cfg.vocab_size)))
             self._out_sh = plan.replicated
-            self.params = jax.device_put(params, plan.param_shardings(cfg))
+            self.params = self.backend.prepare(jax.device_put(params, plan.param_shardings(cfg)), cfg)
             self.eos_mask = jax.device_put(mask, plan.replicated)
-        # Every step looks its positions' cos/sin up here (see llama.rope_table).
-        self.rope = jax.device_put(llama.rope_table(cfg, session_len),
+        # Every step looks its positions' cos/sin up here (see layers.rope_table).
+        self.rope = jax.device_put(layers.rope_table(cfg, session_len),
                                    jax.devices()[0] if plan is None else plan.replicated)
         # Created directly in place (sharded when there is a plan), never whole on one device.
-        kv_dtype = cache_dtype(cfg, plan is not None, kv_cache_dtype)
-        self.cache = jax.jit(lambda: llama.init_cache(cfg, max_batch_size, session_len, kv_dtype),
+        kv_dtype = self.backend.cache_dtype(cfg, kv_cache_dtype)
+        self.cache = jax.jit(lambda: self.backend.init_cache(cfg, max_batch_size, session_len, kv_dtype),
                              out_shardings=self._cache_sh)()
         self.sampling = jax.jit(lambda: smp.SlotSampling.empty(max_batch_size, cfg.vocab_size),
                                 out_shardings=self._sampling_sh)()
         if plan is None:
             self.cache, self.sampling = place(self.cache), place(self.sampling)
-        weight_mib = sum(x.nbytes for x in jax.tree.leaves(self.params)) / 2**20
+        weight_mib = param_bytes(self.params) / 2**20
         cache_mib = sum(x.nbytes for kv in self.cache for x in kv) / 2**20
         log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB (%d slots x %d positions)",
-                 "native CPU kernels" if self.kernels else f"XLA on {jax.devices()[0].platform}",
+                 self.backend.describe(),
                  quantize or cfg.dtype, weight_mib, "bfloat16" if kv_dtype == jnp.uint16 else kv_dtype.name,
                  cache_mib, max_batch_size, session_len)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
@@ -236,21 +205,21 @@ class ModelRunner:
         """Chunks of up to P sequences packed into one row of tokens.
 
         tokens, positions (1, T), padded at the end (padding positions are out of range, so
-        their cache writes are dropped); rows: each token's cache row (1, T) on the kernels,
+        their cache writes are dropped); rows: each token's cache row (1, T) where the backend takes them so,
         else the one chunk's (1,). ends, slots, last (P,): each chunk's last index in
         ``tokens``, its slot (padding entries: out of range) and whether it ends its prompt.
         steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a decode
         row riding along is a one-token chunk with its own count, as ``_decode_fn`` has it).
-        live: the real tokens' count (the kernels' projections skip the padding).
+        live: the real tokens' count (packed projections skip the padding).
 
         Returns the token sampled at each chunk's last position (P,) with its logprobs. Only
         a chunk that ends its prompt really emits its token; only those are accounted for
         penalties.
         """
-        hidden, cache = llama.forward(params, self.cfg, tokens, positions, cache, span=span,
-                                      rows=rows, attn_kernel=self.kernels, rope=rope, live=live)
+        hidden, cache = transformer.forward(params, self.cfg, tokens, positions, cache, span=span,
+                                            rows=rows, backend=self.backend, rope=rope, live=live)
         final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
-        logits = self._gathered(llama.logits(params, self.cfg, final))  # (P, V)
+        logits = self._gathered(transformer.logits(params, self.cfg, final))  # (P, V)
         out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=slots)
         sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
         return cache, sampling, out
@@ -263,9 +232,9 @@ class ModelRunner:
         range): their cache and sampling-state writes are dropped. In full-width mode
         ``rows`` is None and batch row i is slot i.
         """
-        hidden, cache = llama.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                      span=span, rows=rows, attn_kernel=self.kernels, rope=rope, live=live)
-        logits = self._gathered(llama.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
+        hidden, cache = transformer.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
+                                            span=span, rows=rows, backend=self.backend, rope=rope, live=live)
+        logits = self._gathered(transformer.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
         out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=rows)
         sampling = smp.record(sampling, out[0], rows)
         return cache, sampling, out
@@ -275,39 +244,47 @@ class ModelRunner:
     # With a ``channel`` (several processes), process 0 announces each step before running it
     # and the others replay it in ``follow``.
 
-    def set_slot(self, slot: int, params: smp.SamplingParams, prompt_ids, seed: int) -> None:
-        row = smp.row_values(params, self.cfg.vocab_size, prompt_ids, seed)
-        if self.channel is not None:
-            self.channel.send(SET_ROW, (slot,), row)
-        self._run_set_row(slot, row)
+    def execute(self, plan: StepPlan, inflight: "DecodeHandle | None" = None):
+        """Run a step's plan: its copies and prefill calls in order, then dispatch its decode
+        step (fed by ``inflight``'s tokens on the device when the plan chains on it). Returns
+        the prefill calls' host outputs and the decode step's handle (or None)."""
+        results = []
+        for op in plan.ops:
+            if isinstance(op, Copy):
+                self.copy_slot(op.src, op.dst)
+            else:
+                results.append(self.prefill_packed(
+                    [(c.slot, list(c.tokens), c.start, c.last, c.step) for c in op.chunks]))
+        handle = None
+        d = plan.decode
+        if d is not None:
+            handle = self.dispatch_decode(list(d.slots), inflight if d.chained else list(d.tokens),
+                                          list(d.positions), list(d.steps))
+        return results, handle
 
-    def _run_set_row(self, slot: int, row) -> None:
+    def set_slot(self, slot: int, params: smp.SamplingParams, prompt_ids, seed: int) -> None:
+        self._set_row_step(slot, smp.row_values(params, self.cfg.vocab_size, prompt_ids, seed))
+
+    @replayed
+    def _set_row_step(self, slot: int, row) -> None:
         self.sampling = self._set_row(self.sampling, np.int32(slot), row)
 
+    @replayed
     def copy_slot(self, src: int, dst: int) -> None:
         """Copy slot ``src``'s KV into slot ``dst`` (a prompt prefix they share is then
         prefilled once: n > 1 samples, common system prompts)."""
-        if self.channel is not None:
-            self.channel.send(COPY, (src, dst))
-        self._run_copy(src, dst)
-
-    def _run_copy(self, src: int, dst: int) -> None:
         self.cache = self._copy_slot(self.cache, np.int32(src), np.int32(dst))
 
     def prompts_per_call(self, n_tokens: int) -> int:
-        """How many sequences' chunks one prefill call of ``n_tokens`` may pack. The kernels
-        take cache rows per token: up to one chunk per 4 tokens of the call's bucket, at most
-        one per slot. Every call samples that many rows, which a lone short prompt pays for
-        (about 0.7 ms at 4 rows, 3 ms at 16, on the default model). XLA attends per batch
-        row: one."""
-        if not self.kernels:
-            return 1
-        return min(self.slots, max(1, bucket_for(n_tokens, self.prefill_sizes) // 4))
+        """How many sequences' chunks one prefill call of ``n_tokens`` may pack (the backend
+        says: one where the cache is addressed per batch row)."""
+        return self.backend.prompts_per_call(bucket_for(n_tokens, self.prefill_sizes), self.slots)
 
     def _prefill_arrays(self, size: int, p: int):
         """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps."""
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        return z(1, size), z(1, size), z(1, size) if self.kernels else z(1), z(p), z(p), z(p), z(p)
+        rows = z(1, size) if self.backend.rows_per_token else z(1)
+        return z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p)
 
     def prefill(self, slot: int, tokens: list[int], start: int, last: bool = True):
         """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host
@@ -338,7 +315,7 @@ class ModelRunner:
             k = len(toks)
             tokens[0, i:i + k] = toks
             positions[0, i:i + k] = np.arange(start, start + k)
-            if self.kernels:
+            if self.backend.rows_per_token:
                 rows[0, i:i + k] = slot
             else:
                 rows[0] = slot  # (1,): the one chunk's slot
@@ -347,12 +324,11 @@ class ModelRunner:
         starts = [c[2] for c in chunks]
         span = bucket_for(min(max(starts) + size, self.session_len), self.prefill_spans)
         arrays = (tokens, positions, rows, ends, slots, last, steps)
-        if self.channel is not None:
-            self.channel.send(PREFILL, (size, p, span, n), arrays)
-        out = self._run_prefill(arrays, n, span)
+        out = self._prefill_step(arrays, n, span)
         return tuple(None if x is None else _host(x) for x in out)
 
-    def _run_prefill(self, arrays, n, span):
+    @replayed
+    def _prefill_step(self, arrays, n, span):
         self.cache, self.sampling, out = self._prefill(
             self.params, self.cache, self.sampling, self.rope, *arrays, np.int32(n), span=span)
         return out
@@ -382,16 +358,17 @@ class ModelRunner:
         if isinstance(tokens, DecodeHandle):
             if tokens.rows.shape != rows.shape or (tokens.rows != rows).any() or self.channel is not None:
                 raise ValueError("chained decode steps must cover the same slots on one process")
-            tok = tokens.out[0]
+            out = self._run_decode(tokens.out[0], pos, st, rows, n, span)
         else:
             host_tok = np.zeros((b,), np.int32)
             host_tok[where] = tokens
-            if self.channel is not None:
-                self.channel.send(DECODE, (b, span, n), (host_tok, pos, st, rows))
-            # Placed like a step's own output tokens, so both kinds of input share one compile.
-            tok = jax.device_put(host_tok, self._token_sharding)
-        out = self._run_decode(tok, pos, st, rows, n, span)
+            out = self._decode_step(host_tok, pos, st, rows, n, span)
         return DecodeHandle(out, where, rows)
+
+    @replayed
+    def _decode_step(self, host_tok, pos, st, rows, n, span):
+        # Placed like a step's own output tokens, so both kinds of input share one compile.
+        return self._run_decode(jax.device_put(host_tok, self._token_sharding), pos, st, rows, n, span)
 
     def fetch(self, handle: "DecodeHandle"):
         """Wait for a dispatched step: host arrays whose rows follow its slots."""
@@ -407,31 +384,14 @@ class ModelRunner:
 
     def follow(self) -> None:
         """On processes other than 0: replay the steps process 0 announces, until it stops."""
-        like_row = smp.row_values(smp.SamplingParams(), self.cfg.vocab_size, [0], 0)
-        while True:
-            header = self.channel.receive_header()
-            op, ints = int(header[0]), [int(x) for x in header[1:]]
-            if op == STOP:
-                return
-            if op == SET_ROW:
-                self._run_set_row(ints[0], self.channel.receive(like_row))
-            elif op == PREFILL:
-                size, p, span, n = ints[:4]
-                self._run_prefill(self.channel.receive(self._prefill_arrays(size, p)), n, span)
-            elif op == COPY:
-                self._run_copy(ints[0], ints[1])
-            elif op == DECODE:
-                b, span, n = ints[:3]
-                z = np.zeros((b,), np.int32)
-                tok, pos, st, rows = self.channel.receive((z, z, z, z))
-                self._run_decode(jax.device_put(tok, self._token_sharding), pos, st, rows, n, span)
-            else:
-                raise RuntimeError(f"unknown step {op} from process 0")
+        while (call := self.channel.next_call()) is not None:
+            name, args = call
+            getattr(self, name)(*args)
 
     def stop_followers(self) -> None:
         """Process 0: release the other processes (once)."""
         if self.channel is not None and self.channel.leader:
-            self.channel.send(STOP)
+            self.channel.stop()
             self.channel = None
 
     def compiled_variants(self) -> int:

@@ -1,0 +1,129 @@
+"""The device backends: how the model's math runs, chosen once when a runner is built.
+
+Two backends share one interface (``Backend``):
+
+- ``cpu.CpuKernels``: one CPU device with the native kernels built. Weights are packed into
+  column panels (float32, bfloat16, int8 or w8a8 types), activations are float32, the KV
+  cache has its own storage format (float32, bfloat16 bits in uint16, or int8 with a scale),
+  and attention reads each query's own context, so one call can carry chunks of several
+  sequences (a cache row per token).
+- ``xla.Xla``: everything else (sharded meshes, GPUs, the reference path). Weights stay the
+  checkpoint's arrays (wrapped, not copied, so their shardings hold), attention reads a
+  bucketed span of each row's cache, one sequence per prefill call.
+
+The model (``model.transformer``) calls ``backend.write_kv`` and ``backend.attend`` and the
+weights' own ``apply``/``lookup``; it never asks which backend it runs on.
+"""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+
+class Backend(abc.ABC):
+    """One device path. Instances are stateless and hashable, so a jitted step can close
+    over one."""
+
+    name: str
+    # The KV cache is addressed by a cache row per token, so one prefill call can pack
+    # chunks of several sequences; otherwise by a cache row per batch row.
+    rows_per_token: bool
+    # Attention reads each query's own positions: no span buckets are compiled.
+    reads_own_context: bool
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other)
+
+    # -- options --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def check(self, quantize: str | None, kv_cache_dtype: str | None) -> None:
+        """Raise ValueError naming what this backend cannot run."""
+
+    def describe(self) -> str:
+        return self.name
+
+    # -- weights --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def prepare(self, params: dict[str, Any], cfg: ModelConfig, quantize: str | None = None) -> dict[str, Any]:
+        """The checkpoint's param tree as this backend's typed weights (see ``model.transformer``
+        for the tree it returns)."""
+
+    # -- KV cache -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def cache_dtype(self, cfg: ModelConfig, kv_cache_dtype: str | None = None) -> jnp.dtype:
+        """The KV cache's storage dtype, as asked or this backend's default."""
+
+    def cache_head_size(self, head_dim: int, storage: Any) -> int:
+        """Entries one position's head takes in a cache of ``storage`` dtype."""
+        return head_dim
+
+    def kv_bytes_per_token(self, cfg: ModelConfig, kv_cache_dtype: str | None = None) -> int:
+        storage = self.cache_dtype(cfg, kv_cache_dtype)
+        return 2 * cfg.num_layers * cfg.num_kv_heads * self.cache_head_size(cfg.head_dim, storage) * storage.itemsize
+
+    def init_cache(self, cfg: ModelConfig, rows: int, length: int, storage: Any = None) -> list:
+        """Per-layer (k, v) buffers, each (rows, length, K, entries per head)."""
+        storage = jnp.dtype(storage or self.cache_dtype(cfg))
+        shape = (rows, length, cfg.num_kv_heads, self.cache_head_size(cfg.head_dim, storage))
+        return [(jnp.zeros(shape, storage), jnp.zeros(shape, storage)) for _ in range(cfg.num_layers)]
+
+    @abc.abstractmethod
+    def write_kv(self, kv: tuple, k: jax.Array, v: jax.Array, rows: jax.Array | None,
+                 positions: jax.Array) -> tuple:
+        """Scatter k, v (B, T, K, H) into one layer's cache at each token's position of its row.
+        Padding (a position past the end, a row out of range) is dropped."""
+
+    @abc.abstractmethod
+    def attend(self, q: jax.Array, kv: tuple, rows: jax.Array | None, positions: jax.Array,
+               span: int) -> jax.Array:
+        """q (B, T, N, H) over one layer's cache -> (B, T, N, H): a query at position p sees
+        positions 0..p of its row."""
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    def prompts_per_call(self, bucket: int, slots: int) -> int:
+        """How many sequences' chunks one prefill call of ``bucket`` tokens may pack."""
+        return 1
+
+
+def select(sharded: bool) -> Backend:
+    """The backend a runner uses: the native CPU kernels on one CPU device where they build,
+    else XLA."""
+    from model.backends import cpu, xla
+
+    if not sharded and cpu.available():
+        return cpu.CpuKernels()
+    return xla.Xla()
+
+
+def param_bytes(params: Any) -> int:
+    """Bytes of a prepared param tree, a leaf shared by two weights (a tied head) once."""
+    return sum({id(x): x.nbytes for x in jax.tree.leaves(params)}.values())
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory instead of handing it back to the OS. Every
+    step frees and allocates the same buffers (activations, logits, a quantized copy of x);
+    given back, they return as fresh pages that fault in again on each step. Process-wide;
+    False where it does not apply."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # Blocks up to 32 MiB (glibc's largest) come from the heap, and its top is trimmed
+        # only past 1 GiB free.
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False

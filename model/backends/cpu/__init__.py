@@ -1,0 +1,117 @@
+"""The native CPU kernels backend: one CPU device, the kernels of ``kernels`` built.
+
+Weights: each layer's q/k/v and gate/up are fused, and every projection and the output head
+are packed as column panels (float32; bfloat16 for a bfloat16 model; int8 or w8a8 with
+``quantize``). Activations are float32. A tied embedding is read from the packed head.
+
+KV cache: float32, bfloat16 (stored as its uint16 bits) or int8 (each head's values and its
+float32 scale, ``kernels.to_cache``). Attention reads each query's own positions 0..p of its
+row, so one call can carry chunks of several sequences (a cache row per token) and no span
+buckets are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from model.backends import Backend
+from model.backends.cpu import kernels
+from model.backends.cpu.kernels import Int8Panels, Panels, W8A8Panels, available
+from model.backends.xla import Table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CpuKernels", "Int8Panels", "Panels", "W8A8Panels", "available", "kernels"]
+
+_KV_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8))
+
+
+def _rows(rows, b: int):
+    """The cache row of each token (B, T) or of each batch row (B, 1); None: row b."""
+    if rows is None:
+        return jnp.arange(b, dtype=jnp.int32)[:, None]
+    return rows if rows.ndim == 2 else rows[:, None]
+
+
+class CpuKernels(Backend):
+    name = "native CPU kernels"
+    rows_per_token = True
+    reads_own_context = True
+
+    def check(self, quantize, kv_cache_dtype):
+        if quantize not in (None, "int8", "w8a8"):
+            raise ValueError(f"quantize: int8, w8a8 or None, not {quantize!r}")
+        if kv_cache_dtype is not None and jnp.dtype(kv_cache_dtype) not in _KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: the CPU kernels keep the KV cache "
+                             "in float32, bfloat16 or int8")
+
+    def prepare(self, params, cfg, quantize=None):
+        """Matrices stay bfloat16 when the model is (half the bytes to stream per token; the
+        kernel widens them to float32 as it loads them), float16 ones become float32;
+        ``quantize="int8"`` stores them as int8 with a scale per output column instead,
+        ``"w8a8"`` the same int8 weights multiplied by int8 activations (quantized per row and
+        block of 64 as they come). Norms and biases become float32, the dtype the packed model
+        computes and caches in. The inputs are not kept: with the returned tree, the originals
+        can be freed."""
+        if quantize not in (None, "int8", "w8a8"):
+            raise ValueError(f"quantize: int8, w8a8 or None, not {quantize!r}")
+        if quantize == "w8a8" and not kernels.int8_dot_native():
+            log.warning("w8a8: this CPU has no AVX512-VNNI; int8 dot products run in scalar code "
+                        "(slow): prefer --quantize int8")
+        wdtype = quantize or ("bfloat16" if jnp.dtype(cfg.dtype) == jnp.bfloat16 else "float32")
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        d = cfg.hidden_size
+
+        def layer_packed(layer):
+            out = {"attn_norm": f32(layer["attn_norm"]), "mlp_norm": f32(layer["mlp_norm"])}
+            qkv = jnp.concatenate([layer[w].reshape(d, -1) for w in ("wq", "wk", "wv")], axis=1)
+            out["qkv"] = kernels.pack(qkv, wdtype)
+            out["wo"] = kernels.pack(layer["wo"].reshape(-1, d), wdtype)
+            out["gate_up"] = kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1), wdtype)
+            out["w_down"] = kernels.pack(layer["w_down"], wdtype)
+            for bias in ("bq", "bk", "bv"):
+                if bias in layer:
+                    out[bias] = f32(layer[bias])
+            return out
+
+        pack_layer = jax.jit(layer_packed)
+        packed = {"final_norm": f32(params["final_norm"]),
+                  "layers": [pack_layer(layer) for layer in params["layers"]]}
+        if cfg.tie_word_embeddings:
+            packed["head"] = jax.jit(lambda e: kernels.pack(e.T, wdtype))(params["embed"])
+            packed["embed"] = packed["head"]  # the embedding is read from the packed head
+        else:
+            packed["embed"] = Table(params["embed"], "float32")
+            packed["head"] = jax.jit(lambda h: kernels.pack(h, wdtype))(params["lm_head"])
+        return packed
+
+    def cache_dtype(self, cfg, kv_cache_dtype=None):
+        dtype = jnp.dtype(kv_cache_dtype or jnp.float32)
+        # A bfloat16 cache is kept as uint16 bits: XLA's CPU backend widens a bfloat16
+        # scatter's whole operand to float32 and back; an integer scatter is in place.
+        return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 else dtype
+
+    def cache_head_size(self, head_dim, storage):
+        return kernels.cache_head_size(head_dim, storage)
+
+    def write_kv(self, kv, k, v, rows, positions):
+        write_rows = _rows(rows, k.shape[0])
+        k_cache, v_cache = kv
+        k_cache = k_cache.at[write_rows, positions].set(kernels.to_cache(k, k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[write_rows, positions].set(kernels.to_cache(v, v_cache.dtype), mode="drop")
+        return k_cache, v_cache
+
+    def attend(self, q, kv, rows, positions, span):
+        # A prefill chunk's T queries are T kernel rows on the same cache row.
+        b, t, n, h = q.shape
+        q_rows = jnp.broadcast_to(_rows(rows, b), (b, t)).reshape(b * t)
+        out = kernels.decode_attention(q.reshape(b * t, n, h), kv[0], kv[1], q_rows, positions.reshape(b * t) + 1)
+        return out.astype(q.dtype).reshape(b, t, n, h)
+
+    def prompts_per_call(self, bucket, slots):
+        """Up to one chunk per 4 tokens of the call's bucket, at most one per slot: every call
+        samples that many rows, which a lone short prompt pays for."""
+        return min(slots, max(1, bucket // 4))

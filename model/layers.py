@@ -1,0 +1,90 @@
+"""The layers every family is built of, as pure functions: norms, RoPE, attention, MLP.
+
+Weights are typed (see ``model.backends``): a layer calls ``w.apply(x)`` (one product) or
+``w.apply_split(x, sizes)`` (the q/k/v or gate/up products of one input) and ``backend``'s
+``write_kv``/``attend``, whatever the device path.
+
+Dimension letters:
+  B batch rows        T tokens in this call     S cache positions (span attended)
+  D embed             N query heads             K kv heads      G = N // K
+  H head dim          F mlp hidden              V vocab         L layers
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # Statistics in float32: bf16 squares lose too many bits for the mean.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables (B, T, H) for rotate-half RoPE."""
+    # Angles in float32: bf16 positions lose integer precision past 256.
+    inv_freq = jnp.asarray(cfg.inv_freq(), dtype=jnp.float32)  # (H/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, H)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope_table(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (length, H) for positions 0..length-1, as ``rope_cos_sin`` computes them.
+
+    Steps look their positions up here instead of computing cos and sin: XLA fuses those
+    into every layer's rope and evaluates them per element of q and k."""
+    inv_freq = np.asarray(cfg.inv_freq(), dtype=np.float32)
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq  # float32, like rope_cos_sin
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, T, heads, H). HF's rotate-half layout, so converted q/k need no permutation."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention(
+    cfg: ModelConfig,
+    layer: dict[str, Any],
+    x: jax.Array,  # (B, T, D), already normed
+    cos: jax.Array,
+    sin: jax.Array,
+    positions: jax.Array,  # (B, T)
+    kv: tuple[jax.Array, jax.Array],  # one layer's cache
+    rows: jax.Array | None,  # cache rows, as the backend takes them (see Backend.write_kv)
+    span: int,
+    backend: Any,
+    live: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    b, t, _ = x.shape
+    n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = layer["qkv"].apply_split(x, (n * h, k_heads * h, k_heads * h), live)
+    q = q.astype(x.dtype).reshape(b, t, n, h)
+    k = k.astype(x.dtype).reshape(b, t, k_heads, h)
+    v = v.astype(x.dtype).reshape(b, t, k_heads, h)
+    if cfg.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv = backend.write_kv(kv, k, v, rows, positions)
+    out = backend.attend(q, kv, rows, positions, span).reshape(b, t, n * h)  # (B, T, N*H)
+    return layer["wo"].apply(out, live).astype(x.dtype), kv
+
+
+def mlp(cfg: ModelConfig, layer: dict[str, Any], x: jax.Array, live: jax.Array | None = None) -> jax.Array:
+    f = cfg.intermediate_size
+    gate, up = layer["gate_up"].apply_split(x, (f, f), live)
+    hidden = jax.nn.silu(gate.astype(x.dtype)) * up.astype(x.dtype)
+    return layer["w_down"].apply(hidden, live).astype(x.dtype)

@@ -1,0 +1,95 @@
+"""The decoder stack over a prepared param tree, for every family: embed, blocks, final norm,
+logits, and the KV cache they read and write.
+
+A prepared tree (``Backend.prepare``) holds typed weights:
+
+    {"embed": .lookup(ids), "head": .apply(x), "final_norm": (D,),
+     "layers": [{"attn_norm", "qkv": .apply_split(x, sizes), "wo", ["bq", "bk", "bv"],
+                 "mlp_norm", "gate_up": .apply_split(x, sizes), "w_down"}, ...]}
+
+KV cache: a list over layers of ``(k, v)``, each ``(B_cache, S_max, K, entries per head)``.
+Writes are scatters at each token's position, so with a donated cache they happen in place;
+no step copies the cache. On XLA attention reads only the first ``span`` positions (a
+static bucket), so decode cost follows the live context, not the allocated length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model.backends import Backend
+from model.backends.xla import Xla
+from model.config import ModelConfig
+from model.layers import attention, mlp, rms_norm, rope_cos_sin
+
+KVCache = list  # list[tuple[jax.Array, jax.Array]], one (k, v) pair per layer
+
+XLA = Xla()
+
+
+def prepare(params: dict[str, Any], cfg: ModelConfig, backend: Backend = XLA,
+            quantize: str | None = None) -> dict[str, Any]:
+    return backend.prepare(params, cfg, quantize)
+
+
+def forward(
+    params: dict[str, Any],
+    cfg: ModelConfig,
+    tokens: jax.Array,  # (B, T) int32
+    positions: jax.Array,  # (B, T) int32, absolute positions in each row's sequence
+    cache: KVCache,
+    span: int,
+    rows: jax.Array | None = None,  # cache rows (see Backend.write_kv); None: row b
+    backend: Backend = XLA,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    live: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
+
+    Works for prefill (T > 1, any start position: chunked prefill, session turns) and decode
+    (T == 1) alike. ``span`` (static) bounds the attended cache prefix on backends that read
+    a span, and must exceed every position in ``positions`` that matters. ``rope``: a
+    ``layers.rope_table`` to look cos/sin up in (positions past its end, padding, read its
+    last row) instead of computing them. ``live`` (int32 scalar): the first ``live`` of the
+    B * T rows hold data and padding follows them; packed projections skip the padding.
+    """
+    x = params["embed"].lookup(tokens)  # (B, T, D)
+    if rope is None:
+        cos, sin = rope_cos_sin(cfg, positions)
+    else:
+        cos, sin = (jnp.take(t, positions, axis=0, mode="clip") for t in rope)
+    new_cache = []
+    for layer, kv in zip(params["layers"], cache):
+        with jax.named_scope("attention"):
+            h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps),
+                              cos, sin, positions, kv, rows, span, backend, live)
+        x = x + h
+        with jax.named_scope("mlp"):
+            x = x + mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), live)
+        new_cache.append(kv)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array,
+           live: jax.Array | None = None) -> jax.Array:
+    """(..., D) -> (..., V) float32 logits (``live`` as in ``forward``)."""
+    return params["head"].apply(hidden, live).astype(jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any = None, backend: Backend = XLA) -> KVCache:
+    """Zeroed per-layer KV buffers; ``dtype`` is the storage dtype (default: the backend's)."""
+    return backend.init_cache(cfg, rows, length, dtype)
+
+
+def full_logits(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, backend: Backend = XLA,
+                kv_dtype: Any = None) -> jax.Array:
+    """Uncached forward over whole sequences (B, T) -> (B, T, V); the reference path.
+    ``kv_dtype``: the cache's storage dtype (default: the backend's)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = init_cache(cfg, b, t, kv_dtype, backend)
+    hidden, _ = forward(params, cfg, tokens, positions, cache, span=t, backend=backend)
+    return logits(params, cfg, hidden)

@@ -1,0 +1,268 @@
+"""The engine: one thread owns the device state and runs continuous batching over
+``max_batch_size`` decode slots; asyncio callers talk to it through queues.
+
+Each iteration: take new requests and aborts from the inbox, admit waiting requests into free
+slots (``SlotTable``), read the decode step in flight unless the next step can be queued on
+it, plan the step (``Scheduler``), execute the plan (``ModelRunner.execute``), then process
+the outputs (``OutputProcessor``). Finished or aborted requests free their slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+import numpy as np
+
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from service.engine.bridge import LoopQueue
+from service.engine.output import OutputProcessor, Stats
+from service.engine.plan import StepPlan
+from service.engine.request import Output, Request, Sequence
+from service.engine.runner import ModelRunner
+from service.engine.scheduler import Scheduler
+from service.engine.slots import SlotTable
+from service.errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServiceError
+from service.metrics import EngineMetrics
+from service.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 256):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.session_len = runner.session_len
+        self.max_queue = max_queue
+        self.table = SlotTable(runner.slots)
+        self.scheduler = Scheduler(self.table, runner.max_chunk, runner.session_len, runner.prompts_per_call,
+                                   can_chain=runner.channel is None)
+        self.stats = Stats()
+        self.metrics = EngineMetrics()
+        self.outputs = OutputProcessor(tokenizer, self.table, runner.session_len, self.metrics, self.stats)
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.heartbeat = time.monotonic()
+        self._inflight = None  # (sequences, DecodeHandle) of the decode step on the device
+        self._count_lock = threading.Lock()
+        self.waiting_count = 0  # submitted, not yet in a slot (guarded by _count_lock)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="xlaserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread:
+            self._thread.join(timeout=30)
+        self.runner.stop_followers()
+
+    @property
+    def running_count(self) -> int:
+        return len(self.table.running)
+
+    def is_alive(self, stall_seconds: float = 120.0) -> bool:
+        busy = bool(self.table.running or self._waiting)
+        return bool(self._thread and self._thread.is_alive()) and not (
+            busy and time.monotonic() - self.heartbeat > stall_seconds)
+
+    # -- client API (any thread / asyncio) -----------------------------------------------------
+
+    def check_prompt(self, n_prompt: int, params: SamplingParams, history: int = 0) -> None:
+        total = history + n_prompt
+        if total >= self.session_len:
+            raise ContextLengthExceeded(total, self.session_len)
+        if params.max_tokens is not None and total + params.max_tokens > self.session_len:
+            raise ContextLengthExceeded(total, self.session_len, params.max_tokens)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
+               session_id: int | None = None, request_id: str | None = None) -> str:
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if session_id is None:
+            self.check_prompt(len(prompt_ids), params)
+        with self._count_lock:
+            if self.waiting_count >= self.max_queue:
+                raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
+            self.waiting_count += 1
+        rid = request_id or f"req-{next(self._ids)}"
+        self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id)))
+        return rid
+
+    def check_capacity(self, n: int = 1) -> None:
+        """Raise Overloaded now if ``n`` more requests would not fit the queue (so a stream can
+        be refused with a status code before it starts)."""
+        if self.waiting_count + n > self.max_queue:
+            raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
+
+    def snapshot(self) -> dict[str, float]:
+        """Counts for /metrics (read without locking: each value is a plain read)."""
+        running = list(self.table.running.values())
+        kv = sum(min(s.prefilled + len(s.generated), self.session_len) for s in running)
+        return dict(running=len(running), waiting=self.waiting_count, kv_tokens=kv,
+                    kv_capacity=self.runner.slots * self.session_len,
+                    prompt_tokens=self.stats.prompt_tokens, cached_tokens=self.stats.cached_tokens)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def end_session(self, session_id: int) -> None:
+        self._inbox.put(("end_session", session_id))
+
+    def abort_session(self, session_id: int) -> None:
+        self._inbox.put(("abort_session", session_id))
+
+    def session_history(self, session_id: int) -> list[int]:
+        return self.table.history(session_id)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       session_id: int | None = None) -> AsyncIterator[Output]:
+        """Submit and stream Outputs; closing the iterator early aborts the request."""
+        q: asyncio.Queue[Output] = asyncio.Queue()
+        rid = self.submit(prompt_ids, params, LoopQueue(asyncio.get_running_loop(), q), session_id=session_id)
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                finished = out.finish_reason is not None
+                if out.finish_reason == "error":  # the details are in the server log
+                    raise ServiceError("the engine failed while generating this request")
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                idle = not (self.table.running or self._waiting or self._inflight)
+                self._drain_inbox(block=idle)
+                self._admit()
+                self._step()
+                self.heartbeat = time.monotonic()
+            except Exception:  # keep serving: fail the requests in flight, not the process
+                log.exception("engine step failed; failing the requests in flight")
+                self._inflight = None
+                for seq in list(self.table.running.values()):
+                    try:
+                        self.outputs.finish(seq, "error")
+                    except Exception:
+                        log.exception("could not report the failure of %s", seq.id)
+                        self.table.running.pop(seq.slot, None)
+                    # The plan counted KV the failed step may not have written.
+                    self.table.forget(seq.slot)
+
+    def _step(self) -> None:
+        inflight = None
+        if self._inflight is not None:
+            seqs, handle = self._inflight
+            self._inflight = None
+            if self.scheduler.chains_on(seqs):
+                inflight = (seqs, handle)
+            else:
+                self.outputs.on_tokens(seqs, *self.runner.fetch(handle))
+        plan = self.scheduler.schedule(inflight[0] if inflight else None)
+        if not plan:
+            return
+        results, handle = self.runner.execute(plan, inflight[1] if inflight else None)
+        if plan.decode is not None:
+            self.stats.decode_steps += 1
+            self.stats.chained_steps += plan.decode.chained
+            self._inflight = (list(plan.decode.owners), handle)
+        if inflight:  # read while the device runs the step queued on it
+            self.outputs.on_tokens(inflight[0], *self.runner.fetch(inflight[1]))
+        self._on_prefilled(plan, results)
+
+    def _on_prefilled(self, plan: StepPlan, results: list) -> None:
+        for call, arrays in zip(plan.prefills, results):
+            self.stats.prefill_calls += 1
+            self.stats.mixed_calls += call.riders > 0
+            done = [i for i, c in enumerate(call.chunks) if c.last]
+            for i in done:
+                if not call.chunks[i].step:
+                    self.outputs.prompt_done(call.chunks[i].owner)
+            if done:
+                pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
+                self.outputs.on_tokens([call.chunks[i].owner for i in done], *map(pick, arrays))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            kind, arg = item
+            if kind == "add":
+                self._waiting.append(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            elif kind == "abort_session":
+                for rid in [r.id for r in self._waiting if r.session_id == arg] + [
+                        s.id for s in self.table.running.values() if s.req.session_id == arg]:
+                    self._abort(rid)
+            elif kind == "end_session":
+                self.table.end_session(arg)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _abort(self, rid: str) -> None:
+        for req in self._waiting:
+            if req.id == rid:
+                self._waiting.remove(req)
+                with self._count_lock:
+                    self.waiting_count -= 1
+                self.metrics.finished.labels("abort").inc()
+                req.emit(Output(finish_reason="abort", prompt_tokens=len(req.prompt_ids)))
+                return
+        for seq in self.table.running.values():
+            if seq.id == rid:
+                self.outputs.finish(seq, "abort")
+                return
+
+    def _admit(self) -> None:
+        while self._waiting and self.table.has_free:
+            req = self._waiting.popleft()
+            with self._count_lock:
+                self.waiting_count -= 1
+            history = self.table.history(req.session_id)
+            seq = Sequence(req, seq=history + list(req.prompt_ids), history=len(history))
+            try:
+                self.check_prompt(len(req.prompt_ids), req.params, len(history))
+            except ContextLengthExceeded:
+                # A full session ends with "length" and no text, as LMDeploy does.
+                req.emit(Output(finish_reason="length", prompt_tokens=len(req.prompt_ids),
+                                history_tokens=len(history)))
+                continue
+            slot, reuse = self.table.choose(seq)
+            seq.max_tokens = self.session_len - len(seq.seq)
+            if req.params.max_tokens is not None:
+                seq.max_tokens = min(seq.max_tokens, req.params.max_tokens)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens, context=seq.seq)
+            seed = req.params.seed if req.params.seed is not None else int(np.random.randint(2**31))
+            try:
+                self.runner.set_slot(slot, req.params, seq.seq, seed)
+            except Exception:  # this request's settings cannot be run: fail it alone
+                log.exception("request %s could not start", req.id)
+                self.metrics.finished.labels("error").inc()
+                req.emit(Output(finish_reason="error", prompt_tokens=len(seq.seq)))
+                continue
+            self.table.place(seq, slot, reuse)

@@ -1,0 +1,134 @@
+"""Output processing: sampled tokens into text, stop decisions, finishes and metrics.
+
+Runs on the engine thread after each executed step. A step's outputs for one event loop cross
+threads in one wake-up (``deliver``), not one per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from model.tokenizer import Tokenizer
+from service.engine.bridge import LoopQueue, deliver
+from service.engine.request import Output, Sequence, TokenLogprob
+from service.engine.slots import SlotTable
+from service.metrics import EngineMetrics
+
+
+@dataclasses.dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_tokens: int = 0
+    finished: int = 0
+    decode_steps: int = 0
+    prefill_calls: int = 0
+    mixed_calls: int = 0  # prefill calls that decode rows rode along
+    chained_steps: int = 0  # queued before the previous step's tokens reached the host
+
+
+def apply_stop_strings(seq: Sequence, text: str, final: bool) -> tuple[str, bool]:
+    """Match stop strings on decoded text; hold back a possible partial match. Returns the
+    text to emit and whether a stop string was hit."""
+    stops = seq.params.stop
+    if not stops:
+        return text, False
+    buf = seq.pending_text + text
+    hit = min(((buf.find(s), s) for s in stops if s in buf), default=None)
+    if hit is not None:
+        idx, s = hit
+        seq.pending_text = ""
+        return buf[:idx + (len(s) if seq.params.include_stop_str_in_output else 0)], True
+    if final:
+        seq.pending_text = ""
+        return buf, False
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(buf)), 0, -1):
+            if buf.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    seq.pending_text = buf[len(buf) - hold:] if hold else ""
+    return buf[:len(buf) - hold], False
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, table: SlotTable, session_len: int,
+                 metrics: EngineMetrics, stats: Stats):
+        self.tokenizer = tokenizer
+        self.table = table
+        self.session_len = session_len
+        self.metrics = metrics
+        self.stats = stats
+
+    def prompt_done(self, seq: Sequence) -> None:
+        """Account a prompt whose last chunk was prefilled."""
+        self.stats.prompt_tokens += len(seq.seq) - seq.cached
+        self.stats.cached_tokens += seq.cached
+        self.metrics.prompt_tokens.inc(len(seq.seq) - seq.cached)
+        self.metrics.cached_tokens.inc(seq.cached)
+
+    def on_tokens(self, seqs, toks, lps, top_ids, top_lps) -> None:
+        """One sampled token for each of ``seqs`` (rows of the arrays)."""
+        batched: dict = {}  # event loop -> [(queue, Output)]: one wake-up per loop
+        try:
+            self._handle(seqs, toks, lps, top_ids, top_lps, batched)
+        finally:
+            for loop, items in batched.items():
+                deliver(loop, items)
+
+    def _handle(self, seqs, toks, lps, top_ids, top_lps, batched: dict) -> None:
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            if self.table.running.get(seq.slot) is not seq:  # finished or aborted meanwhile
+                continue
+            tok = int(toks[i])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.metrics.ttft.observe(now - seq.req.arrival)
+            seq.generated.append(tok)
+            self.stats.generation_tokens += 1
+            self.metrics.generation_tokens.inc()
+            p = seq.params
+            finish = None
+            is_eos = tok in self.tokenizer.eos_ids and not p.ignore_eos
+            if is_eos or tok in p.stop_token_ids:
+                finish = "stop"
+                text = ""
+            else:
+                text = seq.detok.add(tok)
+            if finish is None and (len(seq.generated) >= seq.max_tokens or seq.length >= self.session_len):
+                finish = "length"
+                text += seq.detok.flush()
+            lp = None
+            if p.logprobs is not None:
+                top = [] if top_ids is None else [(int(a), float(b)) for a, b in
+                                                  zip(top_ids[i][:p.logprobs], top_lps[i][:p.logprobs])]
+                lp = TokenLogprob(tok, float(lps[i]), top)
+            text, stopped = apply_stop_strings(seq, text, final=finish is not None)
+            if stopped:
+                finish = "stop"
+            out = Output(text=text, token_ids=[tok], logprobs=[lp] if lp else [], finish_reason=finish)
+            if finish:
+                self.finish(seq, finish, out)
+            elif isinstance(seq.req.emit, LoopQueue):
+                batched.setdefault(seq.req.emit.loop, []).append((seq.req.emit.queue, out))
+            else:
+                seq.req.emit(out)
+
+    def finish(self, seq: Sequence, reason: str, out: Output | None = None) -> None:
+        out = out or Output()
+        out.finish_reason = reason
+        out.prompt_tokens = len(seq.seq)
+        out.completion_tokens = len(seq.generated)
+        out.cached_tokens = seq.cached
+        out.history_tokens = seq.history
+        self.table.release(seq, keep_session=reason in ("stop", "length") or bool(seq.generated))
+        self.stats.finished += 1
+        now = time.monotonic()
+        self.metrics.finished.labels(reason).inc()
+        self.metrics.e2e.observe(now - seq.req.arrival)
+        if seq.first_token_time is not None and len(seq.generated) > 1:
+            self.metrics.tpot.observe((now - seq.first_token_time) / (len(seq.generated) - 1))
+        seq.req.emit(out)

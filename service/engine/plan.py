@@ -1,0 +1,75 @@
+"""The plain-data plan of one engine step: what the scheduler decides and the runner executes.
+
+A plan is a list of ops run in order (KV copies between slots, prefill calls), then at most
+one decode step. Decode rows may instead ride along a prefill call as one-token chunks.
+``owner`` fields point back at the engine's sequences for output processing; they take no
+part in what the device does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """Slot ``src``'s KV into slot ``dst`` (a prefix they share is then prefilled once)."""
+
+    src: int
+    dst: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence at positions ``start..``; ``last``: they end its prompt (or it
+    is a decode row), so the token sampled after them is its next; ``step``: tokens it has
+    generated so far (a decode row's count)."""
+
+    slot: int
+    tokens: tuple[int, ...]
+    start: int
+    last: bool
+    step: int = 0
+    owner: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+    """One prefill call: chunks of distinct slots packed into one row of tokens."""
+
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def riders(self) -> int:
+        """Decode rows riding along (one-token chunks at the end)."""
+        return sum(1 for c in self.chunks if c.step > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """One decode step over ``slots``. ``tokens`` None: each row's input is the token the step
+    in flight samples for it (queued before the host has read that step)."""
+
+    slots: tuple[int, ...]
+    tokens: tuple[int, ...] | None
+    positions: tuple[int, ...]
+    steps: tuple[int, ...]
+    owners: tuple = dataclasses.field(default=(), repr=False, compare=False)
+
+    @property
+    def chained(self) -> bool:
+        return self.tokens is None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    ops: tuple[Copy | Prefill, ...] = ()
+    decode: Decode | None = None
+
+    @property
+    def prefills(self) -> list[Prefill]:
+        return [op for op in self.ops if isinstance(op, Prefill)]
+
+    def __bool__(self) -> bool:
+        return bool(self.ops) or self.decode is not None

@@ -1,0 +1,80 @@
+"""A request as submitted, and the sequence the engine makes of it.
+
+``Request`` is what the caller asked for and never changes; ``Sequence`` is what the engine
+thread does with it (its slot, what is prefilled, what it generated, its stop-string state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from model.tokenizer import IncrementalDetokenizer
+from service.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class Output:
+    """One increment of a request's result."""
+
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    history_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Request:
+    id: str
+    prompt_ids: tuple[int, ...] | list[int]  # the new tokens (for a session turn: this turn only)
+    params: SamplingParams
+    emit: Callable[[Output], None]
+    session_id: int | None = None
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """The engine thread's state of one request (compared by identity)."""
+
+    req: Request
+    seq: list[int] = dataclasses.field(default_factory=list)  # full sequence in the slot
+    slot: int = -1
+    prefilled: int = 0  # tokens of seq in the cache (or planned to be, by the step being built)
+    cached: int = 0  # of them, reused from a slot's earlier contents or copied from another slot
+    generated: list[int] = dataclasses.field(default_factory=list)
+    max_tokens: int = 0
+    detok: IncrementalDetokenizer | None = None
+    pending_text: str = ""  # decoded text held back: it may start a stop string
+    history: int = 0  # tokens of earlier session turns
+    first_token_time: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.req.id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+    @property
+    def decodable(self) -> bool:
+        """Prompt prefilled and a first token sampled: the next step decodes it."""
+        return self.prefilled == len(self.seq) and bool(self.generated)
+
+    @property
+    def length(self) -> int:
+        """Tokens of the whole sequence so far, the last sampled one included."""
+        return len(self.seq) + len(self.generated)
