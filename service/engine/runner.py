@@ -1,9 +1,6 @@
-"""Device state and the jitted steps: the KV cache, per-slot sampling state, prefill and decode.
-
-Shapes are bucketed so the number of compiled variants is bounded: prefill chunks are padded
-to a power of two (``PREFILL_BUCKETS``) and attention reads a power-of-two span of the cache
-(``span_buckets``). The cache and sampling state are donated to every step, so XLA updates
-them in place.
+"""The runner: device state (params, KV cache, per-slot sampling state) and the host API that
+runs the jitted steps of ``steps`` over it, padded to the shapes of ``shapes``; ``execute``
+runs a scheduler's plan.
 """
 
 from __future__ import annotations
@@ -17,16 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import layers, transformer
+from model import layers
 from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
 from service.engine.plan import Copy, StepPlan
-
+from service.engine.shapes import StepShapes
+from service.engine.steps import Steps
 
 log = logging.getLogger(__name__)
-
-MIN_SPAN = 128
 
 _compiles = 0
 
@@ -45,47 +41,10 @@ def compile_count() -> int:
     return _compiles
 
 
-def prefill_buckets(max_chunk: int) -> list[int]:
-    out, b = [], 16
-    while b < max_chunk:
-        out.append(b)
-        b *= 2
-    return out + [max_chunk]
-
-
-def span_buckets(session_len: int) -> list[int]:
-    out, s = [], MIN_SPAN
-    while s < session_len:
-        out.append(s)
-        s *= 2
-    return out + [session_len]
-
-
-def batch_buckets(slots: int) -> list[int]:
-    out, b = [], 1
-    while b < slots:
-        out.append(b)
-        b *= 2
-    return out + [slots]
-
-
-def bucket_for(n: int, buckets: list[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
 def _host(x: jax.Array) -> np.ndarray:
     """A replicated step output as a host array (this process's replica: on a mesh spanning
     processes the others' are not addressable here)."""
     return np.asarray(x.addressable_data(0))
-
-
-def _copy_slot(cache, src, dst):
-    """Row ``src`` of every layer's K and V into row ``dst`` (in place when donated)."""
-    return [tuple(jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, src, 0), dst, 0)
-                  for x in kv) for kv in cache]
 
 
 def replayed(method):
@@ -128,22 +87,13 @@ class ModelRunner:
         self.slots = max_batch_size
         self.session_len = session_len
         self.max_chunk = min(max_prefill_chunk, session_len)
-        self.prefill_sizes = prefill_buckets(self.max_chunk)
-        self.spans = span_buckets(session_len)
         # The device path, chosen once: the native CPU kernels on one CPU device, else XLA.
         self.backend = backend or select(sharded=plan is not None)
         self.backend.check(quantize, kv_cache_dtype)
         if jax.default_backend() == "cpu":
             keep_freed_memory()
-        # A backend that reads each query's own context needs no span buckets (one compile
-        # per batch or chunk size).
-        self.decode_spans = [session_len] if self.backend.reads_own_context else self.spans
-        self.prefill_spans = self.decode_spans
-        # Slots split over a data axis decode at full width, each replica over its own rows:
-        # gathering a compacted batch from rows on other devices would move their KV.
         self.full_width = plan is not None and plan.mesh.shape["data"] > 1
-        self.batch_sizes = [max_batch_size] if self.full_width else batch_buckets(max_batch_size)
-        self.top_n = top_logprobs
+        self.shapes = StepShapes(self.backend, max_batch_size, session_len, self.max_chunk, self.full_width)
         # Every array is committed to its final placement, like every later (jit-output) value
         # of it: otherwise the second call of each step sees new input shardings and compiles
         # all over again.
@@ -181,63 +131,9 @@ class ModelRunner:
                  cache_mib, max_batch_size, session_len)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
-        step_out = None if plan is None else (self._cache_sh, self._sampling_sh, self._out_sh)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("span",), donate_argnums=(1, 2),
-                                out_shardings=step_out)
-        self._decode = jax.jit(self._decode_fn, static_argnames=("span",), donate_argnums=(1, 2),
-                               out_shardings=step_out)
-        self._set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=self._sampling_sh)
-        self._copy_slot = jax.jit(_copy_slot, donate_argnums=(0,), out_shardings=self._cache_sh)
-
-    def _gathered(self, logits: jax.Array) -> jax.Array:
-        """Logits whole on every device (vocab-split lm_head) before sampling."""
-        if self.plan is None:
-            return logits
-        # Computed split over vocab where the head is (so no device gathers the head's weight),
-        # then gathered: (b, V) logits are far smaller than the (D, V) head.
-        logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding((None, "vocab")))
-        return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
-
-    # -- jitted bodies -------------------------------------------------------------------------
-
-    def _prefill_fn(self, params, cache, sampling, rope, tokens, positions, rows, ends, slots, last, steps,
-                    live, span):
-        """Chunks of up to P sequences packed into one row of tokens.
-
-        tokens, positions (1, T), padded at the end (padding positions are out of range, so
-        their cache writes are dropped); rows: each token's cache row (1, T) where the backend takes them so,
-        else the one chunk's (1,). ends, slots, last (P,): each chunk's last index in
-        ``tokens``, its slot (padding entries: out of range) and whether it ends its prompt.
-        steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a decode
-        row riding along is a one-token chunk with its own count, as ``_decode_fn`` has it).
-        live: the real tokens' count (packed projections skip the padding).
-
-        Returns the token sampled at each chunk's last position (P,) with its logprobs. Only
-        a chunk that ends its prompt really emits its token; only those are accounted for
-        penalties.
-        """
-        hidden, cache = transformer.forward(params, self.cfg, tokens, positions, cache, span=span,
-                                            rows=rows, backend=self.backend, rope=rope, live=live)
-        final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
-        logits = self._gathered(transformer.logits(params, self.cfg, final))  # (P, V)
-        out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=slots)
-        sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
-        return cache, sampling, out
-
-    def _decode_fn(self, params, cache, sampling, rope, tokens, positions, steps, rows, live, span):
-        """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).
-
-        b is a bucket of the live slot count, so the step costs what the live requests need,
-        not what ``max_batch_size`` allows. Padding rows name slot ``self.slots`` (out of
-        range): their cache and sampling-state writes are dropped. In full-width mode
-        ``rows`` is None and batch row i is slot i.
-        """
-        hidden, cache = transformer.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                            span=span, rows=rows, backend=self.backend, rope=rope, live=live)
-        logits = self._gathered(transformer.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
-        out = smp.sample(logits, sampling, steps, self.eos_mask, self.top_n, rows=rows)
-        sampling = smp.record(sampling, out[0], rows)
-        return cache, sampling, out
+        self._prefill, self._decode, self._set_row, self._copy_slot = Steps(
+            cfg, self.backend, max_batch_size, top_logprobs, plan).jitted(self._cache_sh, self._sampling_sh,
+                                                                            self._out_sh)
 
     # -- host API (engine thread only) ----------------------------------------------------------
     # Inputs go in as numpy values, which every process of a multi-process mesh can pass.
@@ -276,15 +172,7 @@ class ModelRunner:
         self.cache = self._copy_slot(self.cache, np.int32(src), np.int32(dst))
 
     def prompts_per_call(self, n_tokens: int) -> int:
-        """How many sequences' chunks one prefill call of ``n_tokens`` may pack (the backend
-        says: one where the cache is addressed per batch row)."""
-        return self.backend.prompts_per_call(bucket_for(n_tokens, self.prefill_sizes), self.slots)
-
-    def _prefill_arrays(self, size: int, p: int):
-        """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps."""
-        z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        rows = z(1, size) if self.backend.rows_per_token else z(1)
-        return z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p)
+        return self.shapes.prompts_per_call(n_tokens)
 
     def prefill(self, slot: int, tokens: list[int], start: int, last: bool = True):
         """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host
@@ -300,37 +188,14 @@ class ModelRunner:
 
         A decode row can ride along as a one-token chunk (its last token at its position,
         ``last`` true, ``step`` its generated count): its sampled token is its next one."""
-        n = sum(len(c[1]) for c in chunks)
-        size = bucket_for(n, self.prefill_sizes)
-        p = self.prompts_per_call(n)
-        if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
-            raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, "
-                             f"got {len(chunks)}")
-        tokens, positions, rows, ends, slots, last, steps = self._prefill_arrays(size, p)
-        positions[:] = self.session_len  # padding: out of range, writes dropped
-        rows[:] = self.slots
-        slots[:] = self.slots
-        i = 0
-        for j, (slot, toks, start, is_last, *step) in enumerate(chunks):
-            k = len(toks)
-            tokens[0, i:i + k] = toks
-            positions[0, i:i + k] = np.arange(start, start + k)
-            if self.backend.rows_per_token:
-                rows[0, i:i + k] = slot
-            else:
-                rows[0] = slot  # (1,): the one chunk's slot
-            ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step[0] if step else 0
-            i += k
-        starts = [c[2] for c in chunks]
-        span = bucket_for(min(max(starts) + size, self.session_len), self.prefill_spans)
-        arrays = (tokens, positions, rows, ends, slots, last, steps)
+        arrays, n, span = self.shapes.prefill_inputs(chunks)
         out = self._prefill_step(arrays, n, span)
         return tuple(None if x is None else _host(x) for x in out)
 
     @replayed
     def _prefill_step(self, arrays, n, span):
         self.cache, self.sampling, out = self._prefill(
-            self.params, self.cache, self.sampling, self.rope, *arrays, np.int32(n), span=span)
+            self.params, self.cache, self.sampling, self.rope, self.eos_mask, *arrays, np.int32(n), span=span)
         return out
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], steps: list[int]):
@@ -346,21 +211,13 @@ class ModelRunner:
         then its sampled tokens feed this step on the device, so step t+1 is queued before
         the host has even looked at step t's tokens."""
         n = len(slots)
-        b = bucket_for(n, self.batch_sizes)
-        span = bucket_for(max(positions) + 1, self.decode_spans)
-        # Batch row of each given slot: itself at full width, else packed from row 0.
-        where = np.asarray(slots) if self.full_width else np.arange(n)
-        pos = np.full((b,), self.session_len, np.int32)  # padding: out of range, writes dropped
-        st = np.zeros((b,), np.int32)
-        pos[where], st[where] = positions, steps
-        rows = np.full((b,), self.slots, np.int32)
-        rows[:n] = slots
+        pos, st, rows, where, span = self.shapes.decode_inputs(slots, positions, steps)
         if isinstance(tokens, DecodeHandle):
             if tokens.rows.shape != rows.shape or (tokens.rows != rows).any() or self.channel is not None:
                 raise ValueError("chained decode steps must cover the same slots on one process")
             out = self._run_decode(tokens.out[0], pos, st, rows, n, span)
         else:
-            host_tok = np.zeros((b,), np.int32)
+            host_tok = np.zeros(rows.shape, np.int32)
             host_tok[where] = tokens
             out = self._decode_step(host_tok, pos, st, rows, n, span)
         return DecodeHandle(out, where, rows)
@@ -379,7 +236,7 @@ class ModelRunner:
         live = np.int32(len(pos) if self.full_width else n)
         rows = None if self.full_width else rows
         self.cache, self.sampling, out = self._decode(
-            self.params, self.cache, self.sampling, self.rope, tok, pos, st, rows, live, span=span)
+            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tok, pos, st, rows, live, span=span)
         return out
 
     def follow(self) -> None:
@@ -397,14 +254,9 @@ class ModelRunner:
     def compiled_variants(self) -> int:
         return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row))
 
-    def warmup_shapes(self) -> list[tuple]:
-        shapes = [("decode", b, s) for b in self.batch_sizes for s in self.decode_spans]
-        return shapes + [("prefill", n, s) for n in self.prefill_sizes for s in self.prefill_spans
-                         if s >= n]
-
     def warmup(self, progress=None) -> None:
         """Compile every prefill/decode shape now, so serving never compiles."""
-        shapes = self.warmup_shapes()
+        shapes = self.shapes.warmup_shapes()
         self.set_slot(0, smp.SamplingParams(), [0], 0)
         self.copy_slot(0, 0)
         for i, shape in enumerate(shapes):

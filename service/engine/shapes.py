@@ -1,0 +1,114 @@
+"""The bounded set of step shapes, and a step's host inputs padded to them (plain numpy: no
+device, so every process of a multi-process mesh can pass them).
+
+Prefill calls are padded to a power-of-two token count (``prefill_sizes``), decode steps to a
+power-of-two batch (``batch_sizes``), and on a backend that attends a span of the cache, that
+span to a power of two (``spans``). Every shape is compiled at warm-up, so serving never
+compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from model.backends import Backend
+
+MIN_SPAN = 128
+
+
+def _doubling(start: int, limit: int) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+    backend: Backend
+    slots: int
+    session_len: int
+    max_chunk: int
+    # Slots split over a data axis decode at full width, each replica over its own rows:
+    # gathering a compacted batch from rows on other devices would move their KV.
+    full_width: bool = False
+
+    @property
+    def prefill_sizes(self) -> list[int]:
+        return _doubling(16, self.max_chunk)
+
+    @property
+    def spans(self) -> list[int]:
+        # A backend that reads each query's own context needs no span buckets.
+        return [self.session_len] if self.backend.reads_own_context else _doubling(MIN_SPAN, self.session_len)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [self.slots] if self.full_width else _doubling(1, self.slots)
+
+    def prompts_per_call(self, n_tokens: int) -> int:
+        """How many sequences' chunks one prefill call of ``n_tokens`` may pack (the backend
+        says: one where the cache is addressed per batch row)."""
+        return self.backend.prompts_per_call(bucket_for(n_tokens, self.prefill_sizes), self.slots)
+
+    def prefill_zeros(self, size: int, p: int) -> tuple[np.ndarray, ...]:
+        """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps."""
+        z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        rows = z(1, size) if self.backend.rows_per_token else z(1)
+        return z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p)
+
+    def prefill_inputs(self, chunks: list[tuple]) -> tuple[tuple[np.ndarray, ...], int, int]:
+        """(arrays, real token count, span) of one prefill call packing ``chunks`` (slot,
+        tokens, start, last[, step]); see ``ModelRunner.prefill_packed``."""
+        n = sum(len(c[1]) for c in chunks)
+        size = bucket_for(n, self.prefill_sizes)
+        p = self.prompts_per_call(n)
+        if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
+            raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
+        tokens, positions, rows, ends, slots, last, steps = self.prefill_zeros(size, p)
+        positions[:] = self.session_len  # padding: out of range, writes dropped
+        rows[:] = self.slots
+        slots[:] = self.slots
+        i = 0
+        for j, (slot, toks, start, is_last, *step) in enumerate(chunks):
+            k = len(toks)
+            tokens[0, i:i + k] = toks
+            positions[0, i:i + k] = np.arange(start, start + k)
+            if self.backend.rows_per_token:
+                rows[0, i:i + k] = slot
+            else:
+                rows[0] = slot  # (1,): the one chunk's slot
+            ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step[0] if step else 0
+            i += k
+        span = bucket_for(min(max(c[2] for c in chunks) + size, self.session_len), self.spans)
+        return (tokens, positions, rows, ends, slots, last, steps), n, span
+
+    def decode_inputs(self, slots: list[int], positions: list[int], steps: list[int]):
+        """(positions, steps, rows, where, span) of one decode step over ``slots``: batch row
+        ``where[i]`` is slot ``slots[i]``; padding rows name slot ``self.slots`` and position
+        ``session_len`` (out of range: their writes are dropped)."""
+        n = len(slots)
+        b = bucket_for(n, self.batch_sizes)
+        span = bucket_for(max(positions) + 1, self.spans)
+        # Batch row of each given slot: itself at full width, else packed from row 0.
+        where = np.asarray(slots) if self.full_width else np.arange(n)
+        pos = np.full((b,), self.session_len, np.int32)
+        st = np.zeros((b,), np.int32)
+        pos[where], st[where] = positions, steps
+        rows = np.full((b,), self.slots, np.int32)
+        rows[:n] = slots
+        return pos, st, rows, where, span
+
+    def warmup_shapes(self) -> list[tuple]:
+        shapes = [("decode", b, s) for b in self.batch_sizes for s in self.spans]
+        return shapes + [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]

@@ -1,0 +1,90 @@
+"""The jitted step bodies: prefill (chunks of several sequences in one call), decode, writing
+a slot's sampling row, copying a slot's KV. The KV cache and sampling state are donated to
+every step, so XLA updates them in place; anything that changes per request is an array
+argument, never a static one (``span`` is a bucket)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model import transformer
+from model.backends import Backend
+from model.config import ModelConfig
+from service import sampling as smp
+
+
+def copy_slot(cache, src, dst):
+    """Row ``src`` of every layer's K and V into row ``dst`` (in place when donated)."""
+    return [tuple(jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, src, 0), dst, 0)
+                  for x in kv) for kv in cache]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Steps:
+    cfg: ModelConfig
+    backend: Backend
+    slots: int
+    top_n: int  # top logprobs computed per row
+    plan: Any = None  # sharding.Plan, or None on one device
+
+    def gathered(self, logits: jax.Array) -> jax.Array:
+        """Logits whole on every device (vocab-split lm_head) before sampling."""
+        if self.plan is None:
+            return logits
+        # Computed split over vocab where the head is (so no device gathers the head's weight),
+        # then gathered: (b, V) logits are far smaller than the (D, V) head.
+        logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding((None, "vocab")))
+        return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
+
+    def prefill(self, params, cache, sampling, rope, eos_mask, tokens, positions, rows, ends, slots, last,
+                steps, live, span):
+        """Chunks of up to P sequences packed into one row of tokens.
+
+        tokens, positions (1, T), padded at the end (padding positions are out of range, so
+        their cache writes are dropped); rows: each token's cache row (1, T) where the backend
+        takes them so, else the one chunk's (1,). ends, slots, last (P,): each chunk's last
+        index in ``tokens``, its slot (padding entries: out of range) and whether it ends its
+        prompt. steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a
+        decode row riding along is a one-token chunk with its own count, as ``decode`` has
+        it). live: the real tokens' count (packed projections skip the padding).
+
+        Returns the token sampled at each chunk's last position (P,) with its logprobs. Only
+        a chunk that ends its prompt really emits its token; only those are accounted for
+        penalties.
+        """
+        hidden, cache = transformer.forward(params, self.cfg, tokens, positions, cache, span=span,
+                                            rows=rows, backend=self.backend, rope=rope, live=live)
+        final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
+        logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
+        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=slots)
+        sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
+        return cache, sampling, out
+
+    def decode(self, params, cache, sampling, rope, eos_mask, tokens, positions, steps, rows, live, span):
+        """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).
+
+        b is a bucket of the live slot count, so the step costs what the live requests need,
+        not what ``max_batch_size`` allows. Padding rows name slot ``slots`` (out of range):
+        their cache and sampling-state writes are dropped. In full-width mode ``rows`` is
+        None and batch row i is slot i.
+        """
+        hidden, cache = transformer.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
+                                            span=span, rows=rows, backend=self.backend, rope=rope, live=live)
+        logits = self.gathered(transformer.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
+        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=rows)
+        sampling = smp.record(sampling, out[0], rows)
+        return cache, sampling, out
+
+    def jitted(self, cache_sh=None, sampling_sh=None, out_sh=None):
+        """(prefill, decode, set_row, copy_slot) jitted, with the state donated and, on a
+        mesh, every output committed to its placement."""
+        step_out = None if self.plan is None else (cache_sh, sampling_sh, out_sh)
+        prefill = jax.jit(self.prefill, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
+        decode = jax.jit(self.decode, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
+        set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=sampling_sh)
+        copy = jax.jit(copy_slot, donate_argnums=(0,), out_shardings=cache_sh)
+        return prefill, decode, set_row, copy
