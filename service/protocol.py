@@ -3,7 +3,7 @@ and LMDeploy's ``/v1/chat/interactive``; chat and text completions share their s
 through one base. Fields marked "extension" are not in OpenAI's spec. This module never
 imports jax.
 
-``to_sampling_params`` is the one place a request becomes engine settings.
+Each request type's ``to_sampling_params`` is the one place it becomes engine settings.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ class ChatCompletionRequest(_Generation, kw_only=True):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
 
+    def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return _sampling(self, defaults, max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
 
 class CompletionRequest(_Generation, kw_only=True):
     # str | list[str] | list[int] | list[list[int]]; msgspec allows one array type in a union,
@@ -84,6 +90,9 @@ class CompletionRequest(_Generation, kw_only=True):
     logprobs: int | None = None
     max_tokens: int | None = 16
     suffix: str | None = None
+
+    def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
+        return _sampling(self, defaults, self.max_tokens, self.logprobs)
 
 
 class InteractiveRequest(_Req):
@@ -104,6 +113,9 @@ class InteractiveRequest(_Req):
     cancel: bool = False
     seed: int | None = None
     adapter_name: str | None = None
+
+    def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
+        return _sampling(self, defaults, self.request_output_len, None)
 
 
 class TokenizeRequest(_Req):
@@ -294,27 +306,19 @@ def _bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     return out
 
 
-def to_sampling_params(req: Any, defaults: SamplingParams | None = None) -> SamplingParams:
-    """Request -> engine settings. Precedence: the request's value, then the server default
-    (``defaults``), then OpenAI's default (SamplingParams' own)."""
+def _sampling(req: Any, defaults: SamplingParams | None, max_tokens: int | None,
+              logprobs: int | None) -> SamplingParams:
+    """The fields every request type shares into engine settings. Precedence: the request's
+    value, then the server default (``defaults``), then OpenAI's default (SamplingParams' own)."""
     d = defaults or SamplingParams()
 
-    def pick(name: str, default: Any = None):
+    def pick(name: str):
         value = getattr(req, name, None)
-        return value if value is not None else (getattr(d, name) if default is None else default)
+        return value if value is not None else getattr(d, name)
 
     n = getattr(req, "n", 1)
     if n < 1 or n > 16:
         raise InvalidRequest(f"n must be in [1, 16], got {n}", param="n")
-    if isinstance(req, ChatCompletionRequest):
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        if req.top_logprobs is not None and not req.logprobs:
-            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
-    elif isinstance(req, InteractiveRequest):
-        max_tokens, logprobs = req.request_output_len, None
-    else:
-        max_tokens, logprobs = req.max_tokens, req.logprobs
     try:
         return SamplingParams(
             temperature=pick("temperature"),

@@ -1,8 +1,8 @@
 """Sampling on device, per slot. Every setting is an array indexed by slot, never a static
 argument, so a new value never recompiles.
 
-Precedence of settings (applied in ``service.protocol.to_sampling_params``): the request's value,
-then the server's default, then OpenAI's default.
+Precedence of settings (applied by each request type's ``to_sampling_params`` in
+``service.protocol``): the request's value, then the server's default, then OpenAI's default.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _penalize(logits: jax.Array, s: Any, small: Any = None) -> jax.Array:
 
 def argmax(x: jax.Array) -> jax.Array:
     """First index of each row's maximum (B, V) -> (B,) int32. Two plain reductions: XLA's
-    CPU argmax (one reduction over value-index pairs) is three times slower at (16, 49152)."""
+    CPU argmax (one reduction over value-index pairs) is slower at serving shapes."""
     v = x.shape[-1]
     m = jnp.max(x, axis=-1, keepdims=True)
     first = jnp.min(jnp.where(x == m, jnp.arange(v, dtype=jnp.int32), v), axis=-1)

@@ -1,0 +1,210 @@
+"""What the route modules share: the injected state, prompt building, the fan-in of several
+generations into one stream, the usage builder, SSE framing and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any, AsyncIterator
+
+import msgspec
+from litestar import Request
+from litestar.di import NamedDependency
+
+from model.chat_template import ChatTemplateError, render
+from service import protocol as p
+from service.engine import Engine, Output
+from service.errors import InvalidRequest, ModelNotFound, NotReady, ServiceError
+from service.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    model_name: str
+    api_keys: tuple[str, ...] = ()
+    chat_template: str | None = None  # overrides the checkpoint's
+    meta_instruction: str | None = None  # default system prompt
+    defaults: SamplingParams = SamplingParams()
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allow_methods: tuple[str, ...] = ("*",)
+    allow_headers: tuple[str, ...] = ("*",)
+
+
+@dataclasses.dataclass
+class State:
+    """What handlers need; ``engine`` is None while the model loads."""
+
+    settings: ServerSettings
+    engine: Engine | None = None
+
+
+Ctx = NamedDependency[State]  # injected into every handler as ``ctx``
+
+
+def require_engine(ctx: State) -> Engine:
+    if ctx.engine is None:
+        raise NotReady("the model is still loading; retry shortly")
+    return ctx.engine
+
+
+def check_model(ctx: State, model: str | None) -> None:
+    if model is not None and model != ctx.settings.model_name:
+        raise ModelNotFound(f"The model '{model}' does not exist; this server serves "
+                            f"'{ctx.settings.model_name}'")
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def _message_text(m: p.ChatMessage) -> str:
+    if m.content is None or isinstance(m.content, str):
+        return m.content or ""
+    parts = []
+    for part in m.content:
+        if part.type != "text":
+            raise InvalidRequest(f"content part type {part.type!r} is not supported (text only)",
+                                 param="messages")
+        parts.append(part.text or "")
+    return "".join(parts)
+
+
+def chat_prompt(ctx: State, engine: Engine, messages: list[p.ChatMessage]) -> str:
+    if not messages:
+        raise InvalidRequest("messages must not be empty", param="messages")
+    msgs = [{"role": m.role, "content": _message_text(m)} for m in messages]
+    meta = ctx.settings.meta_instruction
+    if meta and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": meta})
+    tok = engine.tokenizer
+    try:
+        return render(ctx.settings.chat_template or tok.chat_template, msgs,
+                      add_generation_prompt=True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    except ChatTemplateError as e:
+        raise InvalidRequest(str(e), param="messages") from None
+
+
+def chat_ids(ctx: State, engine: Engine, messages: list[p.ChatMessage]) -> list[int]:
+    return engine.tokenizer.encode(chat_prompt(ctx, engine, messages), add_special_tokens=False)
+
+
+def session_turn_ids(ctx: State, engine: Engine, messages: list[p.ChatMessage], history: list[int]) -> list[int]:
+    """The tokens of a session's next turn, to follow ``history`` in the cache.
+
+    Only the new turn's tokens are sent: render [user, assistant, this turn] and keep the text
+    after the assistant's content, i.e. how the template closes a reply and opens the next
+    user turn. The reply's closing EOS is already in the history when it stopped on it."""
+    if not history:
+        return chat_ids(ctx, engine, messages)
+    tok = engine.tokenizer
+    marker = "\x00xlaserve-turn\x00"
+    convo = [p.ChatMessage(role="user", content="x"), p.ChatMessage(role="assistant", content=marker), *messages]
+    turn = chat_prompt(ctx, engine, convo).split(marker, 1)[1]
+    if history[-1] in tok.eos_ids and tok.eos_token and turn.startswith(tok.eos_token):
+        turn = turn[len(tok.eos_token):]
+    return tok.encode(turn, add_special_tokens=False)
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def token_str(engine: Engine, token_id: int) -> str:
+    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def usage(finals: list[Output], n: int = 1) -> p.Usage:
+    """Usage of choices ``finals`` (their last Outputs, in choice order), ``n`` choices per
+    prompt: each prompt's tokens count once."""
+    per_prompt = finals[::n]
+    prompt = sum(o.prompt_tokens for o in per_prompt)
+    completion = sum(o.completion_tokens for o in finals)
+    return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=p.PromptTokensDetails(
+                       cached_tokens=sum(o.cached_tokens for o in per_prompt)))
+
+
+async def fan_in(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+                 session_id: int | None = None) -> AsyncIterator[tuple[int, Output]]:
+    """``n`` generations of each prompt, interleaved as their outputs arrive, as (choice index,
+    Output); choice ``k * n + i`` is prompt k's sample i (seeded ``seed + i``)."""
+    if len(prompts) == 1 and n == 1:
+        async for out in engine.generate(prompts[0], params, session_id=session_id):
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, ids: list[int], sample_params: SamplingParams):
+        try:
+            async for out in engine.generate(ids, sample_params):
+                await q.put((index, out))
+        except BaseException as e:  # surfaced to the consumer
+            await q.put((index, e))
+
+    tasks = []
+    for k, ids in enumerate(prompts):
+        for i in range(n):
+            sp = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            tasks.append(asyncio.create_task(pump(k * n + i, ids, sp)))
+    done = 0
+    try:
+        while done < len(tasks):
+            index, item = await q.get()
+            if isinstance(item, BaseException):
+                raise item
+            done += item.finish_reason is not None
+            yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class Disconnected(Exception):
+    """The client went away before its (non-streamed) answer was ready."""
+
+
+async def unless_disconnected(request: Request, coro) -> Any:
+    """Await ``coro`` unless the client disconnects first; then cancel it, which closes the
+    engine streams inside and aborts their requests (the slots free at the next step).
+
+    The body is already read by now, so the next ASGI message is the disconnect."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise Disconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+def error_body(exc: ServiceError) -> p.ErrorResponse:
+    return p.ErrorResponse(error=p.ErrorDetail(message=str(exc), type=exc.type, param=exc.param, code=exc.code))
+
+
+async def sse_stream(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Mid-stream failures become one error event, then [DONE]."""
+    try:
+        async for chunk in gen:
+            yield chunk
+    except ServiceError as e:
+        yield sse(error_body(e))
+    except Exception:
+        log.exception("stream failed")
+        yield sse(error_body(ServiceError("internal error while streaming")))
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,66 @@
+"""LMDeploy's ``POST /v1/chat/interactive``: chat whose history stays on the server, keyed by
+``session_id``, so a turn prefills only its own tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, post
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from service import protocol as p
+from service.errors import ServiceError
+from service.routes.common import Ctx, error_body, fan_in, require_engine, session_turn_ids, unless_disconnected
+
+
+@post("/v1/chat/interactive", summary="Interactive chat with server-side sessions (LMDeploy)",
+      status_code=200)
+async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, request: Request) -> Any:
+    engine = require_engine(ctx)
+    sid = data.session_id
+    if data.cancel:
+        if sid != -1:
+            engine.abort_session(sid)
+        return p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
+                                     finish_reason="abort")
+    if not data.interactive_mode and data.request_output_len == 0:
+        # LMDeploy's end_session: free the session, generate nothing.
+        if sid != -1:
+            engine.end_session(sid)
+        return p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
+                                     finish_reason="stop")
+    params = data.to_sampling_params(ctx.settings.defaults)
+    messages = ([p.ChatMessage(role="user", content=data.prompt)] if isinstance(data.prompt, str)
+                else data.prompt)
+    history = engine.session_history(sid) if (sid != -1 and data.interactive_mode) else []
+    if not data.interactive_mode and sid != -1:
+        engine.end_session(sid)
+    prompt_ids = session_turn_ids(ctx, engine, messages, history)
+    session = sid if (sid != -1 and data.interactive_mode) else None
+    engine.check_capacity()
+
+    def response(text: str, out) -> p.InteractiveResponse:
+        return p.InteractiveResponse(text=text, tokens=out.completion_tokens, input_tokens=len(prompt_ids),
+                                     history_tokens=len(history), finish_reason=out.finish_reason)
+
+    if data.stream:
+        async def lines():
+            try:
+                async for _, out in fan_in(engine, [prompt_ids], params, session_id=session):
+                    yield msgspec.json.encode(response(out.text, out)) + b"\n"
+            except ServiceError as e:
+                yield msgspec.json.encode(error_body(e)) + b"\n"
+
+        return Stream(lines(), media_type="application/x-ndjson")
+    text, last = "", None
+
+    async def gather() -> None:
+        nonlocal text, last
+        async for _, out in fan_in(engine, [prompt_ids], params, session_id=session):
+            text += out.text
+            last = out
+
+    await unless_disconnected(request, gather())
+    return response(text, last)

@@ -1,0 +1,184 @@
+"""OpenAI's routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from litestar import Request, get, post
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from service import protocol as p
+from service.engine import Engine, Output
+from service.errors import InvalidRequest
+from service.routes.common import (Ctx, chat_ids, check_model, fan_in, require_engine, sse, sse_stream,
+                                   token_str, unless_disconnected, usage)
+
+
+def _stream(chunks: AsyncIterator[bytes]) -> Stream:
+    return Stream(sse_stream(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@get("/v1/models", summary="List served models")
+async def list_models(ctx: Ctx) -> p.ModelList:
+    max_len = ctx.engine.session_len if ctx.engine else None
+    return p.ModelList(data=[p.ModelCard(id=ctx.settings.model_name, root=ctx.settings.model_name,
+                                         max_model_len=max_len)])
+
+
+def _chat_logprobs(engine: Engine, out: Output) -> p.ChoiceLogprobs | None:
+    if not out.logprobs:
+        return None
+    content = []
+    for lp in out.logprobs:
+        s = token_str(engine, lp.token_id)
+        content.append(p.TokenLogprobOut(
+            token=s, logprob=lp.logprob, bytes=list(s.encode()),
+            top_logprobs=[p.TopLogprob(token=token_str(engine, i), logprob=v,
+                                       bytes=list(token_str(engine, i).encode())) for i, v in lp.top]))
+    return p.ChoiceLogprobs(content=content)
+
+
+@post("/v1/chat/completions", summary="Chat completion (OpenAI)", status_code=200)
+async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, request: Request) -> Any:
+    engine = require_engine(ctx)
+    check_model(ctx, data.model)
+    params = data.to_sampling_params(ctx.settings.defaults)
+    prompt_ids = chat_ids(ctx, engine, data.messages)
+    engine.check_prompt(len(prompt_ids), params)
+    engine.check_capacity(data.n)
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
+
+    def chunk(choices, **kw) -> bytes:
+        return sse(p.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **kw))
+
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            finals: dict[int, Output] = {}
+            started: set[int] = set()
+            async for i, out in fan_in(engine, [prompt_ids], params, data.n):
+                if i not in started:
+                    started.add(i)
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))])
+                if out.text or out.logprobs:
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(content=out.text),
+                                                   logprobs=_chat_logprobs(engine, out))])
+                if out.finish_reason is not None:
+                    finals[i] = out
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(), finish_reason=out.finish_reason)])
+            if include_usage:
+                yield chunk([], usage=usage([finals[i] for i in sorted(finals)]))
+
+        return _stream(chunks())
+
+    texts = [""] * data.n
+    lps: list[list] = [[] for _ in range(data.n)]
+    finals: dict[int, Output] = {}
+
+    async def gather() -> None:
+        async for i, out in fan_in(engine, [prompt_ids], params, data.n):
+            texts[i] += out.text
+            if out.logprobs:
+                lps[i].extend(_chat_logprobs(engine, out).content)
+            if out.finish_reason is not None:
+                finals[i] = out
+
+    await unless_disconnected(request, gather())
+    choices = [p.ChatChoice(index=i, message=p.ResponseMessage(content=texts[i]),
+                            logprobs=p.ChoiceLogprobs(content=lps[i]) if params.logprobs is not None else None,
+                            finish_reason=finals[i].finish_reason) for i in range(data.n)]
+    return p.ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                    usage=usage([finals[i] for i in range(data.n)]))
+
+
+def _completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [engine.tokenizer.encode(prompt)]
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in prompt):
+        return [list(prompt)]
+    if all(isinstance(x, str) for x in prompt):
+        return [engine.tokenizer.encode(x) for x in prompt]
+    if all(isinstance(x, list) and x for x in prompt):
+        return [list(x) for x in prompt]
+    raise InvalidRequest("prompt must be a string, a list of strings, a list of token ids or a "
+                         "list of lists of token ids", param="prompt")
+
+
+def _completion_logprobs(engine: Engine, outs: list[Output], offset: int) -> p.CompletionLogprobs:
+    lp = p.CompletionLogprobs()
+    for out in outs:
+        for t in out.logprobs:
+            s = token_str(engine, t.token_id)
+            lp.tokens.append(s)
+            lp.token_logprobs.append(t.logprob)
+            lp.top_logprobs.append({token_str(engine, i): v for i, v in t.top})
+            lp.text_offset.append(offset)
+            offset += len(s)
+    return lp
+
+
+@post("/v1/completions", summary="Text completion (OpenAI)", status_code=200)
+async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Request) -> Any:
+    engine = require_engine(ctx)
+    check_model(ctx, data.model)
+    if data.suffix:
+        raise InvalidRequest("suffix is not supported", param="suffix")
+    if data.logprobs is not None and not 0 <= data.logprobs <= 5:
+        raise InvalidRequest(f"logprobs must be in [0, 5], got {data.logprobs}", param="logprobs")
+    params = data.to_sampling_params(ctx.settings.defaults)
+    prompts = _completion_prompts(engine, data.prompt)
+    vocab = engine.tokenizer.vocab_size
+    for ids in prompts:
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        engine.check_prompt(len(ids), params)
+    engine.check_capacity(len(prompts) * data.n)
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
+    total = len(prompts) * data.n
+
+    def echo_text(idx: int) -> str:
+        return engine.tokenizer.decode(prompts[idx // data.n]) if data.echo else ""
+
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+        async def chunks():
+            finals, echoed = {}, set()
+            async for idx, out in fan_in(engine, prompts, params, data.n):
+                text = out.text
+                if idx not in echoed:
+                    echoed.add(idx)
+                    text = echo_text(idx) + text
+                lp = _completion_logprobs(engine, [out], 0) if params.logprobs is not None else None
+                if text or out.finish_reason is not None or lp:
+                    yield sse(p.CompletionResponse(id=rid, created=created, model=model, choices=[
+                        p.CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=out.finish_reason)]))
+                if out.finish_reason is not None:
+                    finals[idx] = out
+            if include_usage:
+                yield sse(p.CompletionResponse(id=rid, created=created, model=model, choices=[],
+                                               usage=usage([finals[i] for i in sorted(finals)], data.n)))
+
+        return _stream(chunks())
+
+    outs: list[list[Output]] = [[] for _ in range(total)]
+
+    async def gather() -> None:
+        async for idx, out in fan_in(engine, prompts, params, data.n):
+            outs[idx].append(out)
+
+    await unless_disconnected(request, gather())
+    choices = []
+    for idx in range(total):
+        echo = echo_text(idx)
+        lp = _completion_logprobs(engine, outs[idx], len(echo)) if params.logprobs is not None else None
+        choices.append(p.CompletionChoice(index=idx, text=echo + "".join(o.text for o in outs[idx]),
+                                          logprobs=lp, finish_reason=outs[idx][-1].finish_reason))
+    return p.CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                usage=usage([o[-1] for o in outs], data.n))
