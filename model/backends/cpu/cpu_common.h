@@ -63,9 +63,9 @@ inline vf Load(const int8_t* p) {
 inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // Buffers the kernels stream in full every step (packed weights, the KV cache) are read 4 KiB
-// page after page; backed by 2 MiB pages they spare most TLB misses (measured: attention
-// over a 16-row cache 10-15% faster). Asked once per buffer address, with madvise, and
-// collapsed in place where the kernel can; without transparent huge pages nothing changes.
+// page after page; backed by 2 MiB pages they spare most TLB misses. Asked once per buffer
+// address, with madvise, and collapsed in place where the kernel can; without transparent
+// huge pages nothing changes.
 inline void UseHugePages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static std::mutex lock;

@@ -177,9 +177,8 @@ void Tile(const Shared& s, int64_t p, int64_t m0, const char*) {
 // `next` is the item this thread runs after this one (-1: none). At decode's few rows the
 // first row tile of a panel waits on memory and the later ones compute from cache, so the
 // later ones ask for the next item's panel meanwhile: the second and third tiles half of it
-// each (PanelAhead; two lines a step, into L2). Measured on the model's 121 matrices at 16
-// rows: 7% less time; into L1 (T0), or a line a step, gained nothing. Prefill (many row
-// blocks) is compute-bound and skips it.
+// each (PanelAhead; two lines a step, into L2; docs/PERFORMANCE.md has what each choice
+// measured). Prefill (many row blocks) is compute-bound and skips it.
 void RunItem(const Shared& s, int64_t item, int64_t next) {
   const int64_t p = item / s.blocks, m_begin = (item % s.blocks) * kRowBlock;
   const int64_t m_end = std::min(s.M, m_begin + kRowBlock);
