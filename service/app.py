@@ -91,7 +91,18 @@ EXCEPTION_HANDLERS = {
 }
 
 
-# -- auth, app ---------------------------------------------------------------------------------
+# -- requests, auth, app -----------------------------------------------------------------------
+
+
+class _Request(Request):
+    async def json(self):
+        # msgspec decodes nested arrays and objects recursively: a body nested deep enough
+        # (within the size limit) exhausts the stack. That is the client's malformed input.
+        try:
+            return await super().json()
+        except RecursionError:
+            raise ValidationException("JSON is malformed: the body nests too deeply") from None
+
 
 
 def _auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
@@ -137,6 +148,7 @@ def create_app(ctx: State, lifespan: list | None = None) -> Litestar:
         openapi_config=openapi,
         lifespan=lifespan or [],
         request_max_body_size=8 * 1024 * 1024,
+        request_class=_Request,
     )
     app.state.xla = ctx
     return app
