@@ -238,7 +238,8 @@ def cmd_api_server(args) -> None:
         model_name=args.model_name or "", api_keys=tuple(args.api_keys or ()),
         chat_template=chat_template, meta_instruction=args.meta_instruction,
         allow_origins=tuple(args.allow_origins or ()), allow_credentials=args.allow_credentials,
-        allow_methods=tuple(args.allow_methods or ("*",)), allow_headers=tuple(args.allow_headers or ("*",)))
+        allow_methods=tuple(args.allow_methods or ("*",)), allow_headers=tuple(args.allow_headers or ("*",)),
+        stall_timeout=args.stall_timeout)
     state = State(settings=settings)
     if not settings.model_name:
         settings.model_name = DEFAULT_MODEL_NAME if args.model is None else \
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-credentials", action="store_true", help="CORS allow credentials")
     a.add_argument("--allow-methods", nargs="*", default=None, help="CORS allowed methods")
     a.add_argument("--allow-headers", nargs="*", default=None, help="CORS allowed headers")
+    a.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="/health answers 503 when pending work made no progress for this many "
+                        "seconds (default 120)")
     a.set_defaults(func=cmd_api_server)
     ac = ssub.add_parser("api_client", help="terminal chat with a running api_server")
     ac.add_argument("api_server_url", help="e.g. http://localhost:23333")

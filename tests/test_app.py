@@ -68,3 +68,49 @@ def test_overloaded_is_503_before_the_stream_starts(engine, stream):
                 assert "capacity" in r.json()["error"]["message"]
     finally:
         engine.max_queue = queue
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the killed thread
+def test_health_fails_when_the_engine_thread_dies_or_stalls(default_checkpoint):
+    """/health is 200 while the engine works, 503 once pending work has made no progress for
+    --stall-timeout, 200 again when it moves, and 503 for good when the engine thread dies."""
+    import threading
+    import time
+
+    from service.sampling import SamplingParams
+
+    engine = tiny_engine(default_checkpoint, slots=1)
+    step, release, stuck = engine._step, threading.Event(), threading.Event()
+
+    def stalled_step():
+        stuck.set()
+        release.wait()
+        step()
+
+    try:
+        with client(engine, stall_timeout=0.5) as c:
+            assert c.get("/health").status_code == 200
+            engine._step = stalled_step
+            engine.submit([1, 2, 3], SamplingParams(max_tokens=2), lambda out: None)
+            assert stuck.wait(10)
+            time.sleep(1.0)
+            r = c.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "engine stalled"
+            engine._step = step
+            release.set()
+            deadline = time.monotonic() + 10
+            while c.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, "health did not recover"
+                time.sleep(0.05)
+
+            def crash():
+                raise SystemExit("engine thread killed")
+
+            engine._step = crash
+            engine.submit([1, 2, 3], SamplingParams(max_tokens=2), lambda out: None)
+            engine._thread.join(10)
+            assert not engine._thread.is_alive()
+            assert c.get("/health").status_code == 503
+    finally:
+        release.set()
+        engine.stop()

@@ -75,7 +75,9 @@ class Engine:
         return len(self.table.running)
 
     def is_alive(self, stall_seconds: float = 120.0) -> bool:
-        busy = bool(self.table.running or self._waiting)
+        """The engine thread runs, and made progress within ``stall_seconds`` when it has work
+        (submitted requests it has not taken in yet count)."""
+        busy = bool(self.table.running or self._waiting or self.waiting_count)
         return bool(self._thread and self._thread.is_alive()) and not (
             busy and time.monotonic() - self.heartbeat > stall_seconds)
 

@@ -32,6 +32,7 @@ class ServerSettings:
     allow_credentials: bool = False
     allow_methods: tuple[str, ...] = ("*",)
     allow_headers: tuple[str, ...] = ("*",)
+    stall_timeout: float = 120.0  # /health fails when pending work made no progress this long
 
 
 @dataclasses.dataclass
