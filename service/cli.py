@@ -220,6 +220,7 @@ def cmd_api_server(args) -> None:
     import uvicorn
 
     from service.app import ServerSettings, State, create_app
+    from service.server import DrainingServer
 
     leader = _check_parallel(args)
     _enable_compile_cache()
@@ -246,13 +247,17 @@ def cmd_api_server(args) -> None:
             os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
     # Resolve and convert before listening, so a bad MODEL is one error line, not a server.
     from model.checkpoint import CheckpointError, load_config
-    from service.models import ModelSourceError, resolve
+    from service.models import ModelSourceError, generation_defaults, resolve
 
     try:
         checkpoint, _ = resolve(args.model, args.dtype)
         load_config(checkpoint)
+        settings.defaults, fields = generation_defaults(checkpoint, args.generation_config)
     except (ModelSourceError, CheckpointError) as e:
         raise CLIError(str(e)) from None
+    # Precedence: the request's value, then these, then OpenAI's defaults.
+    log.info("sampling defaults (--generation-config %s): %s", args.generation_config,
+             ", ".join(f"{k}={v}" for k, v in fields.items()) or "OpenAI's (temperature=1.0, top_p=1.0)")
     args.model = str(checkpoint)
     url = f"http://{args.server_name}:{args.server_port}"
     failure: list[BaseException] = []
@@ -268,7 +273,7 @@ def cmd_api_server(args) -> None:
     app = create_app(state)
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port,
                             log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, state, args.drain_timeout)
     threading.Thread(target=load, name="xlaserve-load", daemon=True).start()
     try:
         server.run()
@@ -367,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-credentials", action="store_true", help="CORS allow credentials")
     a.add_argument("--allow-methods", nargs="*", default=None, help="CORS allowed methods")
     a.add_argument("--allow-headers", nargs="*", default=None, help="CORS allowed headers")
+    a.add_argument("--generation-config", default="auto",
+                   help="server sampling defaults for fields a request leaves out: 'auto' (the "
+                        "checkpoint's generation_config.json: temperature, top_p, top_k, min_p, "
+                        "repetition_penalty), 'none' (OpenAI's), or a JSON file of them")
+    a.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds the running requests may take to finish before "
+                        "they are aborted (default 30)")
     a.add_argument("--stall-timeout", type=float, default=120.0,
                    help="/health answers 503 when pending work made no progress for this many "
                         "seconds (default 120)")

@@ -46,6 +46,12 @@ class Overloaded(ServiceError):
     code = "overloaded"
 
 
+class Draining(ServiceError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
 class NotReady(ServiceError):
     status = 503
     type = "server_error"

@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The sampling its authors recommend (the model card); a GGUF file carries no
+# generation_config.json, so the bundled model's converted directory gets these.
+DEFAULT_GENERATION = {"temperature": 0.2, "top_p": 0.9}
+# Sampling fields a generation_config.json may set as server defaults (as vLLM reads them).
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class ModelSourceError(Exception):
@@ -41,8 +46,9 @@ def resolve(model: str | None, dtype: str | None = None) -> tuple[Path, str]:
     """(converted checkpoint dir, default served model name)."""
     from model.convert import ConversionError, convert
 
+    generation = None
     if model is None:
-        src, name = default_gguf(), DEFAULT_MODEL_NAME
+        src, name, generation = default_gguf(), DEFAULT_MODEL_NAME, DEFAULT_GENERATION
     else:
         src = Path(model).expanduser()
         if not src.exists():
@@ -52,15 +58,39 @@ def resolve(model: str | None, dtype: str | None = None) -> tuple[Path, str]:
             return src, src.name
         name = src.stem if src.is_file() else src.name
     st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{generation}".encode()).hexdigest()[:16]
     dst = cache_dir() / f"{name}-{key}"
     if not is_converted(dst):
         log.info("converting %s into %s (once)", src, dst)
         try:
-            convert(src, dst, dtype=dtype, progress=True)
+            convert(src, dst, dtype=dtype, progress=True, generation=generation)
         except ConversionError as e:
             raise ModelSourceError(str(e)) from None
     return dst, name
+
+
+def generation_defaults(checkpoint: Path, source: str = "auto"):
+    """The server's sampling defaults: ``auto``, those the checkpoint's
+    ``generation_config.json`` sets; ``none``, OpenAI's; else a JSON file of them. Returns
+    (SamplingParams, the fields taken). Raises ModelSourceError naming a bad file or value."""
+    import json
+
+    from service.sampling import InvalidSamplingParam, SamplingParams
+
+    if source == "none":
+        return SamplingParams(), {}
+    path = checkpoint / "generation_config.json" if source == "auto" else Path(source)
+    try:
+        config = json.loads(path.read_text()) if path.exists() or source != "auto" else {}
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"--generation-config {path}: cannot read ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"--generation-config {path}: not a JSON object")
+    fields = {k: config[k] for k in GENERATION_FIELDS if config.get(k) is not None}
+    try:
+        return SamplingParams(**fields), fields
+    except (InvalidSamplingParam, TypeError) as e:
+        raise ModelSourceError(f"--generation-config {path}: {e}") from None
 
 
 def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,

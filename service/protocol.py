@@ -92,7 +92,16 @@ class CompletionRequest(_Generation, kw_only=True):
     suffix: str | None = None
 
     def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
-        return _sampling(self, defaults, self.max_tokens, self.logprobs)
+        # echo with logprobs scores the prompt too (how evaluation harnesses ask for a text's
+        # likelihood); then max_tokens may be 0: the prompt alone is the answer.
+        scored = self.logprobs if self.echo else None
+        max_tokens = self.max_tokens
+        if max_tokens == 0:
+            if not self.echo:
+                raise InvalidRequest("max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
+            if scored is None:  # the echoed prompt is the whole answer: nothing runs
+                max_tokens = None
+        return _sampling(self, defaults, max_tokens, self.logprobs, prompt_logprobs=scored)
 
 
 class InteractiveRequest(_Req):
@@ -307,7 +316,7 @@ def _bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
 
 
 def _sampling(req: Any, defaults: SamplingParams | None, max_tokens: int | None,
-              logprobs: int | None) -> SamplingParams:
+              logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The fields every request type shares into engine settings. Precedence: the request's
     value, then the server default (``defaults``), then OpenAI's default (SamplingParams' own)."""
     d = defaults or SamplingParams()
@@ -336,6 +345,7 @@ def _sampling(req: Any, defaults: SamplingParams | None, max_tokens: int | None,
             stop_token_ids=tuple(getattr(req, "stop_token_ids", None) or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
         )
     except InvalidSamplingParam as e:

@@ -37,6 +37,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: chosen token's logprob + top k alternatives
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob + top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -49,10 +50,14 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            # 0 only when the prompt is scored: nothing is generated, the prompt is the answer.
+            (self.max_tokens is None or self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
+             "max_tokens", "must be >= 1" if self.prompt_logprobs is None else "must be >= 0"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+             "logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for ok, param, msg in checks:
             if not ok:

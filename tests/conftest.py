@@ -57,34 +57,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(default_checkpoint, tmp_path_factory):
-    """A live `xlaserve serve api_server` on the default model, shared by the HTTP, client
-    and web UI tests."""
+def start_server(log: Path, *extra: str, log_level: str = "WARNING"):
+    """Start `xlaserve serve api_server` on the default model (the shapes the shared server
+    compiles, so its compilation cache serves) and wait until it is ready: (process, url)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "XLA_FLAGS": ""}
     with open(log, "w") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "api_server", "--server-name", "127.0.0.1",
              "--server-port", str(port), "--session-len", "256", "--max-batch-size", "4",
-             "--log-level", "WARNING"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+             "--log-level", log_level, *extra], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(log.read_text()[-3000:])
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("server did not become ready")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def server(default_checkpoint, tmp_path_factory):
+    """A live `xlaserve serve api_server` on the default model, shared by the HTTP, client
+    and web UI tests."""
+    proc, url = start_server(tmp_path_factory.mktemp("server") / "server.log")
     try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(1)
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
 
 
 def tiny_engine(checkpoint, slots: int, max_queue: int = 256):

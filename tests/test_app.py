@@ -71,7 +71,7 @@ def test_overloaded_is_503_before_the_stream_starts(engine, stream):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the killed thread
-def test_health_fails_when_the_engine_thread_dies_or_stalls(default_checkpoint):
+def test_health_fails_when_the_engine_thread_dies_or_stalls(engine):
     """/health is 200 while the engine works, 503 once pending work has made no progress for
     --stall-timeout, 200 again when it moves, and 503 for good when the engine thread dies."""
     import threading
@@ -79,7 +79,6 @@ def test_health_fails_when_the_engine_thread_dies_or_stalls(default_checkpoint):
 
     from service.sampling import SamplingParams
 
-    engine = tiny_engine(default_checkpoint, slots=1)
     step, release, stuck = engine._step, threading.Event(), threading.Event()
 
     def stalled_step():
@@ -113,4 +112,6 @@ def test_health_fails_when_the_engine_thread_dies_or_stalls(default_checkpoint):
             assert c.get("/health").status_code == 503
     finally:
         release.set()
-        engine.stop()
+        engine._step = step
+        if not engine._thread.is_alive():  # the other tests' engine runs on
+            engine.start()

@@ -93,3 +93,31 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, args):
     assert len(lines) == 1 and lines[0].startswith("xlaserve: error:"), r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "OUT").exists()
+
+
+def test_generation_config_gives_the_server_defaults(default_checkpoint, tmp_path):
+    """--generation-config: ``auto`` reads the checkpoint's sampling fields (the bundled model
+    carries its authors' temperature 0.2 and top_p 0.9), ``none`` keeps OpenAI's, a file gives
+    its own; a request's value beats the server's, which beats OpenAI's."""
+    import json
+
+    from service.models import ModelSourceError, generation_defaults
+    from service.protocol import ChatCompletionRequest
+    from service.sampling import SamplingParams
+
+    bundled = json.loads((default_checkpoint / "generation_config.json").read_text())
+    assert bundled["temperature"] == 0.2 and bundled["top_p"] == 0.9 and bundled["eos_token_id"] is not None
+    assert generation_defaults(default_checkpoint)[0] == SamplingParams(temperature=0.2, top_p=0.9)
+    assert generation_defaults(default_checkpoint, "none") == (SamplingParams(), {})
+    own = tmp_path / "gen.json"
+    own.write_text(json.dumps({"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1, "do_sample": True,
+                               "max_new_tokens": 50}))
+    defaults, fields = generation_defaults(default_checkpoint, str(own))
+    assert fields == {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1}
+    params = ChatCompletionRequest(messages=[], top_k=3).to_sampling_params(defaults)
+    assert (params.temperature, params.top_k, params.repetition_penalty, params.top_p) == (0.7, 3, 1.1, 1.0)
+    own.write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(ModelSourceError, match="temperature must be >= 0"):
+        generation_defaults(default_checkpoint, str(own))
+    with pytest.raises(ModelSourceError, match="cannot read"):
+        generation_defaults(default_checkpoint, str(tmp_path / "missing.json"))

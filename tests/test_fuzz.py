@@ -12,11 +12,15 @@ from service.app import ServerSettings, State, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def app_schema(default_checkpoint):
+def app(default_checkpoint):
     engine = tiny_engine(default_checkpoint, slots=4, max_queue=64)
-    app = create_app(State(ServerSettings(model_name="tiny"), engine))
-    yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    yield create_app(State(ServerSettings(model_name="tiny"), engine))
     engine.stop()
+
+
+@pytest.fixture(scope="module")
+def app_schema(app):
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 def test_no_server_errors_and_openai_error_bodies(app_schema):
@@ -61,14 +65,12 @@ def _wrong_value(schema: dict, spec: dict):
     return None
 
 
-def test_malformed_bodies_are_400_with_openai_errors(default_checkpoint):
+def test_malformed_bodies_are_400_with_openai_errors(app):
     """Bodies no schema accepts: nesting 100k levels deep, numbers past float and int64 range,
     NaN and Infinity, invalid UTF-8, and a value of the wrong type in every field of every
     POST route. Each gets a 400 with OpenAI's error body, never a 5xx."""
     from litestar.testing import TestClient
 
-    engine = tiny_engine(default_checkpoint, slots=2)
-    app = create_app(State(ServerSettings(model_name="tiny"), engine))
     spec = app.openapi_schema.to_schema()
     base = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
             "/v1/completions": {"prompt": "hi", "max_tokens": 2},
@@ -78,23 +80,20 @@ def test_malformed_bodies_are_400_with_openai_errors(default_checkpoint):
            b'{"temperature": 1e400}', b'{"seed": 123456789012345678901234567890}', b'{"temperature": NaN}',
            b'{"temperature": Infinity}', b'{"prompt": "\xff\xfe"}', b"\xff\xfe\x00{"]
     checked = 0
-    try:
-        with TestClient(app) as c:
-            for path, good in base.items():
-                assert c.post(path, json=good).status_code == 200, path
-                bodies = [(None, body) for body in raw]
-                schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-                name = schema["$ref"].rsplit("/", 1)[-1]
-                for field, prop in spec["components"]["schemas"][name]["properties"].items():
-                    wrong = _wrong_value(prop, spec)
-                    if wrong is not None:
-                        bodies.append((field, msgspec.json.encode({**good, field: wrong})))
-                for field, body in bodies:
-                    r = c.post(path, content=body, headers={"content-type": "application/json"})
-                    assert r.status_code == 400, (path, field, body[:80], r.status_code, r.text[:300])
-                    error = r.json()["error"]
-                    assert isinstance(error["message"], str) and error["type"] == "invalid_request_error"
-                    checked += 1
-    finally:
-        engine.stop()
+    with TestClient(app) as c:
+        for path, good in base.items():
+            assert c.post(path, json=good).status_code == 200, path
+            bodies = [(None, body) for body in raw]
+            schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            name = schema["$ref"].rsplit("/", 1)[-1]
+            for field, prop in spec["components"]["schemas"][name]["properties"].items():
+                wrong = _wrong_value(prop, spec)
+                if wrong is not None:
+                    bodies.append((field, msgspec.json.encode({**good, field: wrong})))
+            for field, body in bodies:
+                r = c.post(path, content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 400, (path, field, body[:80], r.status_code, r.text[:300])
+                error = r.json()["error"]
+                assert isinstance(error["message"], str) and error["type"] == "invalid_request_error"
+                checked += 1
     assert checked > 60, checked

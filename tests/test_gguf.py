@@ -129,3 +129,52 @@ def test_real_model_first_32_greedy_tokens_equal_transformers(hf_gguf, ours):
         assert got == ref, (tok.decode(got), tok.decode(ref))
     answer = tok.decode(ours_tokens[0])
     assert "Paris" in answer, answer
+
+
+def test_prompt_logprobs_equal_transformers(hf_gguf, ours):
+    """A scored prompt (echo with logprobs) through the engine, one prompt cut into chunks and
+    another packed beside it, after the same text was cached by an earlier request: each
+    prompt token's logprob given the ones before equals transformers' log-softmax, and so does
+    the best alternative's. With max_tokens 0 nothing is generated."""
+    import asyncio
+
+    from service.engine import Engine
+    from service.engine.runner import ModelRunner
+    from service.sampling import SamplingParams
+
+    _, model = hf_gguf
+    cfg, params, tok = ours
+    runner = ModelRunner(cfg, params, max_batch_size=4, session_len=256, eos_ids=tok.eos_ids,
+                         max_prefill_chunk=32)
+    engine = Engine(runner, tok)
+    engine.start()
+    texts = [CORPUS[0] + " " + CORPUS[2] + " " + CORPUS[5], CORPUS[1]]
+    prompts = [tok.encode(t) for t in texts]
+    assert len(prompts[0]) > 32  # cut into chunks
+
+    async def run(ids, params):
+        outs = [out async for out in engine.generate(ids, params)]
+        return outs
+
+    async def run_all():
+        await run(prompts[0], SamplingParams(temperature=0, max_tokens=2))  # caches the prompt
+        return await asyncio.gather(run(prompts[0], SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=2)),
+                                    run(prompts[1], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)))
+
+    try:
+        scored = asyncio.run(run_all())
+    finally:
+        engine.stop()
+    zero, one = scored
+    assert len(zero) == 1 and zero[0].finish_reason == "length" and zero[0].token_ids == []
+    assert zero[0].completion_tokens == 0 and zero[0].cached_tokens == 0
+    assert len(one[0].token_ids) == 1
+    for ids, outs in zip(prompts, scored):
+        got = outs[0].prompt_logprobs
+        assert [t.token_id for t in got] == ids[1:]
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+        want = ref[np.arange(len(ids) - 1), ids[1:]]
+        np.testing.assert_allclose([t.logprob for t in got], want, atol=2e-3)
+        np.testing.assert_allclose([t.top[0][1] for t in got], ref[:-1].max(-1), atol=2e-3)
+        assert all(len(t.top) == 2 for t in got)

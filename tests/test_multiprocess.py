@@ -60,3 +60,69 @@ def test_bad_rank_and_missing_coordinator_are_one_line_errors(default_checkpoint
         assert p.returncode == 1
         assert err.strip().splitlines()[-1] == f"xlaserve: error: {message}" or message in err
         assert "Traceback" not in err
+
+
+def test_sigterm_on_process_0_stops_the_followers_cleanly(default_checkpoint, tmp_path):
+    """A two-process server answers; SIGTERM to process 0 during a long stream drains it (the
+    stream is aborted at --drain-timeout with a finish reason and [DONE]); the follower is
+    released (no collective failure) and both exit 0 without a traceback."""
+    import json
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    port, http_port = _free_port(), _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    common = [sys.executable, "-m", "service.cli", "serve", "api_server", "--tp", "2", "--nnodes", "2",
+              "--coordinator-address", f"127.0.0.1:{port}", "--session-len", "128", "--max-batch-size", "2",
+              "--drain-timeout", "1", "--log-level", "WARNING"]
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    procs = []
+    for rank in (1, 0):
+        extra = ["--server-name", "127.0.0.1", "--server-port", str(http_port)] if rank == 0 else []
+        with open(logs[rank], "w") as f:
+            procs.append(subprocess.Popen([*common, "--node-rank", str(rank), *extra], env=env, cwd=ROOT,
+                                          stdout=f, stderr=subprocess.STDOUT))
+    follower, leader = procs
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert leader.poll() is None and follower.poll() is None, logs[0].read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the two-process server did not become ready"
+            time.sleep(1)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4,
+                                                     "temperature": 0}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        lines, started = [], threading.Event()
+
+        def stream():
+            body = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(120)
+        leader.send_signal(signal.SIGTERM)
+        reader.join(120)
+        assert leader.wait(timeout=120) == 0, logs[0].read_text()[-3000:]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        assert follower.wait(timeout=120) == 0, logs[1].read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for log in logs:
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

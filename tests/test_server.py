@@ -340,3 +340,88 @@ def test_sixty_four_streaming_clients_half_hang_up(server):
     assert _metric(server, "xlaserve_requests_finished_total", '{finish_reason="abort"}') > aborted
     r = httpx.post(server + "/v1/completions", timeout=60, json={"prompt": "Still there?", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_sigterm_drains_streams_refuses_new_requests_and_exits_cleanly(default_checkpoint, tmp_path):
+    """SIGTERM while two streams run: /health and new requests answer 503 at once; the short
+    stream finishes as usual, the long one is aborted at --drain-timeout, both with a finish
+    reason and [DONE]; then the process exits 0 without a traceback."""
+    import signal
+    import threading
+
+    from conftest import start_server
+
+    log = tmp_path / "server.log"
+    proc, url = start_server(log, "--drain-timeout", "0.5", log_level="INFO")
+    results, started = {}, {name: threading.Event() for name in ("short", "long")}
+
+    def stream(name, max_tokens):
+        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True,
+                "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+        lines = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    started[name].set()
+        results[name] = lines
+
+    threads = [threading.Thread(target=stream, args=("short", 12)), threading.Thread(target=stream, args=("long", 200))]
+    try:
+        threads[1].start()
+        assert started["long"].wait(60)
+        threads[0].start()
+        assert started["short"].wait(60)
+        proc.send_signal(signal.SIGTERM)
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        refused = httpx.post(url + "/v1/chat/completions", timeout=5, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"
+        for t in threads:
+            t.join(60)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for name, reason in (("short", "length"), ("long", "abort")):
+        lines = results[name]
+        assert lines[-1] == "data: [DONE]", (name, lines[-3:])
+        finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]
+                    if json.loads(x[6:])["choices"] and json.loads(x[6:])["choices"][0]["finish_reason"]]
+        assert finishes == [reason], (name, finishes)
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+    assert "draining:" in text and "drain timeout" in text
+
+
+def test_echo_scores_the_prompt_for_evaluation_harnesses(server):
+    """How lm-evaluation-harness scores a text: echo with logprobs and max_tokens 0 or 1. The
+    prompt's tokens come first in logprobs (the first without one), with offsets into the
+    echoed text, then the completion's; a token-id prompt echoes its decoded text."""
+    prompt = "The capital of France is Paris."
+    body = {"model": MODEL, "prompt": prompt, "echo": True, "logprobs": 1, "temperature": 0}
+    zero = httpx.post(server + "/v1/completions", json={**body, "max_tokens": 0}, timeout=60).json()
+    one = httpx.post(server + "/v1/completions", json={**body, "max_tokens": 1}, timeout=60).json()
+    z, o = zero["choices"][0], one["choices"][0]
+    assert z["text"] == prompt and z["finish_reason"] == "length" and zero["usage"]["completion_tokens"] == 0
+    lp = z["logprobs"]
+    n = zero["usage"]["prompt_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert "".join(lp["tokens"]) == prompt
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x < 0 for x in lp["token_logprobs"][1:]) and all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(n)]
+    # The same prompt scores the same with a token generated after it.
+    assert o["logprobs"]["token_logprobs"][:n] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert len(o["logprobs"]["tokens"]) == n + 1 and o["text"].startswith(prompt)
+    assert o["logprobs"]["text_offset"][n] == len(prompt)
+    ids = httpx.post(server + "/v1/tokenize", json={"prompt": prompt}).json()["tokens"]
+    by_ids = httpx.post(server + "/v1/completions", json={**body, "prompt": ids, "max_tokens": 0}).json()
+    assert by_ids["choices"][0]["text"] == prompt
+    assert by_ids["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+    plain = httpx.post(server + "/v1/completions", json={**body, "logprobs": None, "max_tokens": 0}).json()
+    assert plain["choices"][0]["text"] == prompt and plain["choices"][0]["logprobs"] is None
+    bad = httpx.post(server + "/v1/completions", json={**body, "echo": False, "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"

@@ -138,8 +138,10 @@ def save_checkpoint(dst: Path, cfg: ModelConfig, params: dict, source: str) -> N
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-            progress: bool = True) -> Path:
-    """Convert ``src`` (HF dir or .gguf file) into ``dst``; returns ``dst``. Atomic."""
+            progress: bool = True, generation: dict[str, Any] | None = None) -> Path:
+    """Convert ``src`` (HF dir or .gguf file) into ``dst``; returns ``dst``. Atomic.
+    ``generation``: sampling defaults to write into the output's ``generation_config.json``
+    over the source's (a GGUF file carries none)."""
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise ConversionError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
@@ -154,6 +156,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
             _convert_gguf(src, tmp, dtype, progress)
         else:
             _convert_hf_dir(src, tmp, dtype, progress)
+        if generation:
+            path = tmp / "generation_config.json"
+            gen = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**gen, **generation}, indent=2))
         os.replace(tmp, dst)
     except UnsupportedConfigError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ from service.engine.request import Output, Request, Sequence
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
-from service.errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServiceError
+from service.errors import ContextLengthExceeded, Draining, InvalidRequest, Overloaded, ServiceError
 from service.metrics import EngineMetrics
 from service.sampling import SamplingParams
 
@@ -56,6 +56,7 @@ class Engine:
         self._inflight = None  # (sequences, DecodeHandle) of the decode step on the device
         self._count_lock = threading.Lock()
         self.waiting_count = 0  # submitted, not yet in a slot (guarded by _count_lock)
+        self.draining = False  # shutting down: admit nothing new, let what runs finish
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -74,12 +75,34 @@ class Engine:
     def running_count(self) -> int:
         return len(self.table.running)
 
+    @property
+    def busy(self) -> bool:
+        """Requests submitted and not finished."""
+        return bool(self.table.running or self._waiting or self.waiting_count)
+
+    def drain(self, timeout: float) -> bool:
+        """Stop admitting (new requests get ``Draining``), wait up to ``timeout`` seconds for
+        the submitted ones to finish, then abort what is left (``finish_reason: "abort"``).
+        Returns whether everything finished in time."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline and self._thread_alive():
+            time.sleep(0.02)
+        if not self.busy:
+            return True
+        self._inbox.put(("abort_all", None))
+        deadline = time.monotonic() + 10
+        while self.busy and time.monotonic() < deadline and self._thread_alive():
+            time.sleep(0.02)
+        return False
+
+    def _thread_alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
     def is_alive(self, stall_seconds: float = 120.0) -> bool:
         """The engine thread runs, and made progress within ``stall_seconds`` when it has work
         (submitted requests it has not taken in yet count)."""
-        busy = bool(self.table.running or self._waiting or self.waiting_count)
-        return bool(self._thread and self._thread.is_alive()) and not (
-            busy and time.monotonic() - self.heartbeat > stall_seconds)
+        return self._thread_alive() and not (self.busy and time.monotonic() - self.heartbeat > stall_seconds)
 
     # -- client API (any thread / asyncio) -----------------------------------------------------
 
@@ -92,6 +115,8 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
                session_id: int | None = None, request_id: str | None = None) -> str:
+        if self.draining:
+            raise Draining("the server is shutting down; send the request to another replica")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if session_id is None:
@@ -107,6 +132,8 @@ class Engine:
     def check_capacity(self, n: int = 1) -> None:
         """Raise Overloaded now if ``n`` more requests would not fit the queue (so a stream can
         be refused with a status code before it starts)."""
+        if self.draining:
+            raise Draining("the server is shutting down; send the request to another replica")
         if self.waiting_count + n > self.max_queue:
             raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
 
@@ -196,13 +223,15 @@ class Engine:
         for call, arrays in zip(plan.prefills, results):
             self.stats.prefill_calls += 1
             self.stats.mixed_calls += call.riders > 0
+            if call.scores:
+                self.outputs.prompt_scores(call.chunks, *arrays[4:])
             done = [i for i, c in enumerate(call.chunks) if c.last]
             for i in done:
                 if not call.chunks[i].step:
                     self.outputs.prompt_done(call.chunks[i].owner)
             if done:
                 pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
-                self.outputs.on_tokens([call.chunks[i].owner for i in done], *map(pick, arrays))
+                self.outputs.on_tokens([call.chunks[i].owner for i in done], *map(pick, arrays[:4]))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -221,6 +250,9 @@ class Engine:
                     self._abort(rid)
             elif kind == "end_session":
                 self.table.end_session(arg)
+            elif kind == "abort_all":
+                for rid in [r.id for r in self._waiting] + [s.id for s in self.table.running.values()]:
+                    self._abort(rid)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -255,6 +287,8 @@ class Engine:
                                 history_tokens=len(history)))
                 continue
             slot, reuse = self.table.choose(seq)
+            if req.params.prompt_logprobs is not None:  # scored: every prompt token is computed
+                reuse = 0
             seq.max_tokens = self.session_len - len(seq.seq)
             if req.params.max_tokens is not None:
                 seq.max_tokens = min(seq.max_tokens, req.params.max_tokens)

@@ -69,6 +69,23 @@ class OutputProcessor:
         self.metrics.prompt_tokens.inc(len(seq.seq) - seq.cached)
         self.metrics.cached_tokens.inc(seq.cached)
 
+    def prompt_scores(self, chunks, lps, top_ids, top_lps) -> None:
+        """Keep the scored chunks' rows of a prefill call: the logprob of each prompt token
+        after the chunk's first position, given the tokens before it."""
+        at = 0
+        for c in chunks:
+            seq, k = c.owner, len(c.tokens)
+            if c.score:
+                n = seq.params.prompt_logprobs
+                scores = seq.prompt_logprobs if seq.prompt_logprobs is not None else []
+                # Position i scores the token after it; the prompt's last position has none.
+                for i in range(min(k, len(seq.seq) - 1 - c.start)):
+                    top = [(int(a), float(b)) for a, b in zip(top_ids[at + i][:n], top_lps[at + i][:n])]
+                    nxt = c.tokens[i + 1] if i + 1 < k else c.next_token
+                    scores.append(TokenLogprob(nxt, float(lps[at + i]), top))
+                seq.prompt_logprobs = scores
+            at += k
+
     def on_tokens(self, seqs, toks, lps, top_ids, top_lps) -> None:
         """One sampled token for each of ``seqs`` (rows of the arrays)."""
         batched: dict = {}  # event loop -> [(queue, Output)]: one wake-up per loop
@@ -82,6 +99,9 @@ class OutputProcessor:
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             if self.table.running.get(seq.slot) is not seq:  # finished or aborted meanwhile
+                continue
+            if seq.max_tokens == 0:  # the prompt was only scored
+                self.finish(seq, "length")
                 continue
             tok = int(toks[i])
             if seq.first_token_time is None:
@@ -109,7 +129,9 @@ class OutputProcessor:
             text, stopped = apply_stop_strings(seq, text, final=finish is not None)
             if stopped:
                 finish = "stop"
-            out = Output(text=text, token_ids=[tok], logprobs=[lp] if lp else [], finish_reason=finish)
+            out = Output(text=text, token_ids=[tok], logprobs=[lp] if lp else [], finish_reason=finish,
+                         prompt_logprobs=seq.prompt_logprobs)
+            seq.prompt_logprobs = None
             if finish:
                 self.finish(seq, finish, out)
             elif isinstance(seq.req.emit, LoopQueue):
@@ -118,7 +140,8 @@ class OutputProcessor:
                 seq.req.emit(out)
 
     def finish(self, seq: Sequence, reason: str, out: Output | None = None) -> None:
-        out = out or Output()
+        out = out or Output(prompt_logprobs=seq.prompt_logprobs)
+        seq.prompt_logprobs = None
         out.finish_reason = reason
         out.prompt_tokens = len(seq.seq)
         out.completion_tokens = len(seq.generated)

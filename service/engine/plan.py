@@ -31,6 +31,9 @@ class Chunk:
     start: int
     last: bool
     step: int = 0
+    # Score the chunk: each token's successor's logprob (``next_token`` follows the last one).
+    score: bool = False
+    next_token: int = 0
     owner: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
@@ -39,6 +42,10 @@ class Prefill:
     """One prefill call: chunks of distinct slots packed into one row of tokens."""
 
     chunks: tuple[Chunk, ...]
+
+    @property
+    def scores(self) -> bool:
+        return any(c.score for c in self.chunks)
 
     @property
     def riders(self) -> int:

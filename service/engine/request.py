@@ -33,6 +33,9 @@ class Output:
     completion_tokens: int = 0
     cached_tokens: int = 0
     history_tokens: int = 0
+    # The prompt's tokens after its first, each with its logprob given those before it (when
+    # the request scores its prompt): on the first Output only.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +63,7 @@ class Sequence:
     pending_text: str = ""  # decoded text held back: it may start a stop string
     history: int = 0  # tokens of earlier session turns
     first_token_time: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # scored so far, until the first Output
 
     @property
     def id(self) -> str:

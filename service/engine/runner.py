@@ -150,7 +150,7 @@ class ModelRunner:
                 self.copy_slot(op.src, op.dst)
             else:
                 results.append(self.prefill_packed(
-                    [(c.slot, list(c.tokens), c.start, c.last, c.step) for c in op.chunks]))
+                    [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks]))
         handle = None
         d = plan.decode
         if d is not None:
@@ -178,19 +178,24 @@ class ModelRunner:
         """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host
         arrays (token, logprob, top ids, top logprobs) of the chunk's last position."""
         out = self.prefill_packed([(slot, tokens, start, last)])
-        return tuple(None if x is None else x[:1] for x in out)
+        return tuple(None if x is None else x[:1] for x in out[:4])
 
     def prefill_packed(self, chunks: list[tuple]):
-        """Prefill chunks (slot, tokens, start, last[, step]) of different slots in one call:
-        at most ``prompts_per_call`` of them, ``max_chunk`` tokens in all. Returns host arrays
-        (tokens, logprobs, top ids, top logprobs) whose first rows follow ``chunks``: the token
-        sampled at each chunk's last position (meaningful where the chunk ends its prompt).
+        """Prefill chunks (slot, tokens, start, last[, step[, score, next token]]) of different
+        slots in one call: at most ``prompts_per_call`` of them, ``max_chunk`` tokens in all.
+        Returns host arrays (tokens, logprobs, top ids, top logprobs) whose first rows follow
+        ``chunks``: the token sampled at each chunk's last position (meaningful where the chunk
+        ends its prompt); then, when a chunk is scored, the call's (T,) logprobs of each
+        position's successor and its (T, K) top ids and logprobs, rows in the chunks' order
+        (else three Nones).
 
         A decode row can ride along as a one-token chunk (its last token at its position,
         ``last`` true, ``step`` its generated count): its sampled token is its next one."""
         arrays, n, span = self.shapes.prefill_inputs(chunks)
         out = self._prefill_step(arrays, n, span)
-        return tuple(None if x is None else _host(x) for x in out)
+        sampled = tuple(None if x is None else _host(x) for x in out[:4])
+        scored = tuple(_host(x) for x in out[4:]) if arrays[-1] else (None, None, None)
+        return sampled + scored
 
     @replayed
     def _prefill_step(self, arrays, n, span):

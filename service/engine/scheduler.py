@@ -117,8 +117,10 @@ class Scheduler:
             if len(pack) + 1 > self.prompts_per_call(total + n):
                 break
             start = seq.prefilled
-            pack.append(Chunk(seq.slot, tuple(seq.seq[start:start + n]), start, start + n == len(seq.seq),
-                              owner=seq))
+            end = start + n
+            pack.append(Chunk(seq.slot, tuple(seq.seq[start:end]), start, end == len(seq.seq),
+                              score=seq.params.prompt_logprobs is not None,
+                              next_token=seq.seq[end] if end < len(seq.seq) else 0, owner=seq))
             total += n
         return pack
 
@@ -126,7 +128,10 @@ class Scheduler:
         """If another running sequence's slot already holds KV for a longer prefix of this
         prompt (n > 1 samples of one prompt, a shared system prompt), copy that KV instead of
         computing it again. The last prompt token is always computed: its logits pick the
-        first new token with this request's own sampling settings."""
+        first new token with this request's own sampling settings. A prompt being scored is
+        computed whole: its logprobs come from its own prefill."""
+        if seq.params.prompt_logprobs is not None:
+            return
         slot, n = self.table.longest_running_prefix(seq, len(seq.seq) - 1)
         if slot >= 0 and n > seq.prefilled:
             ops.append(Copy(slot, seq.slot))

@@ -62,25 +62,28 @@ class StepShapes:
         return self.backend.prompts_per_call(bucket_for(n_tokens, self.prefill_sizes), self.slots)
 
     def prefill_zeros(self, size: int, p: int) -> tuple[np.ndarray, ...]:
-        """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps."""
+        """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps,
+        the token after each position (scored calls) and whether the call is scored."""
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         rows = z(1, size) if self.backend.rows_per_token else z(1)
-        return z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p)
+        return z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p), z(1, size), np.int32(0)
 
     def prefill_inputs(self, chunks: list[tuple]) -> tuple[tuple[np.ndarray, ...], int, int]:
         """(arrays, real token count, span) of one prefill call packing ``chunks`` (slot,
-        tokens, start, last[, step]); see ``ModelRunner.prefill_packed``."""
+        tokens, start, last[, step[, score, next token]]); see ``ModelRunner.prefill_packed``."""
         n = sum(len(c[1]) for c in chunks)
         size = bucket_for(n, self.prefill_sizes)
         p = self.prompts_per_call(n)
         if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
-        tokens, positions, rows, ends, slots, last, steps = self.prefill_zeros(size, p)
+        tokens, positions, rows, ends, slots, last, steps, following, _ = self.prefill_zeros(size, p)
         positions[:] = self.session_len  # padding: out of range, writes dropped
         rows[:] = self.slots
         slots[:] = self.slots
+        scored = False
         i = 0
-        for j, (slot, toks, start, is_last, *step) in enumerate(chunks):
+        for j, (slot, toks, start, is_last, *extra) in enumerate(chunks):
+            step, score, next_token = (*extra, *(0, False, 0)[len(extra):])
             k = len(toks)
             tokens[0, i:i + k] = toks
             positions[0, i:i + k] = np.arange(start, start + k)
@@ -88,10 +91,14 @@ class StepShapes:
                 rows[0, i:i + k] = slot
             else:
                 rows[0] = slot  # (1,): the one chunk's slot
-            ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step[0] if step else 0
+            ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step
+            if score:
+                following[0, i:i + k - 1] = toks[1:]
+                following[0, i + k - 1] = next_token
+                scored = True
             i += k
         span = bucket_for(min(max(c[2] for c in chunks) + size, self.session_len), self.spans)
-        return (tokens, positions, rows, ends, slots, last, steps), n, span
+        return (tokens, positions, rows, ends, slots, last, steps, following, np.int32(scored)), n, span
 
     def decode_inputs(self, slots: list[int], positions: list[int], steps: list[int]):
         """(positions, steps, rows, where, span) of one decode step over ``slots``: batch row

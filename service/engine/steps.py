@@ -41,7 +41,7 @@ class Steps:
         return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
 
     def prefill(self, params, cache, sampling, rope, eos_mask, tokens, positions, rows, ends, slots, last,
-                steps, live, span):
+                steps, following, scored, live, span):
         """Chunks of up to P sequences packed into one row of tokens.
 
         tokens, positions (1, T), padded at the end (padding positions are out of range, so
@@ -50,11 +50,14 @@ class Steps:
         index in ``tokens``, its slot (padding entries: out of range) and whether it ends its
         prompt. steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a
         decode row riding along is a one-token chunk with its own count, as ``decode`` has
-        it). live: the real tokens' count (packed projections skip the padding).
+        it). following (1, T): the token after each position, and scored (int32 scalar): the
+        call scores its prompts (their tokens' logprobs, before any penalty or temperature).
+        live: the real tokens' count (packed projections skip the padding).
 
-        Returns the token sampled at each chunk's last position (P,) with its logprobs. Only
-        a chunk that ends its prompt really emits its token; only those are accounted for
-        penalties.
+        Returns the token sampled at each chunk's last position (P,) with its logprobs, then
+        when scored each position's successor's logprob (T,) and the top alternatives (T, K)
+        ids and logprobs (zeros when not scored). Only a chunk that ends its prompt really
+        emits its token; only those are accounted for penalties.
         """
         hidden, cache = transformer.forward(params, self.cfg, tokens, positions, cache, span=span,
                                             rows=rows, backend=self.backend, rope=rope, live=live)
@@ -62,7 +65,19 @@ class Steps:
         logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
         out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=slots)
         sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
-        return cache, sampling, out
+        t, k = tokens.shape[1], max(self.top_n, 1)
+
+        def score():
+            every = self.gathered(transformer.logits(params, self.cfg, hidden[0], live))  # (T, V)
+            lse = jax.nn.logsumexp(every, axis=-1)
+            chosen = jnp.take_along_axis(every, following[0][:, None], axis=-1)[:, 0] - lse
+            top, ids = jax.lax.top_k(every, k)
+            return chosen, ids.astype(jnp.int32), top - lse[:, None]
+
+        def skip():
+            return jnp.zeros((t,), jnp.float32), jnp.zeros((t, k), jnp.int32), jnp.zeros((t, k), jnp.float32)
+
+        return cache, sampling, (*out, *jax.lax.cond(scored > 0, score, skip))
 
     def decode(self, params, cache, sampling, rope, eos_mask, tokens, positions, steps, rows, live, span):
         """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).

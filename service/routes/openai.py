@@ -110,8 +110,27 @@ def _completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
                          "list of lists of token ids", param="prompt")
 
 
-def _completion_logprobs(engine: Engine, outs: list[Output], offset: int) -> p.CompletionLogprobs:
+def _completion_logprobs(engine: Engine, outs: list[Output], offset: int,
+                         prompt: list[int] | None = None) -> p.CompletionLogprobs:
+    """The legacy completions ``logprobs``: with ``prompt`` (echo), the prompt's tokens first
+    (the first has no logprob, as in OpenAI's API), their offsets into the echoed text, then
+    the completion's from ``offset``."""
     lp = p.CompletionLogprobs()
+    if prompt:
+        scores = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), [])
+        at = 0
+        for i, token in enumerate(prompt):
+            s = token_str(engine, token)
+            lp.tokens.append(s)
+            lp.text_offset.append(at)
+            at += len(s)
+            if i == 0:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+            else:
+                t = scores[i - 1]
+                lp.token_logprobs.append(t.logprob)
+                lp.top_logprobs.append({token_str(engine, a): v for a, v in t.top})
     for out in outs:
         for t in out.logprobs:
             s = token_str(engine, t.token_id)
@@ -145,17 +164,35 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     def echo_text(idx: int) -> str:
         return engine.tokenizer.decode(prompts[idx // data.n]) if data.echo else ""
 
+    def logprobs(idx: int, outs: list[Output], offset: int, first: bool = True):
+        if params.logprobs is None:
+            return None
+        scored = params.prompt_logprobs is not None and first
+        return _completion_logprobs(engine, outs, offset, prompts[idx // data.n] if scored else None)
+
+    if data.max_tokens == 0 and params.prompt_logprobs is None:  # echo only: nothing to run
+        choices = [p.CompletionChoice(index=idx, text=echo_text(idx), finish_reason="length")
+                   for idx in range(total)]
+        finals = [Output(prompt_tokens=len(prompts[idx // data.n])) for idx in range(total)]
+        if data.stream:
+            async def echoes():
+                for choice in choices:
+                    yield sse(p.CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+            return _stream(echoes())
+        return p.CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                    usage=usage(finals, data.n))
+
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
         async def chunks():
             finals, echoed = {}, set()
             async for idx, out in fan_in(engine, prompts, params, data.n):
-                text = out.text
-                if idx not in echoed:
+                text, first = out.text, idx not in echoed
+                if first:
                     echoed.add(idx)
                     text = echo_text(idx) + text
-                lp = _completion_logprobs(engine, [out], 0) if params.logprobs is not None else None
+                lp = logprobs(idx, [out], len(text) - len(out.text), first)
                 if text or out.finish_reason is not None or lp:
                     yield sse(p.CompletionResponse(id=rid, created=created, model=model, choices=[
                         p.CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=out.finish_reason)]))
@@ -177,7 +214,7 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     choices = []
     for idx in range(total):
         echo = echo_text(idx)
-        lp = _completion_logprobs(engine, outs[idx], len(echo)) if params.logprobs is not None else None
+        lp = logprobs(idx, outs[idx], len(echo))
         choices.append(p.CompletionChoice(index=idx, text=echo + "".join(o.text for o in outs[idx]),
                                           logprobs=lp, finish_reason=outs[idx][-1].finish_reason))
     return p.CompletionResponse(id=rid, created=created, model=model, choices=choices,

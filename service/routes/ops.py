@@ -54,6 +54,8 @@ async def encode(data: JSONBody[p.EncodeRequest], ctx: Ctx) -> p.EncodeResponse:
 async def health(ctx: Ctx) -> Response:
     if ctx.engine is None:
         return Response({"status": "loading"}, status_code=503)
+    if ctx.engine.draining:
+        return Response({"status": "draining"}, status_code=503)
     if not ctx.engine.is_alive(ctx.settings.stall_timeout):
         return Response({"status": "engine stalled"}, status_code=503)
     return Response({"status": "ok"}, status_code=200)
