@@ -54,8 +54,10 @@ def test_completions_string_list_echo_logprobs(client):
                                   temperature=0, echo=True, logprobs=2)
     choice = r.choices[0]
     assert choice.text.startswith("The capital of France is")
-    assert len(choice.logprobs.token_logprobs) == 4
-    assert all(len(t) <= 2 for t in choice.logprobs.top_logprobs)
+    # Echo scores the prompt: its tokens come first (the first without a logprob), then the 4.
+    assert len(choice.logprobs.token_logprobs) == r.usage.prompt_tokens + 4
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(len(t) <= 2 for t in choice.logprobs.top_logprobs[1:])
     many = client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=3, temperature=0)
     assert [c.index for c in many.choices] == [0, 1]
 
