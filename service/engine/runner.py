@@ -131,7 +131,7 @@ class ModelRunner:
                  cache_mib, max_batch_size, session_len)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
-        self._prefill, self._decode, self._set_row, self._copy_slot = Steps(
+        self._prefill, self._decode, self._set_row, self._copy_slot, self._score = Steps(
             cfg, self.backend, max_batch_size, top_logprobs, plan).jitted(self._cache_sh, self._sampling_sh,
                                                                             self._out_sh)
 
@@ -199,8 +199,11 @@ class ModelRunner:
 
     @replayed
     def _prefill_step(self, arrays, n, span):
-        self.cache, self.sampling, out = self._prefill(
-            self.params, self.cache, self.sampling, self.rope, self.eos_mask, *arrays, np.int32(n), span=span)
+        *inputs, following, scored = arrays
+        self.cache, self.sampling, (out, hidden) = self._prefill(
+            self.params, self.cache, self.sampling, self.rope, self.eos_mask, *inputs, np.int32(n), span=span)
+        if scored:
+            out = (*out, *self._score(self.params, hidden, following, np.int32(n)))
         return out
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], steps: list[int]):
@@ -257,7 +260,7 @@ class ModelRunner:
             self.channel = None
 
     def compiled_variants(self) -> int:
-        return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row))
+        return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row, self._score))
 
     def warmup(self, progress=None) -> None:
         """Compile every prefill/decode shape now, so serving never compiles."""
@@ -270,6 +273,8 @@ class ModelRunner:
             if shape[0] == "decode":
                 b, span = shape[1], shape[2]
                 self.decode(list(range(b)), [0] * b, [span - 1] * b, [0] * b)
+            elif shape[0] == "score":  # a scored prompt: its prefill, then its scores
+                self.prefill_packed([(0, [0] * shape[1], 0, True, 0, True, 0)])
             else:
                 n, span = shape[1], shape[2]
                 self.prefill(0, [0] * n, span - n)

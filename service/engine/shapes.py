@@ -118,4 +118,5 @@ class StepShapes:
 
     def warmup_shapes(self) -> list[tuple]:
         shapes = [("decode", b, s) for b in self.batch_sizes for s in self.spans]
-        return shapes + [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]
+        shapes += [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]
+        return shapes + [("score", n) for n in self.prefill_sizes]

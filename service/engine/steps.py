@@ -41,7 +41,7 @@ class Steps:
         return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
 
     def prefill(self, params, cache, sampling, rope, eos_mask, tokens, positions, rows, ends, slots, last,
-                steps, following, scored, live, span):
+                steps, live, span):
         """Chunks of up to P sequences packed into one row of tokens.
 
         tokens, positions (1, T), padded at the end (padding positions are out of range, so
@@ -50,13 +50,10 @@ class Steps:
         index in ``tokens``, its slot (padding entries: out of range) and whether it ends its
         prompt. steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a
         decode row riding along is a one-token chunk with its own count, as ``decode`` has
-        it). following (1, T): the token after each position, and scored (int32 scalar): the
-        call scores its prompts (their tokens' logprobs, before any penalty or temperature).
-        live: the real tokens' count (packed projections skip the padding).
+        it). live: the real tokens' count (packed projections skip the padding).
 
-        Returns the token sampled at each chunk's last position (P,) with its logprobs, then
-        when scored each position's successor's logprob (T,) and the top alternatives (T, K)
-        ids and logprobs (zeros when not scored). Only a chunk that ends its prompt really
+        Returns the token sampled at each chunk's last position (P,) with its logprobs, and
+        the final hidden states (T, D) for ``score``. Only a chunk that ends its prompt really
         emits its token; only those are accounted for penalties.
         """
         hidden, cache = transformer.forward(params, self.cfg, tokens, positions, cache, span=span,
@@ -65,19 +62,18 @@ class Steps:
         logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
         out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=slots)
         sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
-        t, k = tokens.shape[1], max(self.top_n, 1)
+        return cache, sampling, (out, hidden[0])
 
-        def score():
-            every = self.gathered(transformer.logits(params, self.cfg, hidden[0], live))  # (T, V)
-            lse = jax.nn.logsumexp(every, axis=-1)
-            chosen = jnp.take_along_axis(every, following[0][:, None], axis=-1)[:, 0] - lse
-            top, ids = jax.lax.top_k(every, k)
-            return chosen, ids.astype(jnp.int32), top - lse[:, None]
-
-        def skip():
-            return jnp.zeros((t,), jnp.float32), jnp.zeros((t, k), jnp.int32), jnp.zeros((t, k), jnp.float32)
-
-        return cache, sampling, (*out, *jax.lax.cond(scored > 0, score, skip))
+    def score(self, params, hidden, following, live):
+        """A scored prefill call's prompt logprobs: for each position of hidden (T, D), the
+        logprob of the token after it (following (1, T)) and the top alternatives (T, K) ids
+        and logprobs, of the model's own distribution (before penalties and temperature). A
+        program of its own: the (T, V) logits it needs would otherwise burden every prefill."""
+        logits = self.gathered(transformer.logits(params, self.cfg, hidden, live))  # (T, V)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        chosen = jnp.take_along_axis(logits, following[0][:, None], axis=-1)[:, 0] - lse
+        top, ids = jax.lax.top_k(logits, max(self.top_n, 1))
+        return chosen, ids.astype(jnp.int32), top - lse[:, None]
 
     def decode(self, params, cache, sampling, rope, eos_mask, tokens, positions, steps, rows, live, span):
         """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).
@@ -95,11 +91,12 @@ class Steps:
         return cache, sampling, out
 
     def jitted(self, cache_sh=None, sampling_sh=None, out_sh=None):
-        """(prefill, decode, set_row, copy_slot) jitted, with the state donated and, on a
-        mesh, every output committed to its placement."""
+        """(prefill, decode, set_row, copy_slot, score) jitted, with the state donated and, on
+        a mesh, every output committed to its placement."""
         step_out = None if self.plan is None else (cache_sh, sampling_sh, out_sh)
         prefill = jax.jit(self.prefill, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
         decode = jax.jit(self.decode, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
         set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=sampling_sh)
         copy = jax.jit(copy_slot, donate_argnums=(0,), out_shardings=cache_sh)
-        return prefill, decode, set_row, copy
+        score = jax.jit(self.score, out_shardings=out_sh)
+        return prefill, decode, set_row, copy, score
