@@ -57,7 +57,7 @@ class _Generation(_Req):
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    user: str | None = None
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, a no-op here
     # extensions
     top_k: int | None = None
     min_p: float | None = None

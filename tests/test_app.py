@@ -115,3 +115,10 @@ def test_health_fails_when_the_engine_thread_dies_or_stalls(engine):
         engine._step = step
         if not engine._thread.is_alive():  # the other tests' engine runs on
             engine.start()
+
+
+def test_an_adapter_that_is_not_served_is_refused_by_name(engine):
+    with client(engine) as c:
+        r = c.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 2, "adapter_name": "lora1"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "adapter_name"
+        assert c.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 2}).status_code == 200

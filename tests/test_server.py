@@ -396,6 +396,8 @@ def test_sigterm_drains_streams_refuses_new_requests_and_exits_cleanly(default_c
     text = log.read_text()
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
     assert "draining:" in text and "drain timeout" in text
+    # The bundled model's sampling defaults, in effect and said at start.
+    assert "sampling defaults (--generation-config auto): temperature=0.2, top_p=0.9" in text
 
 
 def test_echo_scores_the_prompt_for_evaluation_harnesses(server):

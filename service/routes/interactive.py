@@ -11,7 +11,7 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from service import protocol as p
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError
 from service.routes.common import Ctx, error_body, fan_in, require_engine, session_turn_ids, unless_disconnected
 
 
@@ -19,6 +19,9 @@ from service.routes.common import Ctx, error_body, fan_in, require_engine, sessi
       status_code=200)
 async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, request: Request) -> Any:
     engine = require_engine(ctx)
+    if data.adapter_name:
+        raise InvalidRequest(f"adapter_name {data.adapter_name!r}: this server serves no adapters",
+                             param="adapter_name")
     sid = data.session_id
     if data.cancel:
         if sid != -1:
