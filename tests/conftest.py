@@ -68,18 +68,26 @@ def start_server(log: Path, *extra: str, log_level: str = "WARNING"):
              "--server-port", str(port), "--session-len", "256", "--max-batch-size", "4",
              "--log-level", log_level, *extra], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    wait_ready(url, [proc], log)
+    return proc, url
+
+
+def wait_ready(url: str, procs: list, log: Path, timeout: float = 600) -> None:
+    """Wait until ``url``'s /health answers 200; fail with ``log``'s tail when a process of
+    ``procs`` exits first, or past ``timeout`` (then the processes are killed)."""
+    deadline = time.monotonic() + timeout
     while True:
-        if proc.poll() is not None:
+        if any(p.poll() is not None for p in procs):
             raise AssertionError(log.read_text()[-3000:])
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("server did not become ready")
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"{url} did not become ready")
         time.sleep(1)
 
 

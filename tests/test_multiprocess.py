@@ -69,9 +69,10 @@ def test_sigterm_on_process_0_stops_the_followers_cleanly(default_checkpoint, tm
     import json
     import signal
     import threading
-    import time
 
     import httpx
+
+    from conftest import wait_ready
 
     port, http_port = _free_port(), _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -88,16 +89,7 @@ def test_sigterm_on_process_0_stops_the_followers_cleanly(default_checkpoint, tm
     follower, leader = procs
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert leader.poll() is None and follower.poll() is None, logs[0].read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the two-process server did not become ready"
-            time.sleep(1)
+        wait_ready(url, procs, logs[0])
         r = httpx.post(url + "/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4,
                                                      "temperature": 0}, timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

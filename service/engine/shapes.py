@@ -10,6 +10,7 @@ compiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -43,16 +44,16 @@ class StepShapes:
     # gathering a compacted batch from rows on other devices would move their KV.
     full_width: bool = False
 
-    @property
+    @functools.cached_property
     def prefill_sizes(self) -> list[int]:
         return _doubling(16, self.max_chunk)
 
-    @property
+    @functools.cached_property
     def spans(self) -> list[int]:
         # A backend that reads each query's own context needs no span buckets.
         return [self.session_len] if self.backend.reads_own_context else _doubling(MIN_SPAN, self.session_len)
 
-    @property
+    @functools.cached_property
     def batch_sizes(self) -> list[int]:
         return [self.slots] if self.full_width else _doubling(1, self.slots)
 
