@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from pathlib import Path
+
+import re
 
 import msgspec
 from litestar import Litestar, Request, Response
@@ -62,6 +65,10 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
         if isinstance(e, dict) and e.get("key"):
             param = str(e["key"]).removeprefix("$.")
             break
+    unknown = re.search(r"unknown field `([^`]+)`", detail)
+    if unknown:  # the field itself, wherever it sits ("$.messages[0].x" -> "messages[0].x")
+        at = re.search(r"at `\$\.?([^`]*)`", detail)
+        param = ".".join(x for x in ((at.group(1) if at else ""), unknown.group(1)) if x)
     msg = f"{exc.detail}: {detail}" if detail else str(exc.detail)
     return _error_response(400, msg, "invalid_request_error", param)
 

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+from service.parsers import REASONING_PARSERS, TOOL_PARSERS
+
 log = logging.getLogger("xlaserve")
 
 
@@ -240,7 +242,8 @@ def cmd_api_server(args) -> None:
         chat_template=chat_template, meta_instruction=args.meta_instruction,
         allow_origins=tuple(args.allow_origins or ()), allow_credentials=args.allow_credentials,
         allow_methods=tuple(args.allow_methods or ("*",)), allow_headers=tuple(args.allow_headers or ("*",)),
-        stall_timeout=args.stall_timeout)
+        stall_timeout=args.stall_timeout, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser)
     state = State(settings=settings)
     if not settings.model_name:
         settings.model_name = DEFAULT_MODEL_NAME if args.model is None else \
@@ -368,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--api-keys", nargs="*", default=None, help="accepted Bearer keys")
     a.add_argument("--chat-template", default=None, help="jinja2 chat template file")
     a.add_argument("--meta-instruction", default=None, help="default system prompt")
+    a.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="the tool-call format of the model's answers (default: the one its chat "
+                        "template teaches; hermes for templates without tool support)")
+    a.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="split <think>...</think> out of answers into reasoning_content")
     a.add_argument("--allow-origins", nargs="*", default=None, help="CORS allowed origins")
     a.add_argument("--allow-credentials", action="store_true", help="CORS allow credentials")
     a.add_argument("--allow-methods", nargs="*", default=None, help="CORS allowed methods")

@@ -17,8 +17,9 @@ from service.errors import InvalidRequest
 from service.sampling import InvalidSamplingParam, SamplingParams
 
 
-class _Req(msgspec.Struct, kw_only=True, omit_defaults=True):
-    pass
+class _Req(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A request body: a field this server does not know is refused (400 naming it), never
+    silently dropped."""
 
 
 class _Resp(msgspec.Struct, kw_only=True):
@@ -33,10 +34,64 @@ class ContentPart(_Req):
     text: str | None = None
 
 
+class FunctionCall(_Req):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"  # OpenAI sends a JSON object's text
+
+
+class ToolCallIn(_Req):
+    """An assistant message's earlier tool call, in the history."""
+
+    function: FunctionCall
+    id: str | None = None
+    type: str = "function"
+
+
 class ChatMessage(_Req):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    reasoning_content: str | None = None  # assistant (extension); templates decide whether to show it
+
+
+class FunctionDef(_Req):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments are always enforced by a grammar when constrained
+
+
+class Tool(_Req):
+    type: str
+    function: FunctionDef
+
+
+class FunctionName(_Req):
+    name: str
+
+
+class NamedToolChoice(_Req):
+    type: str
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Req):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None  # the schema is always enforced (a grammar), strict or not
+
+
+class ResponseFormat(_Req):
+    """``text``, ``json_object``, ``json_schema`` (OpenAI); ``regex_schema`` (LMDeploy);
+    ``grammar`` (extension: a Lark grammar in llguidance's dialect)."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+    regex_schema: str | None = None
+    grammar: str | None = None
 
 
 class StreamOptions(_Req):
@@ -57,7 +112,14 @@ class _Generation(_Req):
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, a no-op here
+    response_format: ResponseFormat | None = None
+    # Accepted and documented as no-ops: OpenAI's end-user id and metadata for its dashboards,
+    # its cache routing key (our prefix cache needs none), its latency tier.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
     # extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -66,6 +128,34 @@ class _Generation(_Req):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+
+    def check_fields(self) -> None:
+        """Refuse (400, naming the field) what is accepted by the schema but not served."""
+        for name in self.__struct_fields__:
+            if name in _REFUSED and getattr(self, name) not in (None, False):
+                raise InvalidRequest(f"{name} is not supported{_REFUSED[name]}", param=name)
+        if self.service_tier not in (None, "auto", "default"):
+            raise InvalidRequest(f"service_tier {self.service_tier!r} is not served (auto or default)",
+                                 param="service_tier")
+
+    def grammar(self) -> str | None:
+        """The llguidance grammar of ``response_format`` (None: free text)."""
+        return response_grammar(self.response_format)
+
+
+# Fields of OpenAI's bodies that this server refuses rather than ignore, with why.
+_REFUSED = {
+    "audio": " (text output only)",
+    "prediction": " (no speculative decoding of a predicted output)",
+    "web_search_options": " (no web search)",
+    "functions": "; send tools instead",
+    "function_call": "; send tool_choice instead",
+    "reasoning_effort": " (the reasoning length is the model's own)",
+    "verbosity": "",
+    "store": " (nothing is stored)",
+    "best_of": " with a value other than n",
+}
 
 
 class ChatCompletionRequest(_Generation, kw_only=True):
@@ -74,8 +164,28 @@ class ChatCompletionRequest(_Generation, kw_only=True):
     top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[str, NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+    modalities: list[str] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension: extra template variables
+    # Refused when set (see _REFUSED)
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    store: bool | None = None
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise InvalidRequest("modalities: only [\"text\"] is served", param="modalities")
 
     def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
+        self.check_fields()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -90,8 +200,12 @@ class CompletionRequest(_Generation, kw_only=True):
     logprobs: int | None = None
     max_tokens: int | None = 16
     suffix: str | None = None
+    best_of: int | None = None
 
     def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
+        if self.best_of == self.n:
+            self.best_of = None  # best of n among n: every sample is returned, as without it
+        self.check_fields()
         # echo with logprobs scores the prompt too (how evaluation harnesses ask for a text's
         # likelihood); then max_tokens may be 0: the prompt alone is the answer.
         scored = self.logprobs if self.echo else None
@@ -122,6 +236,7 @@ class InteractiveRequest(_Req):
     cancel: bool = False
     seed: int | None = None
     adapter_name: str | None = None
+    min_new_tokens: int | None = None
 
     def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
         return _sampling(self, defaults, self.request_output_len, None)
@@ -192,9 +307,23 @@ class ChoiceLogprobs(_Resp):
     content: list[TokenLogprobOut] | None = None
 
 
-class ResponseMessage(_Resp):
-    role: str = "assistant"
-    content: str | None = None
+class FunctionCallOut(_Resp):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Resp):
+    id: str
+    function: FunctionCallOut
+    type: str = "function"
+
+
+class ResponseMessage(_Resp, omit_defaults=True):
+    # role and content are always sent (content null with tool calls); the rest when present
+    role: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Resp):
@@ -213,9 +342,26 @@ class ChatCompletionResponse(_Resp):
     usage: Usage | None = None
 
 
+class FunctionDelta(_Resp, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Resp, omit_defaults=True):
+    """A streamed tool call: the first delta of a call has its index, id, type and name, the
+    later ones pieces of its arguments."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDelta | None = None
+
+
 class DeltaMessage(_Resp, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Resp):
@@ -294,6 +440,35 @@ class ErrorResponse(_Resp):
 # -- request -> engine settings ----------------------------------------------------------------
 
 
+def response_grammar(rf: ResponseFormat | None) -> str | None:
+    """``response_format`` as an llguidance grammar (None for free text)."""
+    from service import structured
+
+    if rf is None or rf.type == "text":
+        return None
+    try:
+        if rf.type == "json_object":
+            return structured.json_object_grammar()
+        if rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema is None:
+                raise InvalidRequest("response_format json_schema needs json_schema.schema",
+                                     param="response_format")
+            return structured.json_schema_grammar(rf.json_schema.schema)
+        if rf.type == "regex_schema":
+            if not rf.regex_schema:
+                raise InvalidRequest("response_format regex_schema needs regex_schema", param="response_format")
+            return structured.regex_grammar(rf.regex_schema)
+        if rf.type == "grammar":
+            if not rf.grammar:
+                raise InvalidRequest("response_format grammar needs grammar (Lark)", param="response_format")
+            return structured.lark_grammar(rf.grammar)
+    except structured.GrammarError as e:
+        raise InvalidRequest(f"response_format: {e}", param="response_format") from None
+    raise InvalidRequest(f"response_format type {rf.type!r} is not supported (text, json_object, json_schema, "
+                         "regex_schema, grammar)", param="response_format")
+
+
+
 def _stops(stop: Union[str, list[str], None]) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -340,13 +515,15 @@ def _sampling(req: Any, defaults: SamplingParams | None, max_tokens: int | None,
             logit_bias=_bias(getattr(req, "logit_bias", None)),
             seed=getattr(req, "seed", None),
             max_tokens=max_tokens,
-            min_tokens=getattr(req, "min_tokens", 0),
+            min_tokens=getattr(req, "min_tokens", None) or getattr(req, "min_new_tokens", None) or 0,
             stop=_stops(req.stop),
             stop_token_ids=tuple(getattr(req, "stop_token_ids", None) or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=getattr(req, "include_stop_str_in_output", False),
+            grammar=req.grammar() if hasattr(req, "grammar") else None,
         )
     except InvalidSamplingParam as e:
         raise InvalidRequest(str(e), param=e.param) from None

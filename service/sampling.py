@@ -40,6 +40,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob + top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # An llguidance grammar (see service.structured) the output must match; it applies after
+    # ``grammar_after`` appears in the output when that is set (the end of a reasoning block).
+    grammar: str | None = None
+    grammar_after: str | None = None
 
     def __post_init__(self):
         checks = [
@@ -209,9 +213,25 @@ _SMALL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "prese
           "frequency_penalty", "min_tokens", "has_bias", "wants_logprobs", "key")
 
 
+def mask_words(vocab: int) -> int:
+    """int32 words of one row's token bitmask (bit ``t % 32`` of word ``t // 32``: token t)."""
+    return (vocab + 31) // 32
+
+
+def _allow(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Tokens whose bit is clear in ``allowed`` (B, W) -> -inf."""
+    b, v = logits.shape
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # (B, W, 32)
+    ok = bits.reshape(b, -1)[:, :v] != 0
+    return jnp.where(ok, logits, -jnp.inf)
+
+
 def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.Array,
-           top_n: int = 0, rows: jax.Array | None = None):
+           top_n: int = 0, rows: jax.Array | None = None, allowed: jax.Array | None = None):
     """logits (B, V) f32, steps (B,) tokens generated so far per row, eos_mask (V,).
+
+    ``allowed`` (B, W) int32: each row's token bitmask (``mask_words``), all ones (-1) for a
+    row that no grammar constrains; the pass that applies it is skipped when no row is.
 
     ``s`` holds the rows' sampling state, or with ``rows`` (B,) the state of every slot, of
     which row b uses slot ``rows[b]`` (out of range: padding, reads the last slot).
@@ -230,6 +250,8 @@ def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.A
         lambda: _penalize(logits, s if rows is None else gather_rows(s, rows, ("bias", "seen", "counts")),
                           small),
         lambda: logits)
+    if allowed is not None:  # a grammar's mask acts like a bias of -inf on what it forbids
+        logits = jax.lax.cond(jnp.any(allowed != -1), lambda: _allow(logits, allowed), lambda: logits)
     hold_eos = steps < small.min_tokens
     logits = jax.lax.cond(jnp.any(hold_eos),
                           lambda: jnp.where(eos_mask[None, :] & hold_eos[:, None], -jnp.inf, logits),

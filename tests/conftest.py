@@ -94,7 +94,11 @@ def wait_ready(url: str, procs: list, log: Path, timeout: float = 600) -> None:
 @pytest.fixture(scope="session")
 def server(default_checkpoint, tmp_path_factory):
     """A live `xlaserve serve api_server` on the default model, shared by the HTTP, client
-    and web UI tests."""
+    and web UI tests. ``XLASERVE_TEST_SERVER=URL`` reuses one already running (started with
+    start_server's flags) while iterating on tests."""
+    if os.environ.get("XLASERVE_TEST_SERVER"):
+        yield os.environ["XLASERVE_TEST_SERVER"]
+        return
     proc, url = start_server(tmp_path_factory.mktemp("server") / "server.log")
     try:
         yield url

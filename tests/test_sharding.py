@@ -116,8 +116,9 @@ def test_decode_step_gathers_no_weights(models, tp, dp):
     b = runner.shapes.batch_sizes[-1]
     z = np.zeros((b,), np.int32)
     rows = None if runner.full_width else np.arange(b, dtype=np.int32)
+    allowed = runner.shapes.allowed(b, [], None)
     hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, runner.eos_mask, z, z, z, rows,
-                               np.int32(len(z)), span=runner.shapes.spans[0]).compile().as_text()
+                               allowed, np.int32(len(z)), span=runner.shapes.spans[0]).compile().as_text()
     full_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
     assert "all-gather" in hlo or "all-reduce" in hlo  # it is a sharded program
     assert _weight_gathers(hlo, full_shapes) == []

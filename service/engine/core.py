@@ -31,6 +31,7 @@ from service.engine.slots import SlotTable
 from service.errors import ContextLengthExceeded, Draining, InvalidRequest, Overloaded, ServiceError
 from service.metrics import EngineMetrics
 from service.sampling import SamplingParams
+from service.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Engine:
                                    can_chain=runner.channel is None)
         self.stats = Stats()
         self.metrics = EngineMetrics()
+        self.grammars = Grammars(tokenizer, runner.cfg.vocab_size)
         self.outputs = OutputProcessor(tokenizer, self.table, runner.session_len, self.metrics, self.stats)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -210,7 +212,7 @@ class Engine:
         plan = self.scheduler.schedule(inflight[0] if inflight else None)
         if not plan:
             return
-        results, handle = self.runner.execute(plan, inflight[1] if inflight else None)
+        results, handle = self.runner.execute(plan, inflight[1] if inflight else None, self._masks(plan))
         if plan.decode is not None:
             self.stats.decode_steps += 1
             self.stats.chained_steps += plan.decode.chained
@@ -218,6 +220,15 @@ class Engine:
         if inflight:  # read while the device runs the step queued on it
             self.outputs.on_tokens(inflight[0], *self.runner.fetch(inflight[1]))
         self._on_prefilled(plan, results)
+
+    def _masks(self, plan: StepPlan) -> dict | None:
+        """Token bitmasks of the plan's rows that sample under a grammar, by slot. Those rows
+        never chain, so their matchers have seen every token before this step."""
+        rows = [c.owner for op in plan.prefills for c in op.chunks if c.last]
+        if plan.decode is not None:
+            rows += plan.decode.owners
+        constrained = [(s.matcher, s.slot) for s in rows if s.masked]
+        return self.grammars.masks(constrained) if constrained else None
 
     def _on_prefilled(self, plan: StepPlan, results: list) -> None:
         for call, arrays in zip(plan.prefills, results):
@@ -295,6 +306,9 @@ class Engine:
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens, context=seq.seq)
             seed = req.params.seed if req.params.seed is not None else int(np.random.randint(2**31))
             try:
+                if req.params.grammar is not None:
+                    seq.matcher = self.grammars.matcher(req.params.grammar)
+                    seq.grammar_wait = req.params.grammar_after
                 self.runner.set_slot(slot, req.params, seq.seq, seed)
             except Exception:  # this request's settings cannot be run: fail it alone
                 log.exception("request %s could not start", req.id)

@@ -7,6 +7,7 @@ threads in one wake-up (``deliver``), not one per token.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from model.tokenizer import Tokenizer
@@ -14,6 +15,8 @@ from service.engine.bridge import LoopQueue, deliver
 from service.engine.request import Output, Sequence, TokenLogprob
 from service.engine.slots import SlotTable
 from service.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -118,6 +121,10 @@ class OutputProcessor:
                 text = ""
             else:
                 text = seq.detok.add(tok)
+                if seq.matcher is not None:
+                    finish = self._advance(seq, tok)
+                    if finish is not None:
+                        text += seq.detok.flush()
             if finish is None and (len(seq.generated) >= seq.max_tokens or seq.length >= self.session_len):
                 finish = "length"
                 text += seq.detok.flush()
@@ -138,6 +145,19 @@ class OutputProcessor:
                 batched.setdefault(seq.req.emit.loop, []).append((seq.req.emit.queue, out))
             else:
                 seq.req.emit(out)
+
+    def _advance(self, seq: Sequence, tok: int) -> str | None:
+        """Move a constrained sequence's matcher past ``tok``; "stop" when the grammar is
+        complete (only EOS could follow), "error" if the token broke it (the mask forbids that)."""
+        if seq.grammar_wait is not None:  # the grammar starts after this text (reasoning's end)
+            seq.raw_tail = (seq.raw_tail + self.tokenizer.decode([tok], skip_special_tokens=False))[-64:]
+            if seq.grammar_wait in seq.raw_tail:
+                seq.grammar_wait = None
+            return None
+        if not seq.matcher.consume_token(tok):
+            log.error("request %s: token %d broke its grammar: %s", seq.id, tok, seq.matcher.get_error())
+            return "error"
+        return "stop" if seq.matcher.is_stopped() else None
 
     def finish(self, seq: Sequence, reason: str, out: Output | None = None) -> None:
         out = out or Output(prompt_logprobs=seq.prompt_logprobs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from model.tokenizer import IncrementalDetokenizer
 from service.sampling import SamplingParams
@@ -64,6 +64,11 @@ class Sequence:
     history: int = 0  # tokens of earlier session turns
     first_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # scored so far, until the first Output
+    # The grammar's matcher (llguidance) of a constrained request, advanced with each token;
+    # while ``grammar_wait`` is set it waits for that text (the end of the reasoning) first.
+    matcher: Any = None
+    grammar_wait: str | None = None
+    raw_tail: str = ""  # the output's last characters, special tokens included (grammar_wait)
 
     @property
     def id(self) -> str:
@@ -77,6 +82,15 @@ class Sequence:
     def decodable(self) -> bool:
         """Prompt prefilled and a first token sampled: the next step decodes it."""
         return self.prefilled == len(self.seq) and bool(self.generated)
+
+    @property
+    def constrained(self) -> bool:
+        return self.matcher is not None
+
+    @property
+    def masked(self) -> bool:
+        """Its next token is drawn under its grammar's mask."""
+        return self.matcher is not None and self.grammar_wait is None
 
     @property
     def length(self) -> int:

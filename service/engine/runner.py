@@ -93,7 +93,8 @@ class ModelRunner:
         if jax.default_backend() == "cpu":
             keep_freed_memory()
         self.full_width = plan is not None and plan.mesh.shape["data"] > 1
-        self.shapes = StepShapes(self.backend, max_batch_size, session_len, self.max_chunk, self.full_width)
+        self.shapes = StepShapes(self.backend, max_batch_size, cfg.vocab_size, session_len, self.max_chunk,
+                                 self.full_width)
         # Every array is committed to its final placement, like every later (jit-output) value
         # of it: otherwise the second call of each step sees new input shardings and compiles
         # all over again.
@@ -140,9 +141,10 @@ class ModelRunner:
     # With a ``channel`` (several processes), process 0 announces each step before running it
     # and the others replay it in ``follow``.
 
-    def execute(self, plan: StepPlan, inflight: "DecodeHandle | None" = None):
+    def execute(self, plan: StepPlan, inflight: "DecodeHandle | None" = None, masks: dict | None = None):
         """Run a step's plan: its copies and prefill calls in order, then dispatch its decode
-        step (fed by ``inflight``'s tokens on the device when the plan chains on it). Returns
+        step (fed by ``inflight``'s tokens on the device when the plan chains on it). ``masks``:
+        the token bitmask row (W,) int32 of each slot a grammar constrains this step. Returns
         the prefill calls' host outputs and the decode step's handle (or None)."""
         results = []
         for op in plan.ops:
@@ -150,12 +152,13 @@ class ModelRunner:
                 self.copy_slot(op.src, op.dst)
             else:
                 results.append(self.prefill_packed(
-                    [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks]))
+                    [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks],
+                    masks))
         handle = None
         d = plan.decode
         if d is not None:
             handle = self.dispatch_decode(list(d.slots), inflight if d.chained else list(d.tokens),
-                                          list(d.positions), list(d.steps))
+                                          list(d.positions), list(d.steps), masks)
         return results, handle
 
     def set_slot(self, slot: int, params: smp.SamplingParams, prompt_ids, seed: int) -> None:
@@ -180,7 +183,7 @@ class ModelRunner:
         out = self.prefill_packed([(slot, tokens, start, last)])
         return tuple(None if x is None else x[:1] for x in out[:4])
 
-    def prefill_packed(self, chunks: list[tuple]):
+    def prefill_packed(self, chunks: list[tuple], masks: dict | None = None):
         """Prefill chunks (slot, tokens, start, last[, step[, score, next token]]) of different
         slots in one call: at most ``prompts_per_call`` of them, ``max_chunk`` tokens in all.
         Returns host arrays (tokens, logprobs, top ids, top logprobs) whose first rows follow
@@ -191,7 +194,7 @@ class ModelRunner:
 
         A decode row can ride along as a one-token chunk (its last token at its position,
         ``last`` true, ``step`` its generated count): its sampled token is its next one."""
-        arrays, n, span = self.shapes.prefill_inputs(chunks)
+        arrays, n, span = self.shapes.prefill_inputs(chunks, masks)
         out = self._prefill_step(arrays, n, span)
         sampled = tuple(None if x is None else _host(x) for x in out[:4])
         scored = tuple(_host(x) for x in out[4:]) if arrays[-1] else (None, None, None)
@@ -212,39 +215,41 @@ class ModelRunner:
         top ids, top logprobs) whose rows follow ``slots``."""
         return self.fetch(self.dispatch_decode(slots, tokens, positions, steps))
 
-    def dispatch_decode(self, slots: list[int], tokens, positions: list[int], steps: list[int]):
+    def dispatch_decode(self, slots: list[int], tokens, positions: list[int], steps: list[int],
+                        masks: dict | None = None):
         """Start a decode step and return its handle without waiting for it (``fetch`` waits).
 
         ``tokens`` is a list of ints, or the handle of the previous step over the same slots:
         then its sampled tokens feed this step on the device, so step t+1 is queued before
         the host has even looked at step t's tokens."""
         n = len(slots)
-        pos, st, rows, where, span = self.shapes.decode_inputs(slots, positions, steps)
+        pos, st, rows, allowed, where, span = self.shapes.decode_inputs(slots, positions, steps, masks)
         if isinstance(tokens, DecodeHandle):
             if tokens.rows.shape != rows.shape or (tokens.rows != rows).any() or self.channel is not None:
                 raise ValueError("chained decode steps must cover the same slots on one process")
-            out = self._run_decode(tokens.out[0], pos, st, rows, n, span)
+            out = self._run_decode(tokens.out[0], pos, st, rows, allowed, n, span)
         else:
             host_tok = np.zeros(rows.shape, np.int32)
             host_tok[where] = tokens
-            out = self._decode_step(host_tok, pos, st, rows, n, span)
+            out = self._decode_step(host_tok, pos, st, rows, allowed, n, span)
         return DecodeHandle(out, where, rows)
 
     @replayed
-    def _decode_step(self, host_tok, pos, st, rows, n, span):
+    def _decode_step(self, host_tok, pos, st, rows, allowed, n, span):
         # Placed like a step's own output tokens, so both kinds of input share one compile.
-        return self._run_decode(jax.device_put(host_tok, self._token_sharding), pos, st, rows, n, span)
+        return self._run_decode(jax.device_put(host_tok, self._token_sharding), pos, st, rows, allowed, n, span)
 
     def fetch(self, handle: "DecodeHandle"):
         """Wait for a dispatched step: host arrays whose rows follow its slots."""
         return tuple(None if x is None else _host(x)[handle.where] for x in handle.out)
 
-    def _run_decode(self, tok, pos, st, rows, n, span):
+    def _run_decode(self, tok, pos, st, rows, allowed, n, span):
         # Live rows first, padding after (at full width every row is a slot: all count).
         live = np.int32(len(pos) if self.full_width else n)
         rows = None if self.full_width else rows
         self.cache, self.sampling, out = self._decode(
-            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tok, pos, st, rows, live, span=span)
+            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tok, pos, st, rows, allowed, live,
+            span=span)
         return out
 
     def follow(self) -> None:

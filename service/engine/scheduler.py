@@ -44,11 +44,14 @@ class Scheduler:
 
     def chains_on(self, inflight: list[Sequence]) -> bool:
         """Whether the next step can be queued on the step in flight over ``inflight``, before
-        its tokens reach the host: no prompt waits and the batch is the same. Otherwise the
-        engine reads that step first, so the plan knows every row's input."""
+        its tokens reach the host: no prompt waits, the batch is the same and no row is under a
+        grammar (whose mask for the next token needs this one). Otherwise the engine reads
+        that step first, so the plan knows every row's input."""
         if not self.can_chain or self._pending():
             return False
         live = self.decodable()
+        if any(s.constrained for s in live):
+            return False
         return (len(live) == len(inflight) and all(a is b for a, b in zip(live, inflight))
                 and max(s.length for s in live) < self.session_len)
 

@@ -38,6 +38,7 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 class StepShapes:
     backend: Backend
     slots: int
+    vocab: int
     session_len: int
     max_chunk: int
     # Slots split over a data axis decode at full width, each replica over its own rows:
@@ -62,22 +63,40 @@ class StepShapes:
         says: one where the cache is addressed per batch row)."""
         return self.backend.prompts_per_call(bucket_for(n_tokens, self.prefill_sizes), self.slots)
 
+    @property
+    def mask_words(self) -> int:
+        """int32 words of a token bitmask row (see ``sampling.sample``)."""
+        return (self.vocab + 31) // 32
+
+    def allowed(self, b: int, slots, masks: dict | None) -> np.ndarray:
+        """(b, W) token bitmasks of batch rows whose slots are ``slots``: the grammar's row of
+        each slot in ``masks``, all ones (unconstrained) elsewhere."""
+        out = np.full((b, self.mask_words), -1, np.int32)
+        for i, slot in enumerate(slots):
+            row = masks.get(slot) if masks else None
+            if row is not None:
+                out[i] = row
+        return out
+
     def prefill_zeros(self, size: int, p: int) -> tuple[np.ndarray, ...]:
         """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps,
-        the token after each position (scored calls) and whether the call is scored."""
+        the chunks' token bitmasks (all ones), the token after each position (scored calls)
+        and whether the call is scored."""
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         rows = z(1, size) if self.backend.rows_per_token else z(1)
-        return z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p), z(1, size), np.int32(0)
+        return (z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p), self.allowed(p, (), None), z(1, size),
+                np.int32(0))
 
-    def prefill_inputs(self, chunks: list[tuple]) -> tuple[tuple[np.ndarray, ...], int, int]:
+    def prefill_inputs(self, chunks: list[tuple], masks: dict | None = None) -> tuple[tuple[np.ndarray, ...], int, int]:
         """(arrays, real token count, span) of one prefill call packing ``chunks`` (slot,
-        tokens, start, last[, step[, score, next token]]); see ``ModelRunner.prefill_packed``."""
+        tokens, start, last[, step[, score, next token]]); see ``ModelRunner.prefill_packed``.
+        ``masks``: token bitmask rows by slot, for the sequences a grammar constrains."""
         n = sum(len(c[1]) for c in chunks)
         size = bucket_for(n, self.prefill_sizes)
         p = self.prompts_per_call(n)
         if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
-        tokens, positions, rows, ends, slots, last, steps, following, _ = self.prefill_zeros(size, p)
+        tokens, positions, rows, ends, slots, last, steps, allowed, following, _ = self.prefill_zeros(size, p)
         positions[:] = self.session_len  # padding: out of range, writes dropped
         rows[:] = self.slots
         slots[:] = self.slots
@@ -93,18 +112,21 @@ class StepShapes:
             else:
                 rows[0] = slot  # (1,): the one chunk's slot
             ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step
+            if masks and is_last and slot in masks:
+                allowed[j] = masks[slot]
             if score:
                 following[0, i:i + k - 1] = toks[1:]
                 following[0, i + k - 1] = next_token
                 scored = True
             i += k
         span = bucket_for(min(max(c[2] for c in chunks) + size, self.session_len), self.spans)
-        return (tokens, positions, rows, ends, slots, last, steps, following, np.int32(scored)), n, span
+        return (tokens, positions, rows, ends, slots, last, steps, allowed, following, np.int32(scored)), n, span
 
-    def decode_inputs(self, slots: list[int], positions: list[int], steps: list[int]):
-        """(positions, steps, rows, where, span) of one decode step over ``slots``: batch row
-        ``where[i]`` is slot ``slots[i]``; padding rows name slot ``self.slots`` and position
-        ``session_len`` (out of range: their writes are dropped)."""
+    def decode_inputs(self, slots: list[int], positions: list[int], steps: list[int], masks: dict | None = None):
+        """(positions, steps, rows, allowed, where, span) of one decode step over ``slots``:
+        batch row ``where[i]`` is slot ``slots[i]``; padding rows name slot ``self.slots`` and
+        position ``session_len`` (out of range: their writes are dropped). ``allowed``: the
+        rows' token bitmasks (``masks`` by slot; all ones elsewhere)."""
         n = len(slots)
         b = bucket_for(n, self.batch_sizes)
         span = bucket_for(max(positions) + 1, self.spans)
@@ -115,7 +137,12 @@ class StepShapes:
         pos[where], st[where] = positions, steps
         rows = np.full((b,), self.slots, np.int32)
         rows[:n] = slots
-        return pos, st, rows, where, span
+        allowed = self.allowed(b, [], None)
+        if masks:
+            for i, slot in zip(where, slots):
+                if slot in masks:
+                    allowed[i] = masks[slot]
+        return pos, st, rows, allowed, where, span
 
     def warmup_shapes(self) -> list[tuple]:
         shapes = [("decode", b, s) for b in self.batch_sizes for s in self.spans]

@@ -41,7 +41,7 @@ class Steps:
         return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
 
     def prefill(self, params, cache, sampling, rope, eos_mask, tokens, positions, rows, ends, slots, last,
-                steps, live, span):
+                steps, allowed, live, span):
         """Chunks of up to P sequences packed into one row of tokens.
 
         tokens, positions (1, T), padded at the end (padding positions are out of range, so
@@ -50,7 +50,8 @@ class Steps:
         index in ``tokens``, its slot (padding entries: out of range) and whether it ends its
         prompt. steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a
         decode row riding along is a one-token chunk with its own count, as ``decode`` has
-        it). live: the real tokens' count (packed projections skip the padding).
+        it). allowed (P, W): each chunk's token bitmask (all ones unless a grammar constrains
+        its sequence; see ``sampling.sample``). live: the real tokens' count (packed projections skip the padding).
 
         Returns the token sampled at each chunk's last position (P,) with its logprobs, and
         the final hidden states (T, D) for ``score``. Only a chunk that ends its prompt really
@@ -60,7 +61,7 @@ class Steps:
                                             rows=rows, backend=self.backend, rope=rope, live=live)
         final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
         logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
-        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=slots)
+        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=slots, allowed=allowed)
         sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
         return cache, sampling, (out, hidden[0])
 
@@ -75,8 +76,10 @@ class Steps:
         top, ids = jax.lax.top_k(logits, max(self.top_n, 1))
         return chosen, ids.astype(jnp.int32), top - lse[:, None]
 
-    def decode(self, params, cache, sampling, rope, eos_mask, tokens, positions, steps, rows, live, span):
-        """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,).
+    def decode(self, params, cache, sampling, rope, eos_mask, tokens, positions, steps, rows, allowed, live,
+               span):
+        """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,), and
+        the batch rows' token bitmasks ``allowed`` (b, W).
 
         b is a bucket of the live slot count, so the step costs what the live requests need,
         not what ``max_batch_size`` allows. Padding rows name slot ``slots`` (out of range):
@@ -86,7 +89,7 @@ class Steps:
         hidden, cache = transformer.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
                                             span=span, rows=rows, backend=self.backend, rope=rope, live=live)
         logits = self.gathered(transformer.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
-        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=rows)
+        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=rows, allowed=allowed)
         sampling = smp.record(sampling, out[0], rows)
         return cache, sampling, out
 

@@ -14,6 +14,7 @@ from litestar.di import NamedDependency
 
 from model.chat_template import ChatTemplateError, render
 from service import protocol as p
+from service.chat import conversation
 from service.engine import Engine, Output
 from service.errors import InvalidRequest, ModelNotFound, NotReady, ServiceError
 from service.sampling import SamplingParams
@@ -33,6 +34,8 @@ class ServerSettings:
     allow_methods: tuple[str, ...] = ("*",)
     allow_headers: tuple[str, ...] = ("*",)
     stall_timeout: float = 120.0  # /health fails when pending work made no progress this long
+    tool_call_parser: str | None = None  # None: the format the chat template teaches
+    reasoning_parser: str | None = None  # "qwen3" | "deepseek-r1": <think> goes to reasoning_content
 
 
 @dataclasses.dataclass
@@ -61,35 +64,33 @@ def check_model(ctx: State, model: str | None) -> None:
 # -- prompts -----------------------------------------------------------------------------------
 
 
-def _message_text(m: p.ChatMessage) -> str:
-    if m.content is None or isinstance(m.content, str):
-        return m.content or ""
-    parts = []
-    for part in m.content:
-        if part.type != "text":
-            raise InvalidRequest(f"content part type {part.type!r} is not supported (text only)",
-                                 param="messages")
-        parts.append(part.text or "")
-    return "".join(parts)
-
-
-def chat_prompt(ctx: State, engine: Engine, messages: list[p.ChatMessage]) -> str:
-    if not messages:
-        raise InvalidRequest("messages must not be empty", param="messages")
-    msgs = [{"role": m.role, "content": _message_text(m)} for m in messages]
+def chat_prompt(ctx: State, engine: Engine, messages: list[p.ChatMessage], tools: Any = None,
+                template_kwargs: dict | None = None) -> str:
+    """The rendered prompt of a conversation (``tools``: the request's ``chat.ToolPlan``)."""
+    msgs, extra = conversation(messages, tools)
     meta = ctx.settings.meta_instruction
     if meta and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": meta})
     tok = engine.tokenizer
+    kwargs = {**(template_kwargs or {}), **extra}
+    for reserved in ("messages", "add_generation_prompt", "bos_token", "eos_token"):
+        if reserved in kwargs:
+            raise InvalidRequest(f"chat_template_kwargs may not set {reserved!r}", param="chat_template_kwargs")
     try:
-        return render(ctx.settings.chat_template or tok.chat_template, msgs,
-                      add_generation_prompt=True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        return render(chat_template(ctx, engine), msgs, add_generation_prompt=True, bos_token=tok.bos_token,
+                      eos_token=tok.eos_token, **kwargs)
     except ChatTemplateError as e:
         raise InvalidRequest(str(e), param="messages") from None
 
 
-def chat_ids(ctx: State, engine: Engine, messages: list[p.ChatMessage]) -> list[int]:
-    return engine.tokenizer.encode(chat_prompt(ctx, engine, messages), add_special_tokens=False)
+def chat_template(ctx: State, engine: Engine) -> str | None:
+    return ctx.settings.chat_template or engine.tokenizer.chat_template
+
+
+def chat_ids(ctx: State, engine: Engine, messages: list[p.ChatMessage], tools: Any = None,
+             template_kwargs: dict | None = None) -> list[int]:
+    return engine.tokenizer.encode(chat_prompt(ctx, engine, messages, tools, template_kwargs),
+                                   add_special_tokens=False)
 
 
 def session_turn_ids(ctx: State, engine: Engine, messages: list[p.ChatMessage], history: list[int]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -12,9 +13,13 @@ from litestar.response import Stream
 
 from service import protocol as p
 from service.engine import Engine, Output
+from service.chat import Answer, call_deltas, call_out, tool_plan
 from service.errors import InvalidRequest
-from service.routes.common import (Ctx, chat_ids, check_model, fan_in, require_engine, sse, sse_stream,
-                                   token_str, unless_disconnected, usage)
+from service.parsers import ReasoningParser
+from service.routes.common import (Ctx, chat_prompt, chat_template, check_model, fan_in, require_engine, sse,
+                                   sse_stream, token_str, unless_disconnected, usage)
+from service import structured
+from service.structured import GrammarError
 
 
 def _stream(chunks: AsyncIterator[bytes]) -> Stream:
@@ -41,15 +46,47 @@ def _chat_logprobs(engine: Engine, out: Output) -> p.ChoiceLogprobs | None:
     return p.ChoiceLogprobs(content=content)
 
 
+def check_grammar(engine: Engine, grammar: str | None, param: str) -> None:
+    """Compile a request's grammar now (cached by its text), so a bad one is a 400 here."""
+    if grammar is None:
+        return
+    try:
+        engine.grammars.check(grammar)
+    except GrammarError as e:
+        raise InvalidRequest(f"{param}: {e}", param=param) from None
+
+
 @post("/v1/chat/completions", summary="Chat completion (OpenAI)", status_code=200)
 async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, request: Request) -> Any:
     engine = require_engine(ctx)
     check_model(ctx, data.model)
     params = data.to_sampling_params(ctx.settings.defaults)
-    prompt_ids = chat_ids(ctx, engine, data.messages)
+    template = chat_template(ctx, engine)
+    plan = tool_plan(data, template, ctx.settings.tool_call_parser)
+    prompt = chat_prompt(ctx, engine, data.messages, plan, data.chat_template_kwargs)
+    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    for t in plan.tools:  # a tool whose parameters schema does not compile is refused
+        try:
+            check_grammar(engine, structured.json_schema_grammar(t["parameters"]), "tools")
+        except GrammarError as e:
+            raise InvalidRequest(f"tools: function {t['name']!r}: {e}", param="tools") from None
+    tool_grammar = plan.grammar()
+    grammar = tool_grammar or params.grammar
+    check_grammar(engine, grammar, "tools" if tool_grammar else "response_format")
+    think = ctx.settings.reasoning_parser
+
+    def reasoning():
+        return ReasoningParser.named(think, prompt) if think else None
+
+    if grammar is not None:
+        # A grammar starts after the reasoning block, unless the prompt already closed it.
+        r = reasoning()
+        params = dataclasses.replace(params, grammar=grammar,
+                                     grammar_after=ReasoningParser.end if r is not None and not r.done else None)
     engine.check_prompt(len(prompt_ids), params)
     engine.check_capacity(data.n)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
+    answers = [Answer(plan, reasoning()) for _ in range(data.n)]
 
     def chunk(choices, **kw) -> bytes:
         return sse(p.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **kw))
@@ -64,33 +101,52 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
                 if i not in started:
                     started.add(i)
                     yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))])
-                if out.text or out.logprobs:
-                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(content=out.text),
-                                                   logprobs=_chat_logprobs(engine, out))])
+                answer = answers[i]
+                before = len(answer.calls)
+                thought, content, calls = answer.feed(out.text, final=out.finish_reason is not None)
+                if thought or content or out.logprobs:
+                    yield chunk([p.ChatChunkChoice(
+                        index=i, delta=p.DeltaMessage(content=content if content or not thought else None,
+                                                      reasoning_content=thought or None),
+                        logprobs=_chat_logprobs(engine, out))])
+                for k, call in enumerate(calls):
+                    for tool_delta in call_deltas(before + k, call):
+                        yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(tool_calls=[tool_delta]))])
                 if out.finish_reason is not None:
                     finals[i] = out
-                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(), finish_reason=out.finish_reason)])
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(),
+                                                   finish_reason=answer.finish_reason(out.finish_reason))])
             if include_usage:
                 yield chunk([], usage=usage([finals[i] for i in sorted(finals)]))
 
         return _stream(chunks())
 
     texts = [""] * data.n
+    thoughts = [""] * data.n
     lps: list[list] = [[] for _ in range(data.n)]
     finals: dict[int, Output] = {}
 
     async def gather() -> None:
         async for i, out in fan_in(engine, [prompt_ids], params, data.n):
-            texts[i] += out.text
+            thought, content, _ = answers[i].feed(out.text, final=out.finish_reason is not None)
+            texts[i] += content
+            thoughts[i] += thought
             if out.logprobs:
                 lps[i].extend(_chat_logprobs(engine, out).content)
             if out.finish_reason is not None:
                 finals[i] = out
 
     await unless_disconnected(request, gather())
-    choices = [p.ChatChoice(index=i, message=p.ResponseMessage(content=texts[i]),
-                            logprobs=p.ChoiceLogprobs(content=lps[i]) if params.logprobs is not None else None,
-                            finish_reason=finals[i].finish_reason) for i in range(data.n)]
+    choices = []
+    for i in range(data.n):
+        calls = answers[i].calls
+        message = p.ResponseMessage(role="assistant", content=texts[i] if texts[i] or not calls else None,
+                                    reasoning_content=thoughts[i] or None,
+                                    tool_calls=[call_out(c) for c in calls] or None)
+        choices.append(p.ChatChoice(
+            index=i, message=message,
+            logprobs=p.ChoiceLogprobs(content=lps[i]) if params.logprobs is not None else None,
+            finish_reason=answers[i].finish_reason(finals[i].finish_reason)))
     return p.ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                     usage=usage([finals[i] for i in range(data.n)]))
 
@@ -151,6 +207,7 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     if data.logprobs is not None and not 0 <= data.logprobs <= 5:
         raise InvalidRequest(f"logprobs must be in [0, 5], got {data.logprobs}", param="logprobs")
     params = data.to_sampling_params(ctx.settings.defaults)
+    check_grammar(engine, params.grammar, "response_format")
     prompts = _completion_prompts(engine, data.prompt)
     vocab = engine.tokenizer.vocab_size
     for ids in prompts:
