@@ -3,6 +3,7 @@ same run so the figures mean something on any machine.
 
     python tools/bench_engine.py [MODEL] --streams 1 16 --prompt-len 128 --output-len 128
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python tools/bench_engine.py --tp 2
+    python tools/bench_engine.py --constrained   # also every stream under one JSON schema
 
 Each stream count runs --repeat times (default 3) and the run of median throughput is
 reported, with the spread. Reports per stream count: output tokens/s, TTFT and TPOT (median,
@@ -55,13 +56,19 @@ def pct(xs, q):
 _runs = 0
 
 
-async def run_streams(engine, streams: int, prompt_len: int, output_len: int):
+# The constrained mode's schema: one long string, so a stream writes --output-len tokens under
+# the grammar as an unconstrained one does without it.
+BENCH_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength": 2000}},
+                "required": ["text"], "additionalProperties": False}
+
+
+async def run_streams(engine, streams: int, prompt_len: int, output_len: int, grammar: str | None = None):
     from service.sampling import SamplingParams
 
     global _runs
     _runs += 1  # new prompts every run: a repeated prompt would be served from the prefix cache
     rng = np.random.default_rng(_runs)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, grammar=grammar)
 
     async def one(i):
         ids = [int(x) for x in rng.integers(100, 30000, prompt_len)]
@@ -121,6 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--context", type=int, nargs="*", default=[256, 4096],
                         help="also time a 1-slot decode step with this many tokens of context")
+    parser.add_argument("--constrained", action="store_true",
+                        help="also run every stream count with each stream under one JSON schema, "
+                             "alternating with the unconstrained runs, and report the ratio")
     args = parser.parse_args(argv)
 
 
@@ -143,25 +153,49 @@ def main(argv=None) -> int:
     flops = measure_flops(dtype=cfg.dtype)
     print(f"model {name}: {cfg.num_params / 1e6:.1f}M params, {weight_bytes / 2**20:.0f} MiB weights ({weight_kind})")
     print(f"machine: streaming bandwidth {bw / 1e9:.1f} GB/s, matmul {flops / 1e9:.1f} GFLOP/s")
+    grammar = None
+    if args.constrained:
+        import json
+
+        from service.structured import json_schema_grammar
+
+        grammar = json_schema_grammar(BENCH_SCHEMA)
+        t = time.perf_counter()
+        engine.grammars.check(grammar)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        engine.grammars.check(grammar)
+        engine.grammars.matcher(grammar)
+        cached = time.perf_counter() - t
+        print(f"schema {json.dumps(BENCH_SCHEMA)}: compiled in {1000 * first:.1f} ms; cached, check + matcher "
+              f"{1000 * cached:.3f} ms")
     try:
         asyncio.run(run_streams(engine, 1, args.prompt_len, 8))  # settle
         for streams in args.streams:
-            runs = []
+            modes = [("free", None)] + ([("json", grammar)] if grammar else [])
+            runs: dict = {m: [] for m, _ in modes}
             for _ in range(max(1, args.repeat)):
-                results, wall = asyncio.run(run_streams(engine, streams, args.prompt_len, args.output_len))
-                runs.append((sum(r[2] for r in results) / wall, results))
-            runs.sort(key=lambda run: run[0])
-            rate, results = runs[len(runs) // 2]
-            ttfts = [r[0] for r in results]
-            tpots = [r[1] for r in results]
-            decode_rate = streams / statistics.median(tpots)
-            mem_frac = weight_bytes * (1 / statistics.median(tpots)) / bw
-            compute_frac = 2 * cfg.num_params * decode_rate / flops
-            spread = f" (runs {runs[0][0]:.1f}-{runs[-1][0]:.1f})" if len(runs) > 1 else ""
-            print(f"streams={streams:3d}: {rate:7.1f} output tokens/s overall{spread}, decode {decode_rate:7.1f} tokens/s | "
-                  f"TTFT median {1000 * statistics.median(ttfts):7.1f} ms p99 {1000 * pct(ttfts, 99):7.1f} ms | "
-                  f"TPOT median {1000 * statistics.median(tpots):6.1f} ms p99 {1000 * pct(tpots, 99):6.1f} ms | "
-                  f"memory-bound fraction {mem_frac:.2f}, compute-bound fraction {compute_frac:.2f}")
+                for mode, g in modes:  # alternating, so drift hits both alike
+                    results, wall = asyncio.run(run_streams(engine, streams, args.prompt_len, args.output_len, g))
+                    runs[mode].append((sum(r[2] for r in results) / wall, results))
+            rates = {}
+            for mode, _ in modes:
+                mode_runs = sorted(runs[mode], key=lambda run: run[0])
+                rate, results = mode_runs[len(mode_runs) // 2]
+                rates[mode] = rate
+                ttfts = [r[0] for r in results]
+                tpots = [r[1] for r in results]
+                decode_rate = streams / statistics.median(tpots)
+                mem_frac = weight_bytes * (1 / statistics.median(tpots)) / bw
+                compute_frac = 2 * cfg.num_params * decode_rate / flops
+                spread = f" (runs {mode_runs[0][0]:.1f}-{mode_runs[-1][0]:.1f})" if len(mode_runs) > 1 else ""
+                label = f" {mode}" if grammar else ""
+                print(f"streams={streams:3d}{label}: {rate:7.1f} output tokens/s overall{spread}, decode {decode_rate:7.1f} tokens/s | "
+                      f"TTFT median {1000 * statistics.median(ttfts):7.1f} ms p99 {1000 * pct(ttfts, 99):7.1f} ms | "
+                      f"TPOT median {1000 * statistics.median(tpots):6.1f} ms p99 {1000 * pct(tpots, 99):6.1f} ms | "
+                      f"memory-bound fraction {mem_frac:.2f}, compute-bound fraction {compute_frac:.2f}")
+            if grammar:
+                print(f"streams={streams:3d}: constrained / unconstrained throughput {rates['json'] / rates['free']:.2f}")
     finally:
         engine.stop()
     return 0
