@@ -288,11 +288,32 @@ def cmd_api_server(args) -> None:
         raise CLIError(str(e)) if isinstance(e, CLIError) else e
 
 
-def cmd_api_client(args) -> None:
-    from service.client import APIError, chat_terminal
+def _json_file(path: str, flag: str):
+    import json
 
     try:
-        chat_terminal(args.api_server_url, api_key=args.api_key, session_id=args.session_id)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{flag}: {e}") from None
+
+
+def cmd_api_client(args) -> None:
+    from service.client import APIError, chat_terminal, chat_terminal_structured, json_schema_format
+
+    try:
+        if args.json_schema or args.tools:
+            tools = _json_file(args.tools, "--tools") if args.tools else None
+            if tools is not None and not isinstance(tools, list):
+                raise CLIError("--tools: the file must hold a JSON list of OpenAI tool specs")
+            schema = _json_file(args.json_schema, "--json-schema") if args.json_schema else None
+            choice = args.tool_choice
+            if choice not in (None, "auto", "none", "required"):
+                choice = {"type": "function", "function": {"name": choice}}
+            chat_terminal_structured(args.api_server_url, api_key=args.api_key, tools=tools, tool_choice=choice,
+                                     response_format=json_schema_format(schema) if schema is not None else None)
+        else:
+            chat_terminal(args.api_server_url, api_key=args.api_key, session_id=args.session_id)
     except APIError as e:
         raise CLIError(e.message) from None
 
@@ -395,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("api_server_url", help="e.g. http://localhost:23333")
     ac.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
     ac.add_argument("--session-id", type=int, default=1, help="server-side session to use (default 1)")
+    ac.add_argument("--json-schema", default=None, metavar="FILE",
+                    help="answers are JSON valid under this JSON Schema (over /v1/chat/completions)")
+    ac.add_argument("--tools", default=None, metavar="FILE",
+                    help="a JSON list of OpenAI tool specs the model may call; you type each call's result")
+    ac.add_argument("--tool-choice", default=None, metavar="CHOICE",
+                    help="with --tools: auto (default), required, none, or a function's name")
     ac.set_defaults(func=cmd_api_client, log_level="WARNING")
     gr = ssub.add_parser("gradio", help="web chat page for a running api_server")
     gr.add_argument("api_server_url", help="e.g. http://localhost:23333")

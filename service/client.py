@@ -6,6 +6,19 @@
     for item in api_client.chat_completions_v1(model=model_name, messages=[...]):
         print(item)
 
+    # JSON that validates against a schema
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    item = next(api_client.chat_completions_v1(model=model_name, messages="The capital of France?",
+                                               response_format=json_schema_format(schema)))
+
+    # a tool call and its result
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    item = next(api_client.chat_completions_v1(model=model_name, messages=messages, tools=tools,
+                                               tool_choice="required"))
+    messages += tool_result_messages(item, {"get_weather": lambda city, unit: "21 C, sunny"})
+    answer = next(api_client.chat_completions_v1(model=model_name, messages=messages, tools=tools))
+
 Every ``*_v1`` method is a generator of response dicts: one item when ``stream=False``, one per
 chunk when ``stream=True``. Server errors raise ``APIError`` with the server's message; a
 closed generator closes the connection, which aborts the request on the server.
@@ -123,10 +136,15 @@ class APIClient:
                             stream: bool = False, presence_penalty: float | None = None,
                             frequency_penalty: float | None = None, user: str | None = None,
                             repetition_penalty: float | None = None, ignore_eos: bool = False,
-                            skip_special_tokens: bool = True, **kwargs) -> Iterator[dict]:
+                            skip_special_tokens: bool = True, response_format: dict | None = None,
+                            tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+                            **kwargs) -> Iterator[dict]:
+        """``response_format``: e.g. ``json_schema_format(schema)``; ``tools`` and
+        ``tool_choice`` as OpenAI's (see ``tool_result_messages`` for the round trip)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         body = _drop_none(dict(model=model, messages=messages, temperature=temperature, top_p=top_p,
+                               response_format=response_format, tools=tools, tool_choice=tool_choice,
                                logprobs=logprobs or None, top_logprobs=top_logprobs, n=n,
                                max_tokens=max_tokens, stop=stop, stream=stream,
                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -167,6 +185,93 @@ class APIClient:
             pass
 
 
+def json_schema_format(schema: dict, name: str = "answer") -> dict:
+    """The ``response_format`` of an answer that validates against ``schema``."""
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def tool_result_messages(response: dict, functions: dict[str, Any]) -> list[dict]:
+    """The assistant's tool calls of a (non-streamed) chat response and one ``tool`` message
+    per call with ``functions[name](**arguments)``'s result: append them to the history and
+    ask again for the answer."""
+    message = response["choices"][0]["message"]
+    out: list[dict] = [{"role": "assistant", "content": message.get("content"),
+                        "tool_calls": message.get("tool_calls") or []}]
+    for call in message.get("tool_calls") or []:
+        fn = call["function"]
+        result = functions[fn["name"]](**json.loads(fn["arguments"]))
+        out.append({"role": "tool", "tool_call_id": call["id"],
+                    "content": result if isinstance(result, str) else json.dumps(result)})
+    return out
+
+
+def _read_turn(stdin, stdout, prompt: str = "\ndouble enter to send >>> ") -> str | None:
+    """One message typed over one or more lines, ended by an empty line (None at EOF)."""
+    print(prompt, end="", file=stdout, flush=True)
+    lines = []
+    while True:
+        line = stdin.readline()
+        if not line:  # EOF
+            return "\n".join(lines).strip() if lines else None
+        line = line.rstrip("\n")
+        if not line and lines:
+            return "\n".join(lines).strip()
+        if line:
+            lines.append(line)
+
+
+def chat_terminal_structured(api_server_url: str, api_key: str | None = None,
+                             response_format: dict | None = None, tools: list[dict] | None = None,
+                             tool_choice: str | dict | None = None, stdin=None, stdout=None) -> int:
+    """A terminal chat over ``/v1/chat/completions`` (history kept here) whose answers follow
+    ``response_format`` or may call ``tools``: each call is shown and its result typed in, then
+    the model answers from it (after a required or named call, without calling again).
+    ``exit`` quits, ``new`` starts over."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    with APIClient(api_server_url, api_key=api_key) as client:
+        model = client.available_models[0]
+        print(f"connected to {api_server_url} ({model}); 'exit' quits, 'new' starts over", file=stdout, flush=True)
+        history: list[dict] = []
+        try:
+            while True:
+                prompt = _read_turn(stdin, stdout)
+                if prompt is None or prompt == "exit":
+                    return 0
+                if prompt == "new":
+                    history = []
+                    print("(new conversation)", file=stdout, flush=True)
+                    continue
+                if not prompt:
+                    continue
+                history.append({"role": "user", "content": prompt})
+                choice = tool_choice if tools else None
+                try:
+                    while True:  # until the model answers instead of calling a tool
+                        item = next(client.chat_completions_v1(model=model, messages=history, tools=tools,
+                                                               tool_choice=choice, response_format=response_format))
+                        message = item["choices"][0]["message"]
+                        calls = message.get("tool_calls") or []
+                        if not calls:
+                            print(message.get("content") or "", file=stdout, flush=True)
+                            history.append({"role": "assistant", "content": message.get("content") or ""})
+                            break
+                        history.append({"role": "assistant", "content": message.get("content"), "tool_calls": calls})
+                        for call in calls:
+                            fn = call["function"]
+                            result = _read_turn(stdin, stdout, f"\ncall {fn['name']}({fn['arguments']}); "
+                                                               "type its result >>> ")
+                            if result is None:
+                                return 0
+                            history.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+                        if choice not in (None, "auto"):
+                            choice = "none"  # a forced call was made: now the answer
+                except APIError as e:
+                    history.pop()
+                    print(f"\nerror: {e.message}", file=stdout, flush=True)
+        except KeyboardInterrupt:
+            return 0
+
+
 def chat_terminal(api_server_url: str, api_key: str | None = None, session_id: int = 1,
                   stdin=None, stdout=None) -> int:
     """A terminal chat over ``/v1/chat/interactive``: the server keeps the history, each turn
@@ -183,20 +288,9 @@ def chat_terminal(api_server_url: str, api_key: str | None = None, session_id: i
           file=stdout, flush=True)
     try:
         while True:
-            print("\ndouble enter to send >>> ", end="", file=stdout, flush=True)
-            lines = []
-            while True:
-                line = stdin.readline()
-                if not line:  # EOF
-                    if not lines:
-                        return 0
-                    break
-                line = line.rstrip("\n")
-                if not line and lines:
-                    break
-                if line:
-                    lines.append(line)
-            prompt = "\n".join(lines).strip()
+            prompt = _read_turn(stdin, stdout)
+            if prompt is None:
+                return 0
             if prompt == "exit":
                 return 0
             if prompt == "new":

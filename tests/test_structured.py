@@ -315,3 +315,49 @@ def test_documented_no_op_fields_are_accepted(client):
                                        metadata={"k": "v"}, store=False, service_tier="auto",
                                        extra_body={"prompt_cache_key": "k", "safety_identifier": "s"})
     assert r.choices[0].finish_reason == "length"
+
+
+def test_apiclient_helpers_make_a_tool_round_trip_and_schema_answers(server):
+    from service.client import APIClient, json_schema_format, tool_result_messages
+
+    with APIClient(server) as api:
+        item = next(api.chat_completions_v1(model=MODEL, messages=ASK_CITY, temperature=0, max_tokens=120,
+                                            response_format=json_schema_format(CITY)))
+        jsonschema.validate(json.loads(item["choices"][0]["message"]["content"]), CITY)
+        messages = list(ASK_WEATHER)
+        item = next(api.chat_completions_v1(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
+                                            temperature=0, max_tokens=60))
+        seen = []
+        messages += tool_result_messages(item, {"get_weather": lambda city, unit: seen.append(city) or "21 C, sunny"})
+        assert seen and messages[-1]["role"] == "tool"
+        answer = next(api.chat_completions_v1(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none",
+                                              temperature=0, max_tokens=20))
+        assert answer["choices"][0]["message"]["content"]
+
+
+def test_terminal_client_answers_in_json_and_round_trips_a_tool_call(server, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    schema, tools = tmp_path / "schema.json", tmp_path / "tools.json"
+    schema.write_text(json.dumps(CITY))
+    tools.write_text(json.dumps([WEATHER]))
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "api_client", server, "--json-schema", str(schema)],
+                       input="Describe the capital of France.\n\nexit\n", capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    answer = r.stdout.split(">>> ")[1].strip().splitlines()[0]
+    jsonschema.validate(json.loads(answer), CITY)
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "api_client", server, "--tools", str(tools),
+                        "--tool-choice", "required"],
+                       input="Weather in Paris?\n\n21 C and sunny\n\nexit\n", capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "call get_weather(" in r.stdout and "type its result >>> " in r.stdout
+    after = r.stdout.split("type its result >>> ")[1].split(">>> ")[0].strip()
+    assert after  # the model's answer from the typed result
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "serve", "api_client", server, "--tools",
+                          str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 1 and bad.stderr.startswith("xlaserve: error: --tools:")
