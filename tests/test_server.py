@@ -147,8 +147,9 @@ def test_readme_curl_snippets_run(server):
 
 
 def test_readme_python_snippet_runs(server):
-    openai_block, client_block = _readme_blocks("python")
-    for block, expect in ((openai_block, "ChatCompletion("), (client_block, "'choices': [")):
+    openai_block, structured_block, client_block = _readme_blocks("python")
+    for block, expect in ((openai_block, "ChatCompletion("), (structured_block, "tool_calls get_weather {"),
+                          (client_block, "'choices': [")):
         code = block.replace("http://localhost:23333", server)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            cwd=ROOT)

@@ -361,3 +361,23 @@ def test_terminal_client_answers_in_json_and_round_trips_a_tool_call(server, tmp
     bad = subprocess.run([sys.executable, "-m", "service.cli", "serve", "api_client", server, "--tools",
                           str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 1 and bad.stderr.startswith("xlaserve: error: --tools:")
+
+
+def test_a_grammar_starts_after_the_reasoning_block(engine, tokenizer):
+    """Tokens of the <think> block pass the matcher by; the grammar holds from its end: the
+    block's tokens would break a JSON grammar if it were applied to them."""
+    from service.engine.output import OutputProcessor
+    from service.engine.request import Request, Sequence
+
+    grammar = json_schema_grammar({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    seq = Sequence(Request("r", [1], SamplingParams(grammar=grammar, grammar_after="</think>"), print))
+    seq.matcher, seq.grammar_wait = engine.grammars.matcher(grammar), "</think>"
+    proc = OutputProcessor(tokenizer, None, 256, None, None)
+    for tok in tokenizer.encode("<think>is it? yes</think>", add_special_tokens=False):
+        assert proc._advance(seq, tok) is None
+    assert seq.grammar_wait is None
+    json_tokens = tokenizer.encode('{"ok":true}', add_special_tokens=False)
+    assert [proc._advance(seq, tok) for tok in json_tokens] == [None] * (len(json_tokens) - 1) + ["stop"]
+    broken = engine.grammars.matcher(grammar)
+    seq2 = Sequence(Request("r2", [1], SamplingParams(grammar=grammar), print), matcher=broken)
+    assert proc._advance(seq2, tokenizer.encode("<think>", add_special_tokens=False)[0]) == "error"
