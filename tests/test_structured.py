@@ -138,6 +138,28 @@ def test_unconstrained_requests_keep_their_tokens_beside_constrained_ones(engine
     assert compile_count() == before
 
 
+def test_logprobs_under_a_grammar_list_only_allowed_tokens(engine, tokenizer):
+    """The mask acts like a bias of -inf: the chosen token's logprob is of the masked
+    distribution, and forbidden tokens never show up as alternatives."""
+    grammar = regex_grammar("(alpha|beta)")
+
+    async def go():
+        outs = []
+        async for out in engine.generate(prompt(6, 30), SamplingParams(temperature=0, grammar=grammar, logprobs=5,
+                                                                       max_tokens=5)):
+            outs.append(out)
+        return outs
+
+    outs = asyncio.run(go())
+    text = "".join(o.text for o in outs)
+    assert text in ("alpha", "beta") and outs[-1].finish_reason == "stop"
+    first = outs[0].logprobs[0]
+    allowed = [i for i, _ in first.top]
+    assert all(("alpha".startswith(tokenizer.decode([i])) or "beta".startswith(tokenizer.decode([i])))
+               for i in allowed), [tokenizer.decode([i]) for i in allowed]
+    assert np.isclose(np.logaddexp.reduce([lp for _, lp in first.top]), 0.0, atol=1e-3) or len(allowed) == 5
+
+
 def test_a_repeated_schema_is_compiled_once(engine):
     grammar = json_schema_grammar({"type": "object", "properties": {"k": {"type": "boolean"}}, "required": ["k"]})
     engine.grammars.check(grammar)

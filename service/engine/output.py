@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
+
 from model.tokenizer import Tokenizer
 from service.engine.bridge import LoopQueue, deliver
 from service.engine.request import Output, Sequence, TokenLogprob
@@ -130,8 +132,10 @@ class OutputProcessor:
                 text += seq.detok.flush()
             lp = None
             if p.logprobs is not None:
+                # Alternatives a grammar forbids (logprob -inf) are not alternatives.
                 top = [] if top_ids is None else [(int(a), float(b)) for a, b in
-                                                  zip(top_ids[i][:p.logprobs], top_lps[i][:p.logprobs])]
+                                                  zip(top_ids[i][:p.logprobs], top_lps[i][:p.logprobs])
+                                                  if b > -np.inf]
                 lp = TokenLogprob(tok, float(lps[i]), top)
             text, stopped = apply_stop_strings(seq, text, final=finish is not None)
             if stopped:
