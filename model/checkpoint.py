@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,25 @@ FORMAT_VERSION = 1  # of the converted layout; tools/convert_hf.py writes it
 def cache_dir() -> Path:
     """Where converted models, compiled XLA programs and native kernels are kept."""
     return Path(os.environ.get("XLASERVE_CACHE", Path.home() / ".cache" / "xlaserve"))
+
+
+@functools.lru_cache(maxsize=1)
+def host_id() -> str:
+    """A short hash of this CPU's model and instruction-set flags. Machine code in the cache
+    (native kernels, XLA's CPU programs) is kept under it: a cache made on one machine (a
+    container image's, a shared home) is never run on a CPU that lacks its instructions."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    text += line
+                if key in ("flags", "Features"):  # one processor's lines are enough
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class CheckpointError(Exception):

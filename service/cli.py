@@ -29,9 +29,10 @@ def _setup_logging(level: str) -> None:
 def _enable_compile_cache() -> None:
     import jax
 
-    from model.checkpoint import cache_dir
+    from model.checkpoint import cache_dir, host_id
 
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    # Per CPU: XLA's CPU programs use this machine's instructions (see host_id).
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax" / host_id()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -262,6 +263,12 @@ def cmd_api_server(args) -> None:
     log.info("sampling defaults (--generation-config %s): %s", args.generation_config,
              ", ".join(f"{k}={v}" for k, v in fields.items()) or "OpenAI's (temperature=1.0, top_p=1.0)")
     args.model = str(checkpoint)
+    if args.warmup_only:  # a container image's build: fill the caches this command would use
+        engine, _ = _load_engine(args, args.max_batch_size, warmup=True)
+        engine.stop()
+        print(f"xlaserve: {settings.model_name} converted and compiled into {os.environ.get('XLASERVE_CACHE') or '~/.cache/xlaserve'}",
+              flush=True)
+        return
     url = f"http://{args.server_name}:{args.server_port}"
     failure: list[BaseException] = []
 
@@ -405,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server sampling defaults for fields a request leaves out: 'auto' (the "
                         "checkpoint's generation_config.json: temperature, top_p, top_k, min_p, "
                         "repetition_penalty), 'none' (OpenAI's), or a JSON file of them")
+    a.add_argument("--warmup-only", action="store_true",
+                   help="convert the model and compile every step shape into the cache, then exit "
+                        "without serving (a container image's build runs this)")
     a.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds the running requests may take to finish before "
                         "they are aborted (default 30)")

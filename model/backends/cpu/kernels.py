@@ -34,7 +34,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from model.checkpoint import cache_dir
+from model.checkpoint import cache_dir, host_id
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _build() -> Path:
              "-fno-signed-zeros", "-std=c++17", "-shared", "-fPIC"]
     key = hashlib.sha256(b"\0".join(
         [*(src.read_bytes() for src in (*SOURCES, HEADER)), " ".join(flags).encode(),
-         jax.__version__.encode(), compiler.encode()])).hexdigest()[:16]
+         jax.__version__.encode(), compiler.encode(), host_id().encode()])).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
