@@ -33,7 +33,8 @@ def _enable_compile_cache() -> None:
 
     # Per CPU: XLA's CPU programs use this machine's instructions (see host_id).
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax" / host_id()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every program, even a quick one: a warm start (a container's first) then compiles nothing.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _check_parallel(args) -> bool:

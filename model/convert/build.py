@@ -160,6 +160,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
             path = tmp / "generation_config.json"
             gen = json.loads(path.read_text()) if path.exists() else {}
             path.write_text(json.dumps({**gen, **generation}, indent=2))
+        # mkdtemp's directory is private (0700); the converted model is as readable as any
+        # file this process writes (the umask decides), e.g. to a container that mounts it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         os.replace(tmp, dst)
     except UnsupportedConfigError as e:
         shutil.rmtree(tmp, ignore_errors=True)
