@@ -45,6 +45,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
@@ -70,6 +71,8 @@ class ModelConfig:
         attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.qkv_bias:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * h
         layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_layers * layer + d + head
@@ -171,6 +174,9 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
         raise UnsupportedConfigError(
             f"sliding_window={window} is not supported (only full attention)"
         )
+    kinds = sorted(set(cfg.get("layer_types") or ()) - {"full_attention"})
+    if kinds:  # transformers 5 names each layer's attention
+        raise UnsupportedConfigError(f"layer_types {kinds} are not supported (only full_attention)")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     theta, scaling = _rope_from_hf(cfg)
@@ -191,6 +197,7 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=fam.QKV_BIAS,
+        qk_norm=getattr(fam, "QK_NORM", False),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         dtype=dtype or (torch_dtype if torch_dtype in ("bfloat16", "float16") else "float32"),

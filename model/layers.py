@@ -77,6 +77,8 @@ def attention(
     v = v.astype(x.dtype).reshape(b, t, k_heads, h)
     if cfg.qkv_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    if cfg.qk_norm:  # Qwen3: each head's q and k RMS-normed before RoPE
+        q, k = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps), rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv = backend.write_kv(kv, k, v, rows, positions)
     out = backend.attend(q, kv, rows, positions, span).reshape(b, t, n * h)  # (B, T, N*H)

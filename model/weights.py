@@ -45,6 +45,9 @@ def layer_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
         specs["bq"] = WeightSpec((n, h), ("heads", "head_dim"), "zeros")
         specs["bk"] = WeightSpec((k, h), ("kv_heads", "head_dim"), "zeros")
         specs["bv"] = WeightSpec((k, h), ("kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        specs["q_norm"] = WeightSpec((h,), ("head_dim",), "ones")
+        specs["k_norm"] = WeightSpec((h,), ("head_dim",), "ones")
     return specs
 
 

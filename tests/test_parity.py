@@ -30,6 +30,10 @@ CASES = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2_qkv_bias": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
+    # head_dim 32 apart from hidden / heads = 16; q/k norms before rope
+    "qwen3": (transformers.Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
+    "qwen3_tied": (transformers.Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                                                  tie_word_embeddings=True)),
     "smollm2_scaled": (transformers.LlamaConfig, dict(
         hidden_size=144, intermediate_size=384, num_attention_heads=9, num_key_value_heads=3,
         rope_theta=100000.0, tie_word_embeddings=True)),
@@ -83,7 +87,7 @@ def test_logits_match_transformers(tmp_path, case):
         assert diff <= 1e-4, f"{case}, CPU kernels: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("case", ["llama3_rope_scaling", "smollm2_scaled"])
+@pytest.mark.parametrize("case", ["llama3_rope_scaling", "smollm2_scaled", "qwen3"])
 def test_served_steps_rope_table_matches_transformers(tmp_path, case):
     """Serving steps look rope cos/sin up in a table made once (``rope_table``) instead of
     computing them in the step; the logits must still be transformers', scaled rope too."""
@@ -156,3 +160,69 @@ def test_internlm2_packed_wqkv_matches_llama_reference(tmp_path):
     write_tiny_tokenizer(src, BASE["vocab_size"])
     tokens = np.random.default_rng(3).integers(0, BASE["vocab_size"], (2, 24))
     assert np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["qwen3", "qwen3_tied"])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, case, kernels):
+    """The serving path (a prompt prefilled into the cache, then one token per decode step,
+    each position attended from the cache) gives transformers' greedy continuation."""
+    from service.engine.runner import ModelRunner
+    from service.sampling import SamplingParams
+
+    if kernels and not cpu_kernels.available():
+        pytest.skip("the CPU kernels do not build here")
+    config_cls, overrides = CASES[case]
+    src = tmp_path / "hf"
+    model = make_hf_checkpoint(src, config_cls, overrides)
+    prompt = [int(x) for x in np.random.default_rng(3).integers(0, BASE["vocab_size"], 11)]
+    with torch.no_grad():
+        ids = torch.tensor([prompt])  # (an explicit mask: token 0 is not padding here)
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              min_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
+    dst = tmp_path / "converted"
+    convert(src, dst, progress=False)
+    cfg = load_config(dst)
+    backend = cpu_kernels.CpuKernels() if kernels else transformer.XLA
+    runner = ModelRunner(cfg, load_params(dst, cfg), max_batch_size=2, session_len=64, max_prefill_chunk=16,
+                         backend=backend)
+    runner.set_slot(1, SamplingParams(temperature=0), prompt, seed=0)
+    tokens = [int(np.asarray(runner.prefill(1, prompt, 0)[0])[0])]
+    for i in range(11):
+        tokens.append(int(runner.decode([1], [tokens[-1]], [len(prompt) + i], [i + 1])[0][0]))
+    assert tokens == want
+
+
+def test_a_qwen3_hf_dir_is_served_end_to_end(tmp_path):
+    """`xlaserve serve api_server HF_DIR` (converted into the cache on start): a completion and
+    a chat completion give transformers' greedy tokens."""
+    import httpx
+
+    from conftest import start_server
+
+    config_cls, overrides = CASES["qwen3"]
+    src = tmp_path / "qwen3-tiny"
+    model = make_hf_checkpoint(src, config_cls, overrides)
+    proc, url = start_server(tmp_path / "server.log", str(src))
+    try:
+        def greedy(ids, n=8):
+            with torch.no_grad():  # an explicit mask: token 0 (the template's unknown words) is not padding
+                t = torch.tensor([ids])
+                out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, min_new_tokens=n,
+                                     do_sample=False, pad_token_id=0)
+            return out[0, len(ids):].tolist()
+
+        prompt = [int(x) for x in np.random.default_rng(5).integers(3, BASE["vocab_size"], 9)]
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                      "ignore_eos": True, "logprobs": 0}, timeout=120).json()
+        got = [int(t.removeprefix("w")) for t in r["choices"][0]["logprobs"]["tokens"]]
+        assert got == greedy(prompt)
+        messages = [{"role": "user", "content": "w5 w6 w7"}]
+        ids = httpx.post(f"{url}/v1/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0,
+                                                           "ignore_eos": True, "logprobs": True}, timeout=120).json()
+        got = [int(t["token"].removeprefix("w")) for t in r["choices"][0]["logprobs"]["content"]]
+        assert got == greedy(ids)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -86,7 +86,7 @@ class Xla(Backend):
             out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
                    "qkv": Split((Dense(p["wq"]), Dense(p["wk"]), Dense(p["wv"]))), "wo": Dense(p["wo"]),
                    "gate_up": Split((Dense(p["w_gate"]), Dense(p["w_up"]))), "w_down": Dense(p["w_down"])}
-            out.update({b: p[b] for b in ("bq", "bk", "bv") if b in p})
+            out.update({b: p[b] for b in ("bq", "bk", "bv", "q_norm", "k_norm") if b in p})
             return out
 
         head = Transposed(params["embed"]) if cfg.tie_word_embeddings else Dense(params["lm_head"])

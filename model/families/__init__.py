@@ -1,7 +1,7 @@
 """Model families: each is one short module naming the HF ``model_type`` values it serves, the
 config attributes it refuses, and its converter key table. The math they share is in
 ``model.layers`` and ``model.transformer``; what sets a family apart from Llama is carried by
-``ModelConfig`` fields (``qkv_bias``), so the forward pass never asks which family it runs.
+``ModelConfig`` fields (``qkv_bias``, ``qk_norm``), so the forward pass never asks which family it runs.
 
 Adding a family: a module here with ``NAME``, ``MODEL_TYPES``, ``check_config`` and
 ``KEY_TABLE``, listed in ``_MODULES``.
@@ -12,9 +12,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Mapping
 
-from model.families import internlm2, llama, qwen2
+from model.families import internlm2, llama, qwen2, qwen3
 
-_MODULES: tuple[ModuleType, ...] = (llama, qwen2, internlm2)
+_MODULES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, internlm2)
 FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in _MODULES}
 MODEL_TYPES: dict[str, str] = {t: m.NAME for m in _MODULES for t in m.MODEL_TYPES}
 

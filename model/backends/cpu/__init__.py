@@ -72,7 +72,7 @@ class CpuKernels(Backend):
             out["wo"] = kernels.pack(layer["wo"].reshape(-1, d), wdtype)
             out["gate_up"] = kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1), wdtype)
             out["w_down"] = kernels.pack(layer["w_down"], wdtype)
-            for bias in ("bq", "bk", "bv"):
+            for bias in ("bq", "bk", "bv", "q_norm", "k_norm"):
                 if bias in layer:
                     out[bias] = f32(layer[bias])
             return out
