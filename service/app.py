@@ -12,8 +12,6 @@ import logging
 import re
 from pathlib import Path
 
-import re
-
 import msgspec
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
