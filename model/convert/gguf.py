@@ -27,7 +27,17 @@ GGUF_NAMES = [
     (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{}.mlp.gate_proj.weight"),
     (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{}.mlp.up_proj.weight"),
     (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight"),
+    (r"blk\.(\d+)\.attn_q\.bias", "model.layers.{}.self_attn.q_proj.bias"),  # qwen2
+    (r"blk\.(\d+)\.attn_k\.bias", "model.layers.{}.self_attn.k_proj.bias"),
+    (r"blk\.(\d+)\.attn_v\.bias", "model.layers.{}.self_attn.v_proj.bias"),
+    (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{}.self_attn.q_norm.weight"),  # qwen3
+    (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{}.self_attn.k_norm.weight"),
 ]
+
+# GGUF architectures -> (HF model_type, architecture). llama.cpp permutes the q/k rows of the
+# llama architecture only (its rope there is interleaved); qwen's is already rotate-half.
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM")}
 
 
 def gguf_reader(path: Path):
@@ -45,33 +55,37 @@ def _gguf_field(reader, key: str, default: Any = None) -> Any:
 
 
 def gguf_hf_config(reader) -> dict[str, Any]:
-    """An HF-style config.json built from GGUF metadata (llama architecture only)."""
+    """An HF-style config.json built from GGUF metadata (the ``ARCHITECTURES``)."""
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedConfigError(f"unsupported GGUF architecture {arch!r} (supported: llama)")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedConfigError(f"unsupported GGUF architecture {arch!r} (supported: "
+                                     f"{', '.join(ARCHITECTURES)})")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise UnsupportedConfigError("GGUF rope_freqs (Llama 3.1 rope scaling) is not supported yet")
 
     def get(key: str, default: Any = None) -> Any:
-        value = _gguf_field(reader, f"llama.{key}", default)
+        value = _gguf_field(reader, f"{arch}.{key}", default)
         if value is None:
-            raise ConversionError(f"GGUF metadata is missing llama.{key}")
+            raise ConversionError(f"GGUF metadata is missing {arch}.{key}")
         return value
 
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    vocab = _gguf_field(reader, f"{arch}.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    # head_dim: the key length where the file says it (Qwen3's differs from hidden / heads)
+    head_dim = _gguf_field(reader, f"{arch}.attention.key_length") or get("rope.dimension_count", hidden // heads)
+    model_type, architecture = ARCHITECTURES[arch]
     return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": model_type,
+        "architectures": [architecture],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("rope.dimension_count", hidden // heads)),
+        "head_dim": int(head_dim),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(get("context_length", 4096)),
@@ -105,9 +119,9 @@ def gguf_tensors(reader, hf_cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarr
                 break
         else:
             raise ConversionError(f"unexpected GGUF tensor {t.name!r}")
-        if ".attn_q." in t.name:
+        if hf_cfg["model_type"] == "llama" and t.name.endswith(".attn_q.weight"):
             w = _unpermute(w, hf_cfg["num_attention_heads"])
-        elif ".attn_k." in t.name:
+        elif hf_cfg["model_type"] == "llama" and t.name.endswith(".attn_k.weight"):
             w = _unpermute(w, hf_cfg["num_key_value_heads"])
         yield name, w
 
@@ -131,8 +145,10 @@ def gguf_tokenizer_files(reader, dst: Path) -> None:
     steps = []
     if pre in ("smollm", "starcoder", "refact"):
         steps.append(pre_tokenizers.Digits(individual_digits=True))
-    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"):
-        split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3", "qwen2"):
+        # Qwen2/3 split digits one by one, Llama 3 in groups of up to three.
+        digits = r"\p{N}" if pre == "qwen2" else r"\p{N}{1,3}"
+        split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits +
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
         steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
