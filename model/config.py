@@ -20,13 +20,15 @@ class UnsupportedConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. ``kind`` is "default", "linear" or "llama3"."""
+    """RoPE frequency scaling. ``kind`` is "default", "linear", "llama3", or "factors": each
+    frequency divided by its own factor (a GGUF file's ``rope_freqs``, as llama.cpp applies it)."""
 
     kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    factors: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,8 @@ class ModelConfig:
             smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             inv = np.where(medium, smoothed, scaled)
+        elif s.kind == "factors":
+            inv = inv / np.asarray(s.factors, dtype=np.float64)
         return inv
 
     def to_json(self) -> dict[str, Any]:
@@ -103,7 +107,9 @@ class ModelConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelConfig":
         data = dict(data)
-        data["rope_scaling"] = RopeScaling(**data.get("rope_scaling", {}))
+        rope = dict(data.get("rope_scaling", {}))
+        rope["factors"] = tuple(rope.get("factors", ()))
+        data["rope_scaling"] = RopeScaling(**rope)
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         return cls(**data)
 

@@ -1,6 +1,7 @@
-"""GGUF files of the qwen2 and qwen3 architectures, written from tiny random HF checkpoints in
-llama.cpp's layout with the gguf package's writer: transformers' own GGUF loader reads back the
-source weights, and our conversion of the file gives transformers' logits on both device paths."""
+"""GGUF files of the qwen2 and qwen3 architectures, and Llama 3.1 files with ``rope_freqs``,
+written from tiny random HF checkpoints in llama.cpp's layout with the gguf package's writer:
+transformers' own GGUF loader reads back the source weights, and our conversion of the file
+gives transformers' logits (of the source model) on both device paths."""
 
 import numpy as np
 import pytest
@@ -41,9 +42,36 @@ def _byte_tokens(n):
     return [chr(c) for c in cs][:n]
 
 
+def _permute(w, heads):
+    """llama.cpp's q/k row order for the llama architecture (interleaved rope pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_factors(cfg, head_dim):
+    """llama.cpp's converter's ``rope_freqs`` of a Llama 3.1 rope scaling, written out here
+    from its formula (independently of our own llama3 scaling)."""
+    import math
+
+    rope = cfg.rope_parameters
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
 def write_gguf(model, arch, path):
-    """What llama.cpp's converter writes for these architectures (no q/k permutation: their
-    rope is rotate-half, as HF's)."""
+    """What llama.cpp's converter writes for these architectures: q/k rows permuted for the
+    llama architecture only (qwen's rope is rotate-half, as HF's), a Llama 3.1 rope scaling as
+    the ``rope_freqs`` tensor."""
     import gguf
 
     cfg = model.config
@@ -74,15 +102,24 @@ def write_gguf(model, arch, path):
             gname = f"blk.{i}.{LAYER_NAMES[rest]}"
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        w.add_tensor(gname, tensor.numpy().astype(np.float32))
+        value = tensor.numpy().astype(np.float32)
+        if arch == "llama" and gname.endswith("attn_q.weight"):
+            value = _permute(value, cfg.num_attention_heads)
+        elif arch == "llama" and gname.endswith("attn_k.weight"):
+            value = _permute(value, cfg.num_key_value_heads)
+        w.add_tensor(gname, value)
+    if (cfg.rope_parameters or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, head_dim))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-@pytest.mark.parametrize("case,arch", [("qwen2_qkv_bias", "qwen2"), ("qwen3", "qwen3"), ("qwen3_tied", "qwen3")])
-def test_qwen_gguf_converts_to_transformers_logits(tmp_path, case, arch):
+@pytest.mark.parametrize("case,arch", [("qwen2_qkv_bias", "qwen2"), ("qwen3", "qwen3"), ("qwen3_tied", "qwen3"),
+                                       ("llama3_rope_scaling", "llama")])
+def test_gguf_converts_to_transformers_logits(tmp_path, case, arch):
+    """qwen2/qwen3 files, and a Llama 3.1 file whose rope scaling is its ``rope_freqs``."""
     config_cls, overrides = CASES[case]
     model = make_hf_checkpoint(tmp_path / "hf", config_cls, overrides)
     gguf_dir = tmp_path / "gguf"
@@ -96,6 +133,7 @@ def test_qwen_gguf_converts_to_transformers_logits(tmp_path, case, arch):
 
     read = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     source = model.state_dict()
+    read.pop("rope_freqs.weight", None)
     for name, value in read.items():
         np.testing.assert_array_equal(np.asarray(value, np.float32), source[name].numpy(), err_msg=name)
     assert set(read) >= set(source) - {"lm_head.weight"}
@@ -106,6 +144,7 @@ def test_qwen_gguf_converts_to_transformers_logits(tmp_path, case, arch):
     convert(path, dst, progress=False)
     cfg = load_config(dst)
     assert cfg.family == arch
+    assert (cfg.rope_scaling.kind == "factors") == (arch == "llama")
     assert cfg.head_dim == (getattr(model.config, "head_dim", None) or cfg.hidden_size // cfg.num_heads)
     for backend in [transformer.XLA] + ([cpu_kernels.CpuKernels()] if cpu_kernels.available() else []):
         params = backend.prepare(load_params(dst, cfg), cfg)

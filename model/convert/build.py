@@ -10,6 +10,7 @@ complete: a failure leaves no half-written output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,8 +24,8 @@ import ml_dtypes
 import numpy as np
 
 from model.checkpoint import FORMAT_VERSION
-from model.config import ModelConfig, UnsupportedConfigError, from_hf_config
-from model.convert.gguf import gguf_hf_config, gguf_reader, gguf_tensors, gguf_tokenizer_files
+from model.config import ModelConfig, RopeScaling, UnsupportedConfigError, from_hf_config
+from model.convert.gguf import gguf_hf_config, gguf_reader, gguf_rope_factors, gguf_tensors, gguf_tokenizer_files
 from model.convert.sources import hf_tensors
 from model.convert.transforms import ConversionError
 from model.weights import param_specs
@@ -203,6 +204,9 @@ def _convert_gguf(src: Path, tmp: Path, dtype: str | None, progress: bool) -> No
     reader = gguf_reader(src)
     hf_cfg = gguf_hf_config(reader)
     cfg = from_hf_config(hf_cfg, dtype or "float32")
+    factors = gguf_rope_factors(reader, cfg.head_dim)
+    if factors is not None:
+        cfg = dataclasses.replace(cfg, rope_scaling=RopeScaling(kind="factors", factors=factors))
     gguf_tokenizer_files(reader, tmp)
     params = build_params(cfg, gguf_tensors(reader, hf_cfg), progress)
     save_checkpoint(tmp, cfg, params, source=str(src))

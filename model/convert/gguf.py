@@ -61,8 +61,6 @@ def gguf_hf_config(reader) -> dict[str, Any]:
         raise UnsupportedConfigError(f"unsupported GGUF architecture {arch!r} (supported: "
                                      f"{', '.join(ARCHITECTURES)})")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise UnsupportedConfigError("GGUF rope_freqs (Llama 3.1 rope scaling) is not supported yet")
 
     def get(key: str, default: Any = None) -> Any:
         value = _gguf_field(reader, f"{arch}.{key}", default)
@@ -96,6 +94,20 @@ def gguf_hf_config(reader) -> dict[str, Any]:
     }
 
 
+def gguf_rope_factors(reader, head_dim: int) -> tuple[float, ...] | None:
+    """The per-frequency RoPE divisors of ``rope_freqs`` (Llama 3.x files carry their rope
+    scaling so), or None without one."""
+    from gguf.quants import dequantize
+
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    factors = dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+    if factors.shape != (head_dim // 2,) or not np.all(factors > 0):
+        raise ConversionError(f"GGUF rope_freqs has shape {factors.shape}; expected ({head_dim // 2},) positive factors")
+    return tuple(float(x) for x in factors)
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF rotate-half)."""
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -107,6 +119,8 @@ def gguf_tensors(reader, hf_cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarr
 
     supported = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # not a weight: the config's rope scaling
+            continue
         qtype = GGMLQuantizationType(t.tensor_type).name
         if qtype not in supported:
             raise ConversionError(f"GGUF tensor {t.name} has type {qtype}; supported: {', '.join(sorted(supported))}")
