@@ -48,6 +48,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    # Sliding-window attention over the last W positions. Windowed attention itself is not
+    # implemented: sequences are served up to W tokens, where it equals full attention.
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
@@ -62,6 +65,13 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence served exactly: the model's positions, within its window."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)
 
     @property
     def q_per_kv(self) -> int:  # G, query heads sharing one KV head
@@ -174,15 +184,17 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
     if cfg.get("mlp_bias"):
         raise UnsupportedConfigError("mlp_bias=true is not supported")
     fam.check_config(cfg)
+    # Where transformers applies the window: Mistral and Phi-3 whenever it is set, Qwen2 with
+    # use_sliding_window, any config whose layer_types name sliding layers.
     window = cfg.get("sliding_window")
-    uses_window = cfg.get("use_sliding_window", cfg.get("model_type") == "mistral")
-    if window is not None and uses_window:
-        raise UnsupportedConfigError(
-            f"sliding_window={window} is not supported (only full attention)"
-        )
-    kinds = sorted(set(cfg.get("layer_types") or ()) - {"full_attention"})
-    if kinds:  # transformers 5 names each layer's attention
-        raise UnsupportedConfigError(f"layer_types {kinds} are not supported (only full_attention)")
+    layer_kinds = set(cfg.get("layer_types") or ())
+    unknown = sorted(layer_kinds - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedConfigError(f"layer_types {unknown} are not supported (full_attention, sliding_attention)")
+    uses_window = cfg.get("use_sliding_window", cfg.get("model_type") in ("mistral", "phi3")) or (
+        "sliding_attention" in layer_kinds)
+    if uses_window and window is not None and int(window) < 1:
+        raise UnsupportedConfigError(f"sliding_window={window} must be >= 1")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     theta, scaling = _rope_from_hf(cfg)
@@ -204,6 +216,7 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=fam.QKV_BIAS,
         qk_norm=getattr(fam, "QK_NORM", False),
+        sliding_window=int(window) if uses_window and window is not None else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         dtype=dtype or (torch_dtype if torch_dtype in ("bfloat16", "float16") else "float32"),

@@ -123,7 +123,7 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
         channel = StepChannel()
     params = load_params(checkpoint, cfg, shardings)
     tokenizer = Tokenizer.from_dir(checkpoint)
-    session_len = session_len or min(cfg.max_position_embeddings, 4096)
+    session_len = session_len or min(cfg.max_context, 4096)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
     runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos), plan=plan,

@@ -34,6 +34,11 @@ CASES = {
     "qwen3": (transformers.Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
     "qwen3_tied": (transformers.Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
                                                   tie_word_embeddings=True)),
+    # q/k/v in one qkv_proj, gate/up in one gate_up_proj
+    "phi3": (transformers.Phi3Config, dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    # a window longer than the test's sequences: served within it, windowed == full attention
+    "mistral_window": (transformers.MistralConfig, dict(num_attention_heads=4, num_key_value_heads=2,
+                                                        sliding_window=64)),
     "smollm2_scaled": (transformers.LlamaConfig, dict(
         hidden_size=144, intermediate_size=384, num_attention_heads=9, num_key_value_heads=3,
         rope_theta=100000.0, tie_word_embeddings=True)),
@@ -162,7 +167,7 @@ def test_internlm2_packed_wqkv_matches_llama_reference(tmp_path):
     assert np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["qwen3", "qwen3_tied"])
+@pytest.mark.parametrize("case", ["qwen3", "qwen3_tied", "phi3"])
 @pytest.mark.parametrize("kernels", [False, True])
 def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, case, kernels):
     """The serving path (a prompt prefilled into the cache, then one token per decode step,
@@ -226,3 +231,36 @@ def test_a_qwen3_hf_dir_is_served_end_to_end(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_sliding_window_model_is_served_within_its_window(tmp_path):
+    """Windowed attention is not implemented: a model with a window is served up to it (where
+    it equals full attention), by default and never past it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from service.engine.runner import ModelRunner
+
+    config_cls, overrides = CASES["mistral_window"]
+    src = tmp_path / "hf"
+    make_hf_checkpoint(src, config_cls, overrides)
+    dst = tmp_path / "converted"
+    convert(src, dst, progress=False)
+    cfg = load_config(dst)
+    assert cfg.sliding_window == 64 and cfg.max_context == 64
+    with pytest.raises(ValueError, match="exceeds the model's sliding window 64"):
+        ModelRunner(cfg, load_params(dst, cfg), max_batch_size=1, session_len=128)
+    r = subprocess.run([sys.executable, "-m", "service.cli", "generate", str(dst), "--prompt", "w5", "--raw",
+                        "--session-len", "128"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "xlaserve: error: --session-len 128 exceeds the model's sliding_window=64: attention past the window is "
+        "not implemented (sequences up to the window are exact)"]
+    qwen = json.loads((src / "config.json").read_text())
+    qwen.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+    from model.config import UnsupportedConfigError, from_hf_config
+
+    assert from_hf_config(qwen).sliding_window is None  # Qwen2 applies it only when told to
+    with pytest.raises(UnsupportedConfigError, match="layer_types \\['chunked_attention'\\]"):
+        from_hf_config({**qwen, "layer_types": ["full_attention", "chunked_attention"]})

@@ -79,6 +79,9 @@ class ModelRunner:
                  top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
                  quantize: str | None = None, kv_cache_dtype: str | None = None,
                  backend: Backend | None = None):
+        if cfg.sliding_window is not None and session_len > cfg.sliding_window:
+            raise ValueError(f"session length {session_len} exceeds the model's sliding window "
+                             f"{cfg.sliding_window}: attention past the window is not implemented")
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
