@@ -66,14 +66,21 @@ def test_chat_streams_an_answer_and_stop_frees_the_request(ui, server, browser, 
     _set_slider(page, "temperature", 0)
     _set_slider(page, "max_tokens", 24)
     page.fill("#prompt", "What is the capital of France?")
+    # Streamed: the reply grows through several lengths before it is done. The page records
+    # every length it shows (polling from here can miss a short answer's steps on a busy machine).
+    page.evaluate("""() => {
+        window.__lengths = new Set();
+        new MutationObserver(() => {
+            const a = document.querySelector('.assistant');
+            if (a && a.dataset.state === 'streaming') window.__lengths.add(a.textContent.length);
+        }).observe(document.body, {childList: true, subtree: true, characterData: true, attributes: true});
+    }""")
     page.click("#send")
-    # Streamed: the reply grows through several lengths before it is done.
-    lengths = set()
     deadline = time.monotonic() + 120
-    while page.get_attribute(".assistant", "data-state") == "streaming":
-        lengths.add(len(page.inner_text(".assistant")))
+    while page.get_attribute(".assistant", "data-state") in (None, "streaming"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    lengths = set(page.evaluate("() => [...window.__lengths]"))
     answer = page.inner_text(".assistant")
     assert "Paris" in answer
     assert len({n for n in lengths if n > 0}) >= 2, lengths
