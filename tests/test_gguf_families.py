@@ -5,8 +5,6 @@ gives transformers' logits (of the source model) on both device paths."""
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from model.backends import cpu as cpu_kernels
 from model.checkpoint import load_config, load_params

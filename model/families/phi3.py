@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from model.config import UnsupportedConfigError
-from model.convert.transforms import LAYER, ConversionError, KeyTable, Out, linear, o_proj, same, top, layer
+from model.convert.transforms import LAYER, ConversionError, KeyTable, Out
+from model.families.llama import SHARED_KEYS
 
 NAME = "phi3"
 MODEL_TYPES = ("phi3",)
@@ -41,14 +42,7 @@ def gate_up_proj(w, cfg, m) -> Out:
     return [(("layers", i, "w_gate"), w[:f].T), (("layers", i, "w_up"), w[f:].T)]
 
 
-KEY_TABLE: KeyTable = [
-    (r"model\.embed_tokens\.weight", same(top("embed"))),
-    (r"model\.norm\.weight", same(top("final_norm"))),
-    (r"lm_head\.weight", linear(top("lm_head"))),
-    (LAYER + r"input_layernorm\.weight", same(layer("attn_norm"))),
-    (LAYER + r"post_attention_layernorm\.weight", same(layer("mlp_norm"))),
+KEY_TABLE: KeyTable = SHARED_KEYS + [
     (LAYER + r"self_attn\.qkv_proj\.weight", qkv_proj),
-    (LAYER + r"self_attn\.o_proj\.weight", o_proj),
     (LAYER + r"mlp\.gate_up_proj\.weight", gate_up_proj),
-    (LAYER + r"mlp\.down_proj\.weight", linear(layer("w_down"))),
 ]

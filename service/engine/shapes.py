@@ -71,11 +71,19 @@ class StepShapes:
     def allowed(self, b: int, slots, masks: dict | None) -> np.ndarray:
         """(b, W) token bitmasks of batch rows whose slots are ``slots``: the grammar's row of
         each slot in ``masks``, all ones (unconstrained) elsewhere."""
+        if not masks:
+            return self._all_allowed(b)
         out = np.full((b, self.mask_words), -1, np.int32)
         for i, slot in enumerate(slots):
-            row = masks.get(slot) if masks else None
-            if row is not None:
-                out[i] = row
+            if int(slot) in masks:
+                out[i] = masks[int(slot)]
+        return out
+
+    @functools.lru_cache(maxsize=None)
+    def _all_allowed(self, b: int) -> np.ndarray:
+        # Made once per batch size: most steps constrain nothing (read-only, it is shared).
+        out = np.full((b, self.mask_words), -1, np.int32)
+        out.flags.writeable = False
         return out
 
     def prefill_zeros(self, size: int, p: int) -> tuple[np.ndarray, ...]:
@@ -96,7 +104,7 @@ class StepShapes:
         p = self.prompts_per_call(n)
         if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
-        tokens, positions, rows, ends, slots, last, steps, allowed, following, _ = self.prefill_zeros(size, p)
+        tokens, positions, rows, ends, slots, last, steps, _, following, _ = self.prefill_zeros(size, p)
         positions[:] = self.session_len  # padding: out of range, writes dropped
         rows[:] = self.slots
         slots[:] = self.slots
@@ -112,14 +120,13 @@ class StepShapes:
             else:
                 rows[0] = slot  # (1,): the one chunk's slot
             ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step
-            if masks and is_last and slot in masks:
-                allowed[j] = masks[slot]
             if score:
                 following[0, i:i + k - 1] = toks[1:]
                 following[0, i + k - 1] = next_token
                 scored = True
             i += k
         span = bucket_for(min(max(c[2] for c in chunks) + size, self.session_len), self.spans)
+        allowed = self.allowed(p, slots, masks)
         return (tokens, positions, rows, ends, slots, last, steps, allowed, following, np.int32(scored)), n, span
 
     def decode_inputs(self, slots: list[int], positions: list[int], steps: list[int], masks: dict | None = None):
@@ -137,11 +144,9 @@ class StepShapes:
         pos[where], st[where] = positions, steps
         rows = np.full((b,), self.slots, np.int32)
         rows[:n] = slots
-        allowed = self.allowed(b, [], None)
-        if masks:
-            for i, slot in zip(where, slots):
-                if slot in masks:
-                    allowed[i] = masks[slot]
+        row_slots = np.full((b,), self.slots, np.int32)  # each batch row's slot (padding: none)
+        row_slots[where] = slots
+        allowed = self.allowed(b, row_slots, masks)
         return pos, st, rows, allowed, where, span
 
     def warmup_shapes(self) -> list[tuple]:
