@@ -32,6 +32,18 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What one layer's attention computes: scores ``q.k * scale``, soft-capped as
+    ``softcap * tanh(score / softcap)`` when ``softcap`` is set, and a query at position p
+    sees positions ``p - window + 1 .. p`` (all of ``0 .. p`` when ``window`` is None).
+    Static: hashable, a jitted step closes over one per layer."""
+
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: str
     vocab_size: int
@@ -48,9 +60,20 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
-    # Sliding-window attention over the last W positions. Windowed attention itself is not
-    # implemented: sequences are served up to W tokens, where it equals full attention.
+    # Sliding-window attention: a query sees the last W positions, in the layers that
+    # ``sliding_layers`` marks (all of them when it is empty).
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    # Gemma: scores scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5;
+    # attention-score and final-logit soft-capping; embeddings scaled by sqrt(D); a norm
+    # after attention and after the MLP too; gelu-tanh MLP; sliding layers' own RoPE base.
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float | None = None
+    post_norms: bool = False
+    mlp_act: str = "silu"  # "silu" or "gelu_tanh"
+    rope_local_theta: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
@@ -68,10 +91,17 @@ class ModelConfig:
 
     @property
     def max_context(self) -> int:
-        """The longest sequence served exactly: the model's positions, within its window."""
-        if self.sliding_window is None:
-            return self.max_position_embeddings
-        return min(self.max_position_embeddings, self.sliding_window)
+        """The longest sequence served: the model's positions."""
+        return self.max_position_embeddings
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and (not self.sliding_layers or self.sliding_layers[layer])
+
+    def attention_spec(self, layer: int) -> AttentionSpec:
+        scalar = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+        return AttentionSpec(scale=float(scalar) ** -0.5,
+                             window=self.sliding_window if self.is_sliding(layer) else None,
+                             softcap=self.attn_softcap)
 
     @property
     def q_per_kv(self) -> int:  # G, query heads sharing one KV head
@@ -85,15 +115,17 @@ class ModelConfig:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
         if self.qk_norm:
             attn += 2 * h
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + 3 * d * f + (4 if self.post_norms else 2) * d
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_layers * layer + d + head
 
-    def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies (H/2,), float64 on the host, scaling applied."""
+    def inv_freq(self, local: bool = False) -> np.ndarray:
+        """RoPE inverse frequencies (H/2,), float64 on the host, scaling applied; ``local``:
+        the sliding layers' own base (unscaled) where the model has one."""
         h = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
-        s = self.rope_scaling
+        theta = self.rope_local_theta if local and self.rope_local_theta is not None else self.rope_theta
+        inv = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+        s = RopeScaling() if local and self.rope_local_theta is not None else self.rope_scaling
         if s.kind == "linear":
             inv = inv / s.factor
         elif s.kind == "llama3":
@@ -121,18 +153,34 @@ class ModelConfig:
         rope["factors"] = tuple(rope.get("factors", ()))
         data["rope_scaling"] = RopeScaling(**rope)
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        data["sliding_layers"] = tuple(data.get("sliding_layers", ()))
         return cls(**data)
 
 
-def _rope_from_hf(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
-    """Read RoPE settings from either config style."""
+def _rope_from_hf(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling, float | None]:
+    """Read RoPE settings from either config style: (theta, scaling, the sliding layers' own
+    theta where the model gives them one)."""
     params = cfg.get("rope_parameters")
+    local = cfg.get("rope_local_base_freq")  # transformers 4 Gemma 3
+    if isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+        # transformers 5, a set per layer type (Gemma 3)
+        sliding = dict(params.get("sliding_attention") or {})
+        kind = sliding.get("rope_type", "default") or "default"
+        if kind != "default":
+            raise UnsupportedConfigError(f"rope scaling type {kind!r} on sliding layers is not supported")
+        local = sliding.get("rope_theta", local)
+        params = params["full_attention"]
+    local = None if local is None else float(local)
     if isinstance(params, Mapping) and "rope_theta" in params:  # transformers 5
         theta = float(params["rope_theta"])
         scaling = dict(params)
     else:  # transformers 4
         theta = float(cfg.get("rope_theta", 10000.0))
         scaling = dict(cfg.get("rope_scaling") or {})
+    return (*_scaling(theta, scaling), local)
+
+
+def _scaling(theta: float, scaling: dict[str, Any]) -> tuple[float, RopeScaling]:
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
     if kind == "default":
         return theta, RopeScaling()
@@ -149,6 +197,9 @@ def _rope_from_hf(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     raise UnsupportedConfigError(
         f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)"
     )
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -178,34 +229,45 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
 
     family = family_of(cfg)
     fam = family_module(family)
-    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
-    if act not in ("silu", "swish"):
-        raise UnsupportedConfigError(f"hidden_act={act!r} is not supported (only silu)")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"hidden_act={act!r} is not supported ({', '.join(_ACTIVATIONS)})")
     if cfg.get("mlp_bias"):
         raise UnsupportedConfigError("mlp_bias=true is not supported")
     fam.check_config(cfg)
     # Where transformers applies the window: Mistral and Phi-3 whenever it is set, Qwen2 with
     # use_sliding_window, any config whose layer_types name sliding layers.
+    # Where transformers applies the window: the config's layer_types when it lists them, else
+    # the family's rule (every layer for Mistral and Phi-3; Qwen2 from max_window_layers on,
+    # with use_sliding_window; Gemma's alternation).
+    layers = int(cfg["num_hidden_layers"])
     window = cfg.get("sliding_window")
-    layer_kinds = set(cfg.get("layer_types") or ())
-    unknown = sorted(layer_kinds - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise UnsupportedConfigError(f"layer_types {unknown} are not supported (full_attention, sliding_attention)")
-    uses_window = cfg.get("use_sliding_window", cfg.get("model_type") in ("mistral", "phi3")) or (
-        "sliding_attention" in layer_kinds)
-    if uses_window and window is not None and int(window) < 1:
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        layer_types = fam.layer_types(cfg, layers) if hasattr(fam, "layer_types") else None
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise UnsupportedConfigError(f"layer_types {unknown} are not supported (full_attention, sliding_attention)")
+        if len(layer_types) != layers:
+            raise UnsupportedConfigError(f"layer_types lists {len(layer_types)} layers, num_hidden_layers={layers}")
+    sliding = tuple(t == "sliding_attention" for t in layer_types) if layer_types is not None else ()
+    uses_window = window is not None and (any(sliding) if sliding else bool(cfg.get("use_sliding_window", False)))
+    if uses_window and int(window) < 1:
         raise UnsupportedConfigError(f"sliding_window={window} must be >= 1")
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedConfigError("use_bidirectional_attention=true (an embedding model) is not supported")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    theta, scaling = _rope_from_hf(cfg)
+    theta, scaling, local_theta = _rope_from_hf(cfg)
     head_dim = cfg.get("head_dim") or hidden // heads
     torch_dtype = cfg.get("dtype", cfg.get("torch_dtype")) or "float32"
-    return ModelConfig(
+    fields = dict(
         family=family,
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=hidden,
         intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(head_dim),
@@ -216,8 +278,15 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=fam.QKV_BIAS,
         qk_norm=getattr(fam, "QK_NORM", False),
-        sliding_window=int(window) if uses_window and window is not None else None,
+        sliding_window=int(window) if uses_window else None,
+        sliding_layers=sliding if uses_window and not all(sliding) else (),
+        mlp_act=_ACTIVATIONS[act],
+        rope_local_theta=local_theta if uses_window else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         dtype=dtype or (torch_dtype if torch_dtype in ("bfloat16", "float16") else "float32"),
     )
+    if hasattr(fam, "config_fields"):  # what sets the family apart, from its config
+        fields.update(fam.config_fields(cfg))
+    return ModelConfig(**fields)
+

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
+from model.config import AttentionSpec, ModelConfig
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -28,21 +28,32 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables (B, T, H) for rotate-half RoPE."""
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables (B, T, H) for rotate-half RoPE (``local``: the sliding layers' base)."""
     # Angles in float32: bf16 positions lose integer precision past 256.
-    inv_freq = jnp.asarray(cfg.inv_freq(), dtype=jnp.float32)  # (H/2,)
+    inv_freq = jnp.asarray(cfg.inv_freq(local), dtype=jnp.float32)  # (H/2,)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
     angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, H)
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def rope_table(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(cfg: ModelConfig, length: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """The global layers' ``rope_table``, then the sliding layers' where they have their own base."""
+    if cfg.rope_local_theta is None:
+        return (rope_table(cfg, length),)
+    return rope_table(cfg, length), rope_table(cfg, length, local=True)
+
+
+def uses_local_rope(cfg: ModelConfig, layer: int) -> bool:
+    return cfg.rope_local_theta is not None and cfg.is_sliding(layer)
+
+
+def rope_table(cfg: ModelConfig, length: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin (length, H) for positions 0..length-1, as ``rope_cos_sin`` computes them.
 
     Steps look their positions up here instead of computing cos and sin: XLA fuses those
     into every layer's rope and evaluates them per element of q and k."""
-    inv_freq = np.asarray(cfg.inv_freq(), dtype=np.float32)
+    inv_freq = np.asarray(cfg.inv_freq(local), dtype=np.float32)
     angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq  # float32, like rope_cos_sin
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -68,6 +79,7 @@ def attention(
     span: int,
     backend: Any,
     live: jax.Array | None = None,
+    spec: AttentionSpec | None = None,  # default: softmax(q.k / sqrt(H)) over 0..p
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, t, _ = x.shape
     n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -81,12 +93,15 @@ def attention(
         q, k = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps), rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv = backend.write_kv(kv, k, v, rows, positions)
-    out = backend.attend(q, kv, rows, positions, span).reshape(b, t, n * h)  # (B, T, N*H)
+    spec = spec or AttentionSpec(scale=h ** -0.5)
+    out = backend.attend(q, kv, rows, positions, span, spec).reshape(b, t, n * h)  # (B, T, N*H)
     return layer["wo"].apply(out, live).astype(x.dtype), kv
 
 
 def mlp(cfg: ModelConfig, layer: dict[str, Any], x: jax.Array, live: jax.Array | None = None) -> jax.Array:
     f = cfg.intermediate_size
     gate, up = layer["gate_up"].apply_split(x, (f, f), live)
-    hidden = jax.nn.silu(gate.astype(x.dtype)) * up.astype(x.dtype)
+    gate = gate.astype(x.dtype)
+    act = jax.nn.gelu(gate, approximate=True) if cfg.mlp_act == "gelu_tanh" else jax.nn.silu(gate)
+    hidden = act * up.astype(x.dtype)
     return layer["w_down"].apply(hidden, live).astype(x.dtype)

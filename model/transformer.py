@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from model.backends import Backend
 from model.backends.xla import Xla
 from model.config import ModelConfig
-from model.layers import attention, mlp, rms_norm, rope_cos_sin
+from model.layers import attention, mlp, rms_norm, rope_cos_sin, uses_local_rope
 
 KVCache = list  # list[tuple[jax.Array, jax.Array]], one (k, v) pair per layer
 
@@ -44,7 +44,7 @@ def forward(
     span: int,
     rows: jax.Array | None = None,  # cache rows (see Backend.write_kv); None: row b
     backend: Backend = XLA,
-    rope: tuple[jax.Array, jax.Array] | None = None,
+    rope: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
     live: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
@@ -52,31 +52,44 @@ def forward(
     Works for prefill (T > 1, any start position: chunked prefill, session turns) and decode
     (T == 1) alike. ``span`` (static) bounds the attended cache prefix on backends that read
     a span, and must exceed every position in ``positions`` that matters. ``rope``: a
-    ``layers.rope_table`` to look cos/sin up in (positions past its end, padding, read its
+    ``layers.rope_tables`` to look cos/sin up in (positions past its end, padding, read its
     last row) instead of computing them. ``live`` (int32 scalar): the first ``live`` of the
     B * T rows hold data and padding follows them; packed projections skip the padding.
     """
     x = params["embed"].lookup(tokens)  # (B, T, D)
+    if cfg.embed_scale is not None:  # Gemma: sqrt(D), rounded to the activations' dtype as HF does
+        x = x * jnp.asarray(cfg.embed_scale, dtype=x.dtype)
     if rope is None:
-        cos, sin = rope_cos_sin(cfg, positions)
+        ropes = [rope_cos_sin(cfg, positions, local) for local in (False, True)[:1 + (cfg.rope_local_theta is not None)]]
     else:
-        cos, sin = (jnp.take(t, positions, axis=0, mode="clip") for t in rope)
+        ropes = [tuple(jnp.take(t, positions, axis=0, mode="clip") for t in pair) for pair in rope]
+    eps = cfg.rms_norm_eps
     new_cache = []
-    for layer, kv in zip(params["layers"], cache):
+    for i, (layer, kv) in enumerate(zip(params["layers"], cache)):
+        cos, sin = ropes[1 if uses_local_rope(cfg, i) else 0]
         with jax.named_scope("attention"):
-            h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps),
-                              cos, sin, positions, kv, rows, span, backend, live)
+            h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, positions, kv,
+                              rows, span, backend, live, cfg.attention_spec(i))
+        if cfg.post_norms:  # Gemma: each block's output normed before the residual add
+            h = rms_norm(h, layer["post_attn_norm"], eps)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), live)
+            h = mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], eps), live)
+        if cfg.post_norms:
+            h = rms_norm(h, layer["post_mlp_norm"], eps)
+        x = x + h
         new_cache.append(kv)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
 
 
 def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array,
            live: jax.Array | None = None) -> jax.Array:
-    """(..., D) -> (..., V) float32 logits (``live`` as in ``forward``)."""
-    return params["head"].apply(hidden, live).astype(jnp.float32)
+    """(..., D) -> (..., V) float32 logits (``live`` as in ``forward``), soft-capped where the
+    model caps them (Gemma 2)."""
+    out = params["head"].apply(hidden, live).astype(jnp.float32)
+    if cfg.final_softcap is not None:
+        out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
+    return out
 
 
 def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any = None, backend: Backend = XLA) -> KVCache:

@@ -4,8 +4,8 @@
 The param pytree is plain nested dicts and lists of arrays:
 
     {"embed": (V, D), "final_norm": (D,), "lm_head": (D, V) unless tied,
-     "layers": [{"attn_norm", "wq", "wk", "wv", ["bq", "bk", "bv"], "wo",
-                 "mlp_norm", "w_gate", "w_up", "w_down"}, ...]}
+     "layers": [{"attn_norm", "wq", "wk", "wv", ["bq", "bk", "bv"], ["q_norm", "k_norm"], "wo",
+                 ["post_attn_norm"], "mlp_norm", "w_gate", "w_up", "w_down", ["post_mlp_norm"]}, ...]}
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def layer_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
     if cfg.qk_norm:
         specs["q_norm"] = WeightSpec((h,), ("head_dim",), "ones")
         specs["k_norm"] = WeightSpec((h,), ("head_dim",), "ones")
+    if cfg.post_norms:
+        specs["post_attn_norm"] = WeightSpec((d,), ("norm",), "ones")
+        specs["post_mlp_norm"] = WeightSpec((d,), ("norm",), "ones")
     return specs
 
 

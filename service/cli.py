@@ -150,12 +150,6 @@ def _model_and_slots(args, max_batch_size: int):
         raise CLIError(str(e)) from None
     if args.session_len is None:
         args.session_len = min(cfg.max_context, 4096)
-        if cfg.sliding_window is not None and cfg.sliding_window < min(cfg.max_position_embeddings, 4096):
-            log.info("session length %d: the model's sliding window (attention past it is not implemented)",
-                     args.session_len)
-    elif cfg.sliding_window is not None and args.session_len > cfg.sliding_window:
-        raise CLIError(f"--session-len {args.session_len} exceeds the model's sliding_window={cfg.sliding_window}: "
-                       "attention past the window is not implemented (sequences up to the window are exact)")
     args.max_batch_size = max_batch_size
     return checkpoint, name, _slots(args, cfg)
 

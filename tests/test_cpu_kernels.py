@@ -76,15 +76,66 @@ def test_kernel_reads_only_each_rows_own_positions():
                                rtol=1e-5, atol=1e-6)
 
 
-def numpy_attention(q, k, v, row, length):
-    """One batch row by hand: q (N, H), caches (R, S, K, H)."""
+def numpy_attention(q, k, v, row, length, scale=None, softcap=None, window=None):
+    """One batch row by hand: q (N, H), caches (R, S, K, H); the last ``window`` positions
+    only when one is given."""
     n, h = q.shape
     kv_heads = k.shape[2]
+    first = 0 if window is None else max(0, length - window)
     qq = q.reshape(kv_heads, n // kv_heads, h)
-    scores = np.einsum("kgh,skh->kgs", qq, k[row, :length]) / np.sqrt(h)
+    scores = np.einsum("kgh,skh->kgs", qq, k[row, first:length]) * (h ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("kgs,skh->kgh", p, v[row, :length]).reshape(n, h)
+    return np.einsum("kgs,skh->kgh", p, v[row, first:length]).reshape(n, h)
+
+
+@pytest.mark.parametrize("head_dim,storage", [(64, "float32"), (64, "bfloat16"), (64, "int8"), (24, "float32")])
+@pytest.mark.parametrize("window", [1, 7, 100, 600])
+def test_windowed_softcapped_attention_matches_numpy(head_dim, storage, window):
+    """A sliding window (each query sees its last ``window`` positions), a soft-cap and a scale
+    other than 1/sqrt(H), as Gemma and Mistral layers ask: a prefill chunk whose queries'
+    windows start at different positions inside one block, rows past and within their
+    window, long rows in pieces, and every cache format and the scalar path."""
+    rng = np.random.default_rng(window + head_dim)
+    t = 40
+    k = (3 * rng.standard_normal((3, 1300, 2, head_dim))).astype(np.float32)
+    v = rng.standard_normal((3, 1300, 2, head_dim)).astype(np.float32)
+    rows = np.array([1] * t + [0, 2, 2, 5], np.int32)
+    lens = np.array(list(range(650, 650 + t)) + [1300, 5, 90, 3], np.int32)
+    q = rng.standard_normal((len(rows), 6, head_dim)).astype(np.float32)
+    kc, vc = (cpu_kernels.to_cache(jnp.asarray(x), jnp.dtype(storage).type if storage != "bfloat16"
+                                   else jnp.uint16) for x in (k, v))
+    if storage != "float32":  # compare against the values the cache holds
+        k, v = (np.asarray(cpu_kernels.from_cache(c, head_dim)) for c in (kc, vc))
+    # Far garbage: a read before any window shows as a wrong (or non-finite) output.
+    got = np.asarray(cpu_kernels.decode_attention(jnp.asarray(q), kc, vc, jnp.asarray(rows), jnp.asarray(lens),
+                                                  scale=0.11, softcap=5.0, window=window))
+    tol = 2e-2 if storage == "int8" else 1e-4
+    for b in range(len(rows) - 1):
+        np.testing.assert_allclose(got[b], numpy_attention(q[b], k, v, rows[b], lens[b], 0.11, 5.0, window),
+                                   rtol=tol, atol=tol / 10)
+    assert not got[-1].any()  # the padding row
+
+
+def test_windowed_attention_never_reads_before_the_window():
+    """Positions before a row's window hold NaN: the output stays finite and equal to the
+    window's attention (the kernel never reads them, beyond the block a window starts in)."""
+    rng = np.random.default_rng(4)
+    h, window = 32, 20
+    k = rng.standard_normal((1, 900, 2, h)).astype(np.float32)
+    v = rng.standard_normal((1, 900, 2, h)).astype(np.float32)
+    lens = np.array([900, 899, 600], np.int32)
+    q = rng.standard_normal((3, 4, h)).astype(np.float32)
+    kn, vn = k.copy(), v.copy()
+    kn[:, :560], vn[:, :560] = np.nan, np.nan  # every row's window starts past 576
+    got = np.asarray(cpu_kernels.decode_attention(*map(jnp.asarray, (q, kn, vn, np.zeros(3, np.int32), lens)),
+                                                  window=window))
+    assert np.isfinite(got).all()
+    for b in range(3):
+        np.testing.assert_allclose(got[b], numpy_attention(q[b], k, v, 0, lens[b], window=window),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("head_dim,scale", [(16, 1.0), (64, 1.0), (64, 6.0), (128, 1.0), (24, 1.0)])

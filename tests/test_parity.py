@@ -36,9 +36,23 @@ CASES = {
                                                   tie_word_embeddings=True)),
     # q/k/v in one qkv_proj, gate/up in one gate_up_proj
     "phi3": (transformers.Phi3Config, dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
-    # a window longer than the test's sequences: served within it, windowed == full attention
+    # windows shorter than the test's sequences: every layer (Mistral), or layer 1 only
+    # (Qwen2's max_window_layers, an older config without layer_types)
     "mistral_window": (transformers.MistralConfig, dict(num_attention_heads=4, num_key_value_heads=2,
-                                                        sliding_window=64)),
+                                                        sliding_window=7)),
+    "qwen2_window_layers": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2,
+                                                           use_sliding_window=True, sliding_window=5,
+                                                           max_window_layers=1)),
+    # soft-capped scores and logits, alternating sliding (5) and global layers, pre/post norms
+    "gemma2": (transformers.Gemma2Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                               query_pre_attn_scalar=20, sliding_window=5,
+                                               attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),
+    # q/k norms, the sliding layers' own rope base, a linearly scaled global rope; 3 layers, one global
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=6,
+        num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})),
     "smollm2_scaled": (transformers.LlamaConfig, dict(
         hidden_size=144, intermediate_size=384, num_attention_heads=9, num_key_value_heads=3,
         rope_theta=100000.0, tie_word_embeddings=True)),
@@ -109,7 +123,7 @@ def test_served_steps_rope_table_matches_transformers(tmp_path, case):
     cfg = load_config(dst)
     params = transformer.prepare(load_params(dst, cfg), cfg)
     positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
-    rope = tuple(map(jnp.asarray, layers.rope_table(cfg, 64)))
+    rope = jax.tree.map(jnp.asarray, layers.rope_tables(cfg, 64))
     hidden, _ = jax.jit(lambda p, c: transformer.forward(p, cfg, jnp.asarray(tokens), positions, c, span=40,
                                                          rope=rope))(params, transformer.init_cache(cfg, 2, 40))
     diff = np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - hf_logits(model, tokens)).max()
@@ -167,7 +181,8 @@ def test_internlm2_packed_wqkv_matches_llama_reference(tmp_path):
     assert np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["qwen3", "qwen3_tied", "phi3"])
+@pytest.mark.parametrize("case", ["qwen3", "qwen3_tied", "phi3", "mistral_window", "qwen2_window_layers",
+                                  "gemma2", "gemma3"])
 @pytest.mark.parametrize("kernels", [False, True])
 def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, case, kernels):
     """The serving path (a prompt prefilled into the cache, then one token per decode step,
@@ -198,15 +213,16 @@ def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, cas
     assert tokens == want
 
 
-def test_a_qwen3_hf_dir_is_served_end_to_end(tmp_path):
+@pytest.mark.parametrize("case", ["qwen3", "gemma2"])
+def test_an_hf_dir_is_served_end_to_end(tmp_path, case):
     """`xlaserve serve api_server HF_DIR` (converted into the cache on start): a completion and
-    a chat completion give transformers' greedy tokens."""
+    a chat completion give transformers' greedy tokens (for gemma2, past its window of 5)."""
     import httpx
 
     from conftest import start_server
 
-    config_cls, overrides = CASES["qwen3"]
-    src = tmp_path / "qwen3-tiny"
+    config_cls, overrides = CASES[case]
+    src = tmp_path / f"{case}-tiny"
     model = make_hf_checkpoint(src, config_cls, overrides)
     proc, url = start_server(tmp_path / "server.log", str(src))
     try:
@@ -233,34 +249,23 @@ def test_a_qwen3_hf_dir_is_served_end_to_end(tmp_path):
         proc.wait(timeout=60)
 
 
-def test_a_sliding_window_model_is_served_within_its_window(tmp_path):
-    """Windowed attention is not implemented: a model with a window is served up to it (where
-    it equals full attention), by default and never past it."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-    from service.engine.runner import ModelRunner
-
-    config_cls, overrides = CASES["mistral_window"]
-    src = tmp_path / "hf"
-    make_hf_checkpoint(src, config_cls, overrides)
-    dst = tmp_path / "converted"
-    convert(src, dst, progress=False)
-    cfg = load_config(dst)
-    assert cfg.sliding_window == 64 and cfg.max_context == 64
-    with pytest.raises(ValueError, match="exceeds the model's sliding window 64"):
-        ModelRunner(cfg, load_params(dst, cfg), max_batch_size=1, session_len=128)
-    r = subprocess.run([sys.executable, "-m", "service.cli", "generate", str(dst), "--prompt", "w5", "--raw",
-                        "--session-len", "128"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [
-        "xlaserve: error: --session-len 128 exceeds the model's sliding_window=64: attention past the window is "
-        "not implemented (sequences up to the window are exact)"]
-    qwen = json.loads((src / "config.json").read_text())
-    qwen.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+def test_sliding_layers_follow_transformers_rules():
+    """Which layers are windowed: the config's layer_types, else the family's rule (Mistral
+    every layer, Qwen2 from max_window_layers on and only with use_sliding_window); unknown
+    layer kinds are refused by name. A windowed model is served to its full positions."""
     from model.config import UnsupportedConfigError, from_hf_config
 
-    assert from_hf_config(qwen).sliding_window is None  # Qwen2 applies it only when told to
+    mistral = transformers.MistralConfig(**BASE, num_attention_heads=4, num_key_value_heads=2, sliding_window=8).to_dict()
+    cfg = from_hf_config(mistral)
+    assert cfg.sliding_window == 8 and [cfg.is_sliding(i) for i in range(2)] == [True, True]
+    assert cfg.max_context == BASE["max_position_embeddings"]
+    old_qwen = {**mistral, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}
+    cfg = from_hf_config(old_qwen)
+    assert [cfg.attention_spec(i).window for i in range(2)] == [None, 8]
+    assert from_hf_config({**old_qwen, "use_sliding_window": False}).sliding_window is None
+    new_qwen = transformers.Qwen2Config(**BASE, num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                                        max_window_layers=1).to_dict()
+    assert new_qwen["layer_types"] == ["full_attention", "sliding_attention"]
+    assert [from_hf_config(new_qwen).is_sliding(i) for i in range(2)] == [False, True]
     with pytest.raises(UnsupportedConfigError, match="layer_types \\['chunked_attention'\\]"):
-        from_hf_config({**qwen, "layer_types": ["full_attention", "chunked_attention"]})
+        from_hf_config({**new_qwen, "layer_types": ["full_attention", "chunked_attention"]})

@@ -26,8 +26,17 @@ CONFIGS = {
     # Qwen3's shape: q/k norms, head_dim apart from hidden / heads, few KV heads.
     "qwen3": ModelConfig(family="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True),
+    # Gemma 3's shape: one KV head (replicated past --tp 1), alternating sliding (4) and global
+    # layers with their own rope bases, soft-caps, pre/post norms, gelu-tanh, scaled embeddings.
+    "gemma": ModelConfig(family="gemma", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3,
+                         num_heads=4, num_kv_heads=1, head_dim=16, qk_norm=True, sliding_window=4,
+                         sliding_layers=(True, False, True), rope_local_theta=500.0, query_pre_attn_scalar=12.0,
+                         attn_softcap=2.0, final_softcap=3.0, embed_scale=8.0, post_norms=True,
+                         mlp_act="gelu_tanh", tie_word_embeddings=True),
 }
 LAYOUTS = [(2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2)]  # (tp, dp)
+# The families after the first two run the layouts that differ for them.
+FEW_LAYOUTS = {"qwen3": ((2, 1), (4, 1), (2, 2)), "gemma": ((2, 1), (8, 1), (2, 2))}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +66,7 @@ def test_mesh_needs_enough_devices():
 
 
 @pytest.mark.parametrize("name, tp, dp", [(name, tp, dp) for name in sorted(CONFIGS) for tp, dp in LAYOUTS
-                                          if name != "qwen3" or (tp, dp) in ((2, 1), (4, 1), (2, 2))])
+                                          if (tp, dp) in FEW_LAYOUTS.get(name, LAYOUTS)])
 def test_sharded_logits_and_tokens_equal_unsharded(models, name, tp, dp):
     cfg, params = models[name]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
@@ -67,7 +76,7 @@ def test_sharded_logits_and_tokens_equal_unsharded(models, name, tp, dp):
     got = np.asarray(jax.jit(lambda p, t: llama.full_logits(llama.prepare(p, cfg), cfg, t))(sharded, tokens))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
-    prompt = [int(x) for x in tokens[0, :7]]
+    prompt = [int(x) for x in tokens[0, :7]]  # past the gemma config's window of 4
     ref_tokens, ref_lps = greedy_run(cfg, params, None, prompt)
     got_tokens, got_lps = greedy_run(cfg, params, plan, prompt)
     assert got_tokens == ref_tokens

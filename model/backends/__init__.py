@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from model.config import ModelConfig
+from model.config import AttentionSpec, ModelConfig
 
 
 class Backend(abc.ABC):
@@ -88,9 +88,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def attend(self, q: jax.Array, kv: tuple, rows: jax.Array | None, positions: jax.Array,
-               span: int) -> jax.Array:
+               span: int, spec: AttentionSpec) -> jax.Array:
         """q (B, T, N, H) over one layer's cache -> (B, T, N, H): a query at position p sees
-        positions 0..p of its row."""
+        positions 0..p of its row, or its window's (``spec``: scale, window, soft-cap)."""
 
     # -- shapes ---------------------------------------------------------------------------------
 

@@ -63,6 +63,10 @@ class Transposed:
         return jnp.einsum("...d,vd->...v", x, self.w)
 
 
+# Per-layer vectors some families have, used as they are by both backends.
+OPTIONAL = ("bq", "bk", "bv", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+
+
 class Xla(Backend):
     name = "xla"
     rows_per_token = False
@@ -86,7 +90,7 @@ class Xla(Backend):
             out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
                    "qkv": Split((Dense(p["wq"]), Dense(p["wk"]), Dense(p["wv"]))), "wo": Dense(p["wo"]),
                    "gate_up": Split((Dense(p["w_gate"]), Dense(p["w_up"]))), "w_down": Dense(p["w_down"])}
-            out.update({b: p[b] for b in ("bq", "bk", "bv", "q_norm", "k_norm") if b in p})
+            out.update({b: p[b] for b in OPTIONAL if b in p})
             return out
 
         head = Transposed(params["embed"]) if cfg.tie_word_embeddings else Dense(params["lm_head"])
@@ -106,7 +110,7 @@ class Xla(Backend):
         v_cache = v_cache.at[write_rows, positions].set(v.astype(v_cache.dtype), mode="drop")
         return k_cache, v_cache
 
-    def attend(self, q, kv, rows, positions, span):
+    def attend(self, q, kv, rows, positions, span, spec):
         k_cache, v_cache = kv
         b, t, n, h = q.shape
         k_heads = k_cache.shape[2]
@@ -116,9 +120,15 @@ class Xla(Backend):
             keys, values = k_cache[rows, :span], v_cache[rows, :span]  # (B, S, K, H)
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # (B, T, K, G, H)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * (1.0 / np.sqrt(h))
-        # A query at position p sees cache positions 0..p: its own prompt, earlier turns, itself.
-        visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        scores = scores * spec.scale
+        if spec.softcap is not None:
+            scores = spec.softcap * jnp.tanh(scores / spec.softcap)
+        # A query at position p sees cache positions 0..p: its own prompt, earlier turns, itself;
+        # in a windowed layer only the last `window` of them.
+        cached = jnp.arange(span)[None, None, :]
+        visible = cached <= positions[:, :, None]  # (B, T, S)
+        if spec.window is not None:
+            visible &= cached > positions[:, :, None] - spec.window
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(q.dtype))

@@ -12,9 +12,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Mapping
 
-from model.families import internlm2, llama, phi3, qwen2, qwen3
+from model.families import gemma, internlm2, llama, phi3, qwen2, qwen3
 
-_MODULES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, phi3, internlm2)
+_MODULES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, phi3, gemma, internlm2)
 FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in _MODULES}
 MODEL_TYPES: dict[str, str] = {t: m.NAME for m in _MODULES for t in m.MODEL_TYPES}
 

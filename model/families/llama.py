@@ -18,6 +18,13 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise UnsupportedConfigError("attention_bias=true (bias on o_proj) is not supported")
 
 
+def layer_types(cfg: Mapping[str, Any], layers: int) -> list[str] | None:
+    """Mistral windows every layer when its config sets sliding_window."""
+    if cfg.get("model_type") == "mistral" and cfg.get("sliding_window") is not None:
+        return ["sliding_attention"] * layers
+    return None
+
+
 # HF key regex -> transform into our param tree. The keys every Llama-like layout shares
 # (families that pack q/k/v or gate/up differently add their own for those).
 SHARED_KEYS: KeyTable = [

@@ -22,6 +22,11 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise UnsupportedConfigError(f"partial_rotary_factor={partial} is not supported (only 1.0)")
 
 
+def layer_types(cfg: Mapping[str, Any], layers: int) -> list[str] | None:
+    """Phi-3 windows every layer when its config sets sliding_window."""
+    return ["sliding_attention"] * layers if cfg.get("sliding_window") is not None else None
+
+
 def qkv_proj(w, cfg, m) -> Out:
     """Rows [q (N*H), k (K*H), v (K*H)] -> wq (D, N, H), wk and wv (D, K, H)."""
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from model.config import UnsupportedConfigError
 from model.convert.transforms import LAYER, KeyTable, layer, same
 from model.families.llama import KEY_TABLE as LLAMA_KEYS
+from model.families.qwen2 import layer_types  # noqa: F401  (Qwen2's max_window_layers rule)
 
 NAME = "qwen3"
 MODEL_TYPES = ("qwen3",)

@@ -79,9 +79,6 @@ class ModelRunner:
                  top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
                  quantize: str | None = None, kv_cache_dtype: str | None = None,
                  backend: Backend | None = None):
-        if cfg.sliding_window is not None and session_len > cfg.sliding_window:
-            raise ValueError(f"session length {session_len} exceeds the model's sliding window "
-                             f"{cfg.sliding_window}: attention past the window is not implemented")
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -116,8 +113,8 @@ class ModelRunner:
             self._out_sh = plan.replicated
             self.params = self.backend.prepare(jax.device_put(params, plan.param_shardings(cfg)), cfg)
             self.eos_mask = jax.device_put(mask, plan.replicated)
-        # Every step looks its positions' cos/sin up here (see layers.rope_table).
-        self.rope = jax.device_put(layers.rope_table(cfg, session_len),
+        # Every step looks its positions' cos/sin up here (see layers.rope_tables).
+        self.rope = jax.device_put(layers.rope_tables(cfg, session_len),
                                    jax.devices()[0] if plan is None else plan.replicated)
         # Created directly in place (sharded when there is a plan), never whole on one device.
         kv_dtype = self.backend.cache_dtype(cfg, kv_cache_dtype)

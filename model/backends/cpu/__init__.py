@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from model.backends import Backend
 from model.backends.cpu import kernels
 from model.backends.cpu.kernels import Int8Panels, Panels, W8A8Panels, available
-from model.backends.xla import Table
+from model.backends.xla import OPTIONAL, Table
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class CpuKernels(Backend):
             out["wo"] = kernels.pack(layer["wo"].reshape(-1, d), wdtype)
             out["gate_up"] = kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1), wdtype)
             out["w_down"] = kernels.pack(layer["w_down"], wdtype)
-            for bias in ("bq", "bk", "bv", "q_norm", "k_norm"):
+            for bias in OPTIONAL:
                 if bias in layer:
                     out[bias] = f32(layer[bias])
             return out
@@ -104,11 +104,12 @@ class CpuKernels(Backend):
         v_cache = v_cache.at[write_rows, positions].set(kernels.to_cache(v, v_cache.dtype), mode="drop")
         return k_cache, v_cache
 
-    def attend(self, q, kv, rows, positions, span):
+    def attend(self, q, kv, rows, positions, span, spec):
         # A prefill chunk's T queries are T kernel rows on the same cache row.
         b, t, n, h = q.shape
         q_rows = jnp.broadcast_to(_rows(rows, b), (b, t)).reshape(b * t)
-        out = kernels.decode_attention(q.reshape(b * t, n, h), kv[0], kv[1], q_rows, positions.reshape(b * t) + 1)
+        out = kernels.decode_attention(q.reshape(b * t, n, h), kv[0], kv[1], q_rows, positions.reshape(b * t) + 1,
+                                       scale=spec.scale, softcap=spec.softcap, window=spec.window)
         return out.astype(q.dtype).reshape(b, t, n, h)
 
     def prompts_per_call(self, bucket, slots):

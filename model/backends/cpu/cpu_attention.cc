@@ -15,8 +15,11 @@
 //         (R, S, K, H + 4) s8 or int8 (a third): each position's head is H values and the
 //                            float32 bytes of their scale (value = int8 * scale)
 //   rows  (B,)          s32   cache row of each batch row; out of range: a padding row
-//   lens  (B,)          s32   positions 0 .. lens-1 are attended
+//   lens  (B,)          s32   positions 0 .. lens-1 are attended (the last `window` of them
+//                            when window > 0: the keys before are never read)
 //   out   (B, N, H)     f32   zeros for padding rows
+// Attributes: scale (scores are q.k * scale), softcap (> 0: scores become
+// softcap * tanh(scores / softcap) before the softmax), window (0: none).
 //
 // Work items are shared between the calling thread and helpers scheduled on XLA's intra-op
 // thread pool through an atomic counter; the caller returns once every item is done, so a
@@ -72,7 +75,10 @@ struct Problem {
   const int32_t* lens;
   float* out;
   int64_t B, N, K, H, R, S;
+  float scale, softcap;
+  int64_t window;
 };
+
 
 // Batch rows b .. b + nb - 1 (a block of a prefill chunk's queries on one cache row at
 // consecutive positions, or one row), cache positions [begin, end) clipped to each row's length.
@@ -85,6 +91,18 @@ struct Item {
 template <typename T>
 inline int64_t Covered(const Problem<T>& p, const Item& it, int64_t b) {
   return std::max<int64_t>(0, std::min<int64_t>(it.end, p.lens[b]) - it.begin);
+}
+
+// Row b's first attended position: the start of its window.
+template <typename T>
+inline int64_t First(const Problem<T>& p, int64_t b) {
+  return p.window > 0 ? std::max<int64_t>(0, p.lens[b] - p.window) : 0;
+}
+
+// Positions at the start of item `it` that lie before row b's window: never read for b.
+template <typename T>
+inline int64_t Skipped(const Problem<T>& p, const Item& it, int64_t b) {
+  return std::max<int64_t>(0, First(p, b) - it.begin);
 }
 
 inline float ToFloat(float x) { return x; }
@@ -279,7 +297,7 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
              std::vector<float>& buf) {
   const int64_t G = p.N / p.K, H = C * kVW, N = p.N;
   const int64_t row = p.rows[it.b];
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const float scale = p.scale;
   const int64_t stride = p.K * (H + Stored<T>::kExtra);  // between consecutive positions
   const int64_t wide = p.K * H;  // the same in a block widened to float32
   int64_t n = 0;  // positions of the item's longest row
@@ -327,7 +345,7 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
       for (int64_t kh = 0; kh < p.K; ++kh)
         for (int k = 0; k < kVW; ++k) key_scales[kh * kVW + k] = Stored<T>::Scale(kraw + k * stride + kh * hs, H);
     for (int64_t i = 0; i < it.nb; ++i) {
-      if (s >= Covered(p, it, it.b + i)) continue;
+      if (s >= Covered(p, it, it.b + i) || s + count <= Skipped(p, it, it.b + i)) continue;
       for (int64_t head = 0; head < N; ++head) {
         if (i == it.nb - 1)
           for (int64_t l = head * lines / N; l < (head + 1) * lines / N; ++l) __builtin_prefetch(next + l * line, 0, 2);
@@ -346,24 +364,30 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   }
   for (int64_t i = 0; i < it.nb; ++i) {
     const int64_t ni = Covered(p, it, it.b + i), pi = (ni + kVW - 1) / kVW * kVW;
+    // Positions before the query's window: scores of -inf in the vector its window starts in,
+    // and no vectors before it.
+    const int64_t lo = Skipped(p, it, it.b + i), first = lo / kVW * kVW;
     for (int64_t head = 0; head < N; ++head) {
       float* sh = scores.data() + (i * N + head) * padded;
       float* part = it.partial + (i * N + head) * (H + 2);
-      if (ni == 0) {  // no positions here: a piece past this query's length
+      if (lo >= ni) {  // no positions here: a piece past this query's length or before its window
         part[H] = -INFINITY;
         part[H + 1] = 0.0f;
         continue;
       }
+      if (p.softcap > 0.0f)
+        for (int64_t s = lo; s < ni; ++s) sh[s] = p.softcap * std::tanh(sh[s] / p.softcap);
+      std::fill(sh + first, sh + lo, -INFINITY);
       std::fill(sh + ni, sh + pi, -INFINITY);
-      vf top = Load(sh);
-      for (int64_t s = kVW; s < pi; s += kVW) {
+      vf top = Load(sh + first);
+      for (int64_t s = first + kVW; s < pi; s += kVW) {
         const vf x = Load(sh + s);
         top = x > top ? x : top;
       }
       float m = top[0];
       for (int l = 1; l < kVW; ++l) m = std::max(m, top[l]);
       vf total = vf{};
-      for (int64_t s = 0; s < pi; s += kVW) {
+      for (int64_t s = first; s < pi; s += kVW) {
         const vf e = Exp(Load(sh + s) - m);
         Store(sh + s, e);
         total += e;
@@ -380,19 +404,21 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     const float* vb = nullptr;
     if constexpr (!pairs && !bytes) vb = Widened<kValueBlock>(values + s * stride, count, wide, buf.data());
     for (int64_t i = 0; i < it.nb; ++i) {
+      // This block's positions [s + off, s + ci) for query i: from its window's start.
+      const int64_t off = std::max<int64_t>(0, Skipped(p, it, it.b + i) - s);
       const int64_t ci = std::min<int64_t>(kValueBlock, Covered(p, it, it.b + i) - s);
-      if (ci <= 0) continue;
+      if (ci <= off) continue;
       for (int64_t head = 0; head < N; ++head) {
         if (i == it.nb - 1)
           for (int64_t l = head * lines / N; l < (head + 1) * lines / N; ++l) __builtin_prefetch(next + l * line, 0, 2);
-        const float* w = scores.data() + (i * N + head) * padded + s;
+        const float* w = scores.data() + (i * N + head) * padded + s + off;
         float* a = acc.data() + (i * N + head) * H;
         if constexpr (pairs)
-          WeightedPairs<C>(w, values + s * stride + (head / G) * H, ci, stride, a);
+          WeightedPairs<C>(w, values + (s + off) * stride + (head / G) * H, ci - off, stride, a);
         else if constexpr (bytes)
-          Weighted<C>(w, values + s * stride + (head / G) * hs, ci, stride, a);
+          Weighted<C>(w, values + (s + off) * stride + (head / G) * hs, ci - off, stride, a);
         else
-          Weighted<C>(w, vb + (head / G) * H, ci, wide, a);
+          Weighted<C>(w, vb + off * wide + (head / G) * H, ci - off, wide, a);
       }
     }
   }
@@ -409,10 +435,10 @@ template <typename T>
 void RunItemScalar(const Problem<T>& p, const Item& it, std::vector<float>& scores) {
   const int64_t G = p.N / p.K, H = p.H;
   const int64_t row = p.rows[it.b];
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const float scale = p.scale;
   const int64_t hs = H + Stored<T>::kExtra, stride = p.K * hs;
   for (int64_t i = 0; i < it.nb; ++i) {
-    const int64_t n = Covered(p, it, it.b + i);
+    const int64_t n = Covered(p, it, it.b + i), lo = std::min(n, Skipped(p, it, it.b + i));
     scores.resize(std::max<int64_t>(1, n));
     for (int64_t kh = 0; kh < p.K; ++kh) {
       const float* q = p.q + ((it.b + i) * p.N + kh * G) * H;
@@ -422,13 +448,14 @@ void RunItemScalar(const Problem<T>& p, const Item& it, std::vector<float>& scor
         float* part = it.partial + ((i * p.N) + kh * G + g) * (H + 2);
         std::fill(part, part + H, 0.0f);
         float m = -INFINITY, total = 0.0f;
-        for (int64_t s = 0; s < n; ++s) {
+        for (int64_t s = lo; s < n; ++s) {
           float dot = 0.0f;
           for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * ToFloat(keys[s * stride + h]);
           scores[s] = dot * Stored<T>::Scale(keys + s * stride, H) * scale;
+          if (p.softcap > 0.0f) scores[s] = p.softcap * std::tanh(scores[s] / p.softcap);
           m = std::max(m, scores[s]);
         }
-        for (int64_t s = 0; s < n; ++s) {
+        for (int64_t s = lo; s < n; ++s) {
           const float w = std::exp(scores[s] - m);
           total += w;
           const float ws = w * Stored<T>::Scale(values + s * stride, H);
@@ -516,7 +543,8 @@ void Combine(const Shared<T>& shared) {
 
 template <typename T, ffi::DataType D>
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> k, ffi::Buffer<D> v,
-                  ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out) {
+                  ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out,
+                  float scale, float softcap, int64_t window) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 ||
       !std::equal(kd.begin(), kd.end(), vd.begin()) || qd[2] + Stored<T>::kExtra != kd[3] ||
@@ -532,14 +560,14 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
   Problem<T>& p = shared->problem;
   p = Problem<T>{q.typed_data(), reinterpret_cast<const T*>(k.untyped_data()),
                  reinterpret_cast<const T*>(v.untyped_data()), rows.typed_data(), lens.typed_data(),
-                 out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[0], kd[1]};
+                 out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[0], kd[1], scale, softcap, window};
   // Padding rows (row out of range) and empty rows get no items: their output stays zero.
   auto live_len = [&](int64_t b) {
     const int64_t row = p.rows[b];
     return row < 0 || row >= p.R ? int64_t{0} : std::max<int64_t>(0, std::min<int64_t>(p.lens[b], p.S));
   };
   int64_t total = 0;
-  for (int64_t b = 0; b < p.B; ++b) total += live_len(b);
+  for (int64_t b = 0; b < p.B; ++b) total += live_len(b) - (live_len(b) > 0 ? First(p, b) : 0);
   // About four items per thread, in pieces of kMinPiece..kMaxPiece positions.
   const int64_t threads = pool.num_threads() + 1;
   const int64_t piece = std::clamp<int64_t>((total / (4 * threads) + kMinPiece - 1) / kMinPiece * kMinPiece,
@@ -564,7 +592,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
   for (auto block = blocks.rbegin(); block != blocks.rend(); ++block) {
     const auto [b0, nb] = *block;
     const int64_t len = live_len(b0 + nb - 1);
-    for (int64_t s = 0; s < len; s += piece) {
+    // From the window start of the block's first query (the earliest): nothing before it is read.
+    for (int64_t s = std::min(First(p, b0), len); s < len; s += piece) {
       shared->items.push_back(Item{b0, nb, s, std::min(s + piece, len), nullptr});
       partial_floats += nb * p.N * (p.H + 2);
     }
@@ -585,22 +614,25 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                               ffi::ResultBuffer<ffi::F32> out) {
-  return Attend<float>(pool, q, k, v, rows, lens, out);
+                               ffi::ResultBuffer<ffi::F32> out, float scale, float softcap,
+                               int64_t window) {
+  return Attend<float>(pool, q, k, v, rows, lens, out, scale, softcap, window);
 }
 
 ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
                                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                                   ffi::ResultBuffer<ffi::F32> out) {
-  return Attend<uint16_t>(pool, q, k, v, rows, lens, out);
+                                   ffi::ResultBuffer<ffi::F32> out, float scale, float softcap,
+                                   int64_t window) {
+  return Attend<uint16_t>(pool, q, k, v, rows, lens, out, scale, softcap, window);
 }
 
 ffi::Error DecodeAttentionInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::S8> v,
                                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                                   ffi::ResultBuffer<ffi::F32> out) {
-  return Attend<int8_t>(pool, q, k, v, rows, lens, out);
+                                   ffi::ResultBuffer<ffi::F32> out, float scale, float softcap,
+                                   int64_t window) {
+  return Attend<int8_t>(pool, q, k, v, rows, lens, out, scale, softcap, window);
 }
 
 }  // namespace
@@ -613,7 +645,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionBf16, DecodeAttentionBf16Impl,
                               ffi::Ffi::Bind()
@@ -623,7 +658,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionBf16, DecodeAttentionBf16Im
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionInt8, DecodeAttentionInt8Impl,
                               ffi::Ffi::Bind()
@@ -633,4 +671,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionInt8, DecodeAttentionInt8Im
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.checkpoint import cache_dir, host_id
 
@@ -117,13 +118,16 @@ def available() -> bool:
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
-                     lengths: jax.Array) -> jax.Array:
+                     lengths: jax.Array, scale: float | None = None, softcap: float | None = None,
+                     window: int | None = None) -> jax.Array:
     """q (B, N, H) f32; caches (R, S, K, H) f32, or uint16 holding bfloat16 bits, or
     (R, S, K, H + 4) int8 with a scale per head (see ``to_cache``); rows, lengths (B,) int32
     -> (B, N, H) f32.
 
-    Row b attends cache row ``rows[b]``, positions ``0 .. lengths[b]-1``; a row index
-    outside ``[0, R)`` gives zeros (padding rows)."""
+    Row b attends cache row ``rows[b]``, positions ``0 .. lengths[b]-1`` (only the last
+    ``window`` of them when one is given); a row index outside ``[0, R)`` gives zeros
+    (padding rows). Scores are ``q.k * scale`` (default 1/sqrt(H)), soft-capped as
+    ``softcap * tanh(score / softcap)`` when ``softcap`` is given."""
     _require()
     targets = {jnp.dtype(jnp.float32): ATTENTION, jnp.dtype(jnp.uint16): ATTENTION_BF16,
                jnp.dtype(jnp.int8): ATTENTION_INT8}
@@ -136,7 +140,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows:
     target = targets[jnp.dtype(k_cache.dtype)]
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), k_cache, v_cache, rows.astype(jnp.int32),
-        lengths.astype(jnp.int32))
+        lengths.astype(jnp.int32), scale=np.float32(q.shape[-1] ** -0.5 if scale is None else scale),
+        softcap=np.float32(softcap or 0.0), window=np.int64(window or 0))
 
 
 INT8_SCALE_BYTES = 4
