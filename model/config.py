@@ -74,6 +74,14 @@ class ModelConfig:
     post_norms: bool = False
     mlp_act: str = "silu"  # "silu" or "gelu_tanh"
     rope_local_theta: float | None = None
+    # Mixture of experts (Mixtral, Qwen3-MoE): a token's MLP is the routing-weighted sum of its
+    # top ``experts_per_token`` of ``num_experts`` expert MLPs (hidden ``expert_size``), in the
+    # layers ``moe_layers`` marks (all of them when it is empty; the others are dense).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
+    moe_layers: tuple[bool, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
@@ -93,6 +101,9 @@ class ModelConfig:
     def max_context(self) -> int:
         """The longest sequence served: the model's positions."""
         return self.max_position_embeddings
+
+    def is_moe(self, layer: int) -> bool:
+        return self.num_experts > 0 and (not self.moe_layers or self.moe_layers[layer])
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and (not self.sliding_layers or self.sliding_layers[layer])
@@ -115,9 +126,17 @@ class ModelConfig:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
         if self.qk_norm:
             attn += 2 * h
-        layer = attn + 3 * d * f + (4 if self.post_norms else 2) * d
+        norms = (4 if self.post_norms else 2) * d
+        moe = self.num_experts * (3 * d * self.expert_size) + d * self.num_experts
+        layers = sum(attn + norms + (moe if self.is_moe(i) else 3 * d * f) for i in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else d * v
-        return v * d + self.num_layers * layer + d + head
+        return v * d + layers + d + head
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token's forward pass uses: its experts only, in MoE layers."""
+        unused = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.expert_size
+        return self.num_params - unused * sum(self.is_moe(i) for i in range(self.num_layers))
 
     def inv_freq(self, local: bool = False) -> np.ndarray:
         """RoPE inverse frequencies (H/2,), float64 on the host, scaling applied; ``local``:
@@ -154,6 +173,7 @@ class ModelConfig:
         data["rope_scaling"] = RopeScaling(**rope)
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         data["sliding_layers"] = tuple(data.get("sliding_layers", ()))
+        data["moe_layers"] = tuple(data.get("moe_layers", ()))
         return cls(**data)
 
 

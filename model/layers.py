@@ -98,10 +98,29 @@ def attention(
     return layer["wo"].apply(out, live).astype(x.dtype), kv
 
 
+def activation(cfg: ModelConfig, gate: jax.Array) -> jax.Array:
+    """The MLP gate's nonlinearity: SiLU, or (Gemma) tanh-approximated GELU."""
+    return jax.nn.gelu(gate, approximate=True) if cfg.mlp_act == "gelu_tanh" else jax.nn.silu(gate)
+
+
+def moe(cfg: ModelConfig, layer: dict[str, Any], x: jax.Array) -> jax.Array:
+    """A mixture-of-experts MLP: each token's top-k experts by router softmax (in float32, as
+    HF computes it), their outputs summed with those probabilities (renormalised to 1 with
+    ``norm_topk_prob``). How the chosen experts are computed is the weights' own (see
+    ``backends.xla.Experts``)."""
+    b, t, d = x.shape
+    experts = layer["experts"]
+    flat = x.reshape(b * t, d)
+    probs = jax.nn.softmax((flat @ experts.router).astype(jnp.float32), axis=-1)  # (M, E)
+    top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)  # (M, k)
+    if cfg.norm_topk_prob:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    out = experts.apply(flat, top.astype(x.dtype), chosen, lambda g: activation(cfg, g))
+    return out.reshape(b, t, d)
+
+
 def mlp(cfg: ModelConfig, layer: dict[str, Any], x: jax.Array, live: jax.Array | None = None) -> jax.Array:
     f = cfg.intermediate_size
     gate, up = layer["gate_up"].apply_split(x, (f, f), live)
-    gate = gate.astype(x.dtype)
-    act = jax.nn.gelu(gate, approximate=True) if cfg.mlp_act == "gelu_tanh" else jax.nn.silu(gate)
-    hidden = act * up.astype(x.dtype)
+    hidden = activation(cfg, gate.astype(x.dtype)) * up.astype(x.dtype)
     return layer["w_down"].apply(hidden, live).astype(x.dtype)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from model.backends import Backend
 from model.backends.xla import Xla
 from model.config import ModelConfig
-from model.layers import attention, mlp, rms_norm, rope_cos_sin, uses_local_rope
+from model.layers import attention, mlp, moe, rms_norm, rope_cos_sin, uses_local_rope
 
 KVCache = list  # list[tuple[jax.Array, jax.Array]], one (k, v) pair per layer
 
@@ -74,7 +74,8 @@ def forward(
             h = rms_norm(h, layer["post_attn_norm"], eps)
         x = x + h
         with jax.named_scope("mlp"):
-            h = mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], eps), live)
+            normed = rms_norm(x, layer["mlp_norm"], eps)
+            h = moe(cfg, layer, normed) if cfg.is_moe(i) else mlp(cfg, layer, normed, live)
         if cfg.post_norms:
             h = rms_norm(h, layer["post_mlp_norm"], eps)
         x = x + h

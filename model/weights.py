@@ -6,6 +6,9 @@ The param pytree is plain nested dicts and lists of arrays:
     {"embed": (V, D), "final_norm": (D,), "lm_head": (D, V) unless tied,
      "layers": [{"attn_norm", "wq", "wk", "wv", ["bq", "bk", "bv"], ["q_norm", "k_norm"], "wo",
                  ["post_attn_norm"], "mlp_norm", "w_gate", "w_up", "w_down", ["post_mlp_norm"]}, ...]}
+
+An MoE layer has "router" (D, E) and the experts "we_gate", "we_up" (E, D, F_e) and "we_down"
+(E, F_e, D) in place of the dense MLP's three.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class WeightSpec:
     init: str = "normal"  # "normal" (matrices) or "ones" (norm scales) or "zeros" (biases)
 
 
-def layer_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
+def layer_specs(cfg: ModelConfig, layer: int = 0) -> dict[str, WeightSpec]:
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                      cfg.num_kv_heads, cfg.head_dim)
     specs = {
@@ -37,10 +40,17 @@ def layer_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
         "wv": WeightSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
         "wo": WeightSpec((n, h, d), ("heads", "head_dim", "embed")),
         "mlp_norm": WeightSpec((d,), ("norm",), "ones"),
-        "w_gate": WeightSpec((d, f), ("embed", "mlp")),
-        "w_up": WeightSpec((d, f), ("embed", "mlp")),
-        "w_down": WeightSpec((f, d), ("mlp", "embed")),
     }
+    if cfg.is_moe(layer):  # the router, and the experts stacked on a leading axis
+        e, fe = cfg.num_experts, cfg.expert_size
+        specs["router"] = WeightSpec((d, e), ("embed", None))
+        specs["we_gate"] = WeightSpec((e, d, fe), ("experts", "embed", "expert_mlp"))
+        specs["we_up"] = WeightSpec((e, d, fe), ("experts", "embed", "expert_mlp"))
+        specs["we_down"] = WeightSpec((e, fe, d), ("experts", "expert_mlp", "embed"))
+    else:
+        specs["w_gate"] = WeightSpec((d, f), ("embed", "mlp"))
+        specs["w_up"] = WeightSpec((d, f), ("embed", "mlp"))
+        specs["w_down"] = WeightSpec((f, d), ("mlp", "embed"))
     if cfg.qkv_bias:
         specs["bq"] = WeightSpec((n, h), ("heads", "head_dim"), "zeros")
         specs["bk"] = WeightSpec((k, h), ("kv_heads", "head_dim"), "zeros")
@@ -58,7 +68,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     """The full param tree of WeightSpecs."""
     specs: dict[str, Any] = {
         "embed": WeightSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")),
-        "layers": [layer_specs(cfg) for _ in range(cfg.num_layers)],
+        "layers": [layer_specs(cfg, i) for i in range(cfg.num_layers)],
         "final_norm": WeightSpec((cfg.hidden_size,), ("norm",), "ones"),
     }
     if not cfg.tie_word_embeddings:

@@ -32,6 +32,11 @@ RULES: dict[str, str | None] = {
     "kv_heads": MODEL,  # fewer KV heads than tp: replicated (each device keeps all K heads)
     "head_dim": None,
     "mlp": MODEL,
+    # Expert parallel: whole experts split over the model axis (each device runs its experts
+    # for every token, and the partial outputs are summed); where E does not divide, the
+    # experts are kept whole on every device and their hidden axis is split instead.
+    "experts": MODEL,
+    "expert_mlp": None,
     "norm": None,
     "slots": DATA,  # decode slots: KV cache rows and sampling state
     "seq": None,
@@ -96,7 +101,8 @@ def plan_for(cfg: ModelConfig, mesh: Mesh, slots: int | None = None) -> Plan:
     """The rules table applied to this model on this mesh, with fallbacks where sizes do not
     divide."""
     sizes = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "heads": cfg.num_heads,
-             "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size}
+             "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
+             "experts": cfg.num_experts or 1}
     if slots is not None:
         sizes["slots"] = slots
     rules, notes = dict(RULES), []
@@ -109,6 +115,10 @@ def plan_for(cfg: ModelConfig, mesh: Mesh, slots: int | None = None) -> Plan:
             notes.append(f"{axis} ({sizes[axis]}) is not divisible by {mesh_axis}={n}: replicated")
     # Query heads split but KV heads not: every device keeps all KV heads (GQA groups stay
     # whole), the standard fallback when there are fewer KV heads than tp.
+    n = mesh.shape[MODEL]
+    if cfg.num_experts and rules["experts"] is None and n > 1 and cfg.expert_size % n == 0:
+        rules["expert_mlp"] = MODEL
+        notes.append(f"experts' hidden size ({cfg.expert_size}) split over {MODEL}={n} instead")
     for note in notes:
         log.warning("sharding fallback: %s", note)
     return Plan(mesh=mesh, rules=rules, fallbacks=tuple(notes))

@@ -53,6 +53,16 @@ CASES = {
         num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})),
+    # 4 experts, 2 per token, renormalised; a window of 6 on every layer
+    "mixtral": (transformers.MixtralConfig, dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                                 num_experts_per_tok=2, sliding_window=6)),
+    # 6 experts of hidden 40, 3 per token, not renormalised; layer 1 dense (mlp_only_layers)
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=3,
+        moe_intermediate_size=40, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1)),
+    "qwen3_moe_norm": (transformers.Qwen3MoeConfig, dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, num_experts=5, num_experts_per_tok=2,
+        moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[], decoder_sparse_step=1)),
     "smollm2_scaled": (transformers.LlamaConfig, dict(
         hidden_size=144, intermediate_size=384, num_attention_heads=9, num_key_value_heads=3,
         rope_theta=100000.0, tie_word_embeddings=True)),
@@ -99,8 +109,15 @@ def test_logits_match_transformers(tmp_path, case):
     model = make_hf_checkpoint(src, config_cls, overrides)
     tokens = np.random.default_rng(1).integers(0, BASE["vocab_size"], (2, 40))
     want = hf_logits(model, tokens)
+    if "experts" in str(model.state_dict().keys()):  # the tokens spread over the experts
+        with torch.no_grad():
+            routed = model(torch.tensor(tokens), output_router_logits=True).router_logits
+        first_choice = {int(e) for layer in routed for e in layer.reshape(-1, layer.shape[-1]).argmax(-1)}
+        assert len(first_choice) >= 3, first_choice
     diff = np.abs(ours(tmp_path, src, tokens) - want).max()
     assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
+    if load_config(tmp_path / "converted").num_experts:  # runs on XLA only
+        return
     if cpu_kernels.available():
         diff = np.abs(ours(tmp_path, src, tokens, kernels=True) - want).max()
         assert diff <= 1e-4, f"{case}, CPU kernels: max abs logit diff {diff}"
@@ -181,9 +198,10 @@ def test_internlm2_packed_wqkv_matches_llama_reference(tmp_path):
     assert np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["qwen3", "qwen3_tied", "phi3", "mistral_window", "qwen2_window_layers",
-                                  "gemma2", "gemma3"])
-@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("case, kernels", [
+    (case, kernels) for case in ["qwen3", "qwen3_tied", "phi3", "mistral_window", "qwen2_window_layers", "gemma2",
+                                 "gemma3", "mixtral", "qwen3_moe"]
+    for kernels in (False, True) if not (kernels and "moe" in case or kernels and case == "mixtral")])
 def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, case, kernels):
     """The serving path (a prompt prefilled into the cache, then one token per decode step,
     each position attended from the cache) gives transformers' greedy continuation."""
@@ -213,7 +231,7 @@ def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, cas
     assert tokens == want
 
 
-@pytest.mark.parametrize("case", ["qwen3", "gemma2"])
+@pytest.mark.parametrize("case", ["qwen3", "gemma2", "qwen3_moe"])
 def test_an_hf_dir_is_served_end_to_end(tmp_path, case):
     """`xlaserve serve api_server HF_DIR` (converted into the cache on start): a completion and
     a chat completion give transformers' greedy tokens (for gemma2, past its window of 5)."""

@@ -33,10 +33,21 @@ CONFIGS = {
                          sliding_layers=(True, False, True), rope_local_theta=500.0, query_pre_attn_scalar=12.0,
                          attn_softcap=2.0, final_softcap=3.0, embed_scale=8.0, post_norms=True,
                          mlp_act="gelu_tanh", tie_word_embeddings=True),
+    # Mixtral's shape: 4 experts, 2 per token (split over tp 2 and 4; at tp 8 kept whole, their
+    # hidden axis split instead).
+    "mixtral": ModelConfig(family="mixtral", vocab_size=256, hidden_size=64, intermediate_size=64, num_layers=2,
+                           num_heads=8, num_kv_heads=2, head_dim=8, num_experts=4, experts_per_token=2,
+                           expert_size=64),
+    # Qwen3-MoE's: 6 experts (whole on every device past tp 2), 3 per token, not renormalised,
+    # layer 0 dense.
+    "qwen3_moe": ModelConfig(family="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=96,
+                             num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True, num_experts=6,
+                             experts_per_token=3, expert_size=32, norm_topk_prob=False, moe_layers=(False, True)),
 }
 LAYOUTS = [(2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2)]  # (tp, dp)
 # The families after the first two run the layouts that differ for them.
-FEW_LAYOUTS = {"qwen3": ((2, 1), (4, 1), (2, 2)), "gemma": ((2, 1), (8, 1), (2, 2))}
+FEW_LAYOUTS = {"qwen3": ((2, 1), (4, 1), (2, 2)), "gemma": ((2, 1), (8, 1), (2, 2)),
+               "mixtral": ((2, 1), (4, 1), (8, 1), (2, 2)), "qwen3_moe": ((2, 1), (4, 1))}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +120,19 @@ def test_params_really_are_sharded(models):
     assert {s.data.shape for s in sharded["embed"].addressable_shards} == {(64, 64)}
 
 
+def test_experts_are_split_over_the_model_axis(models):
+    """Expert parallel: at --tp 4 each device holds one of Mixtral's 4 experts; at --tp 8 (4
+    does not divide) every device holds all 4 with an eighth of each expert's hidden axis."""
+    cfg, params = models["mixtral"]
+    for tp, shape in ((4, {"we_gate": (1, 64, 64), "we_down": (1, 64, 64)}),
+                      (8, {"we_gate": (4, 64, 8), "we_down": (4, 8, 64)})):
+        plan = plan_for(cfg, make_mesh(tp, 1))
+        layer = jax.device_put(params, plan.param_shardings(cfg))["layers"][1]
+        for name, want in shape.items():
+            assert {s.data.shape for s in layer[name].addressable_shards} == {want}, (tp, name)
+        assert {s.data.shape for s in layer["router"].addressable_shards} == {(64, 4)}  # replicated
+
+
 def _weight_gathers(hlo: str, full_shapes: set[tuple[int, ...]]) -> list[str]:
     found = []
     for line in hlo.splitlines():
@@ -120,9 +144,9 @@ def _weight_gathers(hlo: str, full_shapes: set[tuple[int, ...]]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("tp, dp", [(2, 1), (4, 2)])
-def test_decode_step_gathers_no_weights(models, tp, dp):
-    cfg, params = models["even"]
+@pytest.mark.parametrize("name, tp, dp", [("even", 2, 1), ("even", 4, 2), ("mixtral", 4, 1)])
+def test_decode_step_gathers_no_weights(models, name, tp, dp):
+    cfg, params = models[name]
     plan = plan_for(cfg, make_mesh(tp, dp), slots=4)
     runner = ModelRunner(cfg, params, max_batch_size=4, session_len=64, plan=plan)
     b = runner.shapes.batch_sizes[-1]

@@ -151,7 +151,12 @@ def main(argv=None) -> int:
     weight_kind = args.quantize or cfg.dtype
     bw = measure_bandwidth()
     flops = measure_flops(dtype=cfg.dtype)
-    print(f"model {name}: {cfg.num_params / 1e6:.1f}M params, {weight_bytes / 2**20:.0f} MiB weights ({weight_kind})")
+    # A mixture of experts' token reads and computes with its chosen experts only: the bounds
+    # below count the active parameters (at batch 1, the bytes of those).
+    active = cfg.active_params / cfg.num_params
+    moe = f", {cfg.active_params / 1e6:.1f}M active per token" if cfg.num_experts else ""
+    print(f"model {name}: {cfg.num_params / 1e6:.1f}M params{moe}, {weight_bytes / 2**20:.0f} MiB weights "
+          f"({weight_kind}) on {engine.runner.backend.describe()}")
     print(f"machine: streaming bandwidth {bw / 1e9:.1f} GB/s, matmul {flops / 1e9:.1f} GFLOP/s")
     grammar = None
     if args.constrained:
@@ -186,8 +191,8 @@ def main(argv=None) -> int:
                 ttfts = [r[0] for r in results]
                 tpots = [r[1] for r in results]
                 decode_rate = streams / statistics.median(tpots)
-                mem_frac = weight_bytes * (1 / statistics.median(tpots)) / bw
-                compute_frac = 2 * cfg.num_params * decode_rate / flops
+                mem_frac = active * weight_bytes * (1 / statistics.median(tpots)) / bw
+                compute_frac = 2 * cfg.active_params * decode_rate / flops
                 spread = f" (runs {mode_runs[0][0]:.1f}-{mode_runs[-1][0]:.1f})" if len(mode_runs) > 1 else ""
                 label = f" {mode}" if grammar else ""
                 print(f"streams={streams:3d}{label}: {rate:7.1f} output tokens/s overall{spread}, decode {decode_rate:7.1f} tokens/s | "

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import logging
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from model.config import AttentionSpec, ModelConfig
+
+log = logging.getLogger("xlaserve")
 
 
 class Backend(abc.ABC):
@@ -99,14 +102,21 @@ class Backend(abc.ABC):
         return 1
 
 
-def select(sharded: bool) -> Backend:
-    """The backend a runner uses: the native CPU kernels on one CPU device where they build,
-    else XLA."""
+def select(sharded: bool, cfg: ModelConfig | None = None) -> Backend:
+    """The backend a runner uses: the native CPU kernels on one CPU device where they build
+    (and the model has no mixture-of-experts layers, which they lack), else XLA."""
     from model.backends import cpu, xla
 
     if not sharded and cpu.available():
-        return cpu.CpuKernels()
+        if cfg is None or not cfg.num_experts:
+            return cpu.CpuKernels()
+        if jax.devices()[0].platform == "cpu" and not _said_moe:
+            _said_moe.append(True)
+            log.info("mixture-of-experts model: the CPU kernels have no expert layers, so it runs on XLA")
     return xla.Xla()
+
+
+_said_moe: list[bool] = []
 
 
 def param_bytes(params: Any) -> int:

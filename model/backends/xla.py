@@ -63,6 +63,78 @@ class Transposed:
         return jnp.einsum("...d,vd->...v", x, self.w)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """A mixture of experts' router (D, E) and its experts' stacked SwiGLU weights: gate, up
+    (E, D, F), down (E, F, D).
+
+    ``apply`` computes each token's chosen experts one of two ways:
+
+    - ``grouped`` (the experts on one device): the (token, expert) pairs sorted by expert into
+      tiles of one expert each, and a loop over the tiles that hold any (``fori_loop``, not a
+      Python loop) multiplying each tile by its expert's weights. Work and weight reads follow
+      the experts chosen: a decode step of few tokens reads only their experts, a prefill
+      groups many tokens per expert. Outputs are gathered back per token and summed in the
+      order of its choices, with no scatter-add, so the sum does not depend on the device's
+      atomics.
+    - dense (experts split over a mesh, expert parallel): every device runs its own experts for
+      every token with the routing weights of the others zero, and the partial outputs are
+      summed over the mesh. E/k times the work, but no gather of another device's experts.
+    """
+
+    router: jax.Array
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    grouped: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    def apply(self, x, weights, chosen, act):
+        """x (M, D), weights and chosen (M, k) -> (M, D)."""
+        if not self.grouped:
+            m, e = x.shape[0], self.gate.shape[0]
+            combine = jnp.zeros((m, e), x.dtype).at[jnp.arange(m)[:, None], chosen].set(weights)
+            h = act(jnp.einsum("md,edf->emf", x, self.gate)) * jnp.einsum("md,edf->emf", x, self.up)
+            return jnp.einsum("emd,me->md", jnp.einsum("emf,efd->emd", h, self.down), combine)
+        return _grouped_experts(x, weights, chosen, self.gate, self.up, self.down, act)
+
+
+def _grouped_experts(x, weights, chosen, gate, up, down, act):
+    m, d = x.shape
+    e, k = gate.shape[0], chosen.shape[1]
+    s = m * k  # (token, choice) pairs
+    # Tiles of about the pairs an expert gets on average: 1 row for a decode step of few
+    # tokens over many experts, up to 256 for a long prefill.
+    tile = int(min(256, 2 ** max(0, (s // e).bit_length() - 1)))
+    n_tiles = -(-s // tile) + e  # a bound: each expert's last tile may be partial
+    expert = chosen.reshape(s)
+    order = jnp.argsort(expert, stable=True)  # pairs by expert, each expert's in token order
+    by_expert = expert[order]
+    counts = jnp.zeros((e,), jnp.int32).at[expert].add(1)
+    tiles = (counts + tile - 1) // tile
+    tile_end = jnp.cumsum(tiles)
+    first_pair = jnp.cumsum(counts) - counts  # each expert's first index in `order`
+    slot = (tile_end - tiles)[by_expert] * tile + jnp.arange(s) - first_pair[by_expert]  # row of each sorted pair
+    token = jnp.full((n_tiles * tile,), m, jnp.int32).at[slot].set((order // k).astype(jnp.int32))
+    rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token]  # (tiles * tile, D); padding: zeros
+    tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(n_tiles), side="right"), e - 1)
+
+    def one_tile(i, ys):
+        ex = tile_expert[i]
+        xs = jax.lax.dynamic_slice_in_dim(rows, i * tile, tile)
+        y = (act(xs @ gate[ex]) * (xs @ up[ex])) @ down[ex]
+        return jax.lax.dynamic_update_slice_in_dim(ys, y.astype(ys.dtype), i * tile, 0)
+
+    ys = jax.lax.fori_loop(0, tile_end[-1], one_tile, jnp.zeros((n_tiles * tile, d), x.dtype))
+    where = jnp.zeros((s,), jnp.int32).at[order].set(slot).reshape(m, k)  # each pair's row
+    return jnp.sum(ys[where] * weights[..., None], axis=1)
+
+
+def _spread(a) -> bool:
+    """Whether ``a`` lies over several devices (or, traced, might)."""
+    return isinstance(a, jax.core.Tracer) or len(a.sharding.device_set) > 1
+
+
 # Per-layer vectors some families have, used as they are by both backends.
 OPTIONAL = ("bq", "bk", "bv", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
@@ -88,8 +160,12 @@ class Xla(Backend):
 
         def layer(p):
             out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
-                   "qkv": Split((Dense(p["wq"]), Dense(p["wk"]), Dense(p["wv"]))), "wo": Dense(p["wo"]),
-                   "gate_up": Split((Dense(p["w_gate"]), Dense(p["w_up"]))), "w_down": Dense(p["w_down"])}
+                   "qkv": Split((Dense(p["wq"]), Dense(p["wk"]), Dense(p["wv"]))), "wo": Dense(p["wo"])}
+            if "router" in p:
+                out["experts"] = Experts(p["router"], p["we_gate"], p["we_up"], p["we_down"],
+                                         grouped=not _spread(p["we_gate"]))
+            else:
+                out.update(gate_up=Split((Dense(p["w_gate"]), Dense(p["w_up"]))), w_down=Dense(p["w_down"]))
             out.update({b: p[b] for b in OPTIONAL if b in p})
             return out
 

@@ -55,6 +55,7 @@ def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], pr
     dtype = _np_dtype(cfg.dtype)
     total = sum(1 for _ in _iter_paths(specs))
     bar = _progress(total, progress)
+    slices: dict[tuple, set[int]] = {}  # a stacked param (the experts) -> its slices given so far
     for key, tensor in tensors:
         if IGNORED.fullmatch(key):
             continue
@@ -67,6 +68,10 @@ def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], pr
         if cfg.tie_word_embeddings and key in ("lm_head.weight", "output.weight"):
             continue  # tied: the head is the embedding; some checkpoints store a copy
         for path, value in fn(np.asarray(tensor, dtype=np.float32), cfg, m):
+            if len(path) == 4:  # ("layers", i, name, j): slice j of a stacked param (one expert's)
+                if _assign_slice(specs, out, slices, key, path, value, dtype):
+                    bar.update(1)  # the stacked param is complete
+                continue
             try:
                 spec = _lookup(specs, path)
             except (KeyError, IndexError):
@@ -81,10 +86,37 @@ def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], pr
             bar.update(1)
     bar.close()
     missing = [".".join(map(str, p)) for p in _iter_paths(specs) if _lookup(out, p, missing_ok=True) is None]
+    for path, given in slices.items():
+        n = _lookup(specs, path).shape[0]
+        missing += [f"{'.'.join(map(str, path))}[{j}]" for j in range(n) if j not in given]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"checkpoint is missing params: {', '.join(missing[:5])}{more}")
     return out
+
+
+def _assign_slice(specs, out, slices, key, path, value, dtype) -> bool:
+    """Slice ``path[3]`` of the stacked param ``path[:3]``: the array is made on its first slice,
+    and every slice must come exactly once. True when this slice completes it."""
+    where, j = path[:3], path[3]
+    try:
+        spec = _lookup(specs, where)
+    except (KeyError, IndexError):
+        raise ConversionError(f"tensor {key!r} maps to {'.'.join(map(str, where))}, "
+                              "which this model config does not have") from None
+    if not 0 <= j < spec.shape[0]:
+        raise ConversionError(f"tensor {key!r}: index {j} is past {'.'.join(map(str, where))}'s {spec.shape[0]}")
+    if tuple(value.shape) != spec.shape[1:]:
+        raise ConversionError(f"tensor {key!r}: shape {tuple(value.shape)} does not fit a slice of "
+                              f"{'.'.join(map(str, where))} {spec.shape}")
+    given = slices.setdefault(where, set())
+    if j in given:
+        raise ConversionError(f"tensor {key!r}: duplicate value for {'.'.join(map(str, where))}[{j}]")
+    if not given:
+        _assign(out, where, np.zeros(spec.shape, dtype))
+    _lookup(out, where)[j] = value.astype(dtype)
+    given.add(j)
+    return len(given) == spec.shape[0]
 
 
 def _iter_paths(specs) -> Iterator[tuple]:

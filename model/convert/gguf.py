@@ -34,10 +34,19 @@ GGUF_NAMES = [
     (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{}.self_attn.k_norm.weight"),
 ]
 
+# Gemma's layers name their norms apart from Llama's: llama.cpp's ffn_norm is the norm before
+# the MLP (HF's pre_feedforward_layernorm), and a norm follows attention and the MLP each.
+GEMMA_NAMES = [
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{}.post_feedforward_layernorm.weight"),
+]
+
 # GGUF architectures -> (HF model_type, architecture). llama.cpp permutes the q/k rows of the
-# llama architecture only (its rope there is interleaved); qwen's is already rotate-half.
+# llama architecture only (its rope there is interleaved); qwen's and gemma's are rotate-half.
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-                 "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 
 
 def gguf_reader(path: Path):
@@ -74,7 +83,7 @@ def gguf_hf_config(reader) -> dict[str, Any]:
     # head_dim: the key length where the file says it (Qwen3's differs from hidden / heads)
     head_dim = _gguf_field(reader, f"{arch}.attention.key_length") or get("rope.dimension_count", hidden // heads)
     model_type, architecture = ARCHITECTURES[arch]
-    return {
+    cfg = {
         "model_type": model_type,
         "architectures": [architecture],
         "vocab_size": int(vocab),
@@ -92,6 +101,44 @@ def gguf_hf_config(reader) -> dict[str, Any]:
         "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu",
     }
+    if arch.startswith("gemma"):
+        cfg.update(_gemma_config(reader, arch, cfg))
+    return cfg
+
+
+def _gemma_config(reader, arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a Gemma file leaves to llama.cpp's own rules, written out as HF config fields."""
+    field = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
+    layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    # llama.cpp's scale: 1/sqrt(hidden / heads) for the 27B models (46 layers of Gemma 2, 62 of
+    # Gemma 3), 1/sqrt(head_dim) for the others, as their HF configs' query_pre_attn_scalar say.
+    big = layers == (46 if arch == "gemma2" else 62)
+    extra: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": hidden // heads if big else cfg["head_dim"],
+        "attn_logit_softcapping": field("attn_logit_softcapping"),
+        "final_logit_softcapping": field("final_logit_softcapping"),
+        "sliding_window": field("attention.sliding_window"),
+        "tie_word_embeddings": cfg["tie_word_embeddings"],
+    }
+    if extra["sliding_window"] is None:
+        raise ConversionError(f"GGUF metadata is missing {arch}.attention.sliding_window")
+    pattern = field("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, int):  # one global layer in every `pattern`
+        sliding = [(i + 1) % pattern != 0 for i in range(layers)]
+    else:  # per layer, true where it slides
+        sliding = [bool(x) for x in pattern]
+    extra["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    if arch == "gemma3":
+        # The local base is llama.cpp's fixed 10000 (the file stores the global one); a linear
+        # scaling applies to the global layers only.
+        extra["rope_local_base_freq"] = 10000.0
+        kind = field("rope.scaling.type")
+        if kind not in (None, "none"):
+            if kind != "linear":
+                raise UnsupportedConfigError(f"GGUF rope scaling type {kind!r} is not supported for gemma3")
+            extra["rope_scaling"] = {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
+    return extra
 
 
 def gguf_rope_factors(reader, head_dim: int) -> tuple[float, ...] | None:
@@ -126,7 +173,10 @@ def gguf_tensors(reader, hf_cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarr
             raise ConversionError(f"GGUF tensor {t.name} has type {qtype}; supported: {', '.join(sorted(supported))}")
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims fastest-first
         w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
-        for pattern, hf_name in GGUF_NAMES:
+        gemma = hf_cfg["model_type"].startswith("gemma")
+        if gemma and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's norms as the scale 1 + w; HF's weight is w
+        for pattern, hf_name in (GEMMA_NAMES if gemma else []) + GGUF_NAMES:
             m = re.fullmatch(pattern, t.name)
             if m:
                 name = hf_name.format(*m.groups())
@@ -140,16 +190,58 @@ def gguf_tensors(reader, hf_cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarr
         yield name, w
 
 
+def _spm_tokenizer(reader, tokens: list[str], types: list[int]):
+    """A sentencepiece-type (``llama``) vocabulary as a ``tokenizers`` BPE over its pieces, as
+    llama.cpp tokenizes it: symbols are merged into the piece of highest score first (the merges
+    are every split of a piece into two pieces, ranked by the piece's score), characters outside
+    the vocabulary fall back to their UTF-8 byte pieces (<0xNN>), and with add_space_prefix the
+    text starts with the word boundary mark."""
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    scores = [float(s) for s in _gguf_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))]
+    normal = {t: i for i, t in enumerate(tokens) if types[i] == 1}
+    ranked = []
+    for piece, i in normal.items():
+        splits = [(piece[:j], piece[j:]) for j in range(1, len(piece)) if piece[:j] in normal and piece[j:] in normal]
+        # between two splits of one piece, the one whose parts score higher comes first
+        splits.sort(key=lambda m: (scores[normal[m[0]]], scores[normal[m[1]]]), reverse=True)
+        ranked += [(scores[i], m) for m in splits]
+    ranked.sort(key=lambda x: x[0], reverse=True)  # stable: ties keep the order above
+    unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[m for _, m in ranked],
+                                 unk_token=unk, fuse_unk=True, byte_fallback=True))
+    # Spaces are the word mark; with add_space_prefix one more starts the text and follows
+    # each special token, as llama.cpp adds it (even before a space already there).
+    prefix = bool(_gguf_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    spaces = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    if _gguf_field(reader, "tokenizer.ggml.add_bos_token", True) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], bos)])
+    return tok
+
+
 def gguf_tokenizer_files(reader, dst: Path) -> None:
-    """Rebuild a byte-level BPE ``tokenizer.json`` (+ config files) from GGUF vocab/merges."""
+    """Rebuild a ``tokenizer.json`` (+ config files) from the GGUF vocabulary: byte-level BPE
+    (``gpt2``: its merges) or sentencepiece-type (``llama``: its pieces and scores)."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = _gguf_field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedConfigError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2)")
+    if kind not in ("gpt2", "llama"):
+        raise UnsupportedConfigError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
     types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    if kind == "llama":
+        _spm_tokenizer(reader, tokens, types).save(str(dst / "tokenizer.json"))
+        _tokenizer_config(reader, dst, tokens, default_bos=True)
+        return
     merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
     tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                  fuse_unk=False, ignore_merges=False))
@@ -174,14 +266,17 @@ def gguf_tokenizer_files(reader, dst: Path) -> None:
     control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
     tok.add_special_tokens(control)
     tok.save(str(dst / "tokenizer.json"))
+    _tokenizer_config(reader, dst, tokens, default_bos=False)
 
+
+def _tokenizer_config(reader, dst: Path, tokens: list[str], default_bos: bool) -> None:
     def token(key):
         i = _gguf_field(reader, f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     config = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
               "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
-              "add_bos_token": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False))}
+              "add_bos_token": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", default_bos))}
     template = _gguf_field(reader, "tokenizer.chat_template")
     if template:
         (dst / "chat_template.jinja").write_text(template, encoding="utf-8")

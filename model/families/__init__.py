@@ -12,9 +12,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Mapping
 
-from model.families import gemma, internlm2, llama, phi3, qwen2, qwen3
+from model.families import gemma, internlm2, llama, mixtral, phi3, qwen2, qwen3, qwen3_moe
 
-_MODULES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, phi3, gemma, internlm2)
+_MODULES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, phi3, gemma, mixtral, qwen3_moe, internlm2)
 FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in _MODULES}
 MODEL_TYPES: dict[str, str] = {t: m.NAME for m in _MODULES for t in m.MODEL_TYPES}
 

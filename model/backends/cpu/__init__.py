@@ -58,6 +58,8 @@ class CpuKernels(Backend):
         can be freed."""
         if quantize not in (None, "int8", "w8a8"):
             raise ValueError(f"quantize: int8, w8a8 or None, not {quantize!r}")
+        if cfg.num_experts:
+            raise ValueError("the CPU kernels have no mixture-of-experts layers: this model runs on XLA")
         if quantize == "w8a8" and not kernels.int8_dot_native():
             log.warning("w8a8: this CPU has no AVX512-VNNI; int8 dot products run in scalar code "
                         "(slow): prefer --quantize int8")
