@@ -20,8 +20,12 @@ class UnsupportedConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. ``kind`` is "default", "linear", "llama3", or "factors": each
-    frequency divided by its own factor (a GGUF file's ``rope_freqs``, as llama.cpp applies it)."""
+    """RoPE frequency scaling. ``kind`` is "default", "linear", "llama3", "factors": each
+    frequency divided by its own factor (a GGUF file's ``rope_freqs``, as llama.cpp applies it),
+    or "longrope" (Phi-3): ``factors`` (short) or ``long_factors`` divide the frequencies and
+    cos/sin are scaled by ``attention_factor``. Which set applies is fixed by the context the
+    server is sized for, as llama.cpp does: the long one past ``original_max_position_embeddings``
+    (transformers switches by each forward's length, which a KV cache cannot follow)."""
 
     kind: str = "default"
     factor: float = 1.0
@@ -29,6 +33,8 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     factors: tuple[float, ...] = ()
+    long_factors: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +144,19 @@ class ModelConfig:
         unused = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.expert_size
         return self.num_params - unused * sum(self.is_moe(i) for i in range(self.num_layers))
 
-    def inv_freq(self, local: bool = False) -> np.ndarray:
+    def uses_long_rope(self, context: int) -> bool:
+        """Whether a server sized for ``context`` positions takes longrope's long factors."""
+        s = self.rope_scaling
+        return s.kind == "longrope" and context > s.original_max_position_embeddings
+
+    def rope_attention_factor(self) -> float:
+        """The factor cos and sin are scaled by (longrope's; 1 otherwise)."""
+        return self.rope_scaling.attention_factor if self.rope_scaling.kind == "longrope" else 1.0
+
+    def inv_freq(self, local: bool = False, context: int = 0) -> np.ndarray:
         """RoPE inverse frequencies (H/2,), float64 on the host, scaling applied; ``local``:
-        the sliding layers' own base (unscaled) where the model has one."""
+        the sliding layers' own base (unscaled) where the model has one; ``context``: the
+        positions served (longrope's choice of factors)."""
         h = self.head_dim
         theta = self.rope_local_theta if local and self.rope_local_theta is not None else self.rope_theta
         inv = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
@@ -160,6 +176,11 @@ class ModelConfig:
             inv = np.where(medium, smoothed, scaled)
         elif s.kind == "factors":
             inv = inv / np.asarray(s.factors, dtype=np.float64)
+        elif s.kind == "longrope":
+            factors = s.long_factors if self.uses_long_rope(context) else s.factors
+            # float32 like HF's, so the frequencies agree to the last bit
+            ext = np.asarray(factors, dtype=np.float32)
+            inv = (1.0 / (ext * (theta ** (np.arange(0, h, 2, dtype=np.float32) / h)).astype(np.float32))).astype(np.float64)
         return inv
 
     def to_json(self) -> dict[str, Any]:
@@ -170,6 +191,7 @@ class ModelConfig:
         data = dict(data)
         rope = dict(data.get("rope_scaling", {}))
         rope["factors"] = tuple(rope.get("factors", ()))
+        rope["long_factors"] = tuple(rope.get("long_factors", ()))
         data["rope_scaling"] = RopeScaling(**rope)
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         data["sliding_layers"] = tuple(data.get("sliding_layers", ()))
@@ -197,10 +219,10 @@ def _rope_from_hf(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling, float | N
     else:  # transformers 4
         theta = float(cfg.get("rope_theta", 10000.0))
         scaling = dict(cfg.get("rope_scaling") or {})
-    return (*_scaling(theta, scaling), local)
+    return (*_scaling(theta, scaling, cfg), local)
 
 
-def _scaling(theta: float, scaling: dict[str, Any]) -> tuple[float, RopeScaling]:
+def _scaling(theta: float, scaling: dict[str, Any], cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
     if kind == "default":
         return theta, RopeScaling()
@@ -214,8 +236,18 @@ def _scaling(theta: float, scaling: dict[str, Any]) -> tuple[float, RopeScaling]
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
+    if kind == "longrope":
+        original = int(scaling.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                       or cfg["max_position_embeddings"])
+        factor = scaling.get("factor") or int(cfg.get("max_position_embeddings", original)) / original
+        attention = scaling.get("attention_factor")
+        if attention is None:  # the LongRoPE paper's, as transformers derives it
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return theta, RopeScaling(kind="longrope", factors=tuple(float(x) for x in scaling["short_factor"]),
+                                  long_factors=tuple(float(x) for x in scaling["long_factor"]),
+                                  original_max_position_embeddings=original, attention_factor=float(attention))
     raise UnsupportedConfigError(
-        f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)"
+        f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3, longrope)"
     )
 
 
@@ -249,6 +281,8 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
 
     family = family_of(cfg)
     fam = family_module(family)
+    if hasattr(fam, "normalize_config"):  # a config the family reads through another's shape
+        cfg = fam.normalize_config(cfg)
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
     if act not in _ACTIVATIONS:
         raise UnsupportedConfigError(f"hidden_act={act!r} is not supported ({', '.join(_ACTIVATIONS)})")

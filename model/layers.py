@@ -29,12 +29,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, local: bool = False) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables (B, T, H) for rotate-half RoPE (``local``: the sliding layers' base)."""
+    """cos/sin tables (B, T, H) for rotate-half RoPE (``local``: the sliding layers' base), for
+    a context of the T positions given."""
     # Angles in float32: bf16 positions lose integer precision past 256.
-    inv_freq = jnp.asarray(cfg.inv_freq(local), dtype=jnp.float32)  # (H/2,)
+    inv_freq = jnp.asarray(cfg.inv_freq(local, context=positions.shape[-1]), dtype=jnp.float32)  # (H/2,)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
     angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, H)
-    return jnp.cos(angles), jnp.sin(angles)
+    scale = 1.0 if local else cfg.rope_attention_factor()
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
@@ -53,10 +55,11 @@ def rope_table(cfg: ModelConfig, length: int, local: bool = False) -> tuple[np.n
 
     Steps look their positions up here instead of computing cos and sin: XLA fuses those
     into every layer's rope and evaluates them per element of q and k."""
-    inv_freq = np.asarray(cfg.inv_freq(local), dtype=np.float32)
+    inv_freq = np.asarray(cfg.inv_freq(local, context=length), dtype=np.float32)
     angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq  # float32, like rope_cos_sin
     angles = np.concatenate([angles, angles], axis=-1)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    scale = np.float32(1.0 if local else cfg.rope_attention_factor())
+    return (np.cos(angles) * scale).astype(np.float32), (np.sin(angles) * scale).astype(np.float32)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -150,6 +150,9 @@ def _model_and_slots(args, max_batch_size: int):
         raise CLIError(str(e)) from None
     if args.session_len is None:
         args.session_len = min(cfg.max_context, 4096)
+    if cfg.uses_long_rope(args.session_len):
+        log.info("longrope: --session-len %d is past the model's original %d positions, so its long factors "
+                 "apply at every position", args.session_len, cfg.rope_scaling.original_max_position_embeddings)
     args.max_batch_size = max_batch_size
     return checkpoint, name, _slots(args, cfg)
 

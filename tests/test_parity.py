@@ -36,6 +36,11 @@ CASES = {
                                                   tie_word_embeddings=True)),
     # q/k/v in one qkv_proj, gate/up in one gate_up_proj
     "phi3": (transformers.Phi3Config, dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    # longrope past its original 16 positions (the test's 40 take the long factors)
+    "phi3_longrope": (transformers.Phi3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.3, 1.7, 2.2, 3.0, 4.1, 5.0, 6.0],
+                         "long_factor": [1.0, 2.0, 4.0, 7.0, 11.0, 16.0, 24.0, 32.0]})),
     # windows shorter than the test's sequences: every layer (Mistral), or layer 1 only
     # (Qwen2's max_window_layers, an older config without layer_types)
     "mistral_window": (transformers.MistralConfig, dict(num_attention_heads=4, num_key_value_heads=2,
@@ -159,6 +164,62 @@ def test_transformers4_config_style_matches(tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     tokens = np.random.default_rng(2).integers(0, BASE["vocab_size"], (1, 40))
     assert np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max() <= 1e-4
+
+
+def test_longrope_takes_short_factors_within_its_original_context(tmp_path):
+    """Phi-3's longrope from a transformers 4 config (rope_scaling "type", the original length
+    at the top level): a sequence within the original 16 positions takes the short factors
+    (and one past them the long, in test_logits_match_transformers); so does a server sized
+    within them, and one sized past them the long factors at every position."""
+    from model.config import from_hf_config
+
+    config_cls, overrides = CASES["phi3_longrope"]
+    src = tmp_path / "hf"
+    model = make_hf_checkpoint(src, config_cls, overrides)
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(rope_theta=rope["rope_theta"], original_max_position_embeddings=16, rope_scaling={
+        "type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]})
+    (src / "config.json").write_text(json.dumps(cfg))
+    tokens = np.random.default_rng(2).integers(0, BASE["vocab_size"], (1, 12))
+    assert np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max() <= 1e-4
+    ours_cfg = from_hf_config(cfg)
+    assert not ours_cfg.uses_long_rope(16) and ours_cfg.uses_long_rope(17)
+    short, long = ours_cfg.inv_freq(context=16), ours_cfg.inv_freq(context=64)
+    np.testing.assert_allclose(short[1:] / long[1:], np.asarray(rope["long_factor"][1:]) / rope["short_factor"][1:],
+                               rtol=1e-6)
+
+
+def test_gemma3_vision_language_checkpoint_serves_its_language_model(tmp_path):
+    """Gemma 3 4B-27B ship as vision-language checkpoints (model_type gemma3, the text config
+    nested, the language model under language_model.): converted, its language model gives
+    transformers' text-only logits; the vision tower is left out, and text fields the nested
+    config omits take Gemma 3's defaults."""
+    from model.config import from_hf_config
+
+    text = {**BASE, **CASES["gemma3"][1]}
+    cfg = transformers.Gemma3Config(
+        text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=159, boi_token_index=157, eoi_token_index=158)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn_like(p))
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    write_tiny_tokenizer(src, BASE["vocab_size"])
+    tokens = np.random.default_rng(6).integers(0, 150, (2, 30))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens)).logits.float().numpy()
+    assert np.abs(ours(tmp_path, src, tokens) - want).max() <= 1e-4
+    sparse = from_hf_config({"model_type": "gemma3", "text_config": {"hidden_size": 2560, "num_hidden_layers": 34,
+                                                                      "sliding_window": 1024}})
+    assert (sparse.num_heads, sparse.num_kv_heads, sparse.head_dim, sparse.vocab_size) == (8, 4, 256, 262208)
+    assert [sparse.is_sliding(i) for i in range(6)] == [True] * 5 + [False]
+    assert (sparse.rope_theta, sparse.rope_local_theta, sparse.query_pre_attn_scalar) == (1e6, 1e4, 256)
 
 
 def test_internlm2_packed_wqkv_matches_llama_reference(tmp_path):

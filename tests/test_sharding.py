@@ -26,6 +26,11 @@ CONFIGS = {
     # Qwen3's shape: q/k norms, head_dim apart from hidden / heads, few KV heads.
     "qwen3": ModelConfig(family="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True),
+    # Qwen2's q/k/v biases, with a window of 5 on layer 1 (Mistral's and Phi-3's math is this
+    # with no bias).
+    "qwen2_window": ModelConfig(family="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                num_layers=2, num_heads=8, num_kv_heads=2, head_dim=8, qkv_bias=True,
+                                sliding_window=5, sliding_layers=(False, True)),
     # Gemma 3's shape: one KV head (replicated past --tp 1), alternating sliding (4) and global
     # layers with their own rope bases, soft-caps, pre/post norms, gelu-tanh, scaled embeddings.
     "gemma": ModelConfig(family="gemma", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3,
@@ -46,7 +51,7 @@ CONFIGS = {
 }
 LAYOUTS = [(2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2)]  # (tp, dp)
 # The families after the first two run the layouts that differ for them.
-FEW_LAYOUTS = {"qwen3": ((2, 1), (4, 1), (2, 2)), "gemma": ((2, 1), (8, 1), (2, 2)),
+FEW_LAYOUTS = {"qwen3": ((2, 1), (4, 1), (2, 2)), "qwen2_window": ((2, 1), (4, 1)), "gemma": ((2, 1), (8, 1), (2, 2)),
                "mixtral": ((2, 1), (4, 1), (8, 1), (2, 2)), "qwen3_moe": ((2, 1), (4, 1))}
 
 

@@ -65,7 +65,7 @@ def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], pr
                 break
         else:
             raise ConversionError(f"unexpected tensor {key!r}: no rule maps it for family {cfg.family}")
-        if cfg.tie_word_embeddings and key in ("lm_head.weight", "output.weight"):
+        if cfg.tie_word_embeddings and (key.endswith("lm_head.weight") or key == "output.weight"):
             continue  # tied: the head is the embedding; some checkpoints store a copy
         for path, value in fn(np.asarray(tensor, dtype=np.float32), cfg, m):
             if len(path) == 4:  # ("layers", i, name, j): slice j of a stacked param (one expert's)

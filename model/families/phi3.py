@@ -1,6 +1,6 @@
 """Phi-3 / Phi-3.5-mini: Llama's math with q/k/v packed in one ``qkv_proj`` and gate/up in one
-``gate_up_proj``. ``longrope`` scaling (the 128k models) is refused by name, as is a partial
-rotary factor below 1."""
+``gate_up_proj``; the 128k models' ``longrope`` scaling is read by ``model.config``. A partial
+rotary factor below 1 is refused by name."""
 
 from __future__ import annotations
 
