@@ -163,18 +163,16 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
     quantize = getattr(args, "quantize", None)
     kernel_only = ([f"--quantize {quantize}"] if quantize is not None else []) + (
         ["--kv-cache-dtype int8"] if getattr(args, "kv_cache_dtype", None) == "int8" else [])
-    checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     if kernel_only:
         from model.backends import select
-        from model.checkpoint import load_config
 
         try:
-            select(sharded=args.tp * args.dp > 1, cfg=load_config(checkpoint)).check(quantize, args.kv_cache_dtype)
+            select(sharded=args.tp * args.dp > 1).check(quantize, args.kv_cache_dtype)
         except ValueError:
             verb = "runs" if len(kernel_only) == 1 else "run"
             raise CLIError(f"{' and '.join(kernel_only)} {verb} on the native CPU kernels only: one CPU "
-                           "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0, and a "
-                           "model without mixture-of-experts layers") from None
+                           "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0") from None
+    checkpoint, name, slots = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
                           max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,
                           quantize=quantize, kv_cache_dtype=args.kv_cache_dtype)

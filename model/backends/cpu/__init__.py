@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from model.backends import Backend
 from model.backends.cpu import kernels
 from model.backends.cpu.kernels import Int8Panels, Panels, W8A8Panels, available
-from model.backends.xla import OPTIONAL, Table
+from model.backends.xla import OPTIONAL, Experts, Table
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ class CpuKernels(Backend):
         can be freed."""
         if quantize not in (None, "int8", "w8a8"):
             raise ValueError(f"quantize: int8, w8a8 or None, not {quantize!r}")
-        if cfg.num_experts:
-            raise ValueError("the CPU kernels have no mixture-of-experts layers: this model runs on XLA")
+        if cfg.num_experts and quantize:
+            log.warning("--quantize %s applies to attention and the dense layers: the experts stay %s",
+                        quantize, "bfloat16" if jnp.dtype(cfg.dtype) == jnp.bfloat16 else "float32")
         if quantize == "w8a8" and not kernels.int8_dot_native():
             log.warning("w8a8: this CPU has no AVX512-VNNI; int8 dot products run in scalar code "
                         "(slow): prefer --quantize int8")
@@ -72,8 +73,15 @@ class CpuKernels(Backend):
             qkv = jnp.concatenate([layer[w].reshape(d, -1) for w in ("wq", "wk", "wv")], axis=1)
             out["qkv"] = kernels.pack(qkv, wdtype)
             out["wo"] = kernels.pack(layer["wo"].reshape(-1, d), wdtype)
-            out["gate_up"] = kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1), wdtype)
-            out["w_down"] = kernels.pack(layer["w_down"], wdtype)
+            if "router" in layer:
+                # Experts have no kernel: XLA's grouped tiles compute them inside the same step,
+                # from weights kept as they are (bfloat16 ones widened per tile, as loaded).
+                keep = lambda a: a if a.dtype == jnp.bfloat16 else f32(a)  # noqa: E731
+                out["experts"] = Experts(f32(layer["router"]), keep(layer["we_gate"]), keep(layer["we_up"]),
+                                         keep(layer["we_down"]), grouped=True)
+            else:
+                out["gate_up"] = kernels.pack(jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1), wdtype)
+                out["w_down"] = kernels.pack(layer["w_down"], wdtype)
             for bias in OPTIONAL:
                 if bias in layer:
                     out[bias] = f32(layer[bias])
