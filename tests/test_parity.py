@@ -290,7 +290,7 @@ def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, cas
     assert tokens == want
 
 
-@pytest.mark.parametrize("case", ["qwen3", "gemma2", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def test_an_hf_dir_is_served_end_to_end(tmp_path, case):
     """`xlaserve serve api_server HF_DIR` (converted into the cache on start): a completion and
     a chat completion give transformers' greedy tokens (for gemma2, past its window of 5)."""
