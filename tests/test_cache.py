@@ -58,3 +58,53 @@ def test_decode_all_rows_uses_each_rows_own_history():
     for r, s in enumerate(seqs):
         want = np.asarray(llama.full_logits(params, cfg, jnp.asarray(s[None])))[0, -1]
         np.testing.assert_allclose(got[r], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("t, rows", [(1, None), (1, [2, 0, 5]), (6, [1])], ids=["decode_all_rows", "decode_slots",
+                                                                              "prefill_chunk"])
+def test_xla_windowed_attention_reads_only_the_window(t, rows):
+    """A windowed layer on XLA reads window + T - 1 positions per row, not the span: positions
+    before every query's window hold NaN and the output still equals the masked attention
+    over clean caches, padding rows (a slot out of range, a position past the span) included."""
+    from model.backends.xla import Xla
+    from model.config import AttentionSpec
+
+    rng = np.random.default_rng(t)
+    slots, span, window, k, g, h = 5, 64, 9, 2, 3, 8
+    clean = [rng.standard_normal((slots, span, k, h)).astype(np.float32) for _ in range(2)]
+    b = slots if rows is None else len(rows)
+    first = np.array([40, 29, 50, 33, 45][:b])  # each row's first query position
+    positions = first[:, None] + np.arange(t)[None, :]
+    if rows is not None and t == 1:
+        positions[-1] = span + 3  # a padding row
+    q = jnp.asarray(rng.standard_normal((b, t, k * g, h)).astype(np.float32))
+    poisoned = [c.copy() for c in clean]
+    for c in poisoned:
+        c[:, :20] = np.nan  # before every row's window (the earliest starts at 29 - 9 + 1)
+    spec = AttentionSpec(scale=h ** -0.5, window=window)
+    r = None if rows is None else jnp.asarray(rows, jnp.int32)
+    got = np.asarray(Xla().attend(q, tuple(map(jnp.asarray, poisoned)), r, jnp.asarray(positions), span, spec))
+    want = _masked(q, clean, rows, positions, span, window)
+    live = [i for i in range(b) if positions[i, 0] < span]
+    np.testing.assert_allclose(got[live], want[live], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all()
+
+
+def _masked(q, caches, rows, positions, span, window):
+    """softmax(q k / sqrt(H)) v over each row's window, by hand (numpy)."""
+    q = np.asarray(q)
+    b, t, n, h = q.shape
+    k_cache, v_cache = caches
+    out = np.zeros_like(q)
+    for i in range(b):
+        row = i if rows is None else min(rows[i], k_cache.shape[0] - 1)
+        for j in range(t):
+            p = positions[i, j]
+            lo = max(0, p - window + 1)
+            keys, values = k_cache[row, lo:p + 1], v_cache[row, lo:p + 1]  # (L, K, H)
+            g = n // keys.shape[1]
+            for head in range(n):
+                s = keys[:, head // g] @ q[i, j, head] / np.sqrt(h)
+                w = np.exp(s - s.max())
+                out[i, j, head] = (w / w.sum()) @ values[:, head // g]
+    return out

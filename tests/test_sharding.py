@@ -149,8 +149,9 @@ def _weight_gathers(hlo: str, full_shapes: set[tuple[int, ...]]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("name, tp, dp", [("even", 2, 1), ("even", 4, 2), ("mixtral", 4, 1)])
+@pytest.mark.parametrize("name, tp, dp", [("even", 2, 1), ("even", 4, 2), ("mixtral", 4, 1), ("gemma", 2, 2)])
 def test_decode_step_gathers_no_weights(models, name, tp, dp):
+    """Nor the KV cache: a windowed layer's slice of each row stays on the row's device."""
     cfg, params = models[name]
     plan = plan_for(cfg, make_mesh(tp, dp), slots=4)
     runner = ModelRunner(cfg, params, max_batch_size=4, session_len=64, plan=plan)
@@ -161,6 +162,8 @@ def test_decode_step_gathers_no_weights(models, name, tp, dp):
     hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, runner.eos_mask, z, z, z, rows,
                                allowed, np.int32(len(z)), span=runner.shapes.spans[0]).compile().as_text()
     full_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
+    full_shapes |= {tuple(x.shape) for x in jax.tree.leaves(runner.cache)}
+    full_shapes |= {(x.shape[0],) + tuple(x.shape[2:]) for x in jax.tree.leaves(runner.cache)}  # one position
     assert "all-gather" in hlo or "all-reduce" in hlo  # it is a sharded program
     assert _weight_gathers(hlo, full_shapes) == []
 

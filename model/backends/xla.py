@@ -190,7 +190,19 @@ class Xla(Backend):
         k_cache, v_cache = kv
         b, t, n, h = q.shape
         k_heads = k_cache.shape[2]
-        if rows is None:  # a slice, not a gather: decode over all rows copies nothing
+        read, start = span, jnp.zeros((b, 1), jnp.int32)
+        if spec.window is not None and spec.window + t - 1 < span:
+            # A windowed layer reads only what its queries' windows cover: window + T - 1
+            # positions of each row from its first query's window start, not the span.
+            read = spec.window + t - 1
+            start = jnp.clip(positions[:, :1] - spec.window + 1, 0, span - read)  # (B, 1)
+            if rows is None:  # each cache row its own slice (a batched gather that keeps the slot sharding)
+                keys, values = (jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s[0], read))(x, start)
+                                for x in (k_cache, v_cache))
+            else:
+                at = start + jnp.arange(read)[None, :]  # (B, read)
+                keys, values = (x.at[rows[:, None], at].get(mode="clip") for x in (k_cache, v_cache))
+        elif rows is None:  # a slice, not a gather: decode over all rows copies nothing
             keys, values = k_cache[:, :span], v_cache[:, :span]  # (B, S, K, H)
         else:
             keys, values = k_cache[rows, :span], v_cache[rows, :span]  # (B, S, K, H)
@@ -201,11 +213,14 @@ class Xla(Backend):
             scores = spec.softcap * jnp.tanh(scores / spec.softcap)
         # A query at position p sees cache positions 0..p: its own prompt, earlier turns, itself;
         # in a windowed layer only the last `window` of them.
-        cached = jnp.arange(span)[None, None, :]
+        cached = start[:, :, None] + jnp.arange(read)[None, None, :]  # each key's position (B, 1, S)
         visible = cached <= positions[:, :, None]  # (B, T, S)
         if spec.window is not None:
             visible &= cached > positions[:, :, None] - spec.window
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if spec.window is not None:  # a padding query past the span sees nothing: zeros, not NaN
+            probs = jnp.where(visible[:, None, None], probs, 0.0)
+        probs = probs.astype(q.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(q.dtype))
         return out.reshape(b, t, n, h)
