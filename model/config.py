@@ -289,8 +289,6 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
     if cfg.get("mlp_bias"):
         raise UnsupportedConfigError("mlp_bias=true is not supported")
     fam.check_config(cfg)
-    # Where transformers applies the window: Mistral and Phi-3 whenever it is set, Qwen2 with
-    # use_sliding_window, any config whose layer_types name sliding layers.
     # Where transformers applies the window: the config's layer_types when it lists them, else
     # the family's rule (every layer for Mistral and Phi-3; Qwen2 from max_window_layers on,
     # with use_sliding_window; Gemma's alternation).
@@ -315,6 +313,11 @@ def from_hf_config(cfg: Mapping[str, Any], dtype: str | None = None) -> ModelCon
     hidden = int(cfg["hidden_size"])
     theta, scaling, local_theta = _rope_from_hf(cfg)
     head_dim = cfg.get("head_dim") or hidden // heads
+    if scaling.kind == "longrope":
+        for name, factors in (("short_factor", scaling.factors), ("long_factor", scaling.long_factors)):
+            if len(factors) != int(head_dim) // 2:
+                raise UnsupportedConfigError(f"rope_scaling {name} has {len(factors)} entries; "
+                                             f"head_dim {head_dim} needs {int(head_dim) // 2}")
     torch_dtype = cfg.get("dtype", cfg.get("torch_dtype")) or "float32"
     fields = dict(
         family=family,

@@ -60,7 +60,9 @@ def forward(
     if cfg.embed_scale is not None:  # Gemma: sqrt(D), rounded to the activations' dtype as HF does
         x = x * jnp.asarray(cfg.embed_scale, dtype=x.dtype)
     if rope is None:
-        ropes = [rope_cos_sin(cfg, positions, local) for local in (False, True)[:1 + (cfg.rope_local_theta is not None)]]
+        ropes = [rope_cos_sin(cfg, positions)]
+        if cfg.rope_local_theta is not None:
+            ropes.append(rope_cos_sin(cfg, positions, local=True))
     else:
         ropes = [tuple(jnp.take(t, positions, axis=0, mode="clip") for t in pair) for pair in rope]
     eps = cfg.rms_norm_eps

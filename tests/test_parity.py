@@ -168,8 +168,9 @@ def test_longrope_takes_short_factors_within_its_original_context(tmp_path):
     """Phi-3's longrope from a transformers 4 config (rope_scaling "type", the original length
     at the top level): a sequence within the original 16 positions takes the short factors
     (and one past them the long, in test_logits_match_transformers); so does a server sized
-    within them, and one sized past them the long factors at every position."""
-    from model.config import from_hf_config
+    within them, and one sized past them the long factors at every position. Factor lists
+    that do not fit the head are refused by name."""
+    from model.config import UnsupportedConfigError, from_hf_config
 
     config_cls, overrides = CASES["phi3_longrope"]
     src = tmp_path / "hf"
@@ -183,6 +184,8 @@ def test_longrope_takes_short_factors_within_its_original_context(tmp_path):
     assert np.abs(ours(tmp_path, src, tokens) - hf_logits(model, tokens)).max() <= 1e-4
     ours_cfg = from_hf_config(cfg)
     assert not ours_cfg.uses_long_rope(16) and ours_cfg.uses_long_rope(17)
+    with pytest.raises(UnsupportedConfigError, match="long_factor has 3 entries; head_dim 16 needs 8"):
+        from_hf_config({**cfg, "rope_scaling": {**cfg["rope_scaling"], "long_factor": [1.0, 2.0, 3.0]}})
     short, long = ours_cfg.inv_freq(context=16), ours_cfg.inv_freq(context=64)
     np.testing.assert_allclose(short[1:] / long[1:], np.asarray(rope["long_factor"][1:]) / rope["short_factor"][1:],
                                rtol=1e-6)
