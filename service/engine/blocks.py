@@ -1,0 +1,281 @@
+"""The KV block manager: which blocks of the paged KV pool each sequence's table names,
+shared by reference, with a prefix cache over full blocks. Plain host data, no device.
+
+The pool holds ``num_blocks`` blocks of ``block_size`` positions per data replica (each
+replica its own pool and block ids). A sequence's block table lists its blocks in position
+order; position p lives at offset ``p % block_size`` of block ``table[p // block_size]``.
+
+A full block is content-addressed by a hash chained over every token up to and including it,
+so equal hashes mean equal prefixes and equal KV. A full block is registered under its hash
+once its tokens are known and its KV computed (or planned by a step already queued: steps
+run in order on the device, and one call writes every chunk's KV before any chunk attends).
+A new sequence takes the cached blocks of its prefix by reference, without copying, even
+while the sequence that wrote them still runs. Blocks whose reference count drops to zero
+join the free list in LRU order; a cached one keeps its hash there until it is taken for
+new KV, so a later prompt with the same prefix can still hit it. Blocks that hold nothing
+reusable (never full, so never hashed) are taken first.
+
+Only full blocks are shared: a sequence writes past its last shared block only, into blocks
+it owns alone, so shared KV is never overwritten (no copy-on-write is needed).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+
+import numpy as np
+
+NO_BLOCK = -1  # a table entry with no block: writes there are dropped, never read
+
+
+def chain_hash(parent: bytes, tokens) -> bytes:
+    """The hash of a full block: its tokens chained onto the hash of every block before it."""
+    return hashlib.blake2b(parent + np.asarray(tokens, np.int64).tobytes(), digest_size=16).digest()
+
+
+@dataclasses.dataclass
+class Held:
+    """The blocks one table row (a slot) holds: ``blocks[i]`` keeps positions
+    ``i * block_size ..``; the first ``len(hashes)`` are full and registered."""
+
+    replica: int = 0
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    hashes: list[bytes] = dataclasses.field(default_factory=list)
+
+
+class BlockPool:
+    """One replica's blocks: reference counts, the free list (LRU first) and the prefix cache."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refs = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block
+        # Free blocks, least recently used first. Every block starts here.
+        self.free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def take(self) -> int:
+        """A free block for new KV (the least recently used; its old hash is forgotten)."""
+        block, _ = self.free.popitem(last=False)
+        self._forget(block)
+        self.refs[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        """One more reference to ``block`` (a prefix hit): off the free list if it was there."""
+        self.free.pop(block, None)
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free[block] = None
+            if self.hash_of[block] is None:  # nothing reusable: the first to be taken again
+                self.free.move_to_end(block, last=False)
+
+    def register(self, block: int, h: bytes) -> None:
+        """``block`` is full and holds the prefix hashed ``h``. A prefix already cached under
+        another block (computed twice, by two prompts of one step) keeps that one."""
+        if h not in self.cached and self.hash_of[block] is None:
+            self.cached[h] = block
+            self.hash_of[block] = h
+
+    def lookup(self, h: bytes) -> int | None:
+        return self.cached.get(h)
+
+    def _forget(self, block: int) -> None:
+        h = self.hash_of[block]
+        if h is not None:
+            self.hash_of[block] = None
+            if self.cached.get(h) == block:
+                del self.cached[h]
+
+    def clear_cache(self) -> None:
+        """Forget every hash (their KV may not be what they say: a step failed)."""
+        for block in range(self.num_blocks):
+            self._forget(block)
+
+    @property
+    def cached_free(self) -> int:
+        """Free blocks that still hold a cached prefix."""
+        return sum(1 for b in self.free if self.hash_of[b] is not None)
+
+
+class BlockManager:
+    """Block tables of ``slots`` table rows over ``replicas`` pools of ``num_blocks`` blocks.
+
+    Table row s (a decode slot) draws from the pool of replica ``s // (slots // replicas)``.
+    ``tables`` is the (slots, max_blocks) int32 array the device steps read.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, slots: int, max_blocks: int, replicas: int = 1):
+        if block_size < 1 or num_blocks < 1:
+            raise ValueError(f"a KV pool of {num_blocks} blocks of {block_size} positions holds nothing")
+        if slots % replicas:
+            raise ValueError(f"{slots} slots do not split over {replicas} replicas")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.slots = slots
+        self.max_blocks = max_blocks
+        self.replicas = replicas
+        self.pools = [BlockPool(num_blocks) for _ in range(replicas)]
+        self.tables = np.full((slots, max_blocks), NO_BLOCK, np.int32)
+        self.held = [Held(replica=s // (slots // replicas)) for s in range(slots)]
+        # Prefix cache accounting: full prompt blocks looked up, and found.
+        self.queries = 0
+        self.hits = 0
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    @property
+    def capacity(self) -> int:
+        """Positions one replica's pool holds: the longest sequence that can ever fit."""
+        return self.num_blocks * self.block_size
+
+    def pool(self, slot: int) -> BlockPool:
+        return self.pools[self.held[slot].replica]
+
+    def num_free(self, slot: int) -> int:
+        return self.pool(slot).num_free
+
+    def used_blocks(self) -> int:
+        """Blocks referenced by any table (or session), over every replica."""
+        return sum(p.num_blocks - p.num_free for p in self.pools)
+
+    def total_blocks(self) -> int:
+        return self.num_blocks * self.replicas
+
+    # -- a slot's table ------------------------------------------------------------------------
+
+    def covered(self, slot: int) -> int:
+        """Positions the slot's blocks can hold."""
+        return len(self.held[slot].blocks) * self.block_size
+
+    def can_allocate(self, slot: int, tokens: int) -> bool:
+        """Whether the slot's table can grow to hold ``tokens`` positions now."""
+        need = self.blocks_for(tokens) - len(self.held[slot].blocks)
+        return need <= 0 or need <= self.pool(slot).num_free
+
+    def allocate(self, slot: int, tokens: int) -> bool:
+        """Grow the slot's table to hold ``tokens`` positions; False (nothing taken) when the
+        pool lacks the blocks."""
+        if not self.can_allocate(slot, tokens):
+            return False
+        held, pool = self.held[slot], self.pool(slot)
+        while len(held.blocks) < self.blocks_for(tokens):
+            block = pool.take()
+            self.tables[slot, len(held.blocks)] = block
+            held.blocks.append(block)
+        return True
+
+    def may_append(self, slot: int, length: int) -> bool:
+        """Whether a decode step can write position ``length - 1`` (a new block if needed)."""
+        return self.can_allocate(slot, length)
+
+    def match_prefix(self, slot: int, tokens, limit: int) -> int:
+        """Give an empty table row the cached blocks of the longest prefix of ``tokens``
+        (at most ``limit`` positions, whole blocks) by reference. Returns the positions hit."""
+        held, pool = self.held[slot], self.pool(slot)
+        if held.blocks:
+            raise ValueError(f"slot {slot} already holds blocks")
+        parent = b""
+        full = min(limit, len(tokens)) // self.block_size
+        self.queries += full
+        for i in range(full):
+            h = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            block = pool.lookup(h)
+            if block is None:
+                break
+            pool.share(block)
+            self.tables[slot, i] = block
+            held.blocks.append(block)
+            held.hashes.append(h)
+            parent = h
+        self.hits += len(held.hashes)
+        return len(held.blocks) * self.block_size
+
+    def extend_prefix(self, slot: int, tokens, start: int, limit: int) -> int:
+        """A sequence with ``start`` positions computed (a multiple of the block size, all its
+        blocks registered) takes cached blocks for what follows, up to ``limit`` positions.
+        Returns the new computed count."""
+        held, pool = self.held[slot], self.pool(slot)
+        if start % self.block_size or len(held.hashes) * self.block_size != start or len(held.blocks) * self.block_size > start:
+            return start
+        parent = held.hashes[-1] if held.hashes else b""
+        at = start
+        while at + self.block_size <= min(limit, len(tokens)):
+            h = chain_hash(parent, tokens[at:at + self.block_size])
+            block = pool.lookup(h)
+            self.queries += 1
+            if block is None:
+                break
+            self.hits += 1
+            pool.share(block)
+            self.tables[slot, len(held.blocks)] = block
+            held.blocks.append(block)
+            held.hashes.append(h)
+            parent, at = h, at + self.block_size
+        return at
+
+    def commit(self, slot: int, tokens, computed: int) -> None:
+        """Register the slot's blocks that ``computed`` positions of ``tokens`` fill."""
+        held, pool = self.held[slot], self.pool(slot)
+        full = min(computed, len(tokens), len(held.blocks) * self.block_size) // self.block_size
+        parent = held.hashes[-1] if held.hashes else b""
+        for i in range(len(held.hashes), full):
+            parent = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            held.hashes.append(parent)
+            pool.register(held.blocks[i], parent)
+
+    def free(self, slot: int) -> None:
+        """Release every block of the slot's table (last first, so a prefix's tail is evicted
+        before its head) and clear the row."""
+        held = self.held[slot]
+        self._release(held.replica, held.blocks)
+        held.blocks, held.hashes = [], []
+        self.tables[slot] = NO_BLOCK
+
+    # -- blocks kept by a session between turns ------------------------------------------------
+
+    def detach(self, slot: int) -> Held:
+        """Take the slot's blocks out of its row, references kept (an interactive session
+        holds them until its next turn or its end)."""
+        held = self.held[slot]
+        self.held[slot] = Held(replica=held.replica)
+        self.tables[slot] = NO_BLOCK
+        return held
+
+    def attach(self, slot: int, held: Held, keep: int) -> int:
+        """Put a session's blocks into an empty row of the same replica, the first ``keep``
+        positions' worth (the rest released). Returns the positions kept."""
+        row = self.held[slot]
+        if row.blocks or row.replica != held.replica:
+            raise ValueError(f"slot {slot} cannot take these blocks")
+        n = self.blocks_for(keep)
+        self._release(held.replica, held.blocks[n:])
+        row.blocks = held.blocks[:n]
+        row.hashes = held.hashes[:min(n, keep // self.block_size)]
+        self.tables[slot, :n] = row.blocks
+        return keep
+
+    def release(self, held: Held) -> None:
+        """Drop a detached set of blocks (a session ended)."""
+        self._release(held.replica, held.blocks)
+
+    def _release(self, replica: int, blocks: list[int]) -> None:
+        pool = self.pools[replica]
+        for block in reversed(blocks):
+            pool.release(block)
+
+    def clear_cache(self) -> None:
+        for pool in self.pools:
+            pool.clear_cache()
