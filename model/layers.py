@@ -78,11 +78,12 @@ def attention(
     sin: jax.Array,
     positions: jax.Array,  # (B, T)
     kv: tuple[jax.Array, jax.Array],  # one layer's cache
-    rows: jax.Array | None,  # cache rows, as the backend takes them (see Backend.write_kv)
+    rows: jax.Array | None,  # block-table rows, as the backend takes them (see Backend.write_kv)
     span: int,
     backend: Any,
     live: jax.Array | None = None,
     spec: AttentionSpec | None = None,  # default: softmax(q.k / sqrt(H)) over 0..p
+    tables: jax.Array | None = None,  # (slots, max blocks) int32 block tables
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, t, _ = x.shape
     n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -95,9 +96,9 @@ def attention(
     if cfg.qk_norm:  # Qwen3: each head's q and k RMS-normed before RoPE
         q, k = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps), rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv = backend.write_kv(kv, k, v, rows, positions)
+    kv = backend.write_kv(kv, k, v, rows, positions, tables)
     spec = spec or AttentionSpec(scale=h ** -0.5)
-    out = backend.attend(q, kv, rows, positions, span, spec).reshape(b, t, n * h)  # (B, T, N*H)
+    out = backend.attend(q, kv, rows, positions, span, spec, tables).reshape(b, t, n * h)  # (B, T, N*H)
     return layer["wo"].apply(out, live).astype(x.dtype), kv
 
 

@@ -7,10 +7,12 @@ A prepared tree (``Backend.prepare``) holds typed weights:
      "layers": [{"attn_norm", "qkv": .apply_split(x, sizes), "wo", ["bq", "bk", "bv"],
                  "mlp_norm", "gate_up": .apply_split(x, sizes), "w_down"}, ...]}
 
-KV cache: a list over layers of ``(k, v)``, each ``(B_cache, S_max, K, entries per head)``.
-Writes are scatters at each token's position, so with a donated cache they happen in place;
-no step copies the cache. On XLA attention reads only the first ``span`` positions (a
-static bucket), so decode cost follows the live context, not the allocated length.
+KV cache: a list over layers of ``(k, v)`` block pools, each ``(replicas, blocks, block_size,
+K, entries per head)``, addressed through block tables (``tables``: a row of block ids per
+sequence; see ``model.backends``). Writes are scatters at each token's block and offset, so
+with a donated cache they happen in place; no step copies the cache. On XLA attention gathers
+only the blocks of the first ``span`` positions (a static bucket), so decode cost follows the
+live context, not the allocated length.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def forward(
     backend: Backend = XLA,
     rope: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
     live: jax.Array | None = None,
+    tables: jax.Array | None = None,  # (slots, max blocks) int32; None: identity_tables of the pool
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
@@ -55,7 +58,12 @@ def forward(
     ``layers.rope_tables`` to look cos/sin up in (positions past its end, padding, read its
     last row) instead of computing them. ``live`` (int32 scalar): the first ``live`` of the
     B * T rows hold data and padding follows them; packed projections skip the padding.
+    ``tables`` None: row b owns the pool's blocks in order, as ``init_cache`` of B rows lays
+    them out.
     """
+    if tables is None:
+        pool = cache[0][0]
+        tables = identity_tables(tokens.shape[0], pool.shape[1] * pool.shape[2] // tokens.shape[0], pool.shape[2])
     x = params["embed"].lookup(tokens)  # (B, T, D)
     if cfg.embed_scale is not None:  # Gemma: sqrt(D), rounded to the activations' dtype as HF does
         x = x * jnp.asarray(cfg.embed_scale, dtype=x.dtype)
@@ -71,7 +79,7 @@ def forward(
         cos, sin = ropes[1 if uses_local_rope(cfg, i) else 0]
         with jax.named_scope("attention"):
             h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, positions, kv,
-                              rows, span, backend, live, cfg.attention_spec(i))
+                              rows, span, backend, live, cfg.attention_spec(i), tables)
         if cfg.post_norms:  # Gemma: each block's output normed before the residual add
             h = rms_norm(h, layer["post_attn_norm"], eps)
         x = x + h
@@ -95,9 +103,20 @@ def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array,
     return out
 
 
+BLOCK = 16  # the block size of init_cache's pools
+
+
 def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any = None, backend: Backend = XLA) -> KVCache:
-    """Zeroed per-layer KV buffers; ``dtype`` is the storage dtype (default: the backend's)."""
-    return backend.init_cache(cfg, rows, length, dtype)
+    """Zeroed block pools for ``rows`` sequences of ``length`` positions, row b owning blocks
+    b * M .. (b + 1) * M - 1 (``identity_tables``); ``dtype`` is the storage dtype (default:
+    the backend's)."""
+    return backend.init_cache(cfg, rows * -(-length // BLOCK), BLOCK, dtype)
+
+
+def identity_tables(rows: int, length: int, block_size: int = BLOCK) -> jax.Array:
+    """Block tables of ``rows`` sequences owning consecutive blocks of one pool."""
+    per_row = -(-length // block_size)
+    return jnp.arange(rows * per_row, dtype=jnp.int32).reshape(rows, per_row)
 
 
 def full_logits(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, backend: Backend = XLA,

@@ -38,7 +38,8 @@ RULES: dict[str, str | None] = {
     "experts": MODEL,
     "expert_mlp": None,
     "norm": None,
-    "slots": DATA,  # decode slots: KV cache rows and sampling state
+    "slots": DATA,  # decode slots: their sampling state (and their block tables' replica)
+    "kv_replicas": DATA,  # the KV block pools: one per data replica, with its own block ids
     "seq": None,
 }
 
@@ -89,8 +90,8 @@ class Plan:
         return jax.tree.map(lambda s: self.sharding(s.axes), param_specs(cfg), is_leaf=is_spec)
 
     def cache_sharding(self) -> NamedSharding:
-        """Per-layer KV buffers (slots, seq, kv_heads, head_dim)."""
-        return self.sharding(("slots", "seq", "kv_heads", "head_dim"))
+        """Per-layer KV block pools (replicas, blocks, block, kv_heads, head_dim)."""
+        return self.sharding(("kv_replicas", None, None, "kv_heads", "head_dim"))
 
     def slot_sharding(self, ndim: int) -> NamedSharding:
         """Per-slot state: (slots,) or (slots, vocab); the vocab dim stays whole for sampling."""
@@ -105,6 +106,7 @@ def plan_for(cfg: ModelConfig, mesh: Mesh, slots: int | None = None) -> Plan:
              "experts": cfg.num_experts or 1}
     if slots is not None:
         sizes["slots"] = slots
+    sizes["kv_replicas"] = mesh.shape[DATA]
     rules, notes = dict(RULES), []
     for axis, mesh_axis in RULES.items():
         if mesh_axis is None or axis not in sizes:

@@ -25,9 +25,9 @@ def tiny_cfg(heads=6, kv_heads=2, head_dim=16):
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (8, 1)])
 def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
-    """One decode step through layers.attention both ways: rows in any order, each with its own
-    context length, and a padding row (slot out of range) whose output is zero and whose
-    cache write is dropped."""
+    """One decode step through layers.attention both ways, over a block pool whose tables name
+    blocks in shuffled order: rows in any order, each with its own context length, and a
+    padding row (slot out of range) whose output is zero and whose cache write is dropped."""
     cfg = tiny_cfg(heads, kv_heads)
     rng = np.random.default_rng(heads * 10 + kv_heads)
     slots, session = 5, 40
@@ -38,9 +38,11 @@ def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
                       Dense(jnp.asarray(rng.standard_normal((d, kv_heads, h)) * 0.2, jnp.float32)))),
         "wo": Dense(jnp.asarray(rng.standard_normal((heads, h, d)) * 0.2, jnp.float32)),
     }
-    shape = (slots, session, kv_heads, h)
+    per_slot = -(-(session + 1) // 16)
+    shape = (1, slots * per_slot, 16, kv_heads, h)
     kv = (jnp.asarray(rng.standard_normal(shape), jnp.float32),
           jnp.asarray(rng.standard_normal(shape), jnp.float32))
+    tables = jnp.asarray(rng.permutation(slots * per_slot).reshape(slots, per_slot), jnp.int32)
     rows = jnp.asarray([3, 0, slots, 4], jnp.int32)  # row 2 pads the batch
     positions = jnp.asarray([[7], [0], [session], [39]], jnp.int32)
     x = jnp.asarray(rng.standard_normal((4, 1, d)), jnp.float32)
@@ -49,7 +51,7 @@ def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
     def run(kernel):
         backend = CpuKernels() if kernel else llama.XLA
         return jax.jit(lambda x, kv: layers.attention(cfg, layer, x, cos, sin, positions, kv, rows,
-                                                      session, backend))(x, kv)
+                                                      session, backend, tables=tables))(x, kv)
 
     want, want_kv = run(False)
     got, got_kv = run(True)
@@ -488,3 +490,50 @@ print(libc.mallinfo2().hblkhd)
               for mode in ("default", "keep")}
     assert mapped["default"] >= 20 << 20  # glibc's default maps a fresh block that large
     assert mapped["keep"] < 20 << 20
+
+
+def paged(x, block, rng):
+    """A (R, S, K, E) cache as a block pool (NB, block, K, E) in shuffled order, with each
+    row's table (R, S / block) and spare blocks of garbage."""
+    r, s = x.shape[:2]
+    per_row = s // block
+    order = rng.permutation(r * per_row + 3)  # 3 spare blocks nobody's table names
+    pool = np.full((len(order), block, *x.shape[2:]), 7, x.dtype)
+    tables = order[:r * per_row].reshape(r, per_row).astype(np.int32)
+    pool[tables.reshape(-1)] = x.reshape(r * per_row, block, *x.shape[2:])
+    return pool, tables
+
+
+@pytest.mark.parametrize("block", [16, 32, 48])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("window", [None, 7, 100])
+def test_paged_attention_reads_through_block_tables(block, storage, window):
+    """The kernel over a shuffled block pool equals numpy over the rows the tables spell out:
+    a prefill chunk that crosses blocks and pieces, decode rows, windows starting inside a
+    block, each cache format, and a padding row."""
+    rng = np.random.default_rng(block + len(storage) + (window or 0))
+    h, s = 64, 96 * 12
+    k = (2 * rng.standard_normal((3, s, 2, h))).astype(np.float32)
+    v = rng.standard_normal((3, s, 2, h)).astype(np.float32)
+    t = 37
+    rows = np.array([1] * t + [0, 2, 9], np.int32)
+    lens = np.array(list(range(520, 520 + t)) + [s, 33, 4], np.int32)
+    q = rng.standard_normal((len(rows), 6, h)).astype(np.float32)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.uint16, "int8": jnp.int8}[storage]
+    kc, vc = (np.asarray(cpu_kernels.to_cache(jnp.asarray(x), dtype)) for x in (k, v))
+    k32, v32 = (np.asarray(cpu_kernels.from_cache(jnp.asarray(c), h)) for c in (kc, vc))
+    (kp, tables), (vp, _) = paged(kc, block, np.random.default_rng(1)), paged(vc, block, np.random.default_rng(1))
+    got = np.asarray(cpu_kernels.decode_attention(*map(jnp.asarray, (q, kp, vp, rows, lens, tables)),
+                                                  window=window))
+    for b in range(len(rows) - 1):
+        np.testing.assert_allclose(got[b], numpy_attention(q[b], k32, v32, rows[b], lens[b], window=window),
+                                   rtol=1e-4, atol=1e-5)
+    assert not got[-1].any()  # the padding row (table row 9 does not exist)
+
+
+def test_a_table_naming_a_block_outside_the_pool_is_an_error():
+    q = jnp.zeros((1, 2, 16), jnp.float32)
+    pool = jnp.zeros((4, 16, 1, 16), jnp.float32)
+    with pytest.raises(Exception, match="outside the pool"):
+        np.asarray(cpu_kernels.decode_attention(q, pool, pool, jnp.zeros(1, jnp.int32), jnp.asarray([20], jnp.int32),
+                                                jnp.asarray([[0, 9]], jnp.int32)))

@@ -145,7 +145,8 @@ def test_served_steps_rope_table_matches_transformers(tmp_path, case):
     positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
     rope = jax.tree.map(jnp.asarray, layers.rope_tables(cfg, 64))
     hidden, _ = jax.jit(lambda p, c: transformer.forward(p, cfg, jnp.asarray(tokens), positions, c, span=40,
-                                                         rope=rope))(params, transformer.init_cache(cfg, 2, 40))
+                                                         rope=rope, tables=transformer.identity_tables(2, 40)))(
+        params, transformer.init_cache(cfg, 2, 40))
     diff = np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - hf_logits(model, tokens)).max()
     assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
 

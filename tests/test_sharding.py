@@ -138,10 +138,10 @@ def test_experts_are_split_over_the_model_axis(models):
         assert {s.data.shape for s in layer["router"].addressable_shards} == {(64, 4)}  # replicated
 
 
-def _weight_gathers(hlo: str, full_shapes: set[tuple[int, ...]]) -> list[str]:
+def _weight_gathers(hlo: str, full_shapes: set[tuple[int, ...]], ops: str = "all-gather") -> list[str]:
     found = []
     for line in hlo.splitlines():
-        m = re.search(r"=\s*\w+\[([\d,]*)\][^ ]*\s+all-gather(?:-start)?\(", line)
+        m = re.search(r"=\s*\w+\[([\d,]*)\][^ ]*\s+(?:" + ops + r")(?:-start)?\(", line)
         if m:
             shape = tuple(int(x) for x in m.group(1).split(",") if x)
             if shape in full_shapes:
@@ -151,7 +151,10 @@ def _weight_gathers(hlo: str, full_shapes: set[tuple[int, ...]]) -> list[str]:
 
 @pytest.mark.parametrize("name, tp, dp", [("even", 2, 1), ("even", 4, 2), ("mixtral", 4, 1), ("gemma", 2, 2)])
 def test_decode_step_gathers_no_weights(models, name, tp, dp):
-    """Nor the KV cache: a windowed layer's slice of each row stays on the row's device."""
+    """Nor the KV cache: each row's blocks (a windowed layer's too) are read on the devices of
+    its replica's pool, with no collective over the cache or the blocks read. (Where KV heads
+    are replicated, the step's own new K/V, one position per row, may be gathered before it
+    is written: activations, not the cache.)"""
     cfg, params = models[name]
     plan = plan_for(cfg, make_mesh(tp, dp), slots=4)
     runner = ModelRunner(cfg, params, max_batch_size=4, session_len=64, plan=plan)
@@ -159,13 +162,19 @@ def test_decode_step_gathers_no_weights(models, name, tp, dp):
     z = np.zeros((b,), np.int32)
     rows = None if runner.full_width else np.arange(b, dtype=np.int32)
     allowed = runner.shapes.allowed(b, [], None)
-    hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, runner.eos_mask, z, z, z, rows,
-                               allowed, np.int32(len(z)), span=runner.shapes.spans[0]).compile().as_text()
+    hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, runner.eos_mask,
+                               runner.identity, z, z, z, rows, allowed, np.int32(len(z)),
+                               span=runner.shapes.spans[0]).compile().as_text()
     full_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
-    full_shapes |= {tuple(x.shape) for x in jax.tree.leaves(runner.cache)}
-    full_shapes |= {(x.shape[0],) + tuple(x.shape[2:]) for x in jax.tree.leaves(runner.cache)}  # one position
+    pool = runner.cache[0][0].shape  # (R, NB, BS, K, E)
+    r, nb, bs, k, e = pool
+    read = -(-runner.shapes.spans[0] // bs)  # blocks read per row at the smallest span
+    cache_shapes = {pool, (r * nb, bs, k, e), (r * nb * bs, k, e)}
+    for blocks in {read, runner.max_blocks} | {m for m in range(1, read + 1)}:
+        cache_shapes |= {(b, blocks * bs, k, e), (b, blocks, bs, k, e), (r, b // r, blocks, bs, k, e)}
     assert "all-gather" in hlo or "all-reduce" in hlo  # it is a sharded program
-    assert _weight_gathers(hlo, full_shapes) == []
+    assert _weight_gathers(hlo, full_shapes | cache_shapes) == []
+    assert _weight_gathers(hlo, cache_shapes, ops="all-reduce|all-to-all|collective-permute") == []
 
 
 def test_engine_batched_serving_tp2_dp2_equals_single_device(default_checkpoint, models):

@@ -5,11 +5,16 @@ Two backends share one interface (``Backend``):
 - ``cpu.CpuKernels``: one CPU device with the native kernels built. Weights are packed into
   column panels (float32, bfloat16, int8 or w8a8 types), activations are float32, the KV
   cache has its own storage format (float32, bfloat16 bits in uint16, or int8 with a scale),
-  and attention reads each query's own context, so one call can carry chunks of several
-  sequences (a cache row per token).
+  and attention reads each query's own context through its block table, so one call can carry
+  chunks of several sequences (a table row per token).
 - ``xla.Xla``: everything else (sharded meshes, GPUs, the reference path). Weights stay the
-  checkpoint's arrays (wrapped, not copied, so their shardings hold), attention reads a
-  bucketed span of each row's cache, one sequence per prefill call.
+  checkpoint's arrays (wrapped, not copied, so their shardings hold), attention gathers a
+  bucketed span of each row's blocks, one sequence per prefill call.
+
+The KV cache is paged: per layer a pool of fixed-size blocks, and a block table per sequence
+(a row of ``tables``, (slots, max blocks) int32) naming the block of each ``block_size``
+positions. Position p of table row r is at offset ``p % block_size`` of block
+``tables[r, p // block_size]``; an entry of -1 holds no block (writes there are dropped).
 
 The model (``model.transformer``) calls ``backend.write_kv`` and ``backend.attend`` and the
 weights' own ``apply``/``lookup``; it never asks which backend it runs on.
@@ -77,29 +82,54 @@ class Backend(abc.ABC):
         storage = self.cache_dtype(cfg, kv_cache_dtype)
         return 2 * cfg.num_layers * cfg.num_kv_heads * self.cache_head_size(cfg.head_dim, storage) * storage.itemsize
 
-    def init_cache(self, cfg: ModelConfig, rows: int, length: int, storage: Any = None) -> list:
-        """Per-layer (k, v) buffers, each (rows, length, K, entries per head)."""
+    def init_cache(self, cfg: ModelConfig, num_blocks: int, block_size: int, storage: Any = None,
+                   replicas: int = 1) -> list:
+        """Per-layer (k, v) block pools, each (replicas, num_blocks, block_size, K, entries per
+        head): every data replica its own pool and block ids."""
         storage = jnp.dtype(storage or self.cache_dtype(cfg))
-        shape = (rows, length, cfg.num_kv_heads, self.cache_head_size(cfg.head_dim, storage))
+        shape = (replicas, num_blocks, block_size, cfg.num_kv_heads, self.cache_head_size(cfg.head_dim, storage))
         return [(jnp.zeros(shape, storage), jnp.zeros(shape, storage)) for _ in range(cfg.num_layers)]
 
     @abc.abstractmethod
     def write_kv(self, kv: tuple, k: jax.Array, v: jax.Array, rows: jax.Array | None,
-                 positions: jax.Array) -> tuple:
-        """Scatter k, v (B, T, K, H) into one layer's cache at each token's position of its row.
-        Padding (a position past the end, a row out of range) is dropped."""
+                 positions: jax.Array, tables: jax.Array) -> tuple:
+        """Scatter k, v (B, T, K, H) into one layer's pool at each token's position of its
+        table row (``rows``: of each token (B, T) or batch row (B,); None: row b). Padding (a
+        row out of range, a position with no block) is dropped."""
 
     @abc.abstractmethod
     def attend(self, q: jax.Array, kv: tuple, rows: jax.Array | None, positions: jax.Array,
-               span: int, spec: AttentionSpec) -> jax.Array:
-        """q (B, T, N, H) over one layer's cache -> (B, T, N, H): a query at position p sees
-        positions 0..p of its row, or its window's (``spec``: scale, window, soft-cap)."""
+               span: int, spec: AttentionSpec, tables: jax.Array) -> jax.Array:
+        """q (B, T, N, H) over one layer's pool -> (B, T, N, H): a query at position p sees
+        positions 0..p of its table row, or its window's (``spec``: scale, window, soft-cap)."""
 
     # -- shapes ---------------------------------------------------------------------------------
 
     def prompts_per_call(self, bucket: int, slots: int) -> int:
         """How many sequences' chunks one prefill call of ``bucket`` tokens may pack."""
         return 1
+
+
+def flat_slots(tables: jax.Array, rows: jax.Array, positions: jax.Array, replicas: int, replica_blocks: int,
+               block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each token's (replica, block, offset) in a (replicas, blocks, block_size, ...) pool, the
+    block past the pool's end (so the write is dropped) for padding: a row out of range, a
+    position with no block. ``rows`` and ``positions`` share a shape; table row r belongs to
+    replica ``r // (slots / replicas)``."""
+    slots, max_blocks = tables.shape
+    index = positions // block_size
+    valid = (rows >= 0) & (rows < slots) & (index < max_blocks) & (positions >= 0)
+    block = tables[jnp.clip(rows, 0, slots - 1), jnp.clip(index, 0, max_blocks - 1)]
+    valid &= block >= 0
+    replica = jnp.clip(rows, 0, slots - 1) // (slots // replicas)
+    return replica, jnp.where(valid, block, replica_blocks), positions % block_size
+
+
+def scatter_kv(pool: jax.Array, values: jax.Array, index: tuple) -> jax.Array:
+    """values (..., K, E) into a (replicas, blocks, block_size, K, E) pool at each token's
+    (replica, block, offset) (``flat_slots``); a block out of range is dropped. In place when
+    the pool is donated."""
+    return pool.at[index].set(values.astype(pool.dtype), mode="drop")
 
 
 def select(sharded: bool, cfg: ModelConfig | None = None) -> Backend:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.backends import Backend
+from model.backends import Backend, flat_slots, scatter_kv
 
 
 @jax.tree_util.register_dataclass
@@ -176,51 +176,61 @@ class Xla(Backend):
     def cache_dtype(self, cfg, kv_cache_dtype=None):
         return jnp.dtype(kv_cache_dtype or cfg.dtype)
 
-    def write_kv(self, kv, k, v, rows, positions):
-        if rows is not None and rows.ndim == 2:
-            raise ValueError("per-token cache rows need the native attention kernel")
+    def write_kv(self, kv, k, v, rows, positions, tables):
         b = k.shape[0]
         write_rows = jnp.arange(b, dtype=jnp.int32)[:, None] if rows is None else rows[:, None]
-        k_cache, v_cache = kv
-        k_cache = k_cache.at[write_rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[write_rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        return k_cache, v_cache
+        index = flat_slots(tables, jnp.broadcast_to(write_rows, positions.shape), positions, *kv[0].shape[:3])
+        return tuple(scatter_kv(pool, x, index) for pool, x in zip(kv, (k, v)))
 
-    def attend(self, q, kv, rows, positions, span, spec):
-        k_cache, v_cache = kv
+    def attend(self, q, kv, rows, positions, span, spec, tables):
+        if rows is not None and rows.ndim == 2:
+            raise ValueError("per-token table rows need the native attention kernel")
+        k_pool, v_pool = kv
         b, t, n, h = q.shape
-        k_heads = k_cache.shape[2]
-        read, start = span, jnp.zeros((b, 1), jnp.int32)
-        if spec.window is not None and spec.window + t - 1 < span:
-            # A windowed layer reads only what its queries' windows cover: window + T - 1
-            # positions of each row from its first query's window start, not the span.
-            read = spec.window + t - 1
-            start = jnp.clip(positions[:, :1] - spec.window + 1, 0, span - read)  # (B, 1)
-            if rows is None:  # each cache row its own slice (a batched gather that keeps the slot sharding)
-                keys, values = (jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s[0], read))(x, start)
-                                for x in (k_cache, v_cache))
-            else:
-                at = start + jnp.arange(read)[None, :]  # (B, read)
-                keys, values = (x.at[rows[:, None], at].get(mode="clip") for x in (k_cache, v_cache))
-        elif rows is None:  # a slice, not a gather: decode over all rows copies nothing
-            keys, values = k_cache[:, :span], v_cache[:, :span]  # (B, S, K, H)
-        else:
-            keys, values = k_cache[rows, :span], v_cache[rows, :span]  # (B, S, K, H)
+        k_heads, block = k_pool.shape[3], k_pool.shape[2]
+        nb = -(-span // block)  # blocks of each row read
+        first = jnp.zeros((b,), jnp.int32)
+        if spec.window is not None and spec.window + t - 1 + block < nb * block:
+            # A windowed layer reads only the blocks its queries' windows cover: from the block
+            # of its first query's window start, window + T - 1 positions and the block that
+            # start falls in, not the span.
+            nb = -(-(spec.window + t - 1) // block) + 1
+            first = jnp.clip((positions[:, 0] - spec.window + 1) // block, 0, tables.shape[1] - nb)
+        keys, values = (_gather_blocks(pool, tables, rows, first, nb) for pool in (k_pool, v_pool))  # (B, S, K, H)
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # (B, T, K, G, H)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
         scores = scores * spec.scale
         if spec.softcap is not None:
             scores = spec.softcap * jnp.tanh(scores / spec.softcap)
-        # A query at position p sees cache positions 0..p: its own prompt, earlier turns, itself;
-        # in a windowed layer only the last `window` of them.
-        cached = start[:, :, None] + jnp.arange(read)[None, None, :]  # each key's position (B, 1, S)
+        # A query at position p sees positions 0..p of its sequence: its own prompt, earlier
+        # turns, itself; in a windowed layer only the last `window` of them.
+        cached = (first[:, None] * block + jnp.arange(nb * block)[None, :])[:, None, :]  # each key's position (B, 1, S)
         visible = cached <= positions[:, :, None]  # (B, T, S)
         if spec.window is not None:
             visible &= cached > positions[:, :, None] - spec.window
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1)
-        if spec.window is not None:  # a padding query past the span sees nothing: zeros, not NaN
-            probs = jnp.where(visible[:, None, None], probs, 0.0)
-        probs = probs.astype(q.dtype)
+        # A query that sees nothing (padding past the span): zeros, not NaN. Blocks a table
+        # lacks are read as block 0, whose values are masked here too.
+        probs = jnp.where(visible[:, None, None], probs, 0.0).astype(q.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(q.dtype))
         return out.reshape(b, t, n, h)
+
+
+def _gather_blocks(pool, tables, rows, first, nb):
+    """Blocks ``first .. first + nb - 1`` of each row's table from a (replicas, blocks, block,
+    K, H) pool, as (B, nb * block, K, H). ``rows`` None: row b is table row b (all of them,
+    at full width), gathered per replica (a batched gather over the replica axis, which keeps
+    a data-sharded pool's reads on their own devices); else rows (B,) of any replicas."""
+    replicas, replica_blocks, block = pool.shape[:3]
+    slots, max_blocks = tables.shape
+    at = jnp.clip(first[:, None] + jnp.arange(nb)[None, :], 0, max_blocks - 1)  # (B, nb)
+    if rows is None:
+        ids = jnp.maximum(jnp.take_along_axis(tables, at, axis=1), 0)  # (slots, nb)
+        out = jax.vmap(lambda p, t: p[t])(pool, ids.reshape(replicas, slots // replicas, nb))
+    else:
+        rows = jnp.clip(rows, 0, slots - 1)
+        ids = jnp.maximum(tables[rows[:, None], at], 0)  # (B, nb)
+        replica = rows // (slots // replicas)
+        out = pool.reshape(replicas * replica_blocks, *pool.shape[2:])[replica[:, None] * replica_blocks + ids]
+    return out.reshape(-1, nb * block, *pool.shape[3:])

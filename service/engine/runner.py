@@ -1,6 +1,11 @@
-"""The runner: device state (params, KV cache, per-slot sampling state) and the host API that
-runs the jitted steps of ``steps`` over it, padded to the shapes of ``shapes``; ``execute``
+"""The runner: device state (params, paged KV cache, per-slot sampling state) and the host API
+that runs the jitted steps of ``steps`` over it, padded to the shapes of ``shapes``; ``execute``
 runs a scheduler's plan.
+
+The KV cache is a pool of ``num_blocks`` blocks of ``block_size`` positions per data replica;
+each step is given the block tables of every slot (``tables``, (slots, max blocks) int32, the
+block manager's). Called without tables, slot s owns the blocks ``s * M .. (s + 1) * M - 1``
+of its replica (``identity``), as when every slot held a ``session_len`` row.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ class ModelRunner:
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
                  top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
                  quantize: str | None = None, kv_cache_dtype: str | None = None,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, block_size: int = 32, num_blocks: int | None = None):
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -93,8 +98,18 @@ class ModelRunner:
         if jax.default_backend() == "cpu":
             keep_freed_memory()
         self.full_width = plan is not None and plan.mesh.shape["data"] > 1
+        self.replicas = 1 if plan is None else plan.mesh.shape["data"]
+        if max_batch_size % self.replicas:
+            raise ValueError(f"{max_batch_size} slots do not split over {self.replicas} data replicas")
+        if block_size < 1 or block_size % 16:
+            raise ValueError(f"--block-size {block_size}: a multiple of 16 positions")
+        self.block_size = block_size
+        self.max_blocks = -(-session_len // block_size)  # table entries of one sequence
+        # Per replica; by default every slot can hold a whole session.
+        self.num_blocks = num_blocks or max_batch_size // self.replicas * self.max_blocks
+        self.identity = self._identity_tables()
         self.shapes = StepShapes(self.backend, max_batch_size, cfg.vocab_size, session_len, self.max_chunk,
-                                 self.full_width)
+                                 self.full_width, block_size)
         # Every array is committed to its final placement, like every later (jit-output) value
         # of it: otherwise the second call of each step sees new input shardings and compiles
         # all over again.
@@ -118,7 +133,8 @@ class ModelRunner:
                                    jax.devices()[0] if plan is None else plan.replicated)
         # Created directly in place (sharded when there is a plan), never whole on one device.
         kv_dtype = self.backend.cache_dtype(cfg, kv_cache_dtype)
-        self.cache = jax.jit(lambda: self.backend.init_cache(cfg, max_batch_size, session_len, kv_dtype),
+        self.cache = jax.jit(lambda: self.backend.init_cache(cfg, self.num_blocks, block_size, kv_dtype,
+                                                             self.replicas),
                              out_shardings=self._cache_sh)()
         self.sampling = jax.jit(lambda: smp.SlotSampling.empty(max_batch_size, cfg.vocab_size),
                                 out_shardings=self._sampling_sh)()
@@ -126,15 +142,32 @@ class ModelRunner:
             self.cache, self.sampling = place(self.cache), place(self.sampling)
         weight_mib = param_bytes(self.params) / 2**20
         cache_mib = sum(x.nbytes for kv in self.cache for x in kv) / 2**20
-        log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB (%d slots x %d positions)",
-                 self.backend.describe(),
+        log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB: %d blocks of %d positions (%d tokens)%s, "
+                 "%d slots", self.backend.describe(),
                  quantize or cfg.dtype, weight_mib, "bfloat16" if kv_dtype == jnp.uint16 else kv_dtype.name,
-                 cache_mib, max_batch_size, session_len)
+                 cache_mib, self.num_blocks, block_size, self.num_blocks * block_size,
+                 f" per data replica (x{self.replicas})" if self.replicas > 1 else "", max_batch_size)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
-        self._prefill, self._decode, self._set_row, self._copy_slot, self._score = Steps(
+        self._prefill, self._decode, self._set_row, self._copy_blocks, self._score = Steps(
             cfg, self.backend, max_batch_size, top_logprobs, plan).jitted(self._cache_sh, self._sampling_sh,
                                                                             self._out_sh)
+
+    def _identity_tables(self) -> np.ndarray | None:
+        """Slot s owning its replica's blocks s' * M .. (s' + 1) * M - 1 (s' its index in the
+        replica); None when the pool is too small for that."""
+        per = self.slots // self.replicas
+        if self.num_blocks < per * self.max_blocks:
+            return None
+        local = np.arange(self.slots) % per
+        return (local[:, None] * self.max_blocks + np.arange(self.max_blocks)[None, :]).astype(np.int32)
+
+    def _tables(self, tables):
+        if tables is not None:
+            return tables
+        if self.identity is None:
+            raise ValueError("this pool is smaller than a session per slot: pass block tables")
+        return self.identity
 
     # -- host API (engine thread only) ----------------------------------------------------------
     # Inputs go in as numpy values, which every process of a multi-process mesh can pass.
@@ -147,18 +180,19 @@ class ModelRunner:
         the token bitmask row (W,) int32 of each slot a grammar constrains this step. Returns
         the prefill calls' host outputs and the decode step's handle (or None)."""
         results = []
+        tables = getattr(plan, "tables", None)
         for op in plan.ops:
             if isinstance(op, Copy):
                 self.copy_slot(op.src, op.dst)
             else:
                 results.append(self.prefill_packed(
                     [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks],
-                    masks))
+                    masks, tables))
         handle = None
         d = plan.decode
         if d is not None:
             handle = self.dispatch_decode(list(d.slots), inflight if d.chained else list(d.tokens),
-                                          list(d.positions), list(d.steps), masks)
+                                          list(d.positions), list(d.steps), masks, tables)
         return results, handle
 
     def set_slot(self, slot: int, params: smp.SamplingParams, prompt_ids, seed: int) -> None:
@@ -168,11 +202,16 @@ class ModelRunner:
     def _set_row_step(self, slot: int, row) -> None:
         self.sampling = self._set_row(self.sampling, np.int32(slot), row)
 
-    @replayed
     def copy_slot(self, src: int, dst: int) -> None:
-        """Copy slot ``src``'s KV into slot ``dst`` (a prompt prefix they share is then
-        prefilled once: n > 1 samples, common system prompts)."""
-        self.cache = self._copy_slot(self.cache, np.int32(src), np.int32(dst))
+        """Copy slot ``src``'s KV into slot ``dst`` under the identity tables (a prompt prefix
+        they share is then prefilled once)."""
+        ids = lambda s: (s // (self.slots // self.replicas)) * self.num_blocks + self._tables(None)[s]  # noqa: E731
+        self.copy_blocks(ids(src), ids(dst))
+
+    @replayed
+    def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy KV blocks ``src`` into blocks ``dst`` (ids over every replica's pool)."""
+        self.cache = self._copy_blocks(self.cache, np.asarray(src, np.int32), np.asarray(dst, np.int32))
 
     def prompts_per_call(self, n_tokens: int) -> int:
         return self.shapes.prompts_per_call(n_tokens)
@@ -183,7 +222,7 @@ class ModelRunner:
         out = self.prefill_packed([(slot, tokens, start, last)])
         return tuple(None if x is None else x[:1] for x in out[:4])
 
-    def prefill_packed(self, chunks: list[tuple], masks: dict | None = None):
+    def prefill_packed(self, chunks: list[tuple], masks: dict | None = None, tables: np.ndarray | None = None):
         """Prefill chunks (slot, tokens, start, last[, step[, score, next token]]) of different
         slots in one call: at most ``prompts_per_call`` of them, ``max_chunk`` tokens in all.
         Returns host arrays (tokens, logprobs, top ids, top logprobs) whose first rows follow
@@ -195,16 +234,17 @@ class ModelRunner:
         A decode row can ride along as a one-token chunk (its last token at its position,
         ``last`` true, ``step`` its generated count): its sampled token is its next one."""
         arrays, n, span = self.shapes.prefill_inputs(chunks, masks)
-        out = self._prefill_step(arrays, n, span)
+        out = self._prefill_step(self._tables(tables), arrays, n, span)
         sampled = tuple(None if x is None else _host(x) for x in out[:4])
         scored = tuple(_host(x) for x in out[4:]) if arrays[-1] else (None, None, None)
         return sampled + scored
 
     @replayed
-    def _prefill_step(self, arrays, n, span):
+    def _prefill_step(self, tables, arrays, n, span):
         *inputs, following, scored = arrays
         self.cache, self.sampling, (out, hidden) = self._prefill(
-            self.params, self.cache, self.sampling, self.rope, self.eos_mask, *inputs, np.int32(n), span=span)
+            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, *inputs, np.int32(n),
+            span=span)
         if scored:
             out = (*out, *self._score(self.params, hidden, following, np.int32(n)))
         return out
@@ -216,40 +256,42 @@ class ModelRunner:
         return self.fetch(self.dispatch_decode(slots, tokens, positions, steps))
 
     def dispatch_decode(self, slots: list[int], tokens, positions: list[int], steps: list[int],
-                        masks: dict | None = None):
+                        masks: dict | None = None, tables: np.ndarray | None = None):
         """Start a decode step and return its handle without waiting for it (``fetch`` waits).
 
         ``tokens`` is a list of ints, or the handle of the previous step over the same slots:
         then its sampled tokens feed this step on the device, so step t+1 is queued before
         the host has even looked at step t's tokens."""
         n = len(slots)
+        tables = self._tables(tables)
         pos, st, rows, allowed, where, span = self.shapes.decode_inputs(slots, positions, steps, masks)
         if isinstance(tokens, DecodeHandle):
             if tokens.rows.shape != rows.shape or (tokens.rows != rows).any() or self.channel is not None:
                 raise ValueError("chained decode steps must cover the same slots on one process")
-            out = self._run_decode(tokens.out[0], pos, st, rows, allowed, n, span)
+            out = self._run_decode(tables, tokens.out[0], pos, st, rows, allowed, n, span)
         else:
             host_tok = np.zeros(rows.shape, np.int32)
             host_tok[where] = tokens
-            out = self._decode_step(host_tok, pos, st, rows, allowed, n, span)
+            out = self._decode_step(tables, host_tok, pos, st, rows, allowed, n, span)
         return DecodeHandle(out, where, rows)
 
     @replayed
-    def _decode_step(self, host_tok, pos, st, rows, allowed, n, span):
+    def _decode_step(self, tables, host_tok, pos, st, rows, allowed, n, span):
         # Placed like a step's own output tokens, so both kinds of input share one compile.
-        return self._run_decode(jax.device_put(host_tok, self._token_sharding), pos, st, rows, allowed, n, span)
+        return self._run_decode(tables, jax.device_put(host_tok, self._token_sharding), pos, st, rows, allowed, n,
+                                span)
 
     def fetch(self, handle: "DecodeHandle"):
         """Wait for a dispatched step: host arrays whose rows follow its slots."""
         return tuple(None if x is None else _host(x)[handle.where] for x in handle.out)
 
-    def _run_decode(self, tok, pos, st, rows, allowed, n, span):
+    def _run_decode(self, tables, tok, pos, st, rows, allowed, n, span):
         # Live rows first, padding after (at full width every row is a slot: all count).
         live = np.int32(len(pos) if self.full_width else n)
         rows = None if self.full_width else rows
         self.cache, self.sampling, out = self._decode(
-            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tok, pos, st, rows, allowed, live,
-            span=span)
+            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, tok, pos, st, rows, allowed,
+            live, span=span)
         return out
 
     def follow(self) -> None:
@@ -271,16 +313,18 @@ class ModelRunner:
         """Compile every prefill/decode shape now, so serving never compiles."""
         shapes = self.shapes.warmup_shapes()
         self.set_slot(0, smp.SamplingParams(), [0], 0)
-        self.copy_slot(0, 0)
+        self.copy_blocks(np.zeros(1, np.int32), np.zeros(1, np.int32))
+        # Nothing is cached yet: every position of every slot may land in block 0.
+        tables = np.zeros_like(self.shapes.no_tables)
         for i, shape in enumerate(shapes):
             if progress:
                 progress(i, len(shapes), shape)
             if shape[0] == "decode":
                 b, span = shape[1], shape[2]
-                self.decode(list(range(b)), [0] * b, [span - 1] * b, [0] * b)
+                self.fetch(self.dispatch_decode(list(range(b)), [0] * b, [span - 1] * b, [0] * b, tables=tables))
             elif shape[0] == "score":  # a scored prompt: its prefill, then its scores
-                self.prefill_packed([(0, [0] * shape[1], 0, True, 0, True, 0)])
+                self.prefill_packed([(0, [0] * shape[1], 0, True, 0, True, 0)], tables=tables)
             else:
                 n, span = shape[1], shape[2]
-                self.prefill(0, [0] * n, span - n)
+                self.prefill_packed([(0, [0] * n, span - n, True)], tables=tables)
         jax.block_until_ready(self.cache)

@@ -44,6 +44,18 @@ class StepShapes:
     # Slots split over a data axis decode at full width, each replica over its own rows:
     # gathering a compacted batch from rows on other devices would move their KV.
     full_width: bool = False
+    block_size: int = 32
+
+    @functools.cached_property
+    def pad_position(self) -> int:
+        """A padding token's position: past every block table's last entry, so its KV write
+        is dropped."""
+        return -(-self.session_len // self.block_size) * self.block_size
+
+    @functools.cached_property
+    def no_tables(self) -> np.ndarray:
+        """Block tables with no blocks (every write dropped)."""
+        return np.full((self.slots, self.pad_position // self.block_size), -1, np.int32)
 
     @functools.cached_property
     def prefill_sizes(self) -> list[int]:
@@ -105,7 +117,7 @@ class StepShapes:
         if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
         tokens, positions, rows, ends, slots, last, steps, _, following, _ = self.prefill_zeros(size, p)
-        positions[:] = self.session_len  # padding: out of range, writes dropped
+        positions[:] = self.pad_position  # padding: out of range, writes dropped
         rows[:] = self.slots
         slots[:] = self.slots
         scored = False
@@ -132,14 +144,14 @@ class StepShapes:
     def decode_inputs(self, slots: list[int], positions: list[int], steps: list[int], masks: dict | None = None):
         """(positions, steps, rows, allowed, where, span) of one decode step over ``slots``:
         batch row ``where[i]`` is slot ``slots[i]``; padding rows name slot ``self.slots`` and
-        position ``session_len`` (out of range: their writes are dropped). ``allowed``: the
+        position ``pad_position`` (past every table: their writes are dropped). ``allowed``: the
         rows' token bitmasks (``masks`` by slot; all ones elsewhere)."""
         n = len(slots)
         b = bucket_for(n, self.batch_sizes)
         span = bucket_for(max(positions) + 1, self.spans)
         # Batch row of each given slot: itself at full width, else packed from row 0.
         where = np.asarray(slots) if self.full_width else np.arange(n)
-        pos = np.full((b,), self.session_len, np.int32)
+        pos = np.full((b,), self.pad_position, np.int32)
         st = np.zeros((b,), np.int32)
         pos[where], st[where] = positions, steps
         rows = np.full((b,), self.slots, np.int32)

@@ -1,7 +1,7 @@
 """The jitted step bodies: prefill (chunks of several sequences in one call), decode, writing
-a slot's sampling row, copying a slot's KV. The KV cache and sampling state are donated to
+a slot's sampling row, copying KV blocks. The KV cache and sampling state are donated to
 every step, so XLA updates them in place; anything that changes per request is an array
-argument, never a static one (``span`` is a bucket)."""
+argument, never a static one (``span`` is a bucket; the block tables are an array)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from model.config import ModelConfig
 from service import sampling as smp
 
 
-def copy_slot(cache, src, dst):
-    """Row ``src`` of every layer's K and V into row ``dst`` (in place when donated)."""
-    return [tuple(jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, src, 0), dst, 0)
-                  for x in kv) for kv in cache]
+def copy_blocks(cache, src, dst):
+    """Blocks ``src`` (n,) of every layer's K and V pools into blocks ``dst`` (n,), ids
+    counted over all replicas' pools (in place when donated)."""
+    def copy(x):
+        flat = x.reshape(-1, *x.shape[2:])
+        return flat.at[dst].set(flat[src]).reshape(x.shape)
+    return [tuple(copy(x) for x in kv) for kv in cache]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,7 +43,7 @@ class Steps:
         logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding((None, "vocab")))
         return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
 
-    def prefill(self, params, cache, sampling, rope, eos_mask, tokens, positions, rows, ends, slots, last,
+    def prefill(self, params, cache, sampling, rope, eos_mask, tables, tokens, positions, rows, ends, slots, last,
                 steps, allowed, live, span):
         """Chunks of up to P sequences packed into one row of tokens.
 
@@ -52,13 +55,14 @@ class Steps:
         decode row riding along is a one-token chunk with its own count, as ``decode`` has
         it). allowed (P, W): each chunk's token bitmask (all ones unless a grammar constrains
         its sequence; see ``sampling.sample``). live: the real tokens' count (packed projections skip the padding).
+        tables (slots, max blocks): each slot's block table.
 
         Returns the token sampled at each chunk's last position (P,) with its logprobs, and
         the final hidden states (T, D) for ``score``. Only a chunk that ends its prompt really
         emits its token; only those are accounted for penalties.
         """
         hidden, cache = transformer.forward(params, self.cfg, tokens, positions, cache, span=span,
-                                            rows=rows, backend=self.backend, rope=rope, live=live)
+                                            rows=rows, backend=self.backend, rope=rope, live=live, tables=tables)
         final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
         logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
         out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=slots, allowed=allowed)
@@ -76,7 +80,7 @@ class Steps:
         top, ids = jax.lax.top_k(logits, max(self.top_n, 1))
         return chosen, ids.astype(jnp.int32), top - lse[:, None]
 
-    def decode(self, params, cache, sampling, rope, eos_mask, tokens, positions, steps, rows, allowed, live,
+    def decode(self, params, cache, sampling, rope, eos_mask, tables, tokens, positions, steps, rows, allowed, live,
                span):
         """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,), and
         the batch rows' token bitmasks ``allowed`` (b, W).
@@ -87,19 +91,20 @@ class Steps:
         None and batch row i is slot i.
         """
         hidden, cache = transformer.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                            span=span, rows=rows, backend=self.backend, rope=rope, live=live)
+                                            span=span, rows=rows, backend=self.backend, rope=rope, live=live,
+                                            tables=tables)
         logits = self.gathered(transformer.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
         out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=rows, allowed=allowed)
         sampling = smp.record(sampling, out[0], rows)
         return cache, sampling, out
 
     def jitted(self, cache_sh=None, sampling_sh=None, out_sh=None):
-        """(prefill, decode, set_row, copy_slot, score) jitted, with the state donated and, on
+        """(prefill, decode, set_row, copy_blocks, score) jitted, with the state donated and, on
         a mesh, every output committed to its placement."""
         step_out = None if self.plan is None else (cache_sh, sampling_sh, out_sh)
         prefill = jax.jit(self.prefill, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
         decode = jax.jit(self.decode, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
         set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=sampling_sh)
-        copy = jax.jit(copy_slot, donate_argnums=(0,), out_shardings=cache_sh)
+        copy = jax.jit(copy_blocks, donate_argnums=(0,), out_shardings=cache_sh)
         score = jax.jit(self.score, out_shardings=out_sh)
         return prefill, decode, set_row, copy, score

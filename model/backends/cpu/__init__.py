@@ -4,10 +4,10 @@ Weights: each layer's q/k/v and gate/up are fused, and every projection and the 
 are packed as column panels (float32; bfloat16 for a bfloat16 model; int8 or w8a8 with
 ``quantize``). Activations are float32. A tied embedding is read from the packed head.
 
-KV cache: float32, bfloat16 (stored as its uint16 bits) or int8 (each head's values and its
-float32 scale, ``kernels.to_cache``). Attention reads each query's own positions 0..p of its
-row, so one call can carry chunks of several sequences (a cache row per token) and no span
-buckets are needed.
+KV cache: block pools of float32, bfloat16 (stored as its uint16 bits) or int8 (each head's
+values and its float32 scale, ``kernels.to_cache``). Attention reads each query's own positions
+0..p through its sequence's block table, so one call can carry chunks of several sequences (a
+table row per token) and no span buckets are needed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from model.backends import Backend
+from model.backends import Backend, flat_slots, scatter_kv
 from model.backends.cpu import kernels
 from model.backends.cpu.kernels import Int8Panels, Panels, W8A8Panels, available
 from model.backends.xla import OPTIONAL, Experts, Table
@@ -30,7 +30,7 @@ _KV_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int
 
 
 def _rows(rows, b: int):
-    """The cache row of each token (B, T) or of each batch row (B, 1); None: row b."""
+    """The table row of each token (B, T) or of each batch row (B, 1); None: row b."""
     if rows is None:
         return jnp.arange(b, dtype=jnp.int32)[:, None]
     return rows if rows.ndim == 2 else rows[:, None]
@@ -107,19 +107,24 @@ class CpuKernels(Backend):
     def cache_head_size(self, head_dim, storage):
         return kernels.cache_head_size(head_dim, storage)
 
-    def write_kv(self, kv, k, v, rows, positions):
-        write_rows = _rows(rows, k.shape[0])
-        k_cache, v_cache = kv
-        k_cache = k_cache.at[write_rows, positions].set(kernels.to_cache(k, k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[write_rows, positions].set(kernels.to_cache(v, v_cache.dtype), mode="drop")
-        return k_cache, v_cache
+    def init_cache(self, cfg, num_blocks, block_size, storage=None, replicas=1):
+        if replicas != 1 or block_size % 16:
+            raise ValueError(f"the CPU kernels read one pool of blocks of a multiple of 16 positions, "
+                             f"not {replicas} pools of {block_size}")
+        return super().init_cache(cfg, num_blocks, block_size, storage, replicas)
 
-    def attend(self, q, kv, rows, positions, span, spec):
-        # A prefill chunk's T queries are T kernel rows on the same cache row.
+    def write_kv(self, kv, k, v, rows, positions, tables):
+        write_rows = jnp.broadcast_to(_rows(rows, k.shape[0]), positions.shape)
+        index = flat_slots(tables, write_rows, positions, *kv[0].shape[:3])
+        return tuple(scatter_kv(pool, kernels.to_cache(x, pool.dtype), index) for pool, x in zip(kv, (k, v)))
+
+    def attend(self, q, kv, rows, positions, span, spec, tables):
+        # A prefill chunk's T queries are T kernel rows of the same sequence.
         b, t, n, h = q.shape
         q_rows = jnp.broadcast_to(_rows(rows, b), (b, t)).reshape(b * t)
-        out = kernels.decode_attention(q.reshape(b * t, n, h), kv[0], kv[1], q_rows, positions.reshape(b * t) + 1,
-                                       scale=spec.scale, softcap=spec.softcap, window=spec.window)
+        k_pool, v_pool = (x.reshape(x.shape[1:]) for x in kv)  # the one replica's (blocks, block, K, E)
+        out = kernels.decode_attention(q.reshape(b * t, n, h), k_pool, v_pool, q_rows, positions.reshape(b * t) + 1,
+                                       tables, scale=spec.scale, softcap=spec.softcap, window=spec.window)
         return out.astype(q.dtype).reshape(b, t, n, h)
 
     def prompts_per_call(self, bucket, slots):

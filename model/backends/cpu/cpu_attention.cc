@@ -1,5 +1,6 @@
-// Attention on the CPU: one query token per batch row against that row's KV cache. Decode
-// steps have a row per sequence; a prefill chunk's T queries are T rows on one cache row.
+// Attention on the CPU: one query token per batch row against its sequence's KV, read from a
+// paged pool through the sequence's block table. Decode steps have a row per sequence; a
+// prefill chunk's T queries are T rows of one sequence.
 //
 // XLA's CPU backend runs this as a batched dot over (rows x kv heads) tiny matrices, each
 // one an Eigen call: about 16 us apiece, so at 16 rows the attention of a 135M model took
@@ -10,14 +11,21 @@
 // queries of a prefill chunk, which then share the pass over their common context.
 //
 //   q     (B, N, H)     f32   this step's queries, rope applied
-//   k, v  (R, S, K, H)  f32   the layer's cache (this step's K/V already written); or u16
-//                            holding bfloat16 bits (a second entry point), widened as loaded;
-//         (R, S, K, H + 4) s8 or int8 (a third): each position's head is H values and the
-//                            float32 bytes of their scale (value = int8 * scale)
-//   rows  (B,)          s32   cache row of each batch row; out of range: a padding row
+//   k, v  (NB, BS, K, H) f32  the layer's block pool (this step's K/V already written); or
+//                            u16 holding bfloat16 bits (a second entry point), widened as
+//                            loaded; (NB, BS, K, H + 4) s8 for int8 (a third): each
+//                            position's head is H values and the float32 bytes of their scale
+//                            (value = int8 * scale)
+//   rows  (B,)          s32   block-table row (the sequence) of each batch row; out of range:
+//                            a padding row
 //   lens  (B,)          s32   positions 0 .. lens-1 are attended (the last `window` of them
 //                            when window > 0: the keys before are never read)
+//   tables (R, MB)      s32   each sequence's blocks: position p is at offset p % BS of block
+//                            tables[row, p / BS]
 //   out   (B, N, H)     f32   zeros for padding rows
+// Work items start at a block boundary and every inner block of positions lies in one block of
+// the pool (BS is a multiple of 16), so the passes below stream a block's positions as before
+// and only look the block up where a new one starts.
 // Attributes: scale (scores are q.k * scale), softcap (> 0: scores become
 // softcap * tanh(scores / softcap) before the softmax), window (0: none).
 //
@@ -73,10 +81,17 @@ struct Problem {
   const T* v;
   const int32_t* rows;
   const int32_t* lens;
+  const int32_t* tables;
   float* out;
-  int64_t B, N, K, H, R, S;
+  int64_t B, N, K, H, R, MB, BS;
   float scale, softcap;
   int64_t window;
+  int64_t stride;  // entries between consecutive positions: K * (H + extra)
+
+  // Position `pos` of table row `row` in the cache `base` (k or v).
+  const T* At(const T* base, int64_t row, int64_t pos) const {
+    return base + (static_cast<int64_t>(tables[row * MB + pos / BS]) * BS + pos % BS) * stride;
+  }
 };
 
 
@@ -303,8 +318,12 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
   int64_t n = 0;  // positions of the item's longest row
   for (int64_t i = 0; i < it.nb; ++i) n = std::max(n, Covered(p, it, it.b + i));
   const int64_t padded = (n + kBlock - 1) / kBlock * kBlock;
-  const T* keys = p.k + (row * p.S + it.begin) * stride;
-  const T* values = p.v + (row * p.S + it.begin) * stride;
+  // Position s of the item (from it.begin) in the keys or values: a block [s, s + count) of
+  // the passes below never crosses a block of the pool.
+  auto key_at = [&](int64_t s) { return p.At(p.k, row, it.begin + s); };
+  auto value_at = [&](int64_t s) { return p.At(p.v, row, it.begin + s); };
+  // The value pass's blocks: kValueBlock positions where the pool's blocks hold whole ones.
+  const int64_t vstep = p.BS % kValueBlock == 0 ? kValueBlock : kBlock;
   scores.resize(it.nb * N * padded);  // scores[(query * N + head) * padded + position]
   acc.assign(it.nb * N * H, 0.0f);
   // bfloat16 with an even C: products straight from the cache, queries in pair order (in
@@ -322,15 +341,16 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
     for (int64_t qh = 0; qh < it.nb * N; ++qh) ToPairOrder(p.q + it.b * N * H + qh * H, H, buf.data() + qh * H);
   constexpr int64_t line = 64 / sizeof(T);
   // The first blocks, before the loops below take over.
-  for (int64_t l = 0; l < std::min<int64_t>(n, kAhead * kBlock) * stride; l += line) __builtin_prefetch(keys + l, 0, 2);
+  for (int64_t s = 0; s < std::min<int64_t>(n, kAhead * kBlock); s += kBlock)
+    for (int64_t l = 0; l < std::min<int64_t>(kBlock, n - s) * stride; l += line) __builtin_prefetch(key_at(s) + l, 0, 2);
   for (int64_t s = 0; s < n; s += kBlock) {
     const int64_t count = std::min<int64_t>(kBlock, n - s);
     // Keys kAhead blocks on are asked for a few lines per head, spread through the block's
     // work so the requests never queue up.
-    const T* next = keys + (s + kAhead * kBlock) * stride;
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kBlock, n - s - kAhead * kBlock)) * stride / line;
+    const T* next = lines > 0 ? key_at(s + kAhead * kBlock) : nullptr;
     const float* kb = nullptr;
-    const T* kraw = keys + s * stride;
+    const T* kraw = key_at(s);
     if constexpr (pairs || bytes) {
       if (count < kBlock) {
         T* tail = reinterpret_cast<T*>(buf.data() + qfloats);
@@ -396,17 +416,19 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
       part[H + 1] = Sum(total);
     }
   }
-  for (int64_t l = 0; l < std::min<int64_t>(n, kAhead * kValueBlock) * stride; l += line) __builtin_prefetch(values + l, 0, 2);
-  for (int64_t s = 0; s < n; s += kValueBlock) {
-    const int64_t count = std::min<int64_t>(kValueBlock, n - s);
-    const T* next = values + (s + kAhead * kValueBlock) * stride;
-    const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kValueBlock, n - s - kAhead * kValueBlock)) * stride / line;
+  for (int64_t s = 0; s < std::min<int64_t>(n, kAhead * vstep); s += vstep)
+    for (int64_t l = 0; l < std::min<int64_t>(vstep, n - s) * stride; l += line) __builtin_prefetch(value_at(s) + l, 0, 2);
+  for (int64_t s = 0; s < n; s += vstep) {
+    const int64_t count = std::min<int64_t>(vstep, n - s);
+    const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(vstep, n - s - kAhead * vstep)) * stride / line;
+    const T* next = lines > 0 ? value_at(s + kAhead * vstep) : nullptr;
+    const T* values = value_at(s);  // position s + j at values + j * stride
     const float* vb = nullptr;
-    if constexpr (!pairs && !bytes) vb = Widened<kValueBlock>(values + s * stride, count, wide, buf.data());
+    if constexpr (!pairs && !bytes) vb = Widened<kValueBlock>(values, count, wide, buf.data());
     for (int64_t i = 0; i < it.nb; ++i) {
       // This block's positions [s + off, s + ci) for query i: from its window's start.
       const int64_t off = std::max<int64_t>(0, Skipped(p, it, it.b + i) - s);
-      const int64_t ci = std::min<int64_t>(kValueBlock, Covered(p, it, it.b + i) - s);
+      const int64_t ci = std::min<int64_t>(count, Covered(p, it, it.b + i) - s);
       if (ci <= off) continue;
       for (int64_t head = 0; head < N; ++head) {
         if (i == it.nb - 1)
@@ -414,9 +436,9 @@ void RunItem(const Problem<T>& p, const Item& it, std::vector<float>& scores, st
         const float* w = scores.data() + (i * N + head) * padded + s + off;
         float* a = acc.data() + (i * N + head) * H;
         if constexpr (pairs)
-          WeightedPairs<C>(w, values + (s + off) * stride + (head / G) * H, ci - off, stride, a);
+          WeightedPairs<C>(w, values + off * stride + (head / G) * H, ci - off, stride, a);
         else if constexpr (bytes)
-          Weighted<C>(w, values + (s + off) * stride + (head / G) * hs, ci - off, stride, a);
+          Weighted<C>(w, values + off * stride + (head / G) * hs, ci - off, stride, a);
         else
           Weighted<C>(w, vb + off * wide + (head / G) * H, ci - off, wide, a);
       }
@@ -436,30 +458,30 @@ void RunItemScalar(const Problem<T>& p, const Item& it, std::vector<float>& scor
   const int64_t G = p.N / p.K, H = p.H;
   const int64_t row = p.rows[it.b];
   const float scale = p.scale;
-  const int64_t hs = H + Stored<T>::kExtra, stride = p.K * hs;
+  const int64_t hs = H + Stored<T>::kExtra;
   for (int64_t i = 0; i < it.nb; ++i) {
     const int64_t n = Covered(p, it, it.b + i), lo = std::min(n, Skipped(p, it, it.b + i));
     scores.resize(std::max<int64_t>(1, n));
     for (int64_t kh = 0; kh < p.K; ++kh) {
       const float* q = p.q + ((it.b + i) * p.N + kh * G) * H;
-      const T* keys = p.k + ((row * p.S + it.begin) * p.K + kh) * hs;
-      const T* values = p.v + ((row * p.S + it.begin) * p.K + kh) * hs;
       for (int64_t g = 0; g < G; ++g) {
         float* part = it.partial + ((i * p.N) + kh * G + g) * (H + 2);
         std::fill(part, part + H, 0.0f);
         float m = -INFINITY, total = 0.0f;
         for (int64_t s = lo; s < n; ++s) {
+          const T* key = p.At(p.k, row, it.begin + s) + kh * hs;
           float dot = 0.0f;
-          for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * ToFloat(keys[s * stride + h]);
-          scores[s] = dot * Stored<T>::Scale(keys + s * stride, H) * scale;
+          for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * ToFloat(key[h]);
+          scores[s] = dot * Stored<T>::Scale(key, H) * scale;
           if (p.softcap > 0.0f) scores[s] = p.softcap * std::tanh(scores[s] / p.softcap);
           m = std::max(m, scores[s]);
         }
         for (int64_t s = lo; s < n; ++s) {
           const float w = std::exp(scores[s] - m);
           total += w;
-          const float ws = w * Stored<T>::Scale(values + s * stride, H);
-          for (int64_t h = 0; h < H; ++h) part[h] += ws * ToFloat(values[s * stride + h]);
+          const T* value = p.At(p.v, row, it.begin + s) + kh * hs;
+          const float ws = w * Stored<T>::Scale(value, H);
+          for (int64_t h = 0; h < H; ++h) part[h] += ws * ToFloat(value[h]);
         }
         part[H] = m;
         part[H + 1] = total;
@@ -543,12 +565,12 @@ void Combine(const Shared<T>& shared) {
 
 template <typename T, ffi::DataType D>
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> k, ffi::Buffer<D> v,
-                  ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out,
-                  float scale, float softcap, int64_t window) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 ||
+                  ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> tables,
+                  ffi::ResultBuffer<ffi::F32> out, float scale, float softcap, int64_t window) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 ||
       !std::equal(kd.begin(), kd.end(), vd.begin()) || qd[2] + Stored<T>::kExtra != kd[3] ||
-      qd[1] % kd[2] != 0 ||
+      qd[1] % kd[2] != 0 || (kd[1] % 16 != 0 && td[1] != 1) ||
       rows.element_count() != static_cast<size_t>(qd[0]) ||
       lens.element_count() != static_cast<size_t>(qd[0]))
     return ffi::Error::InvalidArgument("decode attention: inconsistent shapes");
@@ -560,18 +582,31 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
   Problem<T>& p = shared->problem;
   p = Problem<T>{q.typed_data(), reinterpret_cast<const T*>(k.untyped_data()),
                  reinterpret_cast<const T*>(v.untyped_data()), rows.typed_data(), lens.typed_data(),
-                 out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[0], kd[1], scale, softcap, window};
+                 tables.typed_data(), out->typed_data(), qd[0], qd[1], kd[2], qd[2], td[0], td[1], kd[1],
+                 scale, softcap, window, kd[2] * kd[3]};
   // Padding rows (row out of range) and empty rows get no items: their output stays zero.
   auto live_len = [&](int64_t b) {
     const int64_t row = p.rows[b];
-    return row < 0 || row >= p.R ? int64_t{0} : std::max<int64_t>(0, std::min<int64_t>(p.lens[b], p.S));
+    return row < 0 || row >= p.R ? int64_t{0} : std::max<int64_t>(0, std::min<int64_t>(p.lens[b], p.MB * p.BS));
   };
+  // Every block a live row reads must be in the pool: a table entry past it would read
+  // outside the buffer.
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t len = live_len(b);
+    for (int64_t i = len > 0 ? First(p, b) / p.BS : 0; i < (len + p.BS - 1) / p.BS; ++i) {
+      const int32_t block = p.tables[p.rows[b] * p.MB + i];
+      if (block < 0 || block >= kd[0])
+        return ffi::Error::InvalidArgument("decode attention: a block table names a block outside the pool");
+    }
+  }
   int64_t total = 0;
   for (int64_t b = 0; b < p.B; ++b) total += live_len(b) - (live_len(b) > 0 ? First(p, b) : 0);
   // About four items per thread, in pieces of kMinPiece..kMaxPiece positions.
   const int64_t threads = pool.num_threads() + 1;
-  const int64_t piece = std::clamp<int64_t>((total / (4 * threads) + kMinPiece - 1) / kMinPiece * kMinPiece,
-                                            kMinPiece, kMaxPiece);
+  // Pieces of whole pool blocks, so every item starts at a block boundary.
+  int64_t piece = std::clamp<int64_t>((total / (4 * threads) + kMinPiece - 1) / kMinPiece * kMinPiece,
+                                      kMinPiece, kMaxPiece);
+  piece = (piece + p.BS - 1) / p.BS * p.BS;
   // Blocks of rows: a prefill chunk's queries (same cache row, consecutive lengths) share
   // one pass over their keys and values, up to kQueryBlock at a time.
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (first row, rows)
@@ -592,8 +627,9 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
   for (auto block = blocks.rbegin(); block != blocks.rend(); ++block) {
     const auto [b0, nb] = *block;
     const int64_t len = live_len(b0 + nb - 1);
-    // From the window start of the block's first query (the earliest): nothing before it is read.
-    for (int64_t s = std::min(First(p, b0), len); s < len; s += piece) {
+    // From the pool block holding the window start of the block's first query (the
+    // earliest): nothing before it is read.
+    for (int64_t s = std::min(First(p, b0) / p.BS * p.BS, len); s < len; s += piece) {
       shared->items.push_back(Item{b0, nb, s, std::min(s + piece, len), nullptr});
       partial_floats += nb * p.N * (p.H + 2);
     }
@@ -614,25 +650,25 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                               ffi::ResultBuffer<ffi::F32> out, float scale, float softcap,
-                               int64_t window) {
-  return Attend<float>(pool, q, k, v, rows, lens, out, scale, softcap, window);
+                               ffi::Buffer<ffi::S32> tables, ffi::ResultBuffer<ffi::F32> out, float scale,
+                               float softcap, int64_t window) {
+  return Attend<float>(pool, q, k, v, rows, lens, tables, out, scale, softcap, window);
 }
 
 ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
                                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                                   ffi::ResultBuffer<ffi::F32> out, float scale, float softcap,
-                                   int64_t window) {
-  return Attend<uint16_t>(pool, q, k, v, rows, lens, out, scale, softcap, window);
+                                   ffi::Buffer<ffi::S32> tables, ffi::ResultBuffer<ffi::F32> out, float scale,
+                                   float softcap, int64_t window) {
+  return Attend<uint16_t>(pool, q, k, v, rows, lens, tables, out, scale, softcap, window);
 }
 
 ffi::Error DecodeAttentionInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::S8> v,
                                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                                   ffi::ResultBuffer<ffi::F32> out, float scale, float softcap,
-                                   int64_t window) {
-  return Attend<int8_t>(pool, q, k, v, rows, lens, out, scale, softcap, window);
+                                   ffi::Buffer<ffi::S32> tables, ffi::ResultBuffer<ffi::F32> out, float scale,
+                                   float softcap, int64_t window) {
+  return Attend<int8_t>(pool, q, k, v, rows, lens, tables, out, scale, softcap, window);
 }
 
 }  // namespace
@@ -643,6 +679,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -658,6 +695,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionBf16, DecodeAttentionBf16Im
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
@@ -669,6 +707,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionInt8, DecodeAttentionInt8Im
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -118,16 +118,18 @@ def available() -> bool:
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
-                     lengths: jax.Array, scale: float | None = None, softcap: float | None = None,
-                     window: int | None = None) -> jax.Array:
-    """q (B, N, H) f32; caches (R, S, K, H) f32, or uint16 holding bfloat16 bits, or
-    (R, S, K, H + 4) int8 with a scale per head (see ``to_cache``); rows, lengths (B,) int32
-    -> (B, N, H) f32.
+                     lengths: jax.Array, tables: jax.Array | None = None, scale: float | None = None,
+                     softcap: float | None = None, window: int | None = None) -> jax.Array:
+    """q (B, N, H) f32; block pools (NB, BS, K, H) f32, or uint16 holding bfloat16 bits, or
+    (NB, BS, K, H + 4) int8 with a scale per head (see ``to_cache``); rows, lengths (B,) int32;
+    tables (R, MB) int32 -> (B, N, H) f32.
 
-    Row b attends cache row ``rows[b]``, positions ``0 .. lengths[b]-1`` (only the last
-    ``window`` of them when one is given); a row index outside ``[0, R)`` gives zeros
-    (padding rows). Scores are ``q.k * scale`` (default 1/sqrt(H)), soft-capped as
-    ``softcap * tanh(score / softcap)`` when ``softcap`` is given."""
+    Row b attends the sequence of table row ``rows[b]``, positions ``0 .. lengths[b]-1``
+    (only the last ``window`` of them when one is given): position p is at offset p % BS of
+    block ``tables[rows[b], p // BS]``. A row index outside ``[0, R)`` gives zeros (padding
+    rows). BS is a multiple of 16 (or the whole of each sequence: ``tables`` None reads the
+    pool as one block per row, ``rows`` indexing blocks). Scores are ``q.k * scale`` (default
+    1/sqrt(H)), soft-capped as ``softcap * tanh(score / softcap)`` when ``softcap`` is given."""
     _require()
     targets = {jnp.dtype(jnp.float32): ATTENTION, jnp.dtype(jnp.uint16): ATTENTION_BF16,
                jnp.dtype(jnp.int8): ATTENTION_INT8}
@@ -138,9 +140,11 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows:
         raise ValueError(f"a {k_cache.dtype} cache of head size {q.shape[-1]} stores "
                          f"{cache_head_size(q.shape[-1], k_cache.dtype)} entries per head, not {k_cache.shape[-1]}")
     target = targets[jnp.dtype(k_cache.dtype)]
+    if tables is None:
+        tables = jnp.arange(k_cache.shape[0], dtype=jnp.int32)[:, None]
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), k_cache, v_cache, rows.astype(jnp.int32),
-        lengths.astype(jnp.int32), scale=np.float32(q.shape[-1] ** -0.5 if scale is None else scale),
+        lengths.astype(jnp.int32), tables.astype(jnp.int32), scale=np.float32(q.shape[-1] ** -0.5 if scale is None else scale),
         softcap=np.float32(softcap or 0.0), window=np.int64(window or 0))
 
 
