@@ -62,34 +62,56 @@ def _follow(args, max_batch_size: int) -> None:
     """A process other than 0: hold its shards and run the steps process 0 announces."""
     from service.models import build_runner
 
-    checkpoint, _, slots = _model_and_slots(args, max_batch_size)
+    checkpoint, _, (slots, blocks) = _model_and_slots(args, max_batch_size)
     runner, _ = build_runner(checkpoint, slots, args.session_len, dtype=args.dtype, tp=args.tp, dp=args.dp,
-                             kv_cache_dtype=args.kv_cache_dtype)
+                             kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size, num_blocks=blocks)
     log.info("process %d following process 0's steps", args.node_rank)
     runner.follow()
 
 
+# On CPU the KV pool shares the host's memory with the weights and everything else, so by
+# default it holds this many whole sessions (and many more short ones), never more than
+# CPU_MAX_FRACTION of the memory available.
+CPU_SESSIONS, CPU_MAX_FRACTION = 6, 0.1
+
+
 def _size_cache(args, cfg) -> int:
-    """Slots that fit --cache-max-entry-count of available memory at --session-len."""
+    """Blocks of one data replica's KV pool: --cache-max-entry-count of free memory (a
+    fraction up to 1) or tokens (above 1); on CPU by default CPU_SESSIONS whole sessions."""
     import dataclasses
+
+    import jax
 
     from model.backends import select
 
     cfg = dataclasses.replace(cfg, dtype=args.dtype or cfg.dtype)
     backend = select(sharded=args.tp * args.dp > 1, cfg=cfg)
     bytes_per_token = backend.kv_bytes_per_token(cfg, args.kv_cache_dtype)
-    available = _available_memory()
-    budget = args.cache_max_entry_count * available
-    per_slot = bytes_per_token * args.session_len
-    slots = min(args.max_batch_size, int(budget // per_slot))
-    if slots < 1:
-        raise CLIError(f"one sequence of --session-len {args.session_len} needs "
-                       f"{per_slot / 2**20:.0f} MiB of KV cache, more than --cache-max-entry-count "
-                       f"{args.cache_max_entry_count} of {available / 2**30:.1f} GiB free; "
-                       "lower --session-len or raise --cache-max-entry-count")
-    if slots < args.max_batch_size:
-        log.warning("KV cache budget fits %d slots, not --max-batch-size %d", slots, args.max_batch_size)
-    return slots
+    cpu = jax.devices()[0].platform == "cpu"
+    if cpu:  # every replica's pool (and copies of KV heads tp does not split) in the host's memory
+        per_token = bytes_per_token * args.dp * max(1, args.tp // cfg.num_kv_heads)
+    else:  # one device's share of its replica's pool: the KV heads split over tp
+        per_token = bytes_per_token / max(1, min(args.tp, cfg.num_kv_heads))
+    count = args.cache_max_entry_count
+    if count is not None and count <= 0:
+        raise CLIError(f"--cache-max-entry-count {count}: a fraction of free memory in (0, 1], or tokens above 1")
+    if count is not None and count > 1:
+        tokens = int(count)
+    else:
+        available = _available_memory()
+        if count is None and cpu:
+            tokens = min(CPU_SESSIONS * args.session_len, int(CPU_MAX_FRACTION * available / per_token))
+        else:
+            tokens = int((0.8 if count is None else count) * available / per_token)
+    blocks = tokens // args.block_size
+    if blocks < 1:
+        raise CLIError(f"--cache-max-entry-count {count} leaves no room for one block of "
+                       f"{args.block_size} tokens of KV cache ({bytes_per_token * args.block_size / 2**20:.1f} MiB); "
+                       "raise --cache-max-entry-count or lower --block-size")
+    if blocks * args.block_size < args.session_len:
+        log.warning("the KV cache holds %d tokens, less than --session-len %d: no sequence grows past it",
+                    blocks * args.block_size, args.session_len)
+    return blocks
 
 
 def _available_memory() -> float:
@@ -122,10 +144,16 @@ def cmd_convert(args) -> None:
     print(f"converted {args.src} -> {args.dst}")
 
 
-def _slots(args, cfg) -> int:
+def _slots(args, cfg) -> tuple[int, int]:
+    """(decode slots, KV blocks per data replica)."""
     import jax
 
-    slots = _size_cache(args, cfg)
+    if args.block_size < 16 or args.block_size % 16:
+        raise CLIError(f"--block-size {args.block_size}: a multiple of 16 positions")
+    if args.max_batch_size < 1:
+        raise CLIError(f"--max-batch-size {args.max_batch_size}: at least 1")
+    blocks = _size_cache(args, cfg)
+    slots = args.max_batch_size
     if slots % args.dp:  # each data replica holds the same number of slots
         slots = max(args.dp, slots - slots % args.dp)
         log.warning("using %d decode slots, a multiple of --dp %d", slots, args.dp)
@@ -133,12 +161,13 @@ def _slots(args, cfg) -> int:
         import numpy as np
         from jax.experimental import multihost_utils
 
-        slots = int(multihost_utils.broadcast_one_to_all(np.int32(slots)))
-    return slots
+        slots, blocks = (int(x) for x in multihost_utils.broadcast_one_to_all(np.asarray([slots, blocks], np.int32)))
+    return slots, blocks
 
 
 def _model_and_slots(args, max_batch_size: int):
-    """(checkpoint, name, decode slots) for the model the flags name; fills in --session-len.
+    """(checkpoint, name, (decode slots, KV blocks)) for the model the flags name; fills in
+    --session-len.
     Every process of a multi-process job calls this alike."""
     from model.checkpoint import CheckpointError, load_config
     from service.models import ModelSourceError, resolve
@@ -172,10 +201,11 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
             verb = "runs" if len(kernel_only) == 1 else "run"
             raise CLIError(f"{' and '.join(kernel_only)} {verb} on the native CPU kernels only: one CPU "
                            "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0") from None
-    checkpoint, name, slots = _model_and_slots(args, max_batch_size)
+    checkpoint, name, (slots, blocks) = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
                           max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,
-                          quantize=quantize, kv_cache_dtype=args.kv_cache_dtype)
+                          quantize=quantize, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+                          num_blocks=blocks)
     return engine, name
 
 
@@ -354,8 +384,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "int8 (CPU kernels; a scale per position and head) takes about a quarter")
     p.add_argument("--session-len", type=int, default=None,
                    help="max tokens of one sequence, prompt + output (default: min(model max, 4096))")
-    p.add_argument("--cache-max-entry-count", type=float, default=0.8,
-                   help="fraction of free memory the KV cache may take (default 0.8)")
+    p.add_argument("--cache-max-entry-count", type=float, default=None,
+                   help="the KV cache's block pool: a fraction of free memory (up to 1), or tokens "
+                        "(above 1), per data replica (default: 0.8 of an accelerator's free memory; "
+                        f"on CPU {CPU_SESSIONS} whole --session-len sessions, at most "
+                        f"{CPU_MAX_FRACTION:g} of available memory)")
+    p.add_argument("--block-size", type=int, default=32,
+                   help="positions per KV cache block, a multiple of 16 (default 32): the unit of "
+                        "allocation and of prefix-cache sharing")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor parallel degree: weights split over this many devices")
     p.add_argument("--dp", type=int, default=1,
@@ -397,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(a)
     a.add_argument("--server-name", default="0.0.0.0", help="host to bind (default 0.0.0.0)")
     a.add_argument("--server-port", type=int, default=23333, help="port (default 23333)")
-    a.add_argument("--max-batch-size", type=int, default=16, help="decode slots (default 16)")
+    a.add_argument("--max-batch-size", type=int, default=64,
+                   help="sequences in one step, at most (default 64); the KV pool, not this, "
+                        "bounds how many long ones run at once")
     a.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     a.add_argument("--model-name", default=None, help="served model name (default from the checkpoint)")
     a.add_argument("--api-keys", nargs="*", default=None, help="accepted Bearer keys")

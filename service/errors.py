@@ -33,6 +33,20 @@ class ContextLengthExceeded(InvalidRequest):
         self.prompt_tokens, self.limit = prompt_tokens, limit
 
 
+class KVPoolExceeded(ContextLengthExceeded):
+    """The request could never fit the KV cache's pool of blocks, even alone."""
+
+    def __init__(self, prompt_tokens: int, limit: int, requested: int = 0):
+        InvalidRequest.__init__(
+            self,
+            f"The request needs {prompt_tokens + requested} tokens of KV cache ({prompt_tokens} in the prompt, "
+            f"{requested} requested for the completion), more than the {limit} the server's KV cache holds. "
+            "Shorten the prompt or max_tokens.",
+            param="messages",
+        )
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
 class ModelNotFound(ServiceError):
     status = 404
     type = "invalid_request_error"

@@ -33,8 +33,13 @@ class EngineMetrics:
         self.running = Gauge("xlaserve_requests_running", "Requests holding a decode slot", registry=r)
         self.waiting = Gauge("xlaserve_requests_waiting", "Requests queued for a slot", registry=r)
         self.kv_usage = Gauge("xlaserve_kv_cache_usage_ratio",
-                              "Fraction of the KV cache's token capacity held by running requests",
+                              "Fraction of the KV cache's blocks referenced by requests and sessions",
                               registry=r)
+        self.kv_blocks = Gauge("xlaserve_kv_cache_blocks", "KV cache blocks by state (used: referenced)",
+                               ["state"], registry=r)
+        self.preemptions = Gauge("xlaserve_preemptions",
+                                 "Running requests whose KV blocks were taken back (recomputed later)",
+                                 registry=r)
         self.hit_rate = Gauge("xlaserve_prefix_cache_hit_rate",
                               "Cached prompt tokens / all prompt tokens since start", registry=r)
         self.compiles = Gauge("xlaserve_xla_compilations", "XLA compilations in this process",
@@ -47,6 +52,9 @@ class EngineMetrics:
         self.running.set(snap["running"])
         self.waiting.set(snap["waiting"])
         self.kv_usage.set(snap["kv_tokens"] / snap["kv_capacity"])
+        self.kv_blocks.labels("used").set(snap["kv_blocks_used"])
+        self.kv_blocks.labels("total").set(snap["kv_blocks"])
+        self.preemptions.set(snap["preemptions"])
         total = snap["prompt_tokens"] + snap["cached_tokens"]
         self.hit_rate.set(snap["cached_tokens"] / total if total else 0.0)
         self.compiles.set(compile_count())

@@ -95,7 +95,7 @@ def generation_defaults(checkpoint: Path, source: str = "auto"):
 
 def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
                  dtype: str | None = None, tp: int = 1, dp: int = 1, quantize: str | None = None,
-                 kv_cache_dtype: str | None = None):
+                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None):
     """Load params (straight into their shardings when tp * dp > 1) and tokenizer and size
     the device state. On a mesh spanning processes every process calls this alike. Raises
     sharding.MeshError when the devices do not fit tp x dp."""
@@ -127,21 +127,23 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
     runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos), plan=plan,
-                         channel=channel, quantize=quantize, kv_cache_dtype=kv_cache_dtype)
+                         channel=channel, quantize=quantize, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                         num_blocks=num_blocks)
     return runner, tokenizer
 
 
 def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
                  dtype: str | None = None, max_queue: int = 256, warmup: bool = True,
                  tp: int = 1, dp: int = 1, quantize: str | None = None,
-                 kv_cache_dtype: str | None = None):
-    """``build_runner``, compile every step shape, start the engine thread."""
+                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None):
+    """``build_runner``, compile every step shape, start the engine thread. ``num_blocks``:
+    the KV pool's blocks per data replica (default: a whole session per slot)."""
     import time
 
     from service.engine import Engine
 
     runner, tokenizer = build_runner(checkpoint, max_batch_size, session_len, dtype, tp, dp, quantize,
-                                     kv_cache_dtype)
+                                     kv_cache_dtype, block_size, num_blocks)
     if warmup:
         t0 = time.monotonic()
 

@@ -31,10 +31,11 @@ def tiny(tokenizer):
     return cfg, init_params(cfg, seed=0, scale=0.5)
 
 
-def make_engine(tiny, tokenizer, slots=4, session_len=128, **kw):
+def make_engine(tiny, tokenizer, slots=4, session_len=128, block_size=16, num_blocks=None, **kw):
     cfg, params = tiny
     runner = ModelRunner(cfg, params, max_batch_size=slots, session_len=session_len,
-                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32)
+                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32, block_size=block_size,
+                         num_blocks=num_blocks)
     engine = Engine(runner, tokenizer, **kw)
     return engine
 
@@ -377,7 +378,7 @@ def test_filter_on_a_large_vocab_matches_numpy(scale, top_p, top_k, min_p):
 
 
 def test_concurrent_samples_of_one_prompt_prefill_it_once(tiny, tokenizer):
-    ids = prompt(45, 11)  # two chunks of 32
+    ids = prompt(49, 11)  # two chunks of 32; three blocks of 16 and one token
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engine = make_engine(tiny, tokenizer, slots=4)
     solo = run(engine, collect(engine, ids, greedy))[0]
@@ -388,7 +389,7 @@ def test_concurrent_samples_of_one_prompt_prefill_it_once(tiny, tokenizer):
 
     results = run(engine, three())
     assert [r[0] for r in results] == [solo] * 3
-    # The first computes the prompt; the others copy its KV and compute only the last token.
+    # The first computes the prompt; the others share its blocks and compute only the last token.
     assert engine.stats.prompt_tokens == len(ids) + 2
     assert sorted(r[2].cached_tokens for r in results) == [0, len(ids) - 1, len(ids) - 1]
     seeded = [dataclasses.replace(greedy, temperature=1.0, seed=s) for s in (1, 2)]
@@ -416,7 +417,7 @@ def test_cached_prefix_and_session_turn_equal_a_cold_prefill(tiny, tokenizer, kv
 
     def fresh():
         runner = ModelRunner(cfg, params, max_batch_size=2, session_len=128, eos_ids=tokenizer.eos_ids,
-                             max_prefill_chunk=32, kv_cache_dtype=kv)
+                             max_prefill_chunk=32, kv_cache_dtype=kv, block_size=16)
         return Engine(runner, tokenizer)
 
     first, extra = prompt(40, 21), prompt(9, 22)
@@ -430,7 +431,9 @@ def test_cached_prefix_and_session_turn_equal_a_cold_prefill(tiny, tokenizer, kv
         return a[0], b, turn1[0], turn2
 
     a, reused, turn1, turn2 = run(engine, warm())
-    assert reused[2].cached_tokens >= len(first) + len(a) - 1
+    # A finished request's full blocks stay cached; a session keeps all its KV, the partly
+    # filled last block too.
+    assert reused[2].cached_tokens == (len(first) + len(a) - 1) // 16 * 16
     assert turn2[2].cached_tokens >= len(first) + len(turn1) - 1
     for history, got in ((first + a, reused), (first + turn1, turn2)):
         cold = fresh()

@@ -1,10 +1,11 @@
 """The engine: one thread owns the device state and runs continuous batching over
-``max_batch_size`` decode slots; asyncio callers talk to it through queues.
+``max_batch_size`` decode slots and a paged KV cache; asyncio callers talk to it through queues.
 
 Each iteration: take new requests and aborts from the inbox, admit waiting requests into free
-slots (``SlotTable``), read the decode step in flight unless the next step can be queued on
-it, plan the step (``Scheduler``), execute the plan (``ModelRunner.execute``), then process
-the outputs (``OutputProcessor``). Finished or aborted requests free their slot at once.
+slots (``SlotTable``, which gives them their cached prefix's blocks), read the decode step in
+flight unless the next step can be queued on it, plan the step (``Scheduler``: blocks, chunks,
+preemption), execute the plan (``ModelRunner.execute``), then process the outputs
+(``OutputProcessor``). Finished or aborted requests free their slot and blocks at once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from service.engine.blocks import BlockManager
 from service.engine.bridge import LoopQueue
 from service.engine.output import OutputProcessor, Stats
 from service.engine.plan import StepPlan
@@ -28,7 +30,7 @@ from service.engine.request import Output, Request, Sequence
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
-from service.errors import ContextLengthExceeded, Draining, InvalidRequest, Overloaded, ServiceError
+from service.errors import ContextLengthExceeded, Draining, InvalidRequest, KVPoolExceeded, Overloaded, ServiceError
 from service.metrics import EngineMetrics
 from service.sampling import SamplingParams
 from service.structured import Grammars
@@ -42,13 +44,17 @@ class Engine:
         self.tokenizer = tokenizer
         self.session_len = runner.session_len
         self.max_queue = max_queue
-        self.table = SlotTable(runner.slots)
-        self.scheduler = Scheduler(self.table, runner.max_chunk, runner.session_len, runner.prompts_per_call,
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, runner.slots, runner.max_blocks,
+                                   runner.replicas)
+        # The longest sequence: a session, or all of one replica's pool where that is less.
+        self.max_length = min(runner.session_len, self.blocks.capacity)
+        self.table = SlotTable(runner.slots, self.blocks)
+        self.scheduler = Scheduler(self.table, runner.max_chunk, self.max_length, runner.prompts_per_call,
                                    can_chain=runner.channel is None)
         self.stats = Stats()
         self.metrics = EngineMetrics()
         self.grammars = Grammars(tokenizer, runner.cfg.vocab_size)
-        self.outputs = OutputProcessor(tokenizer, self.table, runner.session_len, self.metrics, self.stats)
+        self.outputs = OutputProcessor(tokenizer, self.table, self.max_length, self.metrics, self.stats)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: collections.deque[Request] = collections.deque()
         self._ids = itertools.count()
@@ -114,6 +120,9 @@ class Engine:
             raise ContextLengthExceeded(total, self.session_len)
         if params.max_tokens is not None and total + params.max_tokens > self.session_len:
             raise ContextLengthExceeded(total, self.session_len, params.max_tokens)
+        # Even alone it could never fit the pool (its last sampled token needs no KV).
+        if total >= self.max_length or (params.max_tokens is not None and total + params.max_tokens > self.max_length):
+            raise KVPoolExceeded(total, self.max_length, params.max_tokens or 0)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
                session_id: int | None = None, request_id: str | None = None) -> str:
@@ -141,10 +150,11 @@ class Engine:
 
     def snapshot(self) -> dict[str, float]:
         """Counts for /metrics (read without locking: each value is a plain read)."""
-        running = list(self.table.running.values())
-        kv = sum(min(s.prefilled + len(s.generated), self.session_len) for s in running)
-        return dict(running=len(running), waiting=self.waiting_count, kv_tokens=kv,
-                    kv_capacity=self.runner.slots * self.session_len,
+        running = len(self.table.running)
+        size = self.blocks.block_size
+        return dict(running=running, waiting=self.waiting_count, kv_tokens=self.blocks.used_blocks() * size,
+                    kv_capacity=self.blocks.total_blocks() * size, kv_blocks_used=self.blocks.used_blocks(),
+                    kv_blocks=self.blocks.total_blocks(), preemptions=self.scheduler.preemptions,
                     prompt_tokens=self.stats.prompt_tokens, cached_tokens=self.stats.cached_tokens)
 
     def abort(self, request_id: str) -> None:
@@ -297,10 +307,8 @@ class Engine:
                 req.emit(Output(finish_reason="length", prompt_tokens=len(req.prompt_ids),
                                 history_tokens=len(history)))
                 continue
-            slot, reuse = self.table.choose(seq)
-            if req.params.prompt_logprobs is not None:  # scored: every prompt token is computed
-                reuse = 0
-            seq.max_tokens = self.session_len - len(seq.seq)
+            slot = self.table.choose(seq)
+            seq.max_tokens = self.max_length - len(seq.seq)
             if req.params.max_tokens is not None:
                 seq.max_tokens = min(seq.max_tokens, req.params.max_tokens)
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens, context=seq.seq)
@@ -315,4 +323,4 @@ class Engine:
                 self.metrics.finished.labels("error").inc()
                 req.emit(Output(finish_reason="error", prompt_tokens=len(seq.seq)))
                 continue
-            self.table.place(seq, slot, reuse)
+            self.table.place(seq, slot)

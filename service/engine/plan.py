@@ -1,9 +1,9 @@
 """The plain-data plan of one engine step: what the scheduler decides and the runner executes.
 
-A plan is a list of ops run in order (KV copies between slots, prefill calls), then at most
-one decode step. Decode rows may instead ride along a prefill call as one-token chunks.
-``owner`` fields point back at the engine's sequences for output processing; they take no
-part in what the device does.
+A plan is a list of prefill calls run in order, then at most one decode step, over the block
+tables as the scheduler left them (``tables``: every slot's blocks, a copy). Decode rows may
+instead ride along a prefill call as one-token chunks. ``owner`` fields point back at the
+engine's sequences for output processing; they take no part in what the device does.
 """
 
 from __future__ import annotations
@@ -11,13 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-
-@dataclasses.dataclass(frozen=True)
-class Copy:
-    """Slot ``src``'s KV into slot ``dst`` (a prefix they share is then prefilled once)."""
-
-    src: int
-    dst: int
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +65,9 @@ class Decode:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    ops: tuple[Copy | Prefill, ...] = ()
+    ops: tuple[Prefill, ...] = ()
     decode: Decode | None = None
+    tables: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def prefills(self) -> list[Prefill]:

@@ -53,10 +53,14 @@ class Sequence:
     """The engine thread's state of one request (compared by identity)."""
 
     req: Request
-    seq: list[int] = dataclasses.field(default_factory=list)  # full sequence in the slot
+    seq: list[int] = dataclasses.field(default_factory=list)  # the prompt (after earlier session turns)
     slot: int = -1
-    prefilled: int = 0  # tokens of seq in the cache (or planned to be, by the step being built)
-    cached: int = 0  # of them, reused from a slot's earlier contents or copied from another slot
+    # Positions of seq + generated whose KV is computed, or planned by a step already built
+    # (decode rows count: a decode step writes its input token's KV).
+    prefilled: int = 0
+    cached: int = 0  # of the prompt's, reused from cached blocks or a session's (not computed)
+    admitted: int = 0  # admission order: the most recently admitted is preempted first
+    preempted: int = 0  # times its blocks were taken back (it is recomputed from its tokens)
     generated: list[int] = dataclasses.field(default_factory=list)
     max_tokens: int = 0
     detok: IncrementalDetokenizer | None = None
@@ -79,9 +83,28 @@ class Sequence:
         return self.req.params
 
     @property
+    def target(self) -> int:
+        """Positions whose KV must be computed before its next token is drawn: the prompt's,
+        then (recomputing after a preemption) every token but the last sampled one."""
+        return len(self.seq) + len(self.generated) - 1 if self.generated else len(self.seq)
+
+    @property
+    def pending(self) -> bool:
+        """Tokens wait for prefill chunks (the prompt, or a preempted sequence's recompute)."""
+        return self.prefilled < self.target
+
+    @property
     def decodable(self) -> bool:
         """Prompt prefilled and a first token sampled: the next step decodes it."""
-        return self.prefilled == len(self.seq) and bool(self.generated)
+        return bool(self.generated) and self.prefilled == self.target
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens ``start..end`` of the prompt followed by the output."""
+        n = len(self.seq)
+        if end <= n:
+            return self.seq[start:end]
+        return self.seq[start:] + self.generated[max(start - n, 0):end - n] if start < n else \
+            self.generated[start - n:end - n]
 
     @property
     def constrained(self) -> bool:

@@ -23,7 +23,7 @@ from model import layers
 from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
-from service.engine.plan import Copy, StepPlan
+from service.engine.plan import StepPlan
 from service.engine.shapes import StepShapes
 from service.engine.steps import Steps
 
@@ -149,7 +149,7 @@ class ModelRunner:
                  f" per data replica (x{self.replicas})" if self.replicas > 1 else "", max_batch_size)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
-        self._prefill, self._decode, self._set_row, self._copy_blocks, self._score = Steps(
+        self._prefill, self._decode, self._set_row, self._score = Steps(
             cfg, self.backend, max_batch_size, top_logprobs, plan).jitted(self._cache_sh, self._sampling_sh,
                                                                             self._out_sh)
 
@@ -175,19 +175,16 @@ class ModelRunner:
     # and the others replay it in ``follow``.
 
     def execute(self, plan: StepPlan, inflight: "DecodeHandle | None" = None, masks: dict | None = None):
-        """Run a step's plan: its copies and prefill calls in order, then dispatch its decode
+        """Run a step's plan: its prefill calls in order, then dispatch its decode
         step (fed by ``inflight``'s tokens on the device when the plan chains on it). ``masks``:
         the token bitmask row (W,) int32 of each slot a grammar constrains this step. Returns
         the prefill calls' host outputs and the decode step's handle (or None)."""
         results = []
-        tables = getattr(plan, "tables", None)
+        tables = plan.tables
         for op in plan.ops:
-            if isinstance(op, Copy):
-                self.copy_slot(op.src, op.dst)
-            else:
-                results.append(self.prefill_packed(
-                    [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks],
-                    masks, tables))
+            results.append(self.prefill_packed(
+                [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks],
+                masks, tables))
         handle = None
         d = plan.decode
         if d is not None:
@@ -201,17 +198,6 @@ class ModelRunner:
     @replayed
     def _set_row_step(self, slot: int, row) -> None:
         self.sampling = self._set_row(self.sampling, np.int32(slot), row)
-
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Copy slot ``src``'s KV into slot ``dst`` under the identity tables (a prompt prefix
-        they share is then prefilled once)."""
-        ids = lambda s: (s // (self.slots // self.replicas)) * self.num_blocks + self._tables(None)[s]  # noqa: E731
-        self.copy_blocks(ids(src), ids(dst))
-
-    @replayed
-    def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy KV blocks ``src`` into blocks ``dst`` (ids over every replica's pool)."""
-        self.cache = self._copy_blocks(self.cache, np.asarray(src, np.int32), np.asarray(dst, np.int32))
 
     def prompts_per_call(self, n_tokens: int) -> int:
         return self.shapes.prompts_per_call(n_tokens)
@@ -313,7 +299,6 @@ class ModelRunner:
         """Compile every prefill/decode shape now, so serving never compiles."""
         shapes = self.shapes.warmup_shapes()
         self.set_slot(0, smp.SamplingParams(), [0], 0)
-        self.copy_blocks(np.zeros(1, np.int32), np.zeros(1, np.int32))
         # Nothing is cached yet: every position of every slot may land in block 0.
         tables = np.zeros_like(self.shapes.no_tables)
         for i, shape in enumerate(shapes):

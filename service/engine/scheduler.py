@@ -1,13 +1,22 @@
 """The scheduler: turns the running sequences into the plan of one step, without touching
 the device. It updates the host's bookkeeping of what the plan will have computed (each
-sequence's ``prefilled``, each slot's tokens), as the runner will once it executes the plan.
+sequence's ``prefilled``, its blocks and their hashes), as the runner will once it executes
+the plan.
+
+Blocks first. Every sequence that decodes this step needs room for the KV of its input token;
+they are served oldest first, and when the pool runs dry the most recently admitted sequence
+is preempted (its blocks freed; it keeps its slot and is recomputed later from its prompt and
+the tokens it generated, which therefore do not change). Idle sessions' blocks go back to the
+pool before any running sequence is preempted. Prompt chunks take only blocks that are free.
 
 One token budget per step (``max_chunk``): prompt chunks, earliest-admitted first, and the
 running sequences' decode rows. Several short prompts that arrive together are all prefilled
 in one step, so the running batch reaches its full width sooner; a long prompt takes one chunk
 per step and never stalls decoding for longer than that. After the first chunk of a step, a
 prompt is taken only if all of it fits what is left, so no prompt is cut into a small tail
-that costs a call of its own.
+that costs a call of its own. A prompt whose next blocks an earlier prompt is about to compute
+(a shared system prompt, n > 1 samples of one prompt) waits for them and then takes them from
+the prefix cache, by reference, instead of computing them twice.
 
 Chunks go to the device packed, several prompts per call where the backend can
 (``prompts_per_call``): one pass over the weights for all of them. The decode rows ride along
@@ -21,7 +30,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from service.engine.plan import Chunk, Copy, Decode, Prefill, StepPlan
+from service.engine.plan import Chunk, Decode, Prefill, StepPlan
 from service.engine.request import Sequence
 from service.engine.slots import SlotTable, common_prefix
 
@@ -30,56 +39,139 @@ class Scheduler:
     def __init__(self, table: SlotTable, max_chunk: int, session_len: int,
                  prompts_per_call: Callable[[int], int], can_chain: bool = True):
         self.table = table
+        self.blocks = table.blocks
         self.max_chunk = max_chunk
         self.session_len = session_len
         self.prompts_per_call = prompts_per_call
         self.can_chain = can_chain  # a process-spanning mesh replays every step: no chaining
+        self.preemptions = 0
 
     def decodable(self) -> list[Sequence]:
-        return [s for s in self.table.running.values() if s.decodable]
+        return sorted((s for s in self.table.running.values() if s.decodable), key=lambda s: s.admitted)
 
     def _pending(self) -> list[Sequence]:
-        return sorted((s for s in self.table.running.values() if s.prefilled < len(s.seq)),
-                      key=lambda s: s.req.arrival)
+        return sorted((s for s in self.table.running.values() if s.pending), key=lambda s: s.admitted)
 
     def chains_on(self, inflight: list[Sequence]) -> bool:
         """Whether the next step can be queued on the step in flight over ``inflight``, before
-        its tokens reach the host: no prompt waits, the batch is the same and no row is under a
-        grammar (whose mask for the next token needs this one). Otherwise the engine reads
-        that step first, so the plan knows every row's input."""
+        its tokens reach the host: no prompt waits, the batch is the same, no row is under a
+        grammar (whose mask for the next token needs this one) and every row has room for one
+        more position without preempting. Otherwise the engine reads that step first, so the
+        plan knows every row's input."""
         if not self.can_chain or self._pending():
             return False
-        live = self.decodable()
-        if any(s.constrained for s in live):
+        # Every running sequence is in that step (its input's KV planned one past its target).
+        live = list(self.table.running.values())
+        if any(s.constrained or s.prefilled != s.target + 1 for s in live):
             return False
-        return (len(live) == len(inflight) and all(a is b for a, b in zip(live, inflight))
-                and max(s.length for s in live) < self.session_len)
+        return (len(live) == len(inflight) and set(map(id, live)) == set(map(id, inflight))
+                and max(s.length for s in live) < self.session_len
+                and self._room_for_all([(s.slot, s.length + 1) for s in live]))
+
+    def _room_for_all(self, wants: list[tuple[int, int]]) -> bool:
+        need: dict[int, int] = {}
+        for slot, tokens in wants:
+            replica = self.blocks.held[slot].replica
+            need[replica] = need.get(replica, 0) + max(0, self.blocks.blocks_for(tokens) - len(self.blocks.held[slot].blocks))
+        return all(n <= self.blocks.pools[r].num_free for r, n in need.items())
 
     def schedule(self, inflight: list[Sequence] | None = None) -> StepPlan:
         """The next step's plan. ``inflight``: the rows of the decode step on the device whose
         tokens the host has not read (only when ``chains_on`` them)."""
         if inflight:
+            for s in inflight:  # it writes the in-flight token's KV at position s.length
+                self.blocks.allocate(s.slot, s.length + 1)
+                s.prefilled += 1
             return StepPlan(decode=Decode(
                 tuple(s.slot for s in inflight), None, tuple(s.length for s in inflight),
-                tuple(len(s.generated) + 1 for s in inflight), owners=tuple(inflight)))
-        ops: list[Copy | Prefill] = []
-        rode = self._plan_prefill(ops)
-        live = [] if rode else self.decodable()
+                tuple(len(s.generated) + 1 for s in inflight), owners=tuple(inflight)),
+                tables=self.blocks.tables.copy())
+        live = self._reserve_decodes()
+        ops: list[Prefill] = []
+        rode = self._plan_prefill(ops, live)
         decode = None
-        if live:
+        if live and not rode:
             decode = Decode(tuple(s.slot for s in live), tuple(s.generated[-1] for s in live),
                             tuple(s.length - 1 for s in live), tuple(len(s.generated) for s in live),
                             owners=tuple(live))
-        return StepPlan(tuple(ops), decode)
+            for s in live:
+                self._advance(s, 1)
+        if not ops and decode is None:
+            self._unstick()
+        return StepPlan(tuple(ops), decode, tables=self.blocks.tables.copy())
 
-    def _plan_prefill(self, ops: list) -> bool:
-        """Append the step's copies and prefill calls to ``ops``; True when the decode rows
-        rode along."""
+    # -- blocks --------------------------------------------------------------------------------
+
+    def _reserve_decodes(self) -> list[Sequence]:
+        """The decode rows of this step, each with a block for its input token's KV, oldest
+        first; newer sequences are preempted where the pool runs dry."""
+        out: list[Sequence] = []
+        for s in self.decodable():
+            if not s.decodable or s.length >= self.session_len:  # preempted meanwhile; finishing
+                continue
+            if self._make_room(s, s.length, keep=out):
+                out.append(s)
+        return out
+
+    def _make_room(self, seq: Sequence, tokens: int, keep: list[Sequence]) -> bool:
+        """Grow ``seq``'s blocks to hold ``tokens`` positions, preempting the most recently
+        admitted sequences of its replica (never those in ``keep``) while the pool lacks them.
+        False when it cannot (then ``seq`` may itself have been preempted)."""
+        replica = self.blocks.held[seq.slot].replica
+        while not self.blocks.allocate(seq.slot, tokens):
+            if self.table.evict_session(replica):
+                continue
+            victim = self._victim(replica, keep)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _victim(self, replica: int, keep: list[Sequence]) -> Sequence | None:
+        kept = set(map(id, keep))
+        holding = [s for s in self.table.running.values()
+                   if id(s) not in kept and self.blocks.held[s.slot].blocks
+                   and self.blocks.held[s.slot].replica == replica]
+        return max(holding, key=lambda s: s.admitted, default=None)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.table.preempt(seq)
+        seq.prompt_logprobs = None  # a scored prompt is scored again from its first token
+        self.preemptions += 1
+
+    def _unstick(self) -> None:
+        """Nothing could be planned: prompts wait for blocks that other waiting prompts hold
+        (each partly prefilled). Preempt the most recently admitted of them that holds blocks,
+        so the earlier ones can finish."""
+        pending = self._pending()
+        if not pending:
+            return
+        oldest = pending[0]
+        replica = self.blocks.held[oldest.slot].replica
+        if self.table.evict_session(replica):
+            return
+        victim = self._victim(replica, keep=[oldest])
+        if victim is not None:
+            self._preempt(victim)
+
+    def _advance(self, seq: Sequence, n: int) -> None:
+        """``n`` more positions of ``seq`` computed by the plan; register the blocks they fill
+        (their tokens are known: a chained row's input is not, and it registers later)."""
+        seq.prefilled += n
+        known = min(seq.prefilled, seq.length)
+        if known // self.blocks.block_size > len(self.blocks.held[seq.slot].hashes):
+            self.blocks.commit(seq.slot, seq.tokens(0, known), known)
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    def _plan_prefill(self, ops: list, decodable: list[Sequence]) -> bool:
+        """Append the step's prefill calls to ``ops``; True when the decode rows rode along."""
         budget, first, rode = self.max_chunk, True, False
         while budget > 0:
-            decodable = self.decodable() if first else []
-            want = len(decodable)
-            pack = self._next_pack(budget, first, want, ops)
+            want = len(decodable) if first else 0
+            pack = self._next_pack(budget, first, want)
             if not pack:
                 break
             used = sum(len(c.tokens) for c in pack)
@@ -88,30 +180,32 @@ class Scheduler:
             # longer than the budget leaves them room in its first chunk).
             if want and used + want <= budget and len(pack) + want <= self.prompts_per_call(used + want):
                 riders = [Chunk(s.slot, (s.generated[-1],), s.length - 1, True, len(s.generated), owner=s)
-                          for s in decodable if s.length < self.session_len]
-                rode = bool(riders)
+                          for s in decodable]
+                for s in decodable:
+                    self._advance(s, 1)
+                rode = True
             first = False
             budget -= used + len(riders)
-            for c in pack:
-                c.owner.prefilled += len(c.tokens)
-                self.table.tokens[c.slot] = c.owner.seq[:c.owner.prefilled]
             ops.append(Prefill(tuple(pack + riders)))
         return rode
 
-    def _next_pack(self, budget: int, first: bool, reserve: int, ops: list) -> list[Chunk]:
+    def _next_pack(self, budget: int, first: bool, reserve: int) -> list[Chunk]:
         """The prompt chunks of the next prefill call. A first chunk cut from a prompt longer
         than the budget leaves ``reserve`` tokens of it for decode rows to ride in."""
         pack: list[Chunk] = []
         total = 0
-        for seq in self._pending():
-            self._share_prefix(seq, ops)
-            # A prompt that shares a prefix with one in this call waits for the next call,
-            # which copies that prefix's KV instead of computing it twice.
-            limit = len(seq.seq) - 1
-            if any(min(common_prefix(c.owner.seq[:c.owner.prefilled + len(c.tokens)], seq.seq), limit)
-                   > seq.prefilled for c in pack):
+        pending = self._pending()
+        for i, seq in enumerate(pending):
+            if budget - total <= 0:
                 break
-            remaining = len(seq.seq) - seq.prefilled
+            if any(c.owner is seq for c in pack):
+                continue
+            self._take_cached(seq)
+            if not seq.pending:
+                continue
+            if self._awaits_earlier(seq, pending[:i]):
+                continue
+            remaining = seq.target - seq.prefilled
             if (pack or not first) and remaining > budget - total:
                 break
             n = min(remaining, budget - total)
@@ -120,24 +214,44 @@ class Scheduler:
             if len(pack) + 1 > self.prompts_per_call(total + n):
                 break
             start = seq.prefilled
+            room = self.blocks.covered(seq.slot) + self.blocks.num_free(seq.slot) * self.blocks.block_size - start
+            n = min(n, room)
+            if n <= 0 or not self.blocks.allocate(seq.slot, start + n):
+                continue  # it waits for blocks
             end = start + n
-            pack.append(Chunk(seq.slot, tuple(seq.seq[start:end]), start, end == len(seq.seq),
-                              score=seq.params.prompt_logprobs is not None,
-                              next_token=seq.seq[end] if end < len(seq.seq) else 0, owner=seq))
+            prompt = not seq.generated
+            score = prompt and seq.params.prompt_logprobs is not None
+            pack.append(Chunk(seq.slot, tuple(seq.tokens(start, end)), start, prompt and end == len(seq.seq),
+                              score=score, next_token=seq.seq[end] if score and end < len(seq.seq) else 0,
+                              owner=seq))
+            self._advance(seq, n)
             total += n
         return pack
 
-    def _share_prefix(self, seq: Sequence, ops: list) -> None:
-        """If another running sequence's slot already holds KV for a longer prefix of this
-        prompt (n > 1 samples of one prompt, a shared system prompt), copy that KV instead of
-        computing it again. The last prompt token is always computed: its logits pick the
-        first new token with this request's own sampling settings. A prompt being scored is
-        computed whole: its logprobs come from its own prefill."""
-        if seq.params.prompt_logprobs is not None:
+    def _take_cached(self, seq: Sequence) -> None:
+        """Blocks of the sequence's next tokens that the prefix cache has now (registered since
+        it was placed: another prompt computed them) join its table by reference."""
+        if seq.params.prompt_logprobs is not None and not seq.generated:
             return
-        slot, n = self.table.longest_running_prefix(seq, len(seq.seq) - 1)
-        if slot >= 0 and n > seq.prefilled:
-            ops.append(Copy(slot, seq.slot))
-            seq.cached += n - seq.prefilled
-            seq.prefilled = n
-            self.table.tokens[seq.slot] = seq.seq[:n]
+        limit = seq.target - 1 if not seq.generated else seq.target
+        if seq.prefilled % self.blocks.block_size or seq.prefilled + self.blocks.block_size > limit:
+            return
+        got = self.blocks.extend_prefix(seq.slot, seq.tokens(0, limit), seq.prefilled, limit)
+        if got > seq.prefilled:
+            if not seq.preempted:
+                seq.cached += got - seq.prefilled
+            seq.prefilled = got
+
+    def _awaits_earlier(self, seq: Sequence, earlier: list[Sequence]) -> bool:
+        """Whether an earlier prompt still has to compute a whole block more of this one's
+        prefix: then this one waits and takes those blocks from the cache."""
+        if seq.params.prompt_logprobs is not None or seq.generated:
+            return False
+        size = self.blocks.block_size
+        for other in earlier:
+            if other.generated or self.blocks.held[other.slot].replica != self.blocks.held[seq.slot].replica:
+                continue
+            shared = min(common_prefix(other.seq, seq.seq), len(seq.seq) - 1) // size * size
+            if shared > seq.prefilled and other.prefilled < shared:
+                return True
+        return False

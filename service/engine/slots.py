@@ -1,16 +1,21 @@
-"""The slot table: which sequence holds each decode slot, what KV each slot keeps, sessions.
+"""The slot table: which sequence holds each decode slot (its sampling-state row and block-table
+row), the KV blocks behind them (``BlockManager``), and interactive sessions.
 
-Prefix reuse works at slot granularity: a free slot keeps the KV of the last sequence it held.
-A new sequence is placed in the free slot sharing the longest prefix with its prompt and skips
-prefilling that prefix (reported as ``cached_tokens``); otherwise the least recently used free
-slot is taken, other sessions' slots last. Interactive sessions keep their token history on the
-host and prefer their old slot, so a turn whose slot was not reused prefills only its new tokens.
+A slot no longer owns KV: a placed sequence takes the cached blocks of its prompt's prefix by
+reference (``cached_tokens``) and new blocks as it grows. A finished sequence's full blocks
+stay cached (by hash) until the pool needs them. An interactive session keeps its blocks
+between turns, so its next turn, in any free slot of the same data replica, prefills only its
+new tokens; the pool takes them back (least recently used session first) before it preempts a
+running sequence, and the session then recomputes its history on its next turn.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
 
+from service.engine.blocks import BlockManager, Held
 from service.engine.request import Sequence
 
 
@@ -22,68 +27,104 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+@dataclasses.dataclass
+class Session:
+    tokens: list[int]  # every token of its turns so far
+    held: Held | None = None  # its blocks while between turns (None: running, or taken back)
+    valid: int = 0  # positions of ``tokens`` whose KV the blocks hold
+    used: float = 0.0
+
+
 class SlotTable:
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, blocks: BlockManager):
         self.slots = slots
+        self.blocks = blocks
         self.running: dict[int, Sequence] = {}  # slot -> sequence
-        self.tokens: list[list[int]] = [[] for _ in range(slots)]  # the KV each slot holds
-        self.used: list[float] = [0.0] * slots
-        self.sessions: dict[int, tuple[list[int], int]] = {}  # id -> (history tokens, slot)
+        self.sessions: dict[int, Session] = {}
+        self._order = itertools.count()
 
     @property
     def has_free(self) -> bool:
         return len(self.running) < self.slots
 
-    def choose(self, seq: Sequence) -> tuple[int, int]:
-        """(slot, reusable prefix length) among free slots."""
+    def choose(self, seq: Sequence) -> int:
+        """A free slot: in the data replica holding the sequence's session blocks, else in the
+        replica with the most free blocks."""
         free = [s for s in range(self.slots) if s not in self.running]
-        session_slots = {slot for _, slot in self.sessions.values()}
-        best, best_len = -1, 0
-        for s in free:
-            n = common_prefix(self.tokens[s], seq.seq)
-            if n > best_len:
-                best, best_len = s, n
-        if best < 0 or best_len == 0:
-            best = min(free, key=lambda s: (s in session_slots, self.used[s]))
-            best_len = 0
-        # At least the last prompt token is recomputed: its logits pick the first new token.
-        return best, min(best_len, len(seq.seq) - 1)
+        session = self.sessions.get(seq.req.session_id) if seq.req.session_id is not None else None
+        if session is not None and session.held is not None:
+            mine = [s for s in free if self.blocks.held[s].replica == session.held.replica]
+            if mine:
+                return mine[0]
+        return max(free, key=lambda s: (self.blocks.num_free(s), -s))
 
-    def place(self, seq: Sequence, slot: int, reuse: int) -> None:
-        seq.slot, seq.prefilled, seq.cached = slot, reuse, reuse
-        self.tokens[slot] = seq.seq[:reuse]
+    def place(self, seq: Sequence, slot: int) -> None:
+        """Put ``seq`` in ``slot`` with the KV it can reuse: its session's blocks, or the cached
+        blocks of its prompt's prefix. At least the last prompt token is computed: its logits
+        pick the first new token. A prompt being scored is computed whole."""
+        seq.slot, seq.admitted = slot, next(self._order)
+        limit = 0 if seq.params.prompt_logprobs is not None else len(seq.seq) - 1
+        session = self.sessions.get(seq.req.session_id) if seq.req.session_id is not None else None
+        reuse = 0
+        if session is not None and session.held is not None:
+            if session.held.replica == self.blocks.held[slot].replica and limit > 0:
+                reuse = self.blocks.attach(slot, session.held, min(session.valid, limit))
+            else:
+                self.blocks.release(session.held)
+            session.held = None
+        if reuse == 0:
+            reuse = self.blocks.match_prefix(slot, seq.seq, limit)
+        seq.prefilled = seq.cached = reuse
         self.running[slot] = seq
 
-    def longest_running_prefix(self, seq: Sequence, limit: int) -> tuple[int, int]:
-        """(slot, length) of the running sequence whose slot holds the longest prefix of
-        ``seq`` (at most ``limit``), or (-1, 0)."""
-        best_slot, best = -1, 0
-        for other in self.running.values():
-            if other is not seq:
-                n = min(common_prefix(self.tokens[other.slot], seq.seq), limit)
-                if n > best:
-                    best_slot, best = other.slot, n
-        return best_slot, best
-
     def release(self, seq: Sequence, keep_session: bool) -> None:
-        """Free the sequence's slot. The slot keeps the KV of everything written to it: the
-        last sampled token never was."""
+        """Free the sequence's slot. Its full blocks of known tokens stay cached; the last
+        sampled token's KV was never written (or was, by a step queued ahead: not counted)."""
         self.running.pop(seq.slot, None)
-        written = seq.prefilled + max(len(seq.generated) - 1, 0)
-        self.tokens[seq.slot] = (seq.seq + seq.generated)[:written]
-        self.used[seq.slot] = time.monotonic()
-        if seq.req.session_id is not None and keep_session:
-            self.sessions[seq.req.session_id] = (seq.seq + seq.generated, seq.slot)
+        tokens = seq.seq + seq.generated
+        valid = min(seq.prefilled, len(tokens))
+        self.blocks.commit(seq.slot, tokens, valid)
+        sid = seq.req.session_id
+        if sid is not None and keep_session:
+            self.sessions[sid] = Session(tokens, self.blocks.detach(seq.slot), valid, time.monotonic())
+        else:
+            self.blocks.free(seq.slot)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take the sequence's blocks back; it keeps its slot and is recomputed from its tokens
+        (its prompt and what it generated) when blocks are free again."""
+        tokens = seq.seq + seq.generated
+        self.blocks.commit(seq.slot, tokens, min(seq.prefilled, len(tokens)))
+        self.blocks.free(seq.slot)
+        seq.prefilled = 0
+        seq.preempted += 1
+
+    def evict_session(self, replica: int) -> bool:
+        """Give the blocks of the least recently used idle session of ``replica`` back to the
+        pool (its tokens are kept: its next turn recomputes them). False when none holds any."""
+        idle = [s for s in self.sessions.values() if s.held is not None and s.held.replica == replica]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: s.used)
+        self.blocks.release(oldest.held)
+        oldest.held = None
+        return True
 
     def forget(self, slot: int) -> None:
-        """The slot's KV is not what the table says (a step failed): reuse none of it."""
-        self.tokens[slot] = []
+        """The slot's KV is not what the tables say (a step failed): free its blocks, and forget
+        every cached prefix and session's KV (registered by the plans of that step)."""
+        self.blocks.free(slot)
+        for session in self.sessions.values():
+            if session.held is not None:
+                self.blocks.release(session.held)
+                session.held = None
+        self.blocks.clear_cache()
 
     def history(self, session_id: int | None) -> list[int]:
         entry = self.sessions.get(session_id) if session_id is not None else None
-        return list(entry[0]) if entry else []
+        return list(entry.tokens) if entry else []
 
     def end_session(self, session_id: int) -> None:
         entry = self.sessions.pop(session_id, None)
-        if entry:
-            self.used[entry[1]] = 0.0  # first to be reused
+        if entry and entry.held is not None:
+            self.blocks.release(entry.held)

@@ -1,5 +1,5 @@
 """The jitted step bodies: prefill (chunks of several sequences in one call), decode, writing
-a slot's sampling row, copying KV blocks. The KV cache and sampling state are donated to
+a slot's sampling row. The KV cache and sampling state are donated to
 every step, so XLA updates them in place; anything that changes per request is an array
 argument, never a static one (``span`` is a bucket; the block tables are an array)."""
 
@@ -15,15 +15,6 @@ from model import transformer
 from model.backends import Backend
 from model.config import ModelConfig
 from service import sampling as smp
-
-
-def copy_blocks(cache, src, dst):
-    """Blocks ``src`` (n,) of every layer's K and V pools into blocks ``dst`` (n,), ids
-    counted over all replicas' pools (in place when donated)."""
-    def copy(x):
-        flat = x.reshape(-1, *x.shape[2:])
-        return flat.at[dst].set(flat[src]).reshape(x.shape)
-    return [tuple(copy(x) for x in kv) for kv in cache]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,12 +90,11 @@ class Steps:
         return cache, sampling, out
 
     def jitted(self, cache_sh=None, sampling_sh=None, out_sh=None):
-        """(prefill, decode, set_row, copy_blocks, score) jitted, with the state donated and, on
+        """(prefill, decode, set_row, score) jitted, with the state donated and, on
         a mesh, every output committed to its placement."""
         step_out = None if self.plan is None else (cache_sh, sampling_sh, out_sh)
         prefill = jax.jit(self.prefill, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
         decode = jax.jit(self.decode, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
         set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=sampling_sh)
-        copy = jax.jit(copy_blocks, donate_argnums=(0,), out_shardings=cache_sh)
         score = jax.jit(self.score, out_shardings=out_sh)
-        return prefill, decode, set_row, copy, score
+        return prefill, decode, set_row, score
