@@ -14,9 +14,10 @@ running sequences' decode rows. Several short prompts that arrive together are a
 in one step, so the running batch reaches its full width sooner; a long prompt takes one chunk
 per step and never stalls decoding for longer than that. After the first chunk of a step, a
 prompt is taken only if all of it fits what is left, so no prompt is cut into a small tail
-that costs a call of its own. A prompt whose next blocks an earlier prompt is about to compute
-(a shared system prompt, n > 1 samples of one prompt) waits for them and then takes them from
-the prefix cache, by reference, instead of computing them twice.
+that costs a call of its own. A prompt takes the blocks of its prefix that earlier prompts
+registered (a shared system prompt, n > 1 samples of one prompt) when its next chunk is
+planned, by reference, and computes only the rest: the earlier prompt's chunk comes first in
+the same call or an earlier one.
 
 Chunks go to the device packed, several prompts per call where the backend can
 (``prompts_per_call``): one pass over the weights for all of them. The decode rows ride along
@@ -32,7 +33,7 @@ from typing import Callable
 
 from service.engine.plan import Chunk, Decode, Prefill, StepPlan
 from service.engine.request import Sequence
-from service.engine.slots import SlotTable, common_prefix
+from service.engine.slots import SlotTable
 
 
 class Scheduler:
@@ -195,15 +196,13 @@ class Scheduler:
         pack: list[Chunk] = []
         total = 0
         pending = self._pending()
-        for i, seq in enumerate(pending):
+        for seq in pending:
             if budget - total <= 0:
                 break
             if any(c.owner is seq for c in pack):
                 continue
             self._take_cached(seq)
             if not seq.pending:
-                continue
-            if self._awaits_earlier(seq, pending[:i]):
                 continue
             remaining = seq.target - seq.prefilled
             if (pack or not first) and remaining > budget - total:
@@ -241,17 +240,3 @@ class Scheduler:
             if not seq.preempted:
                 seq.cached += got - seq.prefilled
             seq.prefilled = got
-
-    def _awaits_earlier(self, seq: Sequence, earlier: list[Sequence]) -> bool:
-        """Whether an earlier prompt still has to compute a whole block more of this one's
-        prefix: then this one waits and takes those blocks from the cache."""
-        if seq.params.prompt_logprobs is not None or seq.generated:
-            return False
-        size = self.blocks.block_size
-        for other in earlier:
-            if other.generated or self.blocks.held[other.slot].replica != self.blocks.held[seq.slot].replica:
-                continue
-            shared = min(common_prefix(other.seq, seq.seq), len(seq.seq) - 1) // size * size
-            if shared > seq.prefilled and other.prefilled < shared:
-                return True
-        return False
