@@ -63,7 +63,8 @@ def forward(
     """
     if tables is None:
         pool = cache[0][0]
-        tables = identity_tables(tokens.shape[0], pool.shape[1] * pool.shape[2] // tokens.shape[0], pool.shape[2])
+        tables = identity_tables(tokens.shape[0], (pool.shape[1] - 1) * pool.shape[2] // tokens.shape[0],
+                                 pool.shape[2])
     x = params["embed"].lookup(tokens)  # (B, T, D)
     if cfg.embed_scale is not None:  # Gemma: sqrt(D), rounded to the activations' dtype as HF does
         x = x * jnp.asarray(cfg.embed_scale, dtype=x.dtype)

@@ -39,7 +39,7 @@ def test_kernel_matches_xla_attention_with_padding_rows(heads, kv_heads):
         "wo": Dense(jnp.asarray(rng.standard_normal((heads, h, d)) * 0.2, jnp.float32)),
     }
     per_slot = -(-(session + 1) // 16)
-    shape = (1, slots * per_slot, 16, kv_heads, h)
+    shape = (1, slots * per_slot + 1, 16, kv_heads, h)  # and the block padding writes to
     kv = (jnp.asarray(rng.standard_normal(shape), jnp.float32),
           jnp.asarray(rng.standard_normal(shape), jnp.float32))
     tables = jnp.asarray(rng.permutation(slots * per_slot).reshape(slots, per_slot), jnp.int32)

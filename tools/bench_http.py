@@ -43,8 +43,11 @@ def text(rng: np.random.Generator, words: int) -> str:
     return " ".join(rng.choice(WORDS, words))
 
 
+MODEL = ["default"]  # the served model's name, read from /v1/models
+
+
 async def chat(client: httpx.AsyncClient, url: str, messages: list, max_tokens: int, clock: dict, key):
-    body = {"model": "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+    body = {"model": MODEL[0], "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
@@ -152,6 +155,7 @@ def main(argv=None) -> int:
         log = Path("/tmp") / f"bench_http_{os.getpid()}.log"
         proc, url = start(args.tree, log, args.server_args)
     try:
+        MODEL[0] = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         asyncio.run(burst(url, 4, 4, 0))  # settle
         idle_rss = rss_mib(proc.pid) if proc else None
         bursts = [asyncio.run(burst(url, args.chats, args.output_len, 1 + i)) for i in range(args.repeat)]

@@ -14,7 +14,10 @@ Two backends share one interface (``Backend``):
 The KV cache is paged: per layer a pool of fixed-size blocks, and a block table per sequence
 (a row of ``tables``, (slots, max blocks) int32) naming the block of each ``block_size``
 positions. Position p of table row r is at offset ``p % block_size`` of block
-``tables[r, p // block_size]``; an entry of -1 holds no block (writes there are dropped).
+``tables[r, p // block_size]``; an entry of -1 holds no block. Each pool has one block more
+than it hands out, its last: padding tokens (and positions with no block) write there, so
+every write is in bounds (a scatter that may drop a write reads the old value to keep it, and
+XLA then copies the whole pool for a one-row step).
 
 The model (``model.transformer``) calls ``backend.write_kv`` and ``backend.attend`` and the
 weights' own ``apply``/``lookup``; it never asks which backend it runs on.
@@ -84,10 +87,11 @@ class Backend(abc.ABC):
 
     def init_cache(self, cfg: ModelConfig, num_blocks: int, block_size: int, storage: Any = None,
                    replicas: int = 1) -> list:
-        """Per-layer (k, v) block pools, each (replicas, num_blocks, block_size, K, entries per
-        head): every data replica its own pool and block ids."""
+        """Per-layer (k, v) block pools, each (replicas, num_blocks + 1, block_size, K, entries
+        per head): every data replica its own pool and block ids, and its own last block for
+        padding's writes (never in a table)."""
         storage = jnp.dtype(storage or self.cache_dtype(cfg))
-        shape = (replicas, num_blocks, block_size, cfg.num_kv_heads, self.cache_head_size(cfg.head_dim, storage))
+        shape = (replicas, num_blocks + 1, block_size, cfg.num_kv_heads, self.cache_head_size(cfg.head_dim, storage))
         return [(jnp.zeros(shape, storage), jnp.zeros(shape, storage)) for _ in range(cfg.num_layers)]
 
     @abc.abstractmethod
@@ -113,23 +117,31 @@ class Backend(abc.ABC):
 def flat_slots(tables: jax.Array, rows: jax.Array, positions: jax.Array, replicas: int, replica_blocks: int,
                block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Each token's (replica, block, offset) in a (replicas, blocks, block_size, ...) pool, the
-    block past the pool's end (so the write is dropped) for padding: a row out of range, a
-    position with no block. ``rows`` and ``positions`` share a shape; table row r belongs to
-    replica ``r // (slots / replicas)``."""
+    pool's last block (no table's: padding's) for a row out of range or a position with no
+    block. ``rows`` and ``positions`` share a shape; table row r belongs to replica
+    ``r // (slots / replicas)``."""
     slots, max_blocks = tables.shape
     index = positions // block_size
     valid = (rows >= 0) & (rows < slots) & (index < max_blocks) & (positions >= 0)
     block = tables[jnp.clip(rows, 0, slots - 1), jnp.clip(index, 0, max_blocks - 1)]
     valid &= block >= 0
     replica = jnp.clip(rows, 0, slots - 1) // (slots // replicas)
-    return replica, jnp.where(valid, block, replica_blocks), positions % block_size
+    return replica, jnp.where(valid, block, replica_blocks - 1), positions % block_size
 
 
 def scatter_kv(pool: jax.Array, values: jax.Array, index: tuple) -> jax.Array:
     """values (..., K, E) into a (replicas, blocks, block_size, K, E) pool at each token's
-    (replica, block, offset) (``flat_slots``); a block out of range is dropped. In place when
-    the pool is donated."""
-    return pool.at[index].set(values.astype(pool.dtype), mode="drop")
+    (replica, block, offset) (``flat_slots``: always in bounds). In place when the pool is
+    donated."""
+    index = tuple(i.reshape(-1) for i in index)
+    values = values.astype(pool.dtype).reshape(index[0].shape[0], *pool.shape[3:])
+    if values.shape[0] == 1:
+        # One row more, to the padding block: XLA turns a one-row scatter into a
+        # dynamic-update-slice that reads the old row apart, and copies the whole pool for it.
+        index = tuple(jnp.concatenate([i, jnp.asarray([last], i.dtype)])
+                      for i, last in zip(index, (0, pool.shape[1] - 1, 0)))
+        values = jnp.concatenate([values, jnp.zeros_like(values)])
+    return pool.at[index].set(values, mode="promise_in_bounds")
 
 
 def select(sharded: bool, cfg: ModelConfig | None = None) -> Backend:
