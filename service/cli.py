@@ -128,6 +128,8 @@ def _available_memory() -> float:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    log.warning("could not read the free memory (no device statistics, no /proc/meminfo): sizing the KV "
+                "cache as if 8 GiB were free; set --cache-max-entry-count to a token count to choose")
     return 8 * 2**30
 
 
