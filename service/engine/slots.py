@@ -19,14 +19,6 @@ from service.engine.blocks import BlockManager, Held
 from service.engine.request import Sequence
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 @dataclasses.dataclass
 class Session:
     tokens: list[int]  # every token of its turns so far
