@@ -61,16 +61,21 @@ def test_bundled_model_tokens_equal_the_slot_row_engines(default_checkpoint, mon
     assert snap["cached_tokens"] > 0  # the repeated prompt and the system prompt hit blocks
 
 
-def test_bundled_model_on_a_tp2_dp2_mesh_equals_the_slot_row_engines(default_checkpoint):
+@pytest.mark.parametrize("pool", ["default", "tiny"])
+def test_bundled_model_on_a_tp2_dp2_mesh_equals_the_slot_row_engines(default_checkpoint, pool):
     """Each data replica its own pool and block ids, KV heads over ``model``: XLA's recorded
-    tokens again."""
+    tokens again; with ``tiny``, 4 blocks of 32 per replica for its 2 slots, so sequences are
+    preempted within their replica."""
     from service.engine import Engine
     from service.models import build_runner
 
-    runner, tokenizer = build_runner(default_checkpoint, 4, 512, tp=2, dp=2)
+    runner, tokenizer = build_runner(default_checkpoint, 4, 512, tp=2, dp=2,
+                                     num_blocks=4 if pool == "tiny" else None)
     assert runner.replicas == 2 and runner.cache[0][0].shape[0] == 2
-    got = _replay(Engine(runner, tokenizer))
+    engine = Engine(runner, tokenizer)
+    got = _replay(engine)
     assert got == RECORDED["xla"]
+    assert (engine.snapshot()["preemptions"] > 0) == (pool == "tiny")
 
 
 # -- a tiny model ---------------------------------------------------------------------------
