@@ -169,7 +169,8 @@ def main(argv=None) -> int:
         print(f"{args.shared_chats} chats behind one ~{args.shared_len}-token system prompt: TTFT median "
               f"{statistics.median(s['shared'] for s in shared):.2f} s; distinct system prompts "
               f"{statistics.median(s['distinct'] for s in shared):.2f} s; ratio "
-              f"{statistics.median(s['ratio'] for s in shared):.3f} (runs {', '.join('%.3f' % s['ratio'] for s in shared)})")
+              f"{statistics.median(s['ratio'] for s in shared):.3f} "
+              f"(runs {', '.join('%.3f' % s['ratio'] for s in shared)})")
         if proc:
             print(f"server RSS: {idle_rss:.0f} MiB after start, {rss_mib(proc.pid):.0f} MiB after the runs")
             kv = re.findall(r"KV cache [^\n]*", log.read_text())

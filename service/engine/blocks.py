@@ -208,7 +208,9 @@ class BlockManager:
         blocks registered) takes cached blocks for what follows, up to ``limit`` positions.
         Returns the new computed count."""
         held, pool = self.held[slot], self.pool(slot)
-        if start % self.block_size or len(held.hashes) * self.block_size != start or len(held.blocks) * self.block_size > start:
+        size = self.block_size
+        # Only from a block boundary, every block before it registered and none past it.
+        if start % size or len(held.hashes) * size != start or len(held.blocks) * size > start:
             return start
         parent = held.hashes[-1] if held.hashes else b""
         at = start

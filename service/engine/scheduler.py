@@ -73,7 +73,8 @@ class Scheduler:
         need: dict[int, int] = {}
         for slot, tokens in wants:
             replica = self.blocks.held[slot].replica
-            need[replica] = need.get(replica, 0) + max(0, self.blocks.blocks_for(tokens) - len(self.blocks.held[slot].blocks))
+            more = self.blocks.blocks_for(tokens) - len(self.blocks.held[slot].blocks)
+            need[replica] = need.get(replica, 0) + max(0, more)
         return all(n <= self.blocks.pools[r].num_free for r, n in need.items())
 
     def schedule(self, inflight: list[Sequence] | None = None) -> StepPlan:
