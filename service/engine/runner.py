@@ -300,7 +300,7 @@ class ModelRunner:
         shapes = self.shapes.warmup_shapes()
         self.set_slot(0, smp.SamplingParams(), [0], 0)
         # Nothing is cached yet: every position of every slot may land in block 0.
-        tables = np.zeros_like(self.shapes.no_tables)
+        tables = np.zeros((self.slots, self.max_blocks), np.int32)
         for i, shape in enumerate(shapes):
             if progress:
                 progress(i, len(shapes), shape)

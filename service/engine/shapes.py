@@ -53,11 +53,6 @@ class StepShapes:
         return -(-self.session_len // self.block_size) * self.block_size
 
     @functools.cached_property
-    def no_tables(self) -> np.ndarray:
-        """Block tables with no blocks (every write dropped)."""
-        return np.full((self.slots, self.pad_position // self.block_size), -1, np.int32)
-
-    @functools.cached_property
     def prefill_sizes(self) -> list[int]:
         return _doubling(16, self.max_chunk)
 
