@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 import msgspec
 from litestar import Request
 from litestar.di import NamedDependency
+from litestar.response import Stream
 
 from model.chat_template import ChatTemplateError, render
 from service import protocol as p
@@ -47,6 +48,17 @@ class State:
 
 
 Ctx = NamedDependency[State]  # injected into every handler as ``ctx``
+
+
+class OwnTypeStream(Stream):
+    """A stream that keeps its own media type. Litestar 2 gives a streamed response its route's
+    media type (JSON by default) over the one the response names, so without this an event
+    stream went out as ``application/json``, which a gateway or browser then does not treat as
+    server-sent events."""
+
+    def to_asgi_response(self, *args, **kwargs):
+        kwargs["media_type"] = self.media_type
+        return super().to_asgi_response(*args, **kwargs)
 
 
 def require_engine(ctx: State) -> Engine:

@@ -8,11 +8,11 @@ from typing import Any
 import msgspec
 from litestar import Request, post
 from litestar.params import JSONBody
-from litestar.response import Stream
 
 from service import protocol as p
 from service.errors import InvalidRequest, ServiceError
-from service.routes.common import Ctx, error_body, fan_in, require_engine, session_turn_ids, unless_disconnected
+from service.routes.common import (Ctx, OwnTypeStream, error_body, fan_in, require_engine, session_turn_ids,
+                                   unless_disconnected)
 
 
 @post("/v1/chat/interactive", summary="Interactive chat with server-side sessions (LMDeploy)",
@@ -56,7 +56,7 @@ async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, reque
             except ServiceError as e:
                 yield msgspec.json.encode(error_body(e)) + b"\n"
 
-        return Stream(lines(), media_type="application/x-ndjson")
+        return OwnTypeStream(lines(), media_type="application/x-ndjson")
     text, last = "", None
 
     async def gather() -> None:

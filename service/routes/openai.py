@@ -9,21 +9,20 @@ from typing import Any, AsyncIterator
 
 from litestar import Request, get, post
 from litestar.params import JSONBody
-from litestar.response import Stream
 
 from service import protocol as p
 from service.engine import Engine, Output
 from service.chat import Answer, call_deltas, call_out, tool_plan
 from service.errors import InvalidRequest
 from service.parsers import ReasoningParser
-from service.routes.common import (Ctx, chat_prompt, chat_template, check_model, fan_in, require_engine, sse,
-                                   sse_stream, token_str, unless_disconnected, usage)
+from service.routes.common import (Ctx, OwnTypeStream, chat_prompt, chat_template, check_model, fan_in,
+                                   require_engine, sse, sse_stream, token_str, unless_disconnected, usage)
 from service import structured
 from service.structured import GrammarError
 
 
-def _stream(chunks: AsyncIterator[bytes]) -> Stream:
-    return Stream(sse_stream(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _stream(chunks: AsyncIterator[bytes]) -> OwnTypeStream:
+    return OwnTypeStream(sse_stream(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @get("/v1/models", summary="List served models")
