@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ServerSettings", "State", "create_app"]
 
 ROUTES = [openai.list_models, openai.chat_completions, openai.completions, interactive.chat_interactive,
-          ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics]
+          ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics, ops.loads]
 
 
 # -- errors: one handler per type --------------------------------------------------------------

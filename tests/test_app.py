@@ -122,3 +122,54 @@ def test_an_adapter_that_is_not_served_is_refused_by_name(engine):
         r = c.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 2, "adapter_name": "lora1"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "adapter_name"
         assert c.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 2}).status_code == 200
+
+
+def test_streams_say_their_own_content_type(engine):
+    """An event stream must be served as text/event-stream (a gateway in front passes an
+    SSE error event only into a stream it knows is one), and interactive's lines as NDJSON."""
+    with client(engine) as c:
+        for path, body, media in (("/v1/chat/completions", CHAT, "text/event-stream"),
+                                  ("/v1/completions", {"prompt": "hi", "max_tokens": 2}, "text/event-stream"),
+                                  ("/v1/chat/interactive", {"prompt": "hi", "request_output_len": 2},
+                                   "application/x-ndjson")):
+            with c.stream("POST", path, json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].split(";")[0] == media, path
+                r.read()
+
+
+def test_loads_report_running_waiting_and_kv_usage(engine):
+    """/v1/loads, which the proxy's gateway balances on: the same counts as /metrics, in
+    SGLang's fields; sections it does not have are left out, unknown ones refused."""
+    import threading
+    import time
+
+    from service.sampling import SamplingParams
+
+    with client(engine) as c:
+        idle = c.get("/v1/loads", params={"include": "core,disagg,queues,memory"}).json()
+        assert idle["dp_rank_count"] == 1 and len(idle["loads"]) == 1
+        load = idle["loads"][0]
+        assert (load["num_running_reqs"], load["num_waiting_reqs"], load["num_used_tokens"]) == (0, 0, 0)
+        assert load["max_total_num_tokens"] == engine.blocks.total_blocks() * engine.blocks.block_size
+        assert load["max_running_requests"] == 2
+        # A request held mid-generation: running, and its blocks in use.
+        gate, seen = threading.Event(), []
+
+        def emit(out):
+            seen.append(out)
+            gate.wait(30)
+
+        engine.submit([5, 6, 7, 8], SamplingParams(max_tokens=50, ignore_eos=True), emit)
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = c.get("/v1/loads").json()
+        gate.set()
+        load = busy["loads"][0]
+        assert load["num_running_reqs"] == 1 and load["num_total_reqs"] == 1
+        assert load["num_used_tokens"] >= engine.blocks.block_size
+        assert load["token_usage"] == pytest.approx(load["num_used_tokens"] / load["max_total_num_tokens"])
+        assert busy["aggregate"]["total_running_reqs"] == 1
+        r = c.get("/v1/loads", params={"include": "core,bogus"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "include"

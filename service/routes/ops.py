@@ -1,9 +1,13 @@
-"""Operational routes: tokenize / detokenize / LMDeploy's encode, health and metrics."""
+"""Operational routes: tokenize / detokenize / LMDeploy's encode, health, metrics and the load
+report a gateway balances on."""
 
 from __future__ import annotations
 
+import datetime
+
+import msgspec
 from litestar import Response, get, post
-from litestar.params import JSONBody
+from litestar.params import FromQuery, JSONBody
 
 from service import protocol as p
 from service.errors import InvalidRequest
@@ -59,6 +63,67 @@ async def health(ctx: Ctx) -> Response:
     if not ctx.engine.is_alive(ctx.settings.stall_timeout):
         return Response({"status": "engine stalled"}, status_code=503)
     return Response({"status": "ok"}, status_code=200)
+
+
+class SchedulerLoad(msgspec.Struct):
+    """One data-parallel rank's load, in the fields SGLang's ``/v1/loads`` uses (the gateway in
+    front of replicas, ``xlaserve serve proxy``, reads them). The engine reports its data
+    replicas together, as rank 0: it places each request in a replica itself."""
+
+    dp_rank: int
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_total_reqs: int
+    num_used_tokens: int  # KV positions in blocks that requests and sessions reference
+    max_total_num_tokens: int  # the KV pool's positions, all replicas together
+    max_running_requests: int  # decode slots
+    token_usage: float  # num_used_tokens / max_total_num_tokens
+    cache_hit_rate: float  # cached prompt tokens / all prompt tokens since start
+
+
+class LoadAggregate(msgspec.Struct):
+    total_running_reqs: int
+    total_waiting_reqs: int
+    total_reqs: int
+    total_tokens: int
+    avg_token_usage: float
+
+
+class LoadsResponse(msgspec.Struct):
+    timestamp: str
+    version: str
+    dp_rank_count: int
+    loads: list[SchedulerLoad]
+    aggregate: LoadAggregate
+
+
+# Sections a caller may ask for with ?include=: "core" is what this server has; the others
+# (SGLang's disaggregation, queue and memory breakdowns) have no counterpart here and are left
+# out of the answer, as SGLang leaves out sections it does not run.
+LOAD_SECTIONS = {"core", "all", "queues", "memory", "disagg", "speculative", "lora"}
+
+
+@get("/v1/loads", summary="Running and waiting requests and KV usage, for a gateway's balancing")
+async def loads(ctx: Ctx, include: FromQuery[str] = "core") -> LoadsResponse:
+    engine = require_engine(ctx)
+    unknown = sorted(set(include.split(",")) - LOAD_SECTIONS)
+    if unknown:
+        raise InvalidRequest(f"include: unknown section {unknown[0]!r}; one of {sorted(LOAD_SECTIONS)}",
+                             param="include")
+    snap = engine.snapshot()
+    running, waiting = int(snap["running"]), int(snap["waiting"])
+    used, capacity = int(snap["kv_tokens"]), int(snap["kv_capacity"])
+    prompt = snap["prompt_tokens"] + snap["cached_tokens"]
+    usage = used / capacity if capacity else 0.0
+    load = SchedulerLoad(dp_rank=0, num_running_reqs=running, num_waiting_reqs=waiting,
+                         num_total_reqs=running + waiting, num_used_tokens=used, max_total_num_tokens=capacity,
+                         max_running_requests=engine.runner.slots, token_usage=usage,
+                         cache_hit_rate=snap["cached_tokens"] / prompt if prompt else 0.0)
+    return LoadsResponse(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(), version="xlaserve",
+                         dp_rank_count=1, loads=[load],
+                         aggregate=LoadAggregate(total_running_reqs=running, total_waiting_reqs=waiting,
+                                                 total_reqs=running + waiting, total_tokens=used,
+                                                 avg_token_usage=usage))
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
