@@ -22,7 +22,7 @@ class CLIError(Exception):
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax"):
+    for noisy in ("absl", "jax._src", "orbax", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -307,11 +307,23 @@ def cmd_api_server(args) -> None:
         return
     url = f"http://{args.server_name}:{args.server_port}"
     failure: list[BaseException] = []
+    registrar = None
+    if args.proxy_url:
+        from service.registration import Registrar, advertised_host
+
+        if not args.proxy_url.startswith(("http://", "https://")):
+            raise CLIError(f"--proxy-url {args.proxy_url}: the proxy's http(s) URL")
+        node = f"http://{advertised_host(args.server_name, args.proxy_url)}:{args.server_port}"
+        registrar = Registrar(args.proxy_url, node, settings.model_name,
+                              api_key=settings.api_keys[0] if settings.api_keys else None)
 
     def load():
         try:
             state.engine, _ = _load_engine(args, args.max_batch_size, warmup=True)
             print(f"xlaserve: serving {settings.model_name} at {url} (Swagger UI: {url}/)", flush=True)
+            if registrar is not None:  # /health answers 200 from here on
+                registrar.start()
+                server.before_drain = registrar.deregister
         except BaseException as e:  # reported by the main thread
             failure.append(e)
             server.should_exit = True
@@ -329,6 +341,49 @@ def cmd_api_server(args) -> None:
     if failure:
         e = failure[0]
         raise CLIError(str(e)) if isinstance(e, CLIError) else e
+
+
+def cmd_proxy(args) -> int:
+    import shlex
+
+    from service import proxy
+
+    binary = proxy.gateway_binary()
+    if binary is None:
+        raise CLIError(f"the proxy runs the SMG gateway, which is not installed: {proxy.INSTALL_HINT}")
+    policy = proxy.LMDEPLOY_STRATEGIES.get(args.routing_strategy, args.routing_strategy)
+    if policy != args.routing_strategy:
+        log.info("--routing-strategy %s: the gateway's %s", args.routing_strategy, policy)
+    for url in args.worker_urls or ():
+        if not url.startswith(("http://", "https://")):
+            raise CLIError(f"--worker-urls {url}: an http(s) URL of an api_server")
+    try:
+        extra = shlex.split(args.gateway_args or "")
+    except ValueError as e:
+        raise CLIError(f"--gateway-args: {e}") from None
+    keys = tuple(args.api_keys or ())
+    port, metrics_port = _free_local_port(), _free_local_port()
+    gateway = proxy.Gateway(proxy.gateway_argv(binary, port, metrics_port, policy, args.log_level,
+                                               args.worker_urls or [], keys[0] if keys else None,
+                                               args.drain_timeout, extra))
+    gateway.start()
+    upstream = f"http://127.0.0.1:{port}"
+    try:
+        proxy.wait_listening(upstream, gateway)
+    except RuntimeError as e:
+        gateway.stop(5)
+        raise CLIError(str(e)) from None
+    print(f"xlaserve: proxy ({policy}) at http://{args.server_name}:{args.server_port}", flush=True)
+    return proxy.run(args.server_name, args.server_port, gateway, upstream, f"http://127.0.0.1:{metrics_port}",
+                     keys, args.log_level, args.drain_timeout)
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _json_file(path: str, flag: str):
@@ -459,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--warmup-only", action="store_true",
                    help="convert the model and compile every step shape into the cache, then exit "
                         "without serving (a container image's build runs this)")
+    a.add_argument("--proxy-url", default=None, metavar="URL",
+                   help="register with this proxy (xlaserve or LMDeploy serve proxy) once ready, "
+                        "again if it forgets us, and leave it first on SIGTERM")
     a.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds the running requests may take to finish before "
                         "they are aborted (default 30)")
@@ -484,20 +542,46 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--api-key", default=None, help="Bearer key for the api_server")
     gr.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     gr.set_defaults(func=cmd_gradio)
+    px = ssub.add_parser("proxy", help="one address for several api_servers (the SMG gateway, cache-aware)")
+    px.add_argument("--server-name", default="0.0.0.0", help="host to bind (default 0.0.0.0)")
+    px.add_argument("--server-port", type=int, default=8000, help="port (default 8000)")
+    px.add_argument("--routing-strategy", default="cache_aware",
+                    choices=[*proxy_policies(), "min_expected_latency", "min_observed_latency"],
+                    help="how a request picks a replica (default cache_aware: the replica that already "
+                         "holds the longest prefix of its text, unless that one is much busier); "
+                         "LMDeploy's min_expected_latency and min_observed_latency map to least_load "
+                         "and power_of_two")
+    px.add_argument("--worker-urls", nargs="*", default=None, metavar="URL",
+                    help="api_servers to serve from the start (more join with POST /nodes/add or "
+                         "api_server --proxy-url)")
+    px.add_argument("--api-keys", nargs="*", default=None,
+                    help="accepted Bearer keys; requests go on with the first, so give the replicas "
+                         "the same --api-keys")
+    px.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="on SIGTERM/SIGINT, seconds the running requests may take (default 30)")
+    px.add_argument("--gateway-args", default=None, metavar="ARGS",
+                    help="more flags for the gateway (`smg launch --help`), as one quoted string")
+    px.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    px.set_defaults(func=cmd_proxy)
     return parser
+
+
+def proxy_policies() -> tuple[str, ...]:
+    from service.proxy import POLICIES
+
+    return POLICIES
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CLIError as e:
         print(f"xlaserve: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":
