@@ -115,6 +115,11 @@ class Grammars:
                 self._executor = llg.LLExecutor(num_threads=2)
             return self._lltok
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (a piece of a UTF-8 character stays that piece; a special token
+        is its text), as llguidance's tokenizer, built from the same vocabulary, holds them."""
+        return self._tokenizer().decode_bytes([token_id])
+
     def check(self, grammar: str) -> None:
         """Compile ``grammar`` (or find it compiled); GrammarError says why it does not."""
         self._template(grammar)

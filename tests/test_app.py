@@ -173,3 +173,30 @@ def test_loads_report_running_waiting_and_kv_usage(engine):
         assert busy["aggregate"]["total_running_reqs"] == 1
         r = c.get("/v1/loads", params={"include": "core,bogus"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "include"
+
+
+def test_chat_logprob_bytes_are_the_tokens_own_bytes(engine, default_checkpoint):
+    """A token holding part of a UTF-8 character reports that part (as OpenAI does), not the
+    bytes of U+FFFD that its decoded text shows. The reference is the vocabulary itself: a
+    byte-level BPE token's characters map back to bytes through GPT-2's byte alphabet."""
+    import json
+
+    vocab = json.loads((default_checkpoint / "tokenizer.json").read_text())["model"]["vocab"]
+    alphabet = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = alphabet + [256 + n for n in range(256 - len(alphabet))]
+    byte_of = dict(zip(map(chr, chars), [*alphabet, *(b for b in range(256) if b not in alphabet)]))
+    def raw(text):
+        return bytes(byte_of[c] for c in text)
+
+    # A token made of the first two bytes of a 3-byte character: a leader and one continuation.
+    split = next(tid for text, tid in sorted(vocab.items(), key=lambda kv: kv[1])
+                 if len(text) == 2 and 0xE0 <= raw(text)[0] < 0xF0 and 0x80 <= raw(text)[1] < 0xC0)
+    want = list(raw(next(t for t, i in vocab.items() if i == split)))
+    with client(engine) as c:
+        r = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": 2,
+                                                 "logit_bias": {str(split): 100}})
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [t["bytes"] for t in content] == [want, want]
+    assert content[0]["token"] == "\ufffd"  # its text alone cannot show it
+    assert content[0]["top_logprobs"][0]["bytes"] == want

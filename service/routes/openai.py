@@ -36,12 +36,12 @@ def _chat_logprobs(engine: Engine, out: Output) -> p.ChoiceLogprobs | None:
     if not out.logprobs:
         return None
     content = []
+    raw = engine.grammars.token_bytes  # a token's own bytes: its decoded text loses a split character's
     for lp in out.logprobs:
-        s = token_str(engine, lp.token_id)
         content.append(p.TokenLogprobOut(
-            token=s, logprob=lp.logprob, bytes=list(s.encode()),
-            top_logprobs=[p.TopLogprob(token=token_str(engine, i), logprob=v,
-                                       bytes=list(token_str(engine, i).encode())) for i, v in lp.top]))
+            token=token_str(engine, lp.token_id), logprob=lp.logprob, bytes=list(raw(lp.token_id)),
+            top_logprobs=[p.TopLogprob(token=token_str(engine, i), logprob=v, bytes=list(raw(i)))
+                          for i, v in lp.top]))
     return p.ChoiceLogprobs(content=content)
 
 
