@@ -414,13 +414,18 @@ def run(host: str, port: int, gateway: Gateway, upstream: str, metrics: str, api
     import uvicorn
 
     class Server(uvicorn.Server):
+        signalled = False
+
         def handle_exit(self, sig, frame) -> None:
-            if gateway.proc.poll() is None and not self.should_exit:
+            if not self.signalled and gateway.proc.poll() is None:
+                self.signalled = True
                 log.info("signal %d: passed to the gateway, which finishes its requests (up to %.0f s)",
                          sig, drain_timeout)
                 gateway.signal(sig)  # the shim stops once the gateway has exited
-            else:
-                super().handle_exit(sig, frame)
+                return
+            if gateway.proc.poll() is None:  # a second signal: stop now, as uvicorn does
+                gateway.proc.kill()
+            super().handle_exit(sig, frame)
 
     config = uvicorn.Config(Shim(upstream, metrics, api_keys), host=host, port=port, log_level=log_level.lower(),
                             lifespan="on", timeout_graceful_shutdown=5)
