@@ -293,6 +293,7 @@ def cmd_api_server(args) -> None:
         checkpoint, _ = resolve(args.model, args.dtype)
         load_config(checkpoint)
         settings.defaults, fields = generation_defaults(checkpoint, args.generation_config)
+        settings.default_fields = frozenset(fields)
     except (ModelSourceError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     # Precedence: the request's value, then these, then OpenAI's defaults.

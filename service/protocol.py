@@ -8,8 +8,9 @@ Each request type's ``to_sampling_params`` is the one place it becomes engine se
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import msgspec
 
@@ -227,10 +228,12 @@ class InteractiveRequest(_Req):
     stream: bool = False
     stop: Union[str, list[str], None] = None
     request_output_len: int | None = None
-    top_p: float = 0.8
-    top_k: int = 40
-    temperature: float = 0.8
-    repetition_penalty: float = 1.0
+    # Left out, these take the server's sampling defaults (--generation-config) where it sets
+    # them, else ROUTE_DEFAULTS (LMDeploy's), else OpenAI's.
+    top_p: float | None = None
+    top_k: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     cancel: bool = False
@@ -238,8 +241,14 @@ class InteractiveRequest(_Req):
     adapter_name: str | None = None
     min_new_tokens: int | None = None
 
-    def to_sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
-        return _sampling(self, defaults, self.request_output_len, None)
+    ROUTE_DEFAULTS: ClassVar[dict[str, float]] = {"top_p": 0.8, "top_k": 40, "temperature": 0.8}
+
+    def to_sampling_params(self, defaults: SamplingParams | None = None,
+                           configured: frozenset[str] = frozenset()) -> SamplingParams:
+        """``configured``: the fields of ``defaults`` the server's configuration set."""
+        base = dataclasses.replace(defaults or SamplingParams(),
+                                   **{k: v for k, v in self.ROUTE_DEFAULTS.items() if k not in configured})
+        return _sampling(self, base, self.request_output_len, None)
 
 
 class TokenizeRequest(_Req):

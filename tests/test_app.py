@@ -200,3 +200,22 @@ def test_chat_logprob_bytes_are_the_tokens_own_bytes(engine, default_checkpoint)
     assert [t["bytes"] for t in content] == [want, want]
     assert content[0]["token"] == "\ufffd"  # its text alone cannot show it
     assert content[0]["top_logprobs"][0]["bytes"] == want
+
+
+def test_interactive_takes_the_servers_sampling_defaults(engine):
+    """One precedence on every route: the request, then the server's defaults
+    (--generation-config), then the route's own (interactive: LMDeploy's 0.8 / 40 / 0.8).
+    A server configured greedy answers interactive requests greedily, whatever their seed."""
+    from service.sampling import SamplingParams
+
+    body = {"prompt": "hi", "request_output_len": 8}
+
+    def texts(c, **extra):
+        return {c.post("/v1/chat/interactive", json={**body, "seed": seed, **extra}).json()["text"]
+                for seed in (1, 2, 3)}
+
+    with client(engine, defaults=SamplingParams(temperature=0.0), default_fields=frozenset({"temperature"})) as c:
+        assert len(texts(c)) == 1  # greedy: the server's temperature
+        assert len(texts(c, temperature=1.0)) == 3  # the request's value wins
+    with client(engine) as c:  # nothing configured: the route's 0.8 samples
+        assert len(texts(c)) == 3

@@ -30,6 +30,7 @@ class ServerSettings:
     chat_template: str | None = None  # overrides the checkpoint's
     meta_instruction: str | None = None  # default system prompt
     defaults: SamplingParams = SamplingParams()
+    default_fields: frozenset[str] = frozenset()  # the fields of ``defaults`` the configuration set
     allow_origins: tuple[str, ...] = ()
     allow_credentials: bool = False
     allow_methods: tuple[str, ...] = ("*",)

@@ -34,7 +34,7 @@ async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, reque
             engine.end_session(sid)
         return p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
                                      finish_reason="stop")
-    params = data.to_sampling_params(ctx.settings.defaults)
+    params = data.to_sampling_params(ctx.settings.defaults, ctx.settings.default_fields)
     messages = ([p.ChatMessage(role="user", content=data.prompt)] if isinstance(data.prompt, str)
                 else data.prompt)
     history = engine.session_history(sid) if (sid != -1 and data.interactive_mode) else []
