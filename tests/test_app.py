@@ -219,3 +219,18 @@ def test_interactive_takes_the_servers_sampling_defaults(engine):
         assert len(texts(c, temperature=1.0)) == 3  # the request's value wins
     with client(engine) as c:  # nothing configured: the route's 0.8 samples
         assert len(texts(c)) == 3
+
+
+def test_a_session_under_a_template_that_drops_replies_is_a_400(engine):
+    """A template that leaves assistant replies out cannot continue a session's cached
+    history: the second turn is a 400 that says so (it was a 500)."""
+    template = ("{% for m in messages %}{% if m.role != 'assistant' %}<{{ m.role }}>{{ m.content }}{% endif %}"
+                "{% endfor %}<assistant>")
+    with client(engine, chat_template=template) as c:
+        turn = {"prompt": "hi", "session_id": 7, "interactive_mode": True, "request_output_len": 2}
+        assert c.post("/v1/chat/interactive", json=turn).status_code == 200
+        r = c.post("/v1/chat/interactive", json=turn)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "interactive_mode"
+        assert "leaves earlier assistant replies out" in r.json()["error"]["message"]
+        c.post("/v1/chat/interactive", json={**turn, "interactive_mode": False, "request_output_len": 0})

@@ -117,7 +117,13 @@ def session_turn_ids(ctx: State, engine: Engine, messages: list[p.ChatMessage], 
     tok = engine.tokenizer
     marker = "\x00xlaserve-turn\x00"
     convo = [p.ChatMessage(role="user", content="x"), p.ChatMessage(role="assistant", content=marker), *messages]
-    turn = chat_prompt(ctx, engine, convo).split(marker, 1)[1]
+    rendered = chat_prompt(ctx, engine, convo)
+    if marker not in rendered:
+        raise InvalidRequest("this model's chat template leaves earlier assistant replies out of the prompt, so "
+                             "a session's history cannot be continued token for token; send the whole "
+                             "conversation to /v1/chat/completions, or interactive_mode: false",
+                             param="interactive_mode")
+    turn = rendered.split(marker, 1)[1]
     if history[-1] in tok.eos_ids and tok.eos_token and turn.startswith(tok.eos_token):
         turn = turn[len(tok.eos_token):]
     return tok.encode(turn, add_special_tokens=False)
