@@ -109,11 +109,10 @@ class SlotSampling:
 def row_values(p: SamplingParams, vocab: int, prompt_ids: Any, seed: int) -> dict[str, np.ndarray]:
     """Host-side values of one slot's row, for ``set_row``."""
     bias = np.zeros((vocab,), np.float32)
-    for token, value in p.logit_bias:
-        if 0 <= token < vocab:
-            bias[token] = value
+    for token, value in p.logit_bias:  # ids checked by the engine on submit
+        bias[token] = value
     seen = np.zeros((vocab,), bool)
-    seen[np.asarray(prompt_ids, dtype=np.int64) % vocab] = True
+    seen[np.asarray(prompt_ids, dtype=np.int64)] = True
     key = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed % 2**32)), dtype=np.uint32)
     return dict(temperature=np.float32(p.temperature), top_p=np.float32(p.top_p),
                 top_k=np.int32(min(p.top_k, vocab)), min_p=np.float32(p.min_p),

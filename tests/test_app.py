@@ -234,3 +234,33 @@ def test_a_session_under_a_template_that_drops_replies_is_a_400(engine):
         assert r.json()["error"]["param"] == "interactive_mode"
         assert "leaves earlier assistant replies out" in r.json()["error"]["message"]
         c.post("/v1/chat/interactive", json={**turn, "interactive_mode": False, "request_output_len": 0})
+
+
+def test_token_ids_outside_the_vocabulary_are_400s_naming_them(engine):
+    """They were wrapped modulo the vocabulary (prompt ids) or dropped (logit_bias)."""
+    from service.errors import InvalidRequest
+    from service.sampling import SamplingParams
+
+    vocab = engine.runner.cfg.vocab_size
+    with client(engine) as c:
+        r = c.post("/v1/completions", json={"prompt": [5, vocab + 7], "max_tokens": 2})
+        assert r.status_code == 400 and str(vocab + 7) in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "prompt"
+        r = c.post("/v1/chat/completions", json={**CHAT, "logit_bias": {str(vocab + 3): 5}})
+        assert r.status_code == 400 and str(vocab + 3) in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "logit_bias"
+    with pytest.raises(InvalidRequest, match=str(vocab)):  # the engine itself, for Python callers
+        engine.submit([1, vocab], SamplingParams(max_tokens=1), lambda out: None)
+
+
+def test_echo_only_completion_stream_honours_include_usage(engine):
+    import json
+
+    body = {"prompt": "hello there", "max_tokens": 0, "echo": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with client(engine) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["text"] == "hello there"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens"] == 2
+    assert events[-1]["usage"]["completion_tokens"] == 0

@@ -130,6 +130,7 @@ class Engine:
             raise Draining("the server is shutting down; send the request to another replica")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        check_token_ids(prompt_ids, params, self.runner.cfg.vocab_size)
         if session_id is None:
             self.check_prompt(len(prompt_ids), params)
         with self._count_lock:
@@ -324,3 +325,15 @@ class Engine:
                 req.emit(Output(finish_reason="error", prompt_tokens=len(seq.seq)))
                 continue
             self.table.place(seq, slot)
+
+
+def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab: int) -> None:
+    """Token ids a request names must be the model's: one outside is a 400 naming it (the
+    sampler indexes its rows with them)."""
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"prompt token id {bad} is not in the model's vocabulary [0, {vocab})", param="prompt")
+    bad = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"logit_bias: token id {bad} is not in the model's vocabulary [0, {vocab})",
+                             param="logit_bias")

@@ -210,8 +210,9 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     prompts = _completion_prompts(engine, data.prompt)
     vocab = engine.tokenizer.vocab_size
     for ids in prompts:
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is not in the vocabulary [0, {vocab})", param="prompt")
         engine.check_prompt(len(ids), params)
     engine.check_capacity(len(prompts) * data.n)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
@@ -234,6 +235,9 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
             async def echoes():
                 for choice in choices:
                     yield sse(p.CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+                if data.stream_options and data.stream_options.include_usage:
+                    yield sse(p.CompletionResponse(id=rid, created=created, model=model, choices=[],
+                                                   usage=usage(finals, data.n)))
             return _stream(echoes())
         return p.CompletionResponse(id=rid, created=created, model=model, choices=choices,
                                     usage=usage(finals, data.n))
