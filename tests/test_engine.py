@@ -471,3 +471,15 @@ def test_sampling_by_slot_rows_skips_nothing_a_row_needs():
     out = smp.sample(logits, s, steps, eos, top_n=3)
     assert not np.asarray(out[1]).any() and not np.asarray(out[3]).any()
     np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(logits).argmax(-1))
+
+
+def test_positions_past_the_rope_table_are_an_error_not_clipped(tiny, tokenizer):
+    """The step reads RoPE rows with clipping (for padding); a real token past --session-len
+    would silently reuse the last row, so the runner refuses it."""
+    engine = make_engine(tiny, tokenizer, session_len=64)
+    runner = engine.runner
+    runner.prefill(0, [5, 6, 7], start=61)  # positions 61..63: the table's last rows
+    with pytest.raises(ValueError, match="position 64 is past the 64 positions"):
+        runner.prefill(0, [5, 6], start=63)
+    with pytest.raises(ValueError, match="position 64"):
+        runner.decode([0], [5], [64], [1])

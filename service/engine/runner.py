@@ -219,6 +219,7 @@ class ModelRunner:
 
         A decode row can ride along as a one-token chunk (its last token at its position,
         ``last`` true, ``step`` its generated count): its sampled token is its next one."""
+        self._check_positions(max(c[2] + len(c[1]) for c in chunks) - 1)
         arrays, n, span = self.shapes.prefill_inputs(chunks, masks)
         out = self._prefill_step(self._tables(tables), arrays, n, span)
         sampled = tuple(None if x is None else _host(x) for x in out[:4])
@@ -235,6 +236,13 @@ class ModelRunner:
             out = (*out, *self._score(self.params, hidden, following, np.int32(n)))
         return out
 
+    def _check_positions(self, last: int) -> None:
+        """Every real token's position has a row in the RoPE table (``session_len`` rows): the
+        step looks positions up with clipping, which only padding may rely on."""
+        if last >= self.session_len:
+            raise ValueError(f"position {last} is past the {self.session_len} positions a sequence may hold "
+                             "(--session-len)")
+
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], steps: list[int]):
         """One step for the given slots (each with its last token, that token's position and
         the count of tokens it generated so far). Returns host arrays (tokens, logprobs,
@@ -249,6 +257,7 @@ class ModelRunner:
         then its sampled tokens feed this step on the device, so step t+1 is queued before
         the host has even looked at step t's tokens."""
         n = len(slots)
+        self._check_positions(max(positions))
         tables = self._tables(tables)
         pos, st, rows, allowed, where, span = self.shapes.decode_inputs(slots, positions, steps, masks)
         if isinstance(tokens, DecodeHandle):
