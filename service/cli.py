@@ -213,7 +213,7 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
 
 def cmd_generate(args) -> None:
     from model.chat_template import render
-    from service.sampling import InvalidSamplingParam, SamplingParams
+    from service.params import InvalidSamplingParam, SamplingParams
 
     leader = _check_parallel(args)
     _enable_compile_cache()

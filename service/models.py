@@ -75,7 +75,7 @@ def generation_defaults(checkpoint: Path, source: str = "auto"):
     (SamplingParams, the fields taken). Raises ModelSourceError naming a bad file or value."""
     import json
 
-    from service.sampling import InvalidSamplingParam, SamplingParams
+    from service.params import InvalidSamplingParam, SamplingParams
 
     if source == "none":
         return SamplingParams(), {}

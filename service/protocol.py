@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Union
 import msgspec
 
 from service.errors import InvalidRequest
-from service.sampling import InvalidSamplingParam, SamplingParams
+from service.params import InvalidSamplingParam, SamplingParams
 
 
 class _Req(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):

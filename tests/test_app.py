@@ -77,7 +77,7 @@ def test_health_fails_when_the_engine_thread_dies_or_stalls(engine):
     import threading
     import time
 
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     step, release, stuck = engine._step, threading.Event(), threading.Event()
 
@@ -144,7 +144,7 @@ def test_loads_report_running_waiting_and_kv_usage(engine):
     import threading
     import time
 
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     with client(engine) as c:
         idle = c.get("/v1/loads", params={"include": "core,disagg,queues,memory"}).json()
@@ -206,7 +206,7 @@ def test_interactive_takes_the_servers_sampling_defaults(engine):
     """One precedence on every route: the request, then the server's defaults
     (--generation-config), then the route's own (interactive: LMDeploy's 0.8 / 40 / 0.8).
     A server configured greedy answers interactive requests greedily, whatever their seed."""
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     body = {"prompt": "hi", "request_output_len": 8}
 
@@ -239,7 +239,7 @@ def test_a_session_under_a_template_that_drops_replies_is_a_400(engine):
 def test_token_ids_outside_the_vocabulary_are_400s_naming_them(engine):
     """They were wrapped modulo the vocabulary (prompt ids) or dropped (logit_bias)."""
     from service.errors import InvalidRequest
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     vocab = engine.runner.cfg.vocab_size
     with client(engine) as c:
@@ -264,3 +264,16 @@ def test_echo_only_completion_stream_honours_include_usage(engine):
     assert events[0]["choices"][0]["text"] == "hello there"
     assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens"] == 2
     assert events[-1]["usage"]["completion_tokens"] == 0
+
+
+def test_wire_types_and_clients_import_without_jax():
+    """protocol.py promises it never imports jax (clients and tools import it cheaply); it did,
+    through SamplingParams' module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, service.protocol, service.client, service.proxy, service.registration; "
+            "print(sorted(m for m in ('jax', 'jaxlib', 'flax') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

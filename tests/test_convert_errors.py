@@ -103,7 +103,7 @@ def test_generation_config_gives_the_server_defaults(default_checkpoint, tmp_pat
 
     from service.models import ModelSourceError, generation_defaults
     from service.protocol import ChatCompletionRequest
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     bundled = json.loads((default_checkpoint / "generation_config.json").read_text())
     assert bundled["temperature"] == 0.2 and bundled["top_p"] == 0.9 and bundled["eos_token_id"] is not None

@@ -424,7 +424,7 @@ def test_int8_cache_attends_like_its_dequantized_values(head_dim):
 def test_bfloat16_kv_cache_serves_like_float32(default_checkpoint):
     """A runner with ``kv_cache_dtype="bfloat16"`` stores half the bytes (bfloat16 bits in
     uint16, scattered in place) and greedy decoding follows the float32 cache's tokens."""
-    from service import sampling as smp
+    from service.params import SamplingParams
     from service.models import build_runner
 
     out = {}
@@ -432,7 +432,7 @@ def test_bfloat16_kv_cache_serves_like_float32(default_checkpoint):
         runner, tok = build_runner(default_checkpoint, 1, 128, kv_cache_dtype=kv)
         assert runner.cache[0][0].dtype == (jnp.float32 if kv == "float32" else jnp.uint16)
         prompt = tok.encode("The capital of France is")
-        runner.set_slot(0, smp.SamplingParams(temperature=0), prompt, 0)
+        runner.set_slot(0, SamplingParams(temperature=0), prompt, 0)
         token = int(runner.prefill(0, prompt, 0)[0][0])
         tokens = [token]
         for i in range(8):

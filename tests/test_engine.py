@@ -16,7 +16,7 @@ from service.engine import Engine, Request, Sequence
 from service.engine.output import apply_stop_strings
 from service.errors import ContextLengthExceeded, Overloaded
 from service.engine.runner import ModelRunner, compile_count
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 
 
 @pytest.fixture(scope="module")

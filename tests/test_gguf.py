@@ -99,7 +99,7 @@ def test_real_model_first_32_greedy_tokens_equal_transformers(hf_gguf, ours):
 
     from service.engine import Engine
     from service.engine.runner import ModelRunner
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     hf_tok, model = hf_gguf
     cfg, params, tok = ours
@@ -140,7 +140,7 @@ def test_prompt_logprobs_equal_transformers(hf_gguf, ours):
 
     from service.engine import Engine
     from service.engine.runner import ModelRunner
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     _, model = hf_gguf
     cfg, params, tok = ours

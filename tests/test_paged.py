@@ -14,7 +14,7 @@ import pytest
 
 from model.backends import cpu
 from service.errors import KVPoolExceeded
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "engine_recorded.json").read_text())
 

@@ -269,7 +269,7 @@ def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, cas
     """The serving path (a prompt prefilled into the cache, then one token per decode step,
     each position attended from the cache) gives transformers' greedy continuation."""
     from service.engine.runner import ModelRunner
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     if kernels and not cpu_kernels.available():
         pytest.skip("the CPU kernels do not build here")

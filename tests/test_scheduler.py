@@ -8,7 +8,7 @@ from service.engine.plan import Chunk, Decode, Prefill
 from service.engine.request import Request, Sequence
 from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 
 
 def setup(slots=4, max_chunk=64, per_call=lambda n: max(1, n // 4), blocks=64, block_size=16):

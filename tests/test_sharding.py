@@ -12,7 +12,7 @@ from model import transformer as llama
 from model.config import ModelConfig
 from model.weights import init_params
 from service.engine.runner import ModelRunner
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 from sharding import MeshError, make_mesh, plan_for
 
 # Divisible head counts, and SmolLM2's awkward ones (9 query heads, 3 KV heads) with a vocab

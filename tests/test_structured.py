@@ -20,7 +20,7 @@ from model.tokenizer import Tokenizer
 from model.weights import init_params
 from service.engine import Engine
 from service.engine.runner import ModelRunner, compile_count
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 from service.structured import json_object_grammar, json_schema_grammar, regex_grammar
 
 MODEL = "SmolLM2-135M-Instruct"

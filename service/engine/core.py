@@ -32,7 +32,7 @@ from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
 from service.errors import ContextLengthExceeded, Draining, InvalidRequest, KVPoolExceeded, Overloaded, ServiceError
 from service.metrics import EngineMetrics
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 from service.structured import Grammars
 
 log = logging.getLogger(__name__)

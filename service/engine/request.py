@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable
 
 from model.tokenizer import IncrementalDetokenizer
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 
 
 @dataclasses.dataclass

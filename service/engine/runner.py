@@ -26,6 +26,7 @@ from service import sampling as smp
 from service.engine.plan import StepPlan
 from service.engine.shapes import StepShapes
 from service.engine.steps import Steps
+from service.params import MAX_TOP_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: Any, max_batch_size: int, session_len: int,
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
-                 top_logprobs: int = smp.MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
+                 top_logprobs: int = MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
                  quantize: str | None = None, kv_cache_dtype: str | None = None,
                  backend: Backend | None = None, block_size: int = 32, num_blocks: int | None = None):
         self.cfg = cfg
@@ -192,7 +193,7 @@ class ModelRunner:
                                           list(d.positions), list(d.steps), masks, tables)
         return results, handle
 
-    def set_slot(self, slot: int, params: smp.SamplingParams, prompt_ids, seed: int) -> None:
+    def set_slot(self, slot: int, params: SamplingParams, prompt_ids, seed: int) -> None:
         self._set_row_step(slot, smp.row_values(params, self.cfg.vocab_size, prompt_ids, seed))
 
     @replayed
@@ -307,7 +308,7 @@ class ModelRunner:
     def warmup(self, progress=None) -> None:
         """Compile every prefill/decode shape now, so serving never compiles."""
         shapes = self.shapes.warmup_shapes()
-        self.set_slot(0, smp.SamplingParams(), [0], 0)
+        self.set_slot(0, SamplingParams(), [0], 0)
         # Nothing is cached yet: every position of every slot may land in block 0.
         tables = np.zeros((self.slots, self.max_blocks), np.int32)
         for i, shape in enumerate(shapes):

@@ -18,7 +18,7 @@ from service import protocol as p
 from service.chat import conversation
 from service.engine import Engine, Output
 from service.errors import InvalidRequest, ModelNotFound, NotReady, ServiceError
-from service.sampling import SamplingParams
+from service.params import SamplingParams
 
 log = logging.getLogger(__name__)
 

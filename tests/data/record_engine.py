@@ -49,7 +49,7 @@ def workload():
 
 
 async def run_workload(engine, tokenizer):
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     async def one(text, kw):
         toks = []

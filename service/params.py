@@ -1,0 +1,65 @@
+"""What a request asks of the sampler and of the stop logic: plain host data, free of jax, so
+the wire types (``service.protocol``) and the clients import it cheaply. The device side of
+sampling is ``service.sampling``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler and of the stop logic (host side)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF style, over prompt + output tokens
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    max_tokens: int | None = None  # None: the rest of the session length
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: chosen token's logprob + top k alternatives
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob + top k
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # An llguidance grammar (see service.structured) the output must match; it applies after
+    # ``grammar_after`` appears in the output when that is set (the end of a reasoning block).
+    grammar: str | None = None
+    grammar_after: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            # 0 only when the prompt is scored: nothing is generated, the prompt is the answer.
+            (self.max_tokens is None or self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
+             "max_tokens", "must be >= 1" if self.prompt_logprobs is None else "must be >= 0"),
+            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+             "logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+        ]
+        for ok, param, msg in checks:
+            if not ok:
+                raise InvalidSamplingParam(param, f"{param} {msg}, got {getattr(self, param, None)!r}")
+
+
+class InvalidSamplingParam(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
