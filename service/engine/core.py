@@ -199,13 +199,16 @@ class Engine:
                 self._admit()
                 self._step()
                 self.heartbeat = time.monotonic()
-            except Exception:  # keep serving: fail the requests in flight, not the process
+            # Any error a step raises (an XLA runtime error, a kernel's FFI error, a bug in the
+            # plan) is caught: the engine thread serves every request, so it fails the ones in
+            # flight and keeps going; the log has the traceback.
+            except Exception:
                 log.exception("engine step failed; failing the requests in flight")
                 self._inflight = None
                 for seq in list(self.table.running.values()):
                     try:
                         self.outputs.finish(seq, "error")
-                    except Exception:
+                    except Exception:  # a caller's emit raised: drop the sequence all the same
                         log.exception("could not report the failure of %s", seq.id)
                         self.table.running.pop(seq.slot, None)
                     # The plan counted KV the failed step may not have written.
@@ -319,7 +322,9 @@ class Engine:
                     seq.matcher = self.grammars.matcher(req.params.grammar)
                     seq.grammar_wait = req.params.grammar_after
                 self.runner.set_slot(slot, req.params, seq.seq, seed)
-            except Exception:  # this request's settings cannot be run: fail it alone
+            # This request's settings cannot be run (its grammar's matcher, its sampling row):
+            # whatever the error, fail it alone and admit the others.
+            except Exception:
                 log.exception("request %s could not start", req.id)
                 self.metrics.finished.labels("error").inc()
                 req.emit(Output(finish_reason="error", prompt_tokens=len(seq.seq)))

@@ -161,7 +161,12 @@ async def fan_in(engine: Engine, prompts: list[list[int]], params: SamplingParam
         try:
             async for out in engine.generate(ids, sample_params):
                 await q.put((index, out))
-        except BaseException as e:  # surfaced to the consumer
+        except asyncio.CancelledError:  # the consumer is done with us
+            raise
+        # Expected: a ServiceError (refused, overloaded, the engine failed). Anything else is a
+        # bug, and must still reach the consumer (it re-raises, the app answers 500 and logs
+        # it): a pump that died on its own would leave the consumer waiting forever.
+        except Exception as e:
             await q.put((index, e))
 
     tasks = []
@@ -225,7 +230,7 @@ async def sse_stream(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield chunk
     except ServiceError as e:
         yield sse(error_body(e))
-    except Exception:
+    except Exception:  # a bug: once the stream has begun, an in-band error event is all the client can get
         log.exception("stream failed")
         yield sse(error_body(ServiceError("internal error while streaming")))
     yield b"data: [DONE]\n\n"
