@@ -59,3 +59,14 @@ class EngineMetrics:
         self.hit_rate.set(snap["cached_tokens"] / total if total else 0.0)
         self.compiles.set(compile_count())
         return generate_latest(self.registry)
+
+
+def snapshot(engine) -> dict[str, float]:
+    """An engine's counts for /metrics and /v1/loads (read without locking: each value is a
+    plain read)."""
+    blocks, size = engine.blocks, engine.blocks.block_size
+    return dict(running=len(engine.table.running), waiting=engine.waiting.count,
+                kv_tokens=blocks.used_blocks() * size, kv_capacity=blocks.total_blocks() * size,
+                kv_blocks_used=blocks.used_blocks(), kv_blocks=blocks.total_blocks(),
+                preemptions=engine.scheduler.preemptions, prompt_tokens=engine.stats.prompt_tokens,
+                cached_tokens=engine.stats.cached_tokens)

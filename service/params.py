@@ -5,6 +5,9 @@ sampling is ``service.sampling``."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Union
+
+from service.errors import InvalidRequest
 
 MAX_TOP_LOGPROBS = 20
 
@@ -63,3 +66,67 @@ class InvalidSamplingParam(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+# -- a request's fields -> SamplingParams -------------------------------------------------------
+
+
+def _stops(stop: Union[str, list[str], None]) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 16 or any(not s for s in stops):
+        raise InvalidRequest("stop must be at most 16 non-empty strings", param="stop")
+    return stops
+
+
+def _bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    try:
+        out = tuple((int(k), float(v)) for k, v in bias.items())
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
+    if any(not -100 <= v <= 100 for _, v in out):
+        raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
+    return out
+
+
+def from_request(req: Any, defaults: SamplingParams | None, max_tokens: int | None,
+              logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """A request's fields (any wire type of ``service.protocol``) as SamplingParams; a bad value
+    is an InvalidRequest naming its field. Precedence: the request's value, then the server
+    default (``defaults``), then OpenAI's default (SamplingParams' own)."""
+    d = defaults or SamplingParams()
+
+    def pick(name: str):
+        value = getattr(req, name, None)
+        return value if value is not None else getattr(d, name)
+
+    n = getattr(req, "n", 1)
+    if n < 1 or n > 16:
+        raise InvalidRequest(f"n must be in [1, 16], got {n}", param="n")
+    try:
+        return SamplingParams(
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=pick("presence_penalty"),
+            frequency_penalty=pick("frequency_penalty"),
+            logit_bias=_bias(getattr(req, "logit_bias", None)),
+            seed=getattr(req, "seed", None),
+            max_tokens=max_tokens,
+            min_tokens=getattr(req, "min_tokens", None) or getattr(req, "min_new_tokens", None) or 0,
+            stop=_stops(req.stop),
+            stop_token_ids=tuple(getattr(req, "stop_token_ids", None) or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=getattr(req, "include_stop_str_in_output", False),
+            grammar=req.grammar() if hasattr(req, "grammar") else None,
+        )
+    except InvalidSamplingParam as e:
+        raise InvalidRequest(str(e), param=e.param) from None

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Union
 import msgspec
 
 from service.errors import InvalidRequest
-from service.params import InvalidSamplingParam, SamplingParams
+from service.params import SamplingParams, from_request
 
 
 class _Req(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -190,7 +190,7 @@ class ChatCompletionRequest(_Generation, kw_only=True):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return _sampling(self, defaults, max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return from_request(self, defaults, max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class CompletionRequest(_Generation, kw_only=True):
@@ -216,7 +216,7 @@ class CompletionRequest(_Generation, kw_only=True):
                 raise InvalidRequest("max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
             if scored is None:  # the echoed prompt is the whole answer: nothing runs
                 max_tokens = None
-        return _sampling(self, defaults, max_tokens, self.logprobs, prompt_logprobs=scored)
+        return from_request(self, defaults, max_tokens, self.logprobs, prompt_logprobs=scored)
 
 
 class InteractiveRequest(_Req):
@@ -248,7 +248,7 @@ class InteractiveRequest(_Req):
         """``configured``: the fields of ``defaults`` the server's configuration set."""
         base = dataclasses.replace(defaults or SamplingParams(),
                                    **{k: v for k, v in self.ROUTE_DEFAULTS.items() if k not in configured})
-        return _sampling(self, base, self.request_output_len, None)
+        return from_request(self, base, self.request_output_len, None)
 
 
 class TokenizeRequest(_Req):
@@ -475,64 +475,3 @@ def response_grammar(rf: ResponseFormat | None) -> str | None:
         raise InvalidRequest(f"response_format: {e}", param="response_format") from None
     raise InvalidRequest(f"response_format type {rf.type!r} is not supported (text, json_object, json_schema, "
                          "regex_schema, grammar)", param="response_format")
-
-
-
-def _stops(stop: Union[str, list[str], None]) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stops) > 16 or any(not s for s in stops):
-        raise InvalidRequest("stop must be at most 16 non-empty strings", param="stop")
-    return stops
-
-
-def _bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    if not bias:
-        return ()
-    try:
-        out = tuple((int(k), float(v)) for k, v in bias.items())
-    except ValueError:
-        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
-    if any(not -100 <= v <= 100 for _, v in out):
-        raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
-    return out
-
-
-def _sampling(req: Any, defaults: SamplingParams | None, max_tokens: int | None,
-              logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-    """The fields every request type shares into engine settings. Precedence: the request's
-    value, then the server default (``defaults``), then OpenAI's default (SamplingParams' own)."""
-    d = defaults or SamplingParams()
-
-    def pick(name: str):
-        value = getattr(req, name, None)
-        return value if value is not None else getattr(d, name)
-
-    n = getattr(req, "n", 1)
-    if n < 1 or n > 16:
-        raise InvalidRequest(f"n must be in [1, 16], got {n}", param="n")
-    try:
-        return SamplingParams(
-            temperature=pick("temperature"),
-            top_p=pick("top_p"),
-            top_k=pick("top_k"),
-            min_p=pick("min_p"),
-            repetition_penalty=pick("repetition_penalty"),
-            presence_penalty=pick("presence_penalty"),
-            frequency_penalty=pick("frequency_penalty"),
-            logit_bias=_bias(getattr(req, "logit_bias", None)),
-            seed=getattr(req, "seed", None),
-            max_tokens=max_tokens,
-            min_tokens=getattr(req, "min_tokens", None) or getattr(req, "min_new_tokens", None) or 0,
-            stop=_stops(req.stop),
-            stop_token_ids=tuple(getattr(req, "stop_token_ids", None) or ()),
-            ignore_eos=req.ignore_eos,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=getattr(req, "include_stop_str_in_output", False),
-            grammar=req.grammar() if hasattr(req, "grammar") else None,
-        )
-    except InvalidSamplingParam as e:
-        raise InvalidRequest(str(e), param=e.param) from None

@@ -37,7 +37,7 @@ class DrainingServer(uvicorn.Server):
         if self.before_drain is not None:
             self.before_drain()
         log.info("draining: %d running, %d waiting; up to %.0f s", engine.running_count,
-                 engine.waiting_count, self.drain_timeout)
+                 engine.waiting.count, self.drain_timeout)
         if engine.drain(self.drain_timeout):
             log.info("drained: every request finished")
         else:

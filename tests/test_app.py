@@ -56,8 +56,8 @@ def test_not_ready_is_503_and_health_says_loading():
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_overloaded_is_503_before_the_stream_starts(engine, stream):
-    queue = engine.max_queue
-    engine.max_queue = 0
+    queue = engine.waiting.max_queue
+    engine.waiting.max_queue = 0
     try:
         with client(engine) as c:
             for path, body in (("/v1/chat/completions", CHAT),
@@ -67,7 +67,7 @@ def test_overloaded_is_503_before_the_stream_starts(engine, stream):
                 assert r.status_code == 503, (path, r.text)
                 assert "capacity" in r.json()["error"]["message"]
     finally:
-        engine.max_queue = queue
+        engine.waiting.max_queue = queue
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the killed thread

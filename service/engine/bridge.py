@@ -5,6 +5,9 @@ wake-up (each wake-up is a syscall and a switch to the loop's thread)."""
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator
+
+from service.errors import ServiceError
 
 
 class LoopQueue:
@@ -29,3 +32,23 @@ def deliver(loop: asyncio.AbstractEventLoop, items: list) -> None:
         loop.call_soon_threadsafe(_put_all, items)
     except RuntimeError:  # the caller's loop has closed; its abort is on the way
         pass
+
+
+async def stream(engine, prompt_ids: list[int], params, session_id: int | None = None) -> AsyncIterator:
+    """``Engine.generate``: submit on the running loop and yield the request's Outputs; leaving
+    early aborts it."""
+    q: asyncio.Queue = asyncio.Queue()
+    rid = engine.submit(prompt_ids, params, LoopQueue(asyncio.get_running_loop(), q), session_id=session_id)
+    finished = False
+    try:
+        while True:
+            out = await q.get()
+            finished = out.finish_reason is not None
+            if out.finish_reason == "error":  # the details are in the server log
+                raise ServiceError("the engine failed while generating this request")
+            yield out
+            if finished:
+                return
+    finally:
+        if not finished:
+            engine.abort(rid)

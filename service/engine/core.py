@@ -10,8 +10,6 @@ preemption), execute the plan (``ModelRunner.execute``), then process the output
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import itertools
 import logging
 import queue
@@ -23,15 +21,15 @@ import numpy as np
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from service.engine.blocks import BlockManager
-from service.engine.bridge import LoopQueue
+from service.engine.bridge import stream
 from service.engine.output import OutputProcessor, Stats
-from service.engine.plan import StepPlan
 from service.engine.request import Output, Request, Sequence
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
-from service.errors import ContextLengthExceeded, Draining, InvalidRequest, KVPoolExceeded, Overloaded, ServiceError
-from service.metrics import EngineMetrics
+from service.engine.waiting import WaitingQueue
+from service.errors import ContextLengthExceeded, Draining, InvalidRequest, KVPoolExceeded
+from service.metrics import EngineMetrics, snapshot
 from service.params import SamplingParams
 from service.structured import Grammars
 
@@ -43,7 +41,6 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.session_len = runner.session_len
-        self.max_queue = max_queue
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, runner.slots, runner.max_blocks,
                                    runner.replicas)
         # The longest sequence: a session, or all of one replica's pool where that is less.
@@ -56,14 +53,12 @@ class Engine:
         self.grammars = Grammars(tokenizer, runner.cfg.vocab_size)
         self.outputs = OutputProcessor(tokenizer, self.table, self.max_length, self.metrics, self.stats)
         self._inbox: queue.Queue = queue.Queue()
-        self._waiting: collections.deque[Request] = collections.deque()
+        self.waiting = WaitingQueue(max_queue)  # submitted, not yet in a slot
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self._inflight = None  # (sequences, DecodeHandle) of the decode step on the device
-        self._count_lock = threading.Lock()
-        self.waiting_count = 0  # submitted, not yet in a slot (guarded by _count_lock)
         self.draining = False  # shutting down: admit nothing new, let what runs finish
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -86,7 +81,7 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Requests submitted and not finished."""
-        return bool(self.table.running or self._waiting or self.waiting_count)
+        return bool(self.table.running or self.waiting or self.waiting.count)
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting (new requests get ``Draining``), wait up to ``timeout`` seconds for
@@ -133,10 +128,7 @@ class Engine:
         check_token_ids(prompt_ids, params, self.runner.cfg.vocab_size)
         if session_id is None:
             self.check_prompt(len(prompt_ids), params)
-        with self._count_lock:
-            if self.waiting_count >= self.max_queue:
-                raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
-            self.waiting_count += 1
+        self.waiting.reserve()
         rid = request_id or f"req-{next(self._ids)}"
         self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id)))
         return rid
@@ -146,17 +138,10 @@ class Engine:
         be refused with a status code before it starts)."""
         if self.draining:
             raise Draining("the server is shutting down; send the request to another replica")
-        if self.waiting_count + n > self.max_queue:
-            raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry later")
+        self.waiting.check(n)
 
     def snapshot(self) -> dict[str, float]:
-        """Counts for /metrics (read without locking: each value is a plain read)."""
-        running = len(self.table.running)
-        size = self.blocks.block_size
-        return dict(running=running, waiting=self.waiting_count, kv_tokens=self.blocks.used_blocks() * size,
-                    kv_capacity=self.blocks.total_blocks() * size, kv_blocks_used=self.blocks.used_blocks(),
-                    kv_blocks=self.blocks.total_blocks(), preemptions=self.scheduler.preemptions,
-                    prompt_tokens=self.stats.prompt_tokens, cached_tokens=self.stats.cached_tokens)
+        return snapshot(self)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -170,31 +155,18 @@ class Engine:
     def session_history(self, session_id: int) -> list[int]:
         return self.table.history(session_id)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       session_id: int | None = None) -> AsyncIterator[Output]:
-        """Submit and stream Outputs; closing the iterator early aborts the request."""
-        q: asyncio.Queue[Output] = asyncio.Queue()
-        rid = self.submit(prompt_ids, params, LoopQueue(asyncio.get_running_loop(), q), session_id=session_id)
-        finished = False
-        try:
-            while True:
-                out = await q.get()
-                finished = out.finish_reason is not None
-                if out.finish_reason == "error":  # the details are in the server log
-                    raise ServiceError("the engine failed while generating this request")
-                yield out
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(rid)
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 session_id: int | None = None) -> AsyncIterator[Output]:
+        """Submit and stream Outputs on the caller's event loop; closing the iterator early
+        aborts the request."""
+        return stream(self, prompt_ids, params, session_id)
 
     # -- engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                idle = not (self.table.running or self._waiting or self._inflight)
+                idle = not (self.table.running or self.waiting or self._inflight)
                 self._drain_inbox(block=idle)
                 self._admit()
                 self._step()
@@ -226,37 +198,17 @@ class Engine:
         plan = self.scheduler.schedule(inflight[0] if inflight else None)
         if not plan:
             return
-        results, handle = self.runner.execute(plan, inflight[1] if inflight else None, self._masks(plan))
+        constrained = [(s.matcher, s.slot) for s in plan.sampling_rows() if s.masked]
+        # Rows under a grammar never chain, so their matchers have seen every token by now.
+        masks = self.grammars.masks(constrained) if constrained else None
+        results, handle = self.runner.execute(plan, inflight[1] if inflight else None, masks)
         if plan.decode is not None:
             self.stats.decode_steps += 1
             self.stats.chained_steps += plan.decode.chained
             self._inflight = (list(plan.decode.owners), handle)
         if inflight:  # read while the device runs the step queued on it
             self.outputs.on_tokens(inflight[0], *self.runner.fetch(inflight[1]))
-        self._on_prefilled(plan, results)
-
-    def _masks(self, plan: StepPlan) -> dict | None:
-        """Token bitmasks of the plan's rows that sample under a grammar, by slot. Those rows
-        never chain, so their matchers have seen every token before this step."""
-        rows = [c.owner for op in plan.prefills for c in op.chunks if c.last]
-        if plan.decode is not None:
-            rows += plan.decode.owners
-        constrained = [(s.matcher, s.slot) for s in rows if s.masked]
-        return self.grammars.masks(constrained) if constrained else None
-
-    def _on_prefilled(self, plan: StepPlan, results: list) -> None:
-        for call, arrays in zip(plan.prefills, results):
-            self.stats.prefill_calls += 1
-            self.stats.mixed_calls += call.riders > 0
-            if call.scores:
-                self.outputs.prompt_scores(call.chunks, *arrays[4:])
-            done = [i for i, c in enumerate(call.chunks) if c.last]
-            for i in done:
-                if not call.chunks[i].step:
-                    self.outputs.prompt_done(call.chunks[i].owner)
-            if done:
-                pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
-                self.outputs.on_tokens([call.chunks[i].owner for i in done], *map(pick, arrays[:4]))
+        self.outputs.on_prefilled(plan, results)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -266,17 +218,17 @@ class Engine:
         while item is not None:
             kind, arg = item
             if kind == "add":
-                self._waiting.append(arg)
+                self.waiting.push(arg)
             elif kind == "abort":
                 self._abort(arg)
             elif kind == "abort_session":
-                for rid in [r.id for r in self._waiting if r.session_id == arg] + [
+                for rid in self.waiting.ids(lambda r: r.session_id == arg) + [
                         s.id for s in self.table.running.values() if s.req.session_id == arg]:
                     self._abort(rid)
             elif kind == "end_session":
                 self.table.end_session(arg)
             elif kind == "abort_all":
-                for rid in [r.id for r in self._waiting] + [s.id for s in self.table.running.values()]:
+                for rid in self.waiting.ids() + [s.id for s in self.table.running.values()]:
                     self._abort(rid)
             try:
                 item = self._inbox.get_nowait()
@@ -284,24 +236,19 @@ class Engine:
                 item = None
 
     def _abort(self, rid: str) -> None:
-        for req in self._waiting:
-            if req.id == rid:
-                self._waiting.remove(req)
-                with self._count_lock:
-                    self.waiting_count -= 1
-                self.metrics.finished.labels("abort").inc()
-                req.emit(Output(finish_reason="abort", prompt_tokens=len(req.prompt_ids)))
-                return
+        req = self.waiting.remove(rid)
+        if req is not None:
+            self.metrics.finished.labels("abort").inc()
+            req.emit(Output(finish_reason="abort", prompt_tokens=len(req.prompt_ids)))
+            return
         for seq in self.table.running.values():
             if seq.id == rid:
                 self.outputs.finish(seq, "abort")
                 return
 
     def _admit(self) -> None:
-        while self._waiting and self.table.has_free:
-            req = self._waiting.popleft()
-            with self._count_lock:
-                self.waiting_count -= 1
+        while self.waiting and self.table.has_free:
+            req = self.waiting.pop()
             history = self.table.history(req.session_id)
             seq = Sequence(req, seq=history + list(req.prompt_ids), history=len(history))
             try:

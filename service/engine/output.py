@@ -67,6 +67,23 @@ class OutputProcessor:
         self.metrics = metrics
         self.stats = stats
 
+    def on_prefilled(self, plan, results: list) -> None:
+        """The host outputs of a plan's prefill calls (``ModelRunner.execute``): prompt scores,
+        prompts finished, and the tokens sampled where a chunk ends its prompt or is a decode
+        row."""
+        for call, arrays in zip(plan.prefills, results):
+            self.stats.prefill_calls += 1
+            self.stats.mixed_calls += call.riders > 0
+            if call.scores:
+                self.prompt_scores(call.chunks, *arrays[4:])
+            done = [i for i, c in enumerate(call.chunks) if c.last]
+            for i in done:
+                if not call.chunks[i].step:
+                    self.prompt_done(call.chunks[i].owner)
+            if done:
+                pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
+                self.on_tokens([call.chunks[i].owner for i in done], *map(pick, arrays[:4]))
+
     def prompt_done(self, seq: Sequence) -> None:
         """Account a prompt whose last chunk was prefilled."""
         self.stats.prompt_tokens += len(seq.seq) - seq.cached

@@ -73,5 +73,11 @@ class StepPlan:
     def prefills(self) -> list[Prefill]:
         return [op for op in self.ops if isinstance(op, Prefill)]
 
+    def sampling_rows(self) -> list:
+        """The sequences (owners) that sample a token in this step: the chunks that end a prompt
+        or are decode rows, then the decode step's rows."""
+        rows = [c.owner for op in self.prefills for c in op.chunks if c.last]
+        return rows + list(self.decode.owners) if self.decode is not None else rows
+
     def __bool__(self) -> bool:
         return bool(self.ops) or self.decode is not None
