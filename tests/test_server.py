@@ -355,7 +355,9 @@ def test_sigterm_drains_streams_refuses_new_requests_and_exits_cleanly(default_c
     from conftest import start_server
 
     log = tmp_path / "server.log"
-    proc, url = start_server(log, "--drain-timeout", "0.5", log_level="INFO")
+    # The short stream needs a few decode steps of the 1.5 s even on a loaded machine; the long
+    # one cannot write 210 tokens in it even on a fast one (about 100 tokens/s alone).
+    proc, url = start_server(log, "--drain-timeout", "1.5", log_level="INFO")
     results, started = {}, {name: threading.Event() for name in ("short", "long")}
 
     def stream(name, max_tokens):
@@ -369,7 +371,7 @@ def test_sigterm_drains_streams_refuses_new_requests_and_exits_cleanly(default_c
                     started[name].set()
         results[name] = lines
 
-    threads = [threading.Thread(target=stream, args=("short", 12)), threading.Thread(target=stream, args=("long", 200))]
+    threads = [threading.Thread(target=stream, args=("short", 4)), threading.Thread(target=stream, args=("long", 210))]
     try:
         threads[1].start()
         assert started["long"].wait(60)
