@@ -277,3 +277,57 @@ def test_wire_types_and_clients_import_without_jax():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+class Scripted:
+    """The tiny engine's tokenizer, checks and metrics, with generation replaced by a script of
+    Outputs: the HTTP layer's handling of what an engine reports, without a device."""
+
+    def __init__(self, engine, outputs):
+        self._engine, self.outputs = engine, outputs
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def submit(self, prompt_ids, params, emit, session_id=None, request_id=None):
+        for out in self.outputs:
+            emit(out)
+        return "scripted"
+
+    def abort(self, request_id):
+        pass
+
+    def generate(self, prompt_ids, params, session_id=None):
+        from service.engine.bridge import stream
+
+        return stream(self, prompt_ids, params, session_id)
+
+
+def test_an_engine_failure_mid_answer_is_one_error_event_then_done(engine):
+    """finish "error" from the engine: a stream already begun gets one SSE error event (OpenAI's
+    body) and [DONE], no finish chunk; an answer not yet begun is a 500 with OpenAI's body."""
+    import json
+
+    from service.engine import Output
+
+    script = [Output(text="Hel", token_ids=[5], prompt_tokens=3, completion_tokens=1),
+              Output(finish_reason="error", prompt_tokens=3, completion_tokens=1)]
+    app = create_app(State(ServerSettings(model_name="tiny"), Scripted(engine, script)))
+    with TestClient(app) as c:
+        for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", {"prompt": "hi", "max_tokens": 3})):
+            with c.stream("POST", path, json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = [line for line in r.iter_lines() if line]
+            assert lines[-1] == "data: [DONE]", lines
+            events = [json.loads(line[6:]) for line in lines[:-1]]
+            errors = [e for e in events if "error" in e]
+            assert len(errors) == 1 and errors[0] is events[-1], events
+            assert errors[0]["error"]["message"] == "the engine failed while generating this request"
+            assert errors[0]["error"]["type"] == "internal_error"
+            text = "".join((ch.get("delta", {}).get("content") or ch.get("text") or "")
+                           for e in events[:-1] for ch in e["choices"])
+            assert text == "Hel"
+            assert not [ch for e in events[:-1] for ch in e["choices"] if ch.get("finish_reason")]
+            r = c.post(path, json=body)
+            assert r.status_code == 500
+            assert r.json()["error"]["message"] == "the engine failed while generating this request"

@@ -178,6 +178,8 @@ def test_gguf_converts_to_transformers_logits(tmp_path, case, arch):
         got = np.asarray(full_logits(params, cfg, np.asarray(tokens), backend=backend))
         diff = np.abs(got - want).max()
         assert diff <= 1e-4, f"{case} on {backend.describe()}: max abs logit diff {diff}"
+    if not cpu_kernels.available():  # the XLA half passed; say the other was not run
+        pytest.skip("the CPU kernels do not build here: their half of this check did not run")
 
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine!",

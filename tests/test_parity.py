@@ -121,9 +121,10 @@ def test_logits_match_transformers(tmp_path, case):
         assert len(first_choice) >= 3, first_choice
     diff = np.abs(ours(tmp_path, src, tokens) - want).max()
     assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
-    if cpu_kernels.available():
-        diff = np.abs(ours(tmp_path, src, tokens, kernels=True) - want).max()
-        assert diff <= 1e-4, f"{case}, CPU kernels: max abs logit diff {diff}"
+    if not cpu_kernels.available():  # the XLA half passed; say the other was not run
+        pytest.skip("the CPU kernels do not build here: their half of this check did not run")
+    diff = np.abs(ours(tmp_path, src, tokens, kernels=True) - want).max()
+    assert diff <= 1e-4, f"{case}, CPU kernels: max abs logit diff {diff}"
 
 
 @pytest.mark.parametrize("case", ["llama3_rope_scaling", "smollm2_scaled", "qwen3"])

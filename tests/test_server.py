@@ -100,20 +100,24 @@ def test_errors_raise_matching_sdk_exceptions(client, server):
 
 
 def test_interactive_session_prefills_only_new_turns(server):
+    """The engine's own counters show the work: each later turn prefills exactly its new
+    tokens, and takes the whole history from the session's blocks."""
     turns = ["hi, what's your name?", "who developed you?", "Tell me more about your developers",
              "Summarize the information we've talked so far"]
-    history, inputs = [], []
-    for t in turns:
+    for i, t in enumerate(turns):
+        prefilled = _metric(server, "xlaserve_prompt_tokens_total")
+        cached = _metric(server, "xlaserve_prefix_cache_hit_tokens_total")
         r = httpx.post(server + "/v1/chat/interactive", timeout=120, json={
             "prompt": t, "session_id": 7, "interactive_mode": True, "request_output_len": 16,
             "temperature": 0})
         body = r.json()
         assert r.status_code == 200 and body["finish_reason"] in ("stop", "length")
-        history.append(body["history_tokens"])
-        inputs.append(body["input_tokens"])
-    assert history[0] == 0 and all(b > a for a, b in zip(history, history[1:]))
-    full_first = inputs[0]
-    assert all(n < full_first for n in inputs[1:]), inputs  # later turns send only their own tokens
+        if i == 0:
+            assert body["history_tokens"] == 0
+            continue
+        assert body["history_tokens"] > 0
+        assert _metric(server, "xlaserve_prompt_tokens_total") - prefilled == body["input_tokens"], body
+        assert _metric(server, "xlaserve_prefix_cache_hit_tokens_total") - cached == body["history_tokens"], body
     r = httpx.post(server + "/v1/chat/interactive", json={"prompt": "bye", "session_id": 7,
                                                            "interactive_mode": False, "request_output_len": 4})
     assert r.json()["history_tokens"] == 0
@@ -194,10 +198,26 @@ def test_metrics_count_tokens_and_latencies(server):
     assert _metric(server, "xlaserve_time_to_first_token_seconds_count") == before_ttft + 1
     assert _metric(server, "xlaserve_requests_finished_total", '{finish_reason="length"}') == before_stop + 1
     text = httpx.get(server + "/metrics").text
-    for name in ("xlaserve_kv_cache_usage_ratio", "xlaserve_prefix_cache_hit_rate",
-                 "xlaserve_prompt_tokens_total", "xlaserve_time_per_output_token_seconds_bucket",
-                 "xlaserve_e2e_request_latency_seconds_bucket", "xlaserve_requests_waiting"):
+    for name in ("xlaserve_time_per_output_token_seconds_bucket", "xlaserve_e2e_request_latency_seconds_bucket",
+                 "xlaserve_requests_waiting"):
         assert name in text
+    # The KV and prefix-cache gauges, by value: a prompt of several blocks sent twice is a hit
+    # the second time, and the ratios follow the counters and block counts they come from.
+    prompt = "The history of the printing press: " + " ".join(f"page {i}." for i in range(40))
+    hits = _metric(server, "xlaserve_prefix_cache_hit_tokens_total")
+    usages = [httpx.post(server + "/v1/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": 1, "temperature": 0}).json()["usage"] for _ in range(2)]
+    second = usages[1]["prompt_tokens_details"]["cached_tokens"]
+    assert second >= usages[1]["prompt_tokens"] - 32  # all its full blocks
+    assert _metric(server, "xlaserve_prefix_cache_hit_tokens_total") - hits == \
+        usages[0]["prompt_tokens_details"]["cached_tokens"] + second
+    _wait_idle(server)
+    hit_total = _metric(server, "xlaserve_prefix_cache_hit_tokens_total")
+    prompt_total = _metric(server, "xlaserve_prompt_tokens_total")
+    assert _metric(server, "xlaserve_prefix_cache_hit_rate") == pytest.approx(hit_total / (hit_total + prompt_total))
+    used = _metric(server, "xlaserve_kv_cache_blocks", '{state="used"}')
+    total = _metric(server, "xlaserve_kv_cache_blocks", '{state="total"}')
+    assert total > 0 and _metric(server, "xlaserve_kv_cache_usage_ratio") == pytest.approx(used / total)
 
 
 @pytest.mark.parametrize("stream", [False, True])
