@@ -218,11 +218,18 @@ def test_gemma3_vision_language_checkpoint_serves_its_language_model(tmp_path):
     with torch.no_grad():
         want = model(input_ids=torch.tensor(tokens)).logits.float().numpy()
     assert np.abs(ours(tmp_path, src, tokens) - want).max() <= 1e-4
-    sparse = from_hf_config({"model_type": "gemma3", "text_config": {"hidden_size": 2560, "num_hidden_layers": 34,
-                                                                      "sliding_window": 1024}})
-    assert (sparse.num_heads, sparse.num_kv_heads, sparse.head_dim, sparse.vocab_size) == (8, 4, 256, 262208)
-    assert [sparse.is_sliding(i) for i in range(6)] == [True] * 5 + [False]
-    assert (sparse.rope_theta, sparse.rope_local_theta, sparse.query_pre_attn_scalar) == (1e6, 1e4, 256)
+    # The fields a real checkpoint's nested config leaves out take transformers' own defaults.
+    given = {"hidden_size": 2560, "num_hidden_layers": 34, "sliding_window": 1024}
+    sparse = from_hf_config({"model_type": "gemma3", "text_config": given})
+    ref = transformers.Gemma3TextConfig(**given)
+    assert (sparse.num_heads, sparse.num_kv_heads, sparse.head_dim, sparse.vocab_size) == (
+        ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim, ref.vocab_size)
+    assert [sparse.is_sliding(i) for i in range(34)] == [t == "sliding_attention" for t in ref.layer_types]
+    rope = getattr(ref, "rope_parameters", None)  # transformers 5: per attention kind
+    full, local = ((rope["full_attention"]["rope_theta"], rope["sliding_attention"]["rope_theta"]) if rope
+                   else (ref.rope_theta, ref.rope_local_base_freq))
+    assert (sparse.rope_theta, sparse.rope_local_theta, sparse.query_pre_attn_scalar) == (
+        full, local, ref.query_pre_attn_scalar)
 
 
 def test_internlm2_packed_wqkv_matches_llama_reference(tmp_path):
