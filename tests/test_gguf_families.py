@@ -245,3 +245,98 @@ def test_sentencepiece_gguf_vocabulary_tokenizes_like_sentencepiece(tmp_path, ad
         assert tok.decode(want) == sp.decode(want)
     assert any(sp.is_byte(i) for i in sp.encode(texts[4]))  # the byte fallback was exercised
     assert tok.bos_id == 1 and 2 in tok.eos_ids
+
+
+# Bytes per block of each quantized type and where its float16 scales sit: random bytes make
+# valid blocks once those scales are finite and small.
+QUANT_BLOCKS = {  # type: (values per block, bytes per block, offsets of float16 fields)
+    "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "IQ4_NL": (32, 18, (0,)),
+    "Q2_K": (256, 84, (80, 82)), "Q3_K": (256, 110, (108,)), "Q4_K": (256, 144, (0, 2)),
+    "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,)), "IQ4_XS": (256, 136, (0,)),
+}
+
+
+def _quantized(rows, cols, kind, rng):
+    """A (rows, cols) tensor of ``kind`` as llama.cpp lays it out: each row's blocks in order."""
+    per, size, scales = QUANT_BLOCKS[kind]
+    blocks = rng.integers(0, 256, (rows, cols // per, size), dtype=np.uint8)
+    for at in scales:
+        d = rng.uniform(2e-4, 6e-4, blocks.shape[:2]).astype(np.float16)
+        blocks[:, :, at:at + 2] = d.view(np.uint8).reshape(*d.shape, 2)
+    return blocks.reshape(rows, -1)
+
+
+def test_k_quant_and_legacy_types_convert_to_transformers_gguf_logits(tmp_path):
+    """A file mixing the types a downloaded Q4_K_M (and its neighbours) holds: Q2_K..Q6_K,
+    IQ4_XS in 256-wide blocks, and Q5_0, Q5_1, IQ4_NL in 32-wide ones, tensor by tensor.
+    Our converted weights are the gguf package's dequantization of each tensor, and the model
+    gives the logits of transformers' own GGUF loader's reading of the same file."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from model.convert.gguf import gguf_reader, gguf_tensors
+    import torch
+    import transformers
+
+    overrides = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=64, tie_word_embeddings=False)
+    model = make_hf_checkpoint(tmp_path / "hf", transformers.Qwen3Config, overrides)
+    path = tmp_path / "mixed.gguf"
+    write_gguf(model, "qwen3", path)  # float32 everywhere; then the matrices are replaced below
+    kinds = list(QUANT_BLOCKS)
+    reader = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "mixed-q.gguf"), "qwen3")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0],
+                        sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    rng = np.random.default_rng(7)
+    chosen = {}
+    for i, t in enumerate(reader.tensors):
+        rows, cols = (int(d) for d in reversed(t.shape)) if len(t.shape) == 2 else (None, None)
+        if rows is None or t.name == "token_embd.weight":
+            w.add_tensor(t.name, np.asarray(t.data))
+            continue
+        kind = kinds[len(chosen) % len(kinds)]
+        chosen[t.name] = kind
+        w.add_tensor(t.name, _quantized(rows, cols, kind, rng), raw_dtype=gguf.GGMLQuantizationType[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert set(chosen.values()) == set(kinds)  # every type, in one file
+    path = tmp_path / "mixed-q.gguf"
+
+    # Ours against the gguf package's own dequantization, tensor by tensor (names mapped back).
+    qreader = gguf_reader(path)
+    ours_by_name = dict(gguf_tensors(qreader, {"model_type": "qwen3"}))
+    for t in qreader.tensors:
+        if t.name in chosen:
+            want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+            got = next(v for k, v in ours_by_name.items() if k.endswith(_hf_suffix(t.name)))
+            np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=t.name)
+            assert np.isfinite(want).all() and np.abs(want).max() > 0
+
+    # transformers' GGUF loader reads the same file: its model is the reference.
+    read = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.as_tensor(np.asarray(read[name], np.float32)))
+    tokens = np.random.default_rng(4).integers(0, BASE["vocab_size"], (2, 33))
+    want = hf_logits(model, tokens)
+    dst = tmp_path / "converted"
+    convert(path, dst, progress=False)
+    cfg = load_config(dst)
+    params = transformer.XLA.prepare(load_params(dst, cfg), cfg)
+    got = np.asarray(full_logits(params, cfg, np.asarray(tokens), backend=transformer.XLA))
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def _hf_suffix(gguf_name: str) -> str:
+    top = {v: k for k, v in TOP_NAMES.items()}
+    if gguf_name in top:
+        return top[gguf_name]
+    _, i, rest = gguf_name.split(".", 2)
+    hf = {v: k for k, v in LAYER_NAMES.items()}[rest]
+    return f"layers.{i}.{hf}"

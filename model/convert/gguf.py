@@ -160,11 +160,18 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# The tensor types downloaded files commonly hold, dequantized to float32 at conversion by the
+# gguf package's codecs: a Q4_K_M file mixes Q4_K and Q6_K with Q5_0/Q8_0 (and, where a row does
+# not divide into 256-wide blocks, legacy types) tensor by tensor.
+SUPPORTED_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+                             "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"})
+
+
 def gguf_tensors(reader, hf_cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    supported = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
+    supported = SUPPORTED_TYPES
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # not a weight: the config's rope scaling
             continue
