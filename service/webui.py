@@ -18,10 +18,16 @@ import msgspec
 from litestar import Litestar, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
+from litestar.static_files import create_static_files_router
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("webui.html")
+STATIC = Path(__file__).with_name("static")  # the page's script and its vendored libraries
+# The page runs only its own scripts: a model's answer is rendered as sanitized markdown, and
+# even a sanitizer's miss could not run inline script or event handlers under this policy.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
 class ChatTurn(msgspec.Struct):
@@ -54,7 +60,8 @@ def create_ui_app(api_server_url: str, api_key: str | None = None) -> Litestar:
 
     @get("/", media_type="text/html", include_in_schema=False)
     async def index() -> Response:
-        return Response(PAGE.read_text(encoding="utf-8"), media_type="text/html")
+        return Response(PAGE.read_text(encoding="utf-8"), media_type="text/html",
+                        headers={"Content-Security-Policy": CSP})
 
     @get("/api/info")
     async def info() -> dict[str, Any]:
@@ -71,7 +78,8 @@ def create_ui_app(api_server_url: str, api_key: str | None = None) -> Litestar:
 
     @post("/api/chat", status_code=200)
     async def chat(data: ChatRequest, state: State) -> Stream:
-        """Stream the reply as newline-delimited JSON: {"delta"}, then {"done"} or {"error"}."""
+        """Stream the reply as newline-delimited JSON: {"reasoning"}, {"delta"} (the answer's text)
+        and {"tool_call"} (fragments: index, name, arguments) lines, then {"done"} or {"error"}."""
         messages = [{"role": "system", "content": data.system}] if data.system.strip() else []
         messages += [{"role": m.role, "content": m.content} for m in data.messages]
 
@@ -100,9 +108,15 @@ def create_ui_app(api_server_url: str, api_key: str | None = None) -> Litestar:
                                 yield _line(error=chunk["error"].get("message", "server error"))
                                 return
                             for choice in chunk.get("choices", []):
-                                delta = choice.get("delta", {}).get("content")
-                                if delta:
-                                    yield _line(delta=delta)
+                                delta = choice.get("delta", {})
+                                if delta.get("reasoning_content"):
+                                    yield _line(reasoning=delta["reasoning_content"])
+                                if delta.get("content"):
+                                    yield _line(delta=delta["content"])
+                                for call in delta.get("tool_calls") or ():
+                                    fn = call.get("function") or {}
+                                    yield _line(tool_call={"index": call.get("index", 0), "name": fn.get("name"),
+                                                           "arguments": fn.get("arguments")})
                                 finish = choice.get("finish_reason") or finish
                         yield _line(done=finish or "stop")
             except httpx.HTTPError as e:
@@ -112,7 +126,8 @@ def create_ui_app(api_server_url: str, api_key: str | None = None) -> Litestar:
 
         return Stream(lines(), media_type="application/x-ndjson")
 
-    return Litestar(route_handlers=[index, info, chat], openapi_config=None)
+    static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
+    return Litestar(route_handlers=[index, info, chat, static], openapi_config=None)
 
 
 def serve(api_server_url: str, server_name: str, server_port: int, api_key: str | None = None,
