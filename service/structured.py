@@ -100,6 +100,7 @@ class Grammars:
         self._cache_size = cache_size
         self._executor = None
         self.compiles = 0  # grammars compiled (cache misses), for tests and benchmarks
+        self._text_tokens = False  # llguidance cannot read the vocabulary (see token_bytes)
 
     def _tokenizer(self):
         with self._lock:
@@ -117,8 +118,15 @@ class Grammars:
 
     def token_bytes(self, token_id: int) -> bytes:
         """A token's own bytes (a piece of a UTF-8 character stays that piece; a special token
-        is its text), as llguidance's tokenizer, built from the same vocabulary, holds them."""
-        return self._tokenizer().decode_bytes([token_id])
+        is its text), as llguidance's tokenizer, built from the same vocabulary, holds them. A
+        vocabulary llguidance cannot read (a word-level one: ValueError) has whole-text tokens,
+        whose text is their bytes."""
+        if not self._text_tokens:
+            try:
+                return self._tokenizer().decode_bytes([token_id])
+            except ValueError:
+                self._text_tokens = True  # known now: do not rebuild the tokenizer per token
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
     def check(self, grammar: str) -> None:
         """Compile ``grammar`` (or find it compiled); GrammarError says why it does not."""
