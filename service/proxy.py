@@ -236,11 +236,14 @@ class Shim:
 
     # -- the node API (LMDeploy's), on the gateway's worker API --------------------------------
 
-    async def _workers(self) -> list[dict]:
+    async def _gateway(self, method: str, path: str, **kw) -> httpx.Response:
         try:
-            r = await self._http().get(self.upstream + "/workers", headers=self._upstream_auth())
+            return await self._http().request(method, self.upstream + path, headers=self._upstream_auth(), **kw)
         except httpx.HTTPError as e:
             raise ShimError(503, f"the gateway is not answering: {e}", "server_error") from None
+
+    async def _workers(self) -> list[dict]:
+        r = await self._gateway("GET", "/workers")
         if r.status_code != 200:
             raise ShimError(502, f"the gateway's worker list failed ({r.status_code}): {r.text[:200]}", "server_error")
         return r.json().get("workers", [])
@@ -259,18 +262,23 @@ class Shim:
         url = url.rstrip("/")
         status = node.get("status") or {}
         models = status.get("models") if isinstance(status, dict) else None
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            raise ShimError(400, "status.models: a list of model names", param="status.models")
         try:  # fail now, and in words, on an address the gateway could never reach
             r = await self._http().get(url + "/v1/models", headers=self._upstream_auth(), timeout=10)
+            served = [m["id"] for m in r.json()["data"]] if r.status_code == 200 else None
         except httpx.HTTPError as e:
             raise ShimError(400, f"cannot reach {url}: {e}", param="url") from None
-        if r.status_code != 200:
-            raise ShimError(400, f"{url}/v1/models answered {r.status_code}: is it an api_server?", param="url")
-        if not models:
-            models = [m["id"] for m in r.json().get("data", [])]
+        except (ValueError, KeyError, TypeError):
+            served = None
+        if served is None:
+            raise ShimError(400, f"{url}/v1/models answered {r.status_code} without a model list: is it an "
+                                 "api_server?", param="url")
+        models = models or served
         spec = {"url": url, "runtime_type": "generic", "models": [{"id": m} for m in models]}
-        r = await self._http().post(self.upstream + "/workers", json=spec, headers=self._upstream_auth())
+        r = await self._gateway("POST", "/workers", json=spec)
         if r.status_code == 409 and await self._wait_removed(url):  # it was on its way out: add it again
-            r = await self._http().post(self.upstream + "/workers", json=spec, headers=self._upstream_auth())
+            r = await self._gateway("POST", "/workers", json=spec)
         if r.status_code not in (200, 201, 202, 409):  # 409: it is registered already
             raise ShimError(r.status_code if 400 <= r.status_code < 500 else 502,
                             f"the gateway refused {url}: {r.text[:300]}", param="url")
@@ -309,7 +317,7 @@ class Shim:
         if not ids:
             raise ShimError(404, f"no node {url}", param="node_url")
         for worker_id in ids:
-            r = await self._http().delete(f"{self.upstream}/workers/{worker_id}", headers=self._upstream_auth())
+            r = await self._gateway("DELETE", f"/workers/{worker_id}")
             if r.status_code not in (200, 202, 204, 404):
                 raise ShimError(502, f"the gateway did not remove {url}: {r.text[:300]}", "server_error")
         log.info("node %s removed", url)
