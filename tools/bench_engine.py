@@ -63,7 +63,7 @@ BENCH_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "min
 
 
 async def run_streams(engine, streams: int, prompt_len: int, output_len: int, grammar: str | None = None):
-    from service.sampling import SamplingParams
+    from service.params import SamplingParams
 
     global _runs
     _runs += 1  # new prompts every run: a repeated prompt would be served from the prefix cache
