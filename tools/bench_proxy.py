@@ -111,6 +111,10 @@ def _setup(args, replicas: int, policy: str, logs: Path) -> dict:
                                 logs / f"replica-{replicas}-{policy}-{i}.log", cpus))
         for url, proc in zip(urls, procs):
             _wait(url, proc)
+        if policy == "direct":  # the baseline: one replica, no proxy in front
+            model = httpx.get(urls[0] + "/v1/models").json()["data"][0]["id"]
+            asyncio.run(_workload(urls[0], model, 2, 1, 4))
+            return asyncio.run(_workload(urls[0], model, args.conversations, args.turns, args.tokens))
         port = _port()
         proxy = f"http://127.0.0.1:{port}"
         procs.append(_spawn(["proxy", "--server-name", "127.0.0.1", "--server-port", str(port),
@@ -137,7 +141,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per turn")
     parser.add_argument("--pin", action="store_true", help="give each of several replicas its own cores")
     parser.add_argument("--setups", default="1:cache_aware,2:cache_aware,2:round_robin",
-                        help="REPLICAS:POLICY pairs, comma separated")
+                        help="REPLICAS:POLICY pairs, comma separated; 1:direct is one replica without the proxy")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     print(f"{args.conversations} conversations x {args.turns} turns, {args.tokens} output tokens a turn, "
