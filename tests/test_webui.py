@@ -2,6 +2,7 @@
 api_server on the default model: a streamed answer, a stop that frees the server's slot,
 readable errors. Chromium comes from Debian's package (.ci/run installs it)."""
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -24,26 +25,35 @@ def _metric(server, name, labels=""):
     return float(m.group(1)) if m else 0.0
 
 
-@pytest.fixture(scope="module")
-def ui(server):
+@contextlib.contextmanager
+def _chat_page(api_server_url):
+    """`xlaserve serve gradio API_SERVER_URL` until the block ends: the page's URL, once it answers."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "gradio", server,
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "gradio", api_server_url,
                              "--server-name", "127.0.0.1", "--server-port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the chat page did not come up"
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the chat page did not come up"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ui(server):
+    with _chat_page(server) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -131,27 +141,12 @@ def test_server_errors_are_shown_as_messages(ui, browser):
 
 
 def test_unreachable_api_server_is_a_readable_message(browser):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "gradio", "http://127.0.0.1:1",
-                             "--server-name", "127.0.0.1", "--server-port", str(port)], cwd=ROOT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
+    with _chat_page("http://127.0.0.1:1") as url:
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("#error", state="visible")
         assert "cannot reach the api_server" in page.inner_text("#error")
         page.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 ANSWER = """Here is **bold**, and a list:
@@ -223,60 +218,51 @@ def test_answers_render_as_sanitized_markdown_with_reasoning_and_tool_calls(brow
     a collapsed block and a tool call shows as a call; the answer's <script>, onerror and
     javascript: link never run, and the page refuses inline script besides."""
     upstream, upstream_url = _scripted_upstream()
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "gradio", upstream_url,
-                             "--server-name", "127.0.0.1", "--server-port", str(port)], cwd=ROOT)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                r = httpx.get(url + "/", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
-        assert "script-src 'self'" in r.headers["content-security-policy"]
-        for asset in ("/static/webui.js", "/static/vendor/marked/marked.umd.js"):  # served here, no CDN
-            assert httpx.get(url + asset, timeout=5).status_code == 200
-        page = browser.new_page()
-        page.goto(url)
-        _wait_for(page, "document.getElementById('model').textContent.includes('scripted')")
-        page.fill("#prompt", "Show me everything")
-        page.click("#send")
-        _wait_for(page, "document.querySelector('.assistant')?.dataset.state === 'done'", 30)
-        reply = ".assistant"
-        assert page.inner_text(f"{reply} .content strong") == "bold"
-        assert page.eval_on_selector_all(f"{reply} .content ul li", "els => els.map(e => e.textContent)") == \
-            ["one", "two"]
-        assert page.eval_on_selector_all(f"{reply} .content table td", "els => els.map(e => e.textContent)") == \
-            ["1", "2"]
-        code = page.query_selector(f"{reply} .content pre code")
-        assert "hljs" in code.get_attribute("class") and code.query_selector_all("span[class^=hljs-]")
-        assert "return x + 1" in code.inner_text()
-        # Reasoning: collapsed, its text shown as text (no <b> element made of it).
-        assert page.eval_on_selector(f"{reply} details.reasoning", "d => d.open") is False
-        assert "Let me think <b>hard</b>." == page.eval_on_selector(f"{reply} .reasoning-text", "e => e.textContent")
-        assert page.query_selector(f"{reply} .reasoning-text b") is None
-        assert page.inner_text(f"{reply} .tool-call .tool-name").startswith("get_weather")
-        assert page.inner_text(f"{reply} .tool-call pre") == '{"city": "Paris"}'
-        assert page.get_attribute(reply, "data-finish") == "tool_calls"
-        # Nothing hostile survived or ran, the link included once clicked.
-        assert page.query_selector_all(f"{reply} script") == []
-        assert page.eval_on_selector_all(f"{reply} img", "els => els.filter(e => e.hasAttribute('onerror')).length") == 0
-        link = page.query_selector(f"{reply} .content a")
-        if link is not None:
-            assert not (link.get_attribute("href") or "").startswith("javascript:")
-            link.click()
-        time.sleep(0.5)
-        assert page.evaluate("() => window.__pwned") is None
-        # The second layer: an inline handler that reached the page anyway is refused by its CSP.
-        page.evaluate("""() => { const i = document.createElement('img');
-            i.setAttribute('onerror', 'window.__pwned = "csp"'); i.src = 'x'; document.body.append(i); }""")
-        time.sleep(0.5)
-        assert page.evaluate("() => window.__pwned") is None
-        page.close()
+        with _chat_page(upstream_url) as url:
+            _check_rendering(browser, url)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
         upstream.should_exit = True
+
+
+def _check_rendering(browser, url):
+    r = httpx.get(url + "/", timeout=5)
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    for asset in ("/static/webui.js", "/static/vendor/marked/marked.umd.js"):  # served here, no CDN
+        assert httpx.get(url + asset, timeout=5).status_code == 200
+    page = browser.new_page()
+    page.goto(url)
+    _wait_for(page, "document.getElementById('model').textContent.includes('scripted')")
+    page.fill("#prompt", "Show me everything")
+    page.click("#send")
+    _wait_for(page, "document.querySelector('.assistant')?.dataset.state === 'done'", 30)
+    reply = ".assistant"
+    assert page.inner_text(f"{reply} .content strong") == "bold"
+    assert page.eval_on_selector_all(f"{reply} .content ul li", "els => els.map(e => e.textContent)") == \
+        ["one", "two"]
+    assert page.eval_on_selector_all(f"{reply} .content table td", "els => els.map(e => e.textContent)") == \
+        ["1", "2"]
+    code = page.query_selector(f"{reply} .content pre code")
+    assert "hljs" in code.get_attribute("class") and code.query_selector_all("span[class^=hljs-]")
+    assert "return x + 1" in code.inner_text()
+    # Reasoning: collapsed, its text shown as text (no <b> element made of it).
+    assert page.eval_on_selector(f"{reply} details.reasoning", "d => d.open") is False
+    assert "Let me think <b>hard</b>." == page.eval_on_selector(f"{reply} .reasoning-text", "e => e.textContent")
+    assert page.query_selector(f"{reply} .reasoning-text b") is None
+    assert page.inner_text(f"{reply} .tool-call .tool-name").startswith("get_weather")
+    assert page.inner_text(f"{reply} .tool-call pre") == '{"city": "Paris"}'
+    assert page.get_attribute(reply, "data-finish") == "tool_calls"
+    # Nothing hostile survived or ran, the link included once clicked.
+    assert page.query_selector_all(f"{reply} script") == []
+    assert page.eval_on_selector_all(f"{reply} img", "els => els.filter(e => e.hasAttribute('onerror')).length") == 0
+    link = page.query_selector(f"{reply} .content a")  # kept as a link, its javascript: target dropped
+    assert not (link.get_attribute("href") or "").startswith("javascript:")
+    link.click()
+    time.sleep(0.5)
+    assert page.evaluate("() => window.__pwned") is None
+    # The second layer: an inline handler that reached the page anyway is refused by its CSP.
+    page.evaluate("""() => { const i = document.createElement('img');
+        i.setAttribute('onerror', 'window.__pwned = "csp"'); i.src = 'x'; document.body.append(i); }""")
+    time.sleep(0.5)
+    assert page.evaluate("() => window.__pwned") is None
+    page.close()

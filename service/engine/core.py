@@ -81,7 +81,7 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Requests submitted and not finished."""
-        return bool(self.table.running or self.waiting or self.waiting.count)
+        return bool(self.table.running or self.waiting.count)  # the count covers the inbox too
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting (new requests get ``Draining``), wait up to ``timeout`` seconds for

@@ -12,6 +12,7 @@ from litestar.params import JSONBody
 
 from service import protocol as p
 from service.engine import Engine, Output
+from service.engine.core import check_token_ids
 from service.chat import Answer, call_deltas, call_out, tool_plan
 from service.errors import InvalidRequest
 from service.parsers import ReasoningParser
@@ -208,11 +209,8 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     params = data.to_sampling_params(ctx.settings.defaults)
     check_grammar(engine, params.grammar, "response_format")
     prompts = _completion_prompts(engine, data.prompt)
-    vocab = engine.tokenizer.vocab_size
-    for ids in prompts:
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is not in the vocabulary [0, {vocab})", param="prompt")
+    for ids in prompts:  # every prompt checked before any is submitted; the tokenizer's ids only
+        check_token_ids(ids, params, engine.tokenizer.vocab_size)
         engine.check_prompt(len(ids), params)
     engine.check_capacity(len(prompts) * data.n)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
