@@ -25,7 +25,8 @@ from litestar.static_files import create_static_files_router
 
 from service import protocol as p
 from service.errors import ServiceError, Unauthorized
-from service.routes import interactive, openai, ops
+from service import protocol_messages
+from service.routes import interactive, messages, openai, ops, responses
 from service.routes.common import Disconnected, ServerSettings, State
 
 log = logging.getLogger(__name__)
@@ -33,26 +34,32 @@ log = logging.getLogger(__name__)
 __all__ = ["ServerSettings", "State", "create_app"]
 
 ROUTES = [openai.list_models, openai.chat_completions, openai.completions, interactive.chat_interactive,
-          ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics, ops.loads]
+          ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics, ops.loads,
+          responses.create_response, responses.get_response, responses.delete_response,
+          messages.create_message, messages.count_tokens]
 
 
 # -- errors: one handler per type --------------------------------------------------------------
 
 
-def _error_response(status: int, message: str, type_: str, param: str | None = None,
+def _error_response(request: Request, status: int, message: str, type_: str, param: str | None = None,
                     code: str | None = None) -> Response:
-    body = p.ErrorResponse(error=p.ErrorDetail(message=message, type=type_, param=param, code=code))
+    """OpenAI's error body, or Anthropic's on the Messages routes (its SDK reads that one)."""
+    if request.url.path.startswith("/v1/messages"):
+        body = protocol_messages.error_body(status, message)
+    else:
+        body = p.ErrorResponse(error=p.ErrorDetail(message=message, type=type_, param=param, code=code))
     return Response(content=msgspec.json.encode(body), status_code=status, media_type="application/json")
 
 
 def _service_error(request: Request, exc: ServiceError) -> Response:
-    return _error_response(exc.status, str(exc), exc.type, exc.param, exc.code)
+    return _error_response(request, exc.status, str(exc), exc.type, exc.param, exc.code)
 
 
 def _disconnected(request: Request, exc: Disconnected) -> Response:
     # Nobody is listening; the log says what happened.
     log.info("client left before the answer to %s was ready; request aborted", request.url.path)
-    return _error_response(499, "client closed the request", "invalid_request_error")
+    return _error_response(request, 499, "client closed the request", "invalid_request_error")
 
 
 def _validation_error(request: Request, exc: ValidationException) -> Response:
@@ -68,20 +75,20 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
         at = re.search(r"at `\$\.?([^`]*)`", detail)
         param = ".".join(x for x in ((at.group(1) if at else ""), unknown.group(1)) if x)
     msg = f"{exc.detail}: {detail}" if detail else str(exc.detail)
-    return _error_response(400, msg, "invalid_request_error", param)
+    return _error_response(request, 400, msg, "invalid_request_error", param)
 
 
 def _no_route(request: Request, exc: Exception) -> Response:
-    return _error_response(404, f"no route {request.method} {request.url.path}", "invalid_request_error")
+    return _error_response(request, 404, f"no route {request.method} {request.url.path}", "invalid_request_error")
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
-    return _error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+    return _error_response(request, exc.status_code, str(exc.detail), "invalid_request_error")
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return _error_response(500, "internal server error", "internal_error")
+    return _error_response(request, 500, "internal server error", "internal_error")
 
 
 EXCEPTION_HANDLERS = {
@@ -115,9 +122,10 @@ def _auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     if not settings.api_keys or handler.opt.get("public"):
         return
     header = connection.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
+    # Bearer as OpenAI's clients send it, or x-api-key as Anthropic's do.
+    token = header[7:] if header.lower().startswith("bearer ") else connection.headers.get("x-api-key", "")
     if not any(hmac.compare_digest(token.encode(), k.encode()) for k in settings.api_keys):
-        raise Unauthorized("invalid or missing API key (send 'Authorization: Bearer <key>')")
+        raise Unauthorized("invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')")
 
 
 def _swagger_static():

@@ -280,7 +280,7 @@ def cmd_api_server(args) -> None:
         allow_origins=tuple(args.allow_origins or ()), allow_credentials=args.allow_credentials,
         allow_methods=tuple(args.allow_methods or ("*",)), allow_headers=tuple(args.allow_headers or ("*",)),
         stall_timeout=args.stall_timeout, tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser)
+        reasoning_parser=args.reasoning_parser, responses_store=args.responses_store)
     state = State(settings=settings)
     if not settings.model_name:
         settings.model_name = DEFAULT_MODEL_NAME if args.model is None else \
@@ -504,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "template teaches; hermes for templates without tool support)")
     a.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="split <think>...</think> out of answers into reasoning_content")
+    a.add_argument("--responses-store", type=int, default=1024, metavar="N",
+                   help="finished /v1/responses kept in memory for previous_response_id and GET "
+                        "(least recently used dropped; 0 stores none)")
     a.add_argument("--allow-origins", nargs="*", default=None, help="CORS allowed origins")
     a.add_argument("--allow-credentials", action="store_true", help="CORS allow credentials")
     a.add_argument("--allow-methods", nargs="*", default=None, help="CORS allowed methods")

@@ -54,6 +54,16 @@ class ModelNotFound(ServiceError):
     param = "model"
 
 
+class NotFound(ServiceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class Overloaded(ServiceError):
     status = 503
     type = "server_error"

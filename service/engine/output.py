@@ -44,6 +44,7 @@ def apply_stop_strings(seq: Sequence, text: str, final: bool) -> tuple[str, bool
     if hit is not None:
         idx, s = hit
         seq.pending_text = ""
+        seq.stop_hit = s
         return buf[:idx + (len(s) if seq.params.include_stop_str_in_output else 0)], True
     if final:
         seq.pending_text = ""
@@ -158,7 +159,7 @@ class OutputProcessor:
             if stopped:
                 finish = "stop"
             out = Output(text=text, token_ids=[tok], logprobs=[lp] if lp else [], finish_reason=finish,
-                         prompt_logprobs=seq.prompt_logprobs)
+                         prompt_logprobs=seq.prompt_logprobs, stop_string=seq.stop_hit if stopped else None)
             seq.prompt_logprobs = None
             if finish:
                 self.finish(seq, finish, out)

@@ -36,6 +36,7 @@ class Output:
     # The prompt's tokens after its first, each with its logprob given those before it (when
     # the request scores its prompt): on the first Output only.
     prompt_logprobs: list[TokenLogprob] | None = None
+    stop_string: str | None = None  # the stop string that finished it (finish_reason "stop")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,6 +66,7 @@ class Sequence:
     max_tokens: int = 0
     detok: IncrementalDetokenizer | None = None
     pending_text: str = ""  # decoded text held back: it may start a stop string
+    stop_hit: str | None = None  # the stop string matched, once one is
     history: int = 0  # tokens of earlier session turns
     first_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # scored so far, until the first Output

@@ -38,6 +38,7 @@ class ServerSettings:
     stall_timeout: float = 120.0  # /health fails when pending work made no progress this long
     tool_call_parser: str | None = None  # None: the format the chat template teaches
     reasoning_parser: str | None = None  # "qwen3" | "deepseek-r1": <think> goes to reasoning_content
+    responses_store: int = 1024  # finished Responses kept for previous_response_id (LRU)
 
 
 @dataclasses.dataclass
@@ -46,6 +47,13 @@ class State:
 
     settings: ServerSettings
     engine: Engine | None = None
+    responses: Any = None  # routes.responses.ResponseStore, made from the settings
+
+    def __post_init__(self):
+        if self.responses is None:
+            from service.routes.responses import ResponseStore  # the route module imports this one
+
+            self.responses = ResponseStore(self.settings.responses_store)
 
 
 Ctx = NamedDependency[State]  # injected into every handler as ``ctx``

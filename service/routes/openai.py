@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -13,13 +12,11 @@ from litestar.params import JSONBody
 from service import protocol as p
 from service.engine import Engine, Output
 from service.engine.core import check_token_ids
-from service.chat import Answer, call_deltas, call_out, tool_plan
+from service.chat import call_deltas, call_out
 from service.errors import InvalidRequest
-from service.parsers import ReasoningParser
-from service.routes.common import (Ctx, OwnTypeStream, chat_prompt, chat_template, check_model, fan_in,
-                                   require_engine, sse, sse_stream, token_str, unless_disconnected, usage)
-from service import structured
-from service.structured import GrammarError
+from service.routes.chat_run import check_grammar, prepare_chat
+from service.routes.common import (Ctx, OwnTypeStream, check_model, fan_in, require_engine, sse, sse_stream,
+                                   token_str, unless_disconnected, usage)
 
 
 def _stream(chunks: AsyncIterator[bytes]) -> OwnTypeStream:
@@ -33,7 +30,7 @@ async def list_models(ctx: Ctx) -> p.ModelList:
                                          max_model_len=max_len)])
 
 
-def _chat_logprobs(engine: Engine, out: Output) -> p.ChoiceLogprobs | None:
+def chat_logprobs(engine: Engine, out: Output) -> p.ChoiceLogprobs | None:
     if not out.logprobs:
         return None
     content = []
@@ -46,47 +43,11 @@ def _chat_logprobs(engine: Engine, out: Output) -> p.ChoiceLogprobs | None:
     return p.ChoiceLogprobs(content=content)
 
 
-def check_grammar(engine: Engine, grammar: str | None, param: str) -> None:
-    """Compile a request's grammar now (cached by its text), so a bad one is a 400 here."""
-    if grammar is None:
-        return
-    try:
-        engine.grammars.check(grammar)
-    except GrammarError as e:
-        raise InvalidRequest(f"{param}: {e}", param=param) from None
-
-
 @post("/v1/chat/completions", summary="Chat completion (OpenAI)", status_code=200)
 async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, request: Request) -> Any:
-    engine = require_engine(ctx)
-    check_model(ctx, data.model)
-    params = data.to_sampling_params(ctx.settings.defaults)
-    template = chat_template(ctx, engine)
-    plan = tool_plan(data, template, ctx.settings.tool_call_parser)
-    prompt = chat_prompt(ctx, engine, data.messages, plan, data.chat_template_kwargs)
-    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-    for t in plan.tools:  # a tool whose parameters schema does not compile is refused
-        try:
-            check_grammar(engine, structured.json_schema_grammar(t["parameters"]), "tools")
-        except GrammarError as e:
-            raise InvalidRequest(f"tools: function {t['name']!r}: {e}", param="tools") from None
-    tool_grammar = plan.grammar()
-    grammar = tool_grammar or params.grammar
-    check_grammar(engine, grammar, "tools" if tool_grammar else "response_format")
-    think = ctx.settings.reasoning_parser
-
-    def reasoning():
-        return ReasoningParser.named(think, prompt) if think else None
-
-    if grammar is not None:
-        # A grammar starts after the reasoning block, unless the prompt already closed it.
-        r = reasoning()
-        params = dataclasses.replace(params, grammar=grammar,
-                                     grammar_after=ReasoningParser.end if r is not None and not r.done else None)
-    engine.check_prompt(len(prompt_ids), params)
-    engine.check_capacity(data.n)
+    run = prepare_chat(ctx, data)
+    engine, params, answers = run.engine, run.params, run.answers
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
-    answers = [Answer(plan, reasoning()) for _ in range(data.n)]
 
     def chunk(choices, **kw) -> bytes:
         return sse(p.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **kw))
@@ -97,25 +58,24 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
         async def chunks() -> AsyncIterator[bytes]:
             finals: dict[int, Output] = {}
             started: set[int] = set()
-            async for i, out in fan_in(engine, [prompt_ids], params, data.n):
+            async for piece in run.pieces():
+                i, out = piece.index, piece.out
                 if i not in started:
                     started.add(i)
                     yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))])
-                answer = answers[i]
-                before = len(answer.calls)
-                thought, content, calls = answer.feed(out.text, final=out.finish_reason is not None)
-                if thought or content or out.logprobs:
+                if piece.thought or piece.content or out.logprobs:
                     yield chunk([p.ChatChunkChoice(
-                        index=i, delta=p.DeltaMessage(content=content if content or not thought else None,
-                                                      reasoning_content=thought or None),
-                        logprobs=_chat_logprobs(engine, out))])
-                for k, call in enumerate(calls):
+                        index=i, delta=p.DeltaMessage(content=piece.content if piece.content or not piece.thought
+                                                      else None, reasoning_content=piece.thought or None),
+                        logprobs=chat_logprobs(engine, out))])
+                before = len(answers[i].calls) - len(piece.calls)
+                for k, call in enumerate(piece.calls):
                     for tool_delta in call_deltas(before + k, call):
                         yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(tool_calls=[tool_delta]))])
-                if out.finish_reason is not None:
+                if piece.final:
                     finals[i] = out
                     yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(),
-                                                   finish_reason=answer.finish_reason(out.finish_reason))])
+                                                   finish_reason=answers[i].finish_reason(out.finish_reason))])
             if include_usage:
                 yield chunk([], usage=usage([finals[i] for i in sorted(finals)]))
 
@@ -127,13 +87,13 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
     finals: dict[int, Output] = {}
 
     async def gather() -> None:
-        async for i, out in fan_in(engine, [prompt_ids], params, data.n):
-            thought, content, _ = answers[i].feed(out.text, final=out.finish_reason is not None)
-            texts[i] += content
-            thoughts[i] += thought
+        async for piece in run.pieces():
+            i, out = piece.index, piece.out
+            texts[i] += piece.content
+            thoughts[i] += piece.thought
             if out.logprobs:
-                lps[i].extend(_chat_logprobs(engine, out).content)
-            if out.finish_reason is not None:
+                lps[i].extend(chat_logprobs(engine, out).content)
+            if piece.final:
                 finals[i] = out
 
     await unless_disconnected(request, gather())

@@ -1,0 +1,92 @@
+"""One chat generation, shared by every route that speaks chat (chat completions, Responses,
+Anthropic's Messages): the request checked and rendered into a prompt with its grammar, then
+its answers as typed pieces (reasoning, content, tool calls) as they stream. Each route only
+translates its wire format to a ``ChatCompletionRequest`` and these pieces back to its own."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import AsyncIterator
+
+from service import protocol as p
+from service import structured
+from service.chat import Answer, ToolPlan, tool_plan
+from service.engine import Engine, Output
+from service.errors import InvalidRequest
+from service.params import SamplingParams
+from service.parsers import ReasoningParser, ToolCall
+from service.routes.common import State, chat_prompt, chat_template, check_model, fan_in, require_engine
+from service.structured import GrammarError
+
+
+def check_grammar(engine: Engine, grammar: str | None, param: str) -> None:
+    """Compile a request's grammar now (cached by its text), so a bad one is a 400 here."""
+    if grammar is None:
+        return
+    try:
+        engine.grammars.check(grammar)
+    except GrammarError as e:
+        raise InvalidRequest(f"{param}: {e}", param=param) from None
+
+
+@dataclasses.dataclass
+class Piece:
+    """The next part of answer ``index``: its new reasoning and content text, the tool calls
+    completed by it, and the engine's Output it came from (finish, usage, logprobs)."""
+
+    index: int
+    thought: str
+    content: str
+    calls: list[ToolCall]
+    out: Output
+
+    @property
+    def final(self) -> bool:
+        return self.out.finish_reason is not None
+
+
+@dataclasses.dataclass
+class ChatRun:
+    engine: Engine
+    prompt_ids: list[int]
+    params: SamplingParams
+    plan: ToolPlan
+    answers: list[Answer]
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        async for i, out in fan_in(self.engine, [self.prompt_ids], self.params, len(self.answers)):
+            thought, content, calls = self.answers[i].feed(out.text, final=out.finish_reason is not None)
+            yield Piece(i, thought, content, calls, out)
+
+
+def prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
+    """Everything a chat request needs before it runs, every check done (so a bad request is a
+    400 before anything streams): sampling settings, tools, the prompt, its grammar."""
+    engine = require_engine(ctx)
+    check_model(ctx, data.model)
+    params = data.to_sampling_params(ctx.settings.defaults)
+    template = chat_template(ctx, engine)
+    plan = tool_plan(data, template, ctx.settings.tool_call_parser)
+    prompt = chat_prompt(ctx, engine, data.messages, plan, data.chat_template_kwargs)
+    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    for t in plan.tools:  # a tool whose parameters schema does not compile is refused
+        try:
+            check_grammar(engine, structured.json_schema_grammar(t["parameters"]), "tools")
+        except GrammarError as e:
+            raise InvalidRequest(f"tools: function {t['name']!r}: {e}", param="tools") from None
+    tool_grammar = plan.grammar()
+    grammar = tool_grammar or params.grammar
+    check_grammar(engine, grammar, "tools" if tool_grammar else "response_format")
+    think = ctx.settings.reasoning_parser
+
+    def reasoning():
+        return ReasoningParser.named(think, prompt) if think else None
+
+    if grammar is not None:
+        # A grammar starts after the reasoning block, unless the prompt already closed it.
+        r = reasoning()
+        params = dataclasses.replace(params, grammar=grammar,
+                                     grammar_after=ReasoningParser.end if r is not None and not r.done else None)
+    engine.check_prompt(len(prompt_ids), params)
+    engine.check_capacity(data.n)
+    return ChatRun(engine, prompt_ids, params, plan, [Answer(plan, reasoning()) for _ in range(data.n)])
