@@ -63,6 +63,16 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_json(meta["config"])
 
 
+def load_embedding(path: str | Path) -> dict[str, Any] | None:
+    """An embedding checkpoint's pooling (``{"pooling": "last" | "mean" | "cls", "normalize":
+    bool}``, as its sentence-transformers files said at conversion), or None for a
+    generative one."""
+    try:
+        return json.loads((Path(path) / "xlaserve.json").read_text()).get("embedding")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read xlaserve.json ({e})") from None
+
+
 def load_params(path: str | Path, cfg: ModelConfig, shardings: Any = None, dtype: str | None = None) -> Any:
     """Restore params straight into their target shardings (one device when None).
 

@@ -26,7 +26,7 @@ from litestar.static_files import create_static_files_router
 from service import protocol as p
 from service.errors import ServiceError, Unauthorized
 from service import protocol_messages
-from service.routes import interactive, messages, openai, ops, responses
+from service.routes import embeddings, interactive, messages, openai, ops, responses
 from service.routes.common import Disconnected, ServerSettings, State
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ __all__ = ["ServerSettings", "State", "create_app"]
 ROUTES = [openai.list_models, openai.chat_completions, openai.completions, interactive.chat_interactive,
           ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics, ops.loads,
           responses.create_response, responses.get_response, responses.delete_response,
-          messages.create_message, messages.count_tokens]
+          messages.create_message, messages.count_tokens, embeddings.embeddings]
 
 
 # -- errors: one handler per type --------------------------------------------------------------

@@ -255,6 +255,27 @@ def cmd_generate(args) -> None:
         engine.stop()
 
 
+def _embedding_task(args, checkpoint) -> tuple[str, bool] | None:
+    """(pooling, normalize) when the server is for embeddings: ``--task embed``, or ``auto``
+    on an embedding checkpoint. Pooling: ``--pooling``, else the checkpoint's
+    sentence-transformers configuration, else last-token for Qwen3 (as Qwen3-Embedding) and
+    mean for the others; vectors are normalised unless that configuration says otherwise."""
+    from model.checkpoint import load_config, load_embedding
+
+    spec = load_embedding(checkpoint)
+    task = args.task if args.task != "auto" else ("embed" if spec is not None else "generate")
+    if task == "generate":
+        if args.pooling:
+            raise CLIError("--pooling applies to --task embed")
+        return None
+    family = load_config(checkpoint).family
+    pooling = args.pooling or (spec or {}).get("pooling") or ("last" if family.startswith("qwen3") else "mean")
+    normalize = (spec or {}).get("normalize", True)
+    log.info("serving embeddings: %s pooling%s; the generation routes are off", pooling,
+             ", normalised" if normalize else "")
+    return pooling, normalize
+
+
 def cmd_api_server(args) -> None:
     import uvicorn
 
@@ -294,6 +315,7 @@ def cmd_api_server(args) -> None:
         load_config(checkpoint)
         settings.defaults, fields = generation_defaults(checkpoint, args.generation_config)
         settings.default_fields = frozenset(fields)
+        settings.embedding = _embedding_task(args, checkpoint)
     except (ModelSourceError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     # Precedence: the request's value, then these, then OpenAI's defaults.
@@ -504,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "template teaches; hermes for templates without tool support)")
     a.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="split <think>...</think> out of answers into reasoning_content")
+    a.add_argument("--task", default="auto", choices=("auto", "generate", "embed"),
+                   help="generate (the chat and completion routes) or embed (/v1/embeddings only); auto: "
+                        "embed for an embedding checkpoint (one with sentence-transformers pooling)")
+    a.add_argument("--pooling", default=None, choices=("last", "mean", "cls"),
+                   help="how --task embed pools a prompt's hidden states (default: the checkpoint's "
+                        "sentence-transformers pooling, else last for Qwen3 and mean for the others)")
     a.add_argument("--responses-store", type=int, default=1024, metavar="N",
                    help="finished /v1/responses kept in memory for previous_response_id and GET "
                         "(least recently used dropped; 0 stores none)")

@@ -38,6 +38,9 @@ class SamplingParams:
     # ``grammar_after`` appears in the output when that is set (the end of a reasoning block).
     grammar: str | None = None
     grammar_after: str | None = None
+    # An embedding request: its prompt's final hidden states pooled ("last", "mean" or "cls")
+    # come back in its Output; nothing is generated (max_tokens 0).
+    embed: str | None = None
 
     def __post_init__(self):
         checks = [
@@ -49,8 +52,9 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             # 0 only when the prompt is scored: nothing is generated, the prompt is the answer.
-            (self.max_tokens is None or self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
-             "max_tokens", "must be >= 1" if self.prompt_logprobs is None else "must be >= 0"),
+            (self.max_tokens is None or self.max_tokens >= (0 if self.scores_only else 1),
+             "max_tokens", "must be >= 0" if self.scores_only else "must be >= 1"),
+            (self.embed in (None, "last", "mean", "cls"), "embed", "must be last, mean or cls"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]"),
@@ -60,6 +64,19 @@ class SamplingParams:
         for ok, param, msg in checks:
             if not ok:
                 raise InvalidSamplingParam(param, f"{param} {msg}, got {getattr(self, param, None)!r}")
+
+
+    @property
+    def scores_only(self) -> bool:
+        """The prompt itself is the answer (scored, or pooled into an embedding): it may ask
+        for no tokens."""
+        return self.prompt_logprobs is not None or self.embed is not None
+
+    @property
+    def computes_prompt(self) -> bool:
+        """Every prompt position must be computed (no cached prefix): its scores, or a pooling
+        over all of them, need each one's hidden state."""
+        return self.prompt_logprobs is not None or self.embed in ("mean", "cls")
 
 
 class InvalidSamplingParam(ValueError):

@@ -26,7 +26,7 @@ import numpy as np
 from model.checkpoint import FORMAT_VERSION
 from model.config import ModelConfig, RopeScaling, UnsupportedConfigError, from_hf_config
 from model.convert.gguf import gguf_hf_config, gguf_reader, gguf_rope_factors, gguf_tensors, gguf_tokenizer_files
-from model.convert.sources import hf_tensors
+from model.convert.sources import hf_keys, hf_tensors
 from model.convert.transforms import ConversionError
 from model.weights import param_specs
 
@@ -161,12 +161,15 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="converting", unit="tensor", file=sys.stderr)
 
 
-def save_checkpoint(dst: Path, cfg: ModelConfig, params: dict, source: str) -> None:
+def save_checkpoint(dst: Path, cfg: ModelConfig, params: dict, source: str,
+                    embedding: dict[str, Any] | None = None) -> None:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save((dst / "params").absolute(), params)
     meta = {"format_version": FORMAT_VERSION, "config": cfg.to_json(), "source": source}
+    if embedding is not None:
+        meta["embedding"] = embedding
     (dst / "xlaserve.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -219,8 +222,14 @@ def _convert_hf_dir(src: Path, tmp: Path, dtype: str | None, progress: bool) -> 
     cfg = from_hf_config(hf_cfg, dtype)
     if not any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         raise ConversionError(f"{src}: no tokenizer.json or tokenizer.model")
-    params = build_params(cfg, hf_tensors(src), progress)
-    save_checkpoint(tmp, cfg, params, source=str(src))
+    embedding = sentence_transformers_pooling(src)
+    keys = hf_keys(src)
+    if embedding is not None and keys is not None and "lm_head.weight" not in keys and not cfg.tie_word_embeddings:
+        # An embedding model saved without its head (Qwen3-Embedding-4B): the head is never
+        # used for embeddings, so the embedding stands in for it rather than a copy.
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+    params = build_params(cfg, _with_model_prefix(hf_tensors(src)), progress)
+    save_checkpoint(tmp, cfg, params, source=str(src), embedding=embedding)
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, tmp / name)
@@ -228,6 +237,44 @@ def _convert_hf_dir(src: Path, tmp: Path, dtype: str | None, progress: bool) -> 
     if not (tmp / "generation_config.json").exists():
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id") if k in hf_cfg}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def _with_model_prefix(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Keys of a checkpoint saved from the bare model (``AutoModel``: ``layers.0...``, as
+    embedding checkpoints are) under the ``model.`` prefix the key tables expect."""
+    for key, tensor in tensors:
+        yield (f"model.{key}" if BARE_KEY.match(key) else key), tensor
+
+
+BARE_KEY = re.compile(r"(embed_tokens|layers|norm)\.")
+
+
+def sentence_transformers_pooling(src: Path) -> dict[str, Any] | None:
+    """The pooling of a sentence-transformers checkpoint (``modules.json`` naming a Pooling
+    module and its ``config.json``; a Normalize module), or None when ``src`` has none."""
+    path = src / "modules.json"
+    if not path.exists():
+        return None
+    try:
+        modules = json.loads(path.read_text())
+        pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+        normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+        conf = json.loads((src / pooling["path"] / "config.json").read_text()) if pooling else {}
+    except (OSError, json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{path}: cannot read its sentence-transformers modules ({e})") from None
+    if pooling is None:
+        raise ConversionError(f"{path}: no Pooling module; xlaserve pools by last, mean or cls")
+    # Older files flag each mode (pooling_mode_lasttoken: true); newer ones name it
+    # (pooling_mode: "lasttoken").
+    names = {"lasttoken": "last", "mean_tokens": "mean", "mean": "mean", "cls_token": "cls", "cls": "cls"}
+    named = conf.get("pooling_mode")
+    given = ([named] if isinstance(named, str) else list(named or [])) + [
+        k.removeprefix("pooling_mode_") for k, v in conf.items() if k.startswith("pooling_mode_") and v is True]
+    modes = sorted({names.get(m, m) for m in given})
+    if len(modes) != 1 or modes[0] not in ("last", "mean", "cls"):
+        raise ConversionError(f"{src / pooling['path'] / 'config.json'}: pooling {modes} is not served "
+                              "(one of lasttoken, mean, cls)")
+    return {"pooling": modes[0], "normalize": normalize}
 
 
 def _convert_gguf(src: Path, tmp: Path, dtype: str | None, progress: bool) -> None:

@@ -53,12 +53,32 @@ def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield key, t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def hf_tensors(src: Path) -> Iterator[tuple[str, np.ndarray]]:
+def _safetensors_files(src: Path) -> list[str]:
     index = src / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in src.glob("*.safetensors"))
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return sorted(p.name for p in src.glob("*.safetensors"))
+
+
+def hf_keys(src: Path) -> set[str] | None:
+    """The tensor names of a safetensors checkpoint, from its headers (None for .bin files,
+    which would have to be loaded whole)."""
+    files = _safetensors_files(src)
+    if not files:
+        return None
+    keys: set[str] = set()
+    for name in files:
+        try:
+            with open(src / name, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                keys |= set(json.loads(f.read(n))) - {"__metadata__"}
+        except (OSError, ValueError, struct.error) as e:
+            raise ConversionError(f"{name}: not a valid safetensors file ({e})") from None
+    return keys
+
+
+def hf_tensors(src: Path) -> Iterator[tuple[str, np.ndarray]]:
+    files = _safetensors_files(src)
     if files:
         for name in files:
             if not (src / name).exists():

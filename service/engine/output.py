@@ -76,7 +76,9 @@ class OutputProcessor:
             self.stats.prefill_calls += 1
             self.stats.mixed_calls += call.riders > 0
             if call.scores:
-                self.prompt_scores(call.chunks, *arrays[4:])
+                self.prompt_scores(call.chunks, *arrays[4:7])
+            if call.embeds:
+                self.pool(call.chunks, arrays[7])
             done = [i for i, c in enumerate(call.chunks) if c.last]
             for i in done:
                 if not call.chunks[i].step:
@@ -107,6 +109,24 @@ class OutputProcessor:
                     nxt = c.tokens[i + 1] if i + 1 < k else c.next_token
                     scores.append(TokenLogprob(nxt, float(lps[at + i]), top))
                 seq.prompt_logprobs = scores
+            at += k
+
+    def pool(self, chunks, hidden: np.ndarray) -> None:
+        """Pool the embedding chunks' rows of a prefill call's final hidden states (T, D) into
+        their sequences' embeddings: the sum of every position (mean), the last position's
+        row (last) or the first's (cls)."""
+        at = 0
+        for c in chunks:
+            seq, k = c.owner, len(c.tokens)
+            if c.embed:
+                rows = hidden[at:at + k].astype(np.float64)
+                how = seq.params.embed
+                if how == "mean":
+                    seq.pooled = rows.sum(axis=0) + (0 if seq.pooled is None else seq.pooled)
+                elif how == "last" and c.last:
+                    seq.pooled = rows[-1]
+                elif how == "cls" and c.start == 0:
+                    seq.pooled = rows[0]
             at += k
 
     def on_tokens(self, seqs, toks, lps, top_ids, top_lps) -> None:
@@ -189,6 +209,9 @@ class OutputProcessor:
         out.completion_tokens = len(seq.generated)
         out.cached_tokens = seq.cached
         out.history_tokens = seq.history
+        if seq.params.embed is not None and seq.pooled is not None:
+            mean = seq.params.embed == "mean"
+            out.embedding = (seq.pooled / len(seq.seq) if mean else seq.pooled).astype(np.float32)
         self.table.release(seq, keep_session=reason in ("stop", "length") or bool(seq.generated))
         self.stats.finished += 1
         now = time.monotonic()

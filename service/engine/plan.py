@@ -28,6 +28,8 @@ class Chunk:
     # Score the chunk: each token's successor's logprob (``next_token`` follows the last one).
     score: bool = False
     next_token: int = 0
+    # Pool the chunk's final hidden states into its sequence's embedding.
+    embed: bool = False
     owner: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
@@ -40,6 +42,10 @@ class Prefill:
     @property
     def scores(self) -> bool:
         return any(c.score for c in self.chunks)
+
+    @property
+    def embeds(self) -> bool:
+        return any(c.embed for c in self.chunks)
 
     @property
     def riders(self) -> int:

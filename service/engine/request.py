@@ -37,6 +37,7 @@ class Output:
     # the request scores its prompt): on the first Output only.
     prompt_logprobs: list[TokenLogprob] | None = None
     stop_string: str | None = None  # the stop string that finished it (finish_reason "stop")
+    embedding: Any = None  # an embedding request's pooled hidden state (np.ndarray (D,), float32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -70,6 +71,7 @@ class Sequence:
     history: int = 0  # tokens of earlier session turns
     first_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # scored so far, until the first Output
+    pooled: Any = None  # an embedding request's pooling so far (np.ndarray (D,), float64)
     # The grammar's matcher (llguidance) of a constrained request, advanced with each token;
     # while ``grammar_wait`` is set it waits for that text (the end of the reasoning) first.
     matcher: Any = None

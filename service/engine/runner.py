@@ -185,7 +185,7 @@ class ModelRunner:
         for op in plan.ops:
             results.append(self.prefill_packed(
                 [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks],
-                masks, tables))
+                masks, tables, hidden=op.embeds))
         handle = None
         d = plan.decode
         if d is not None:
@@ -209,7 +209,8 @@ class ModelRunner:
         out = self.prefill_packed([(slot, tokens, start, last)])
         return tuple(None if x is None else x[:1] for x in out[:4])
 
-    def prefill_packed(self, chunks: list[tuple], masks: dict | None = None, tables: np.ndarray | None = None):
+    def prefill_packed(self, chunks: list[tuple], masks: dict | None = None, tables: np.ndarray | None = None,
+                       hidden: bool = False):
         """Prefill chunks (slot, tokens, start, last[, step[, score, next token]]) of different
         slots in one call: at most ``prompts_per_call`` of them, ``max_chunk`` tokens in all.
         Returns host arrays (tokens, logprobs, top ids, top logprobs) whose first rows follow
@@ -219,13 +220,16 @@ class ModelRunner:
         (else three Nones).
 
         A decode row can ride along as a one-token chunk (its last token at its position,
-        ``last`` true, ``step`` its generated count): its sampled token is its next one."""
+        ``last`` true, ``step`` its generated count): its sampled token is its next one.
+
+        ``hidden``: one more array, the call's final hidden states (T, D) as float32, rows in
+        the chunks' order (embedding requests pool them)."""
         self._check_positions(max(c[2] + len(c[1]) for c in chunks) - 1)
         arrays, n, span = self.shapes.prefill_inputs(chunks, masks)
-        out = self._prefill_step(self._tables(tables), arrays, n, span)
+        out, states = self._prefill_step(self._tables(tables), arrays, n, span)
         sampled = tuple(None if x is None else _host(x) for x in out[:4])
         scored = tuple(_host(x) for x in out[4:]) if arrays[-1] else (None, None, None)
-        return sampled + scored
+        return sampled + scored + ((_host(states)[:n].astype(np.float32),) if hidden else ())
 
     @replayed
     def _prefill_step(self, tables, arrays, n, span):
@@ -235,7 +239,7 @@ class ModelRunner:
             span=span)
         if scored:
             out = (*out, *self._score(self.params, hidden, following, np.int32(n)))
-        return out
+        return out, hidden
 
     def _check_positions(self, last: int) -> None:
         """Every real token's position has a row in the RoPE table (``session_len`` rows): the

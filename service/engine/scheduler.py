@@ -141,6 +141,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.table.preempt(seq)
         seq.prompt_logprobs = None  # a scored prompt is scored again from its first token
+        seq.pooled = None  # and an embedding pooled again
         self.preemptions += 1
 
     def _unstick(self) -> None:
@@ -223,7 +224,7 @@ class Scheduler:
             score = prompt and seq.params.prompt_logprobs is not None
             pack.append(Chunk(seq.slot, tuple(seq.tokens(start, end)), start, prompt and end == len(seq.seq),
                               score=score, next_token=seq.seq[end] if score and end < len(seq.seq) else 0,
-                              owner=seq))
+                              embed=prompt and seq.params.embed is not None, owner=seq))
             self._advance(seq, n)
             total += n
         return pack
@@ -231,7 +232,7 @@ class Scheduler:
     def _take_cached(self, seq: Sequence) -> None:
         """Blocks of the sequence's next tokens that the prefix cache has now (registered since
         it was placed: another prompt computed them) join its table by reference."""
-        if seq.params.prompt_logprobs is not None and not seq.generated:
+        if seq.params.computes_prompt and not seq.generated:
             return
         limit = seq.target - 1 if not seq.generated else seq.target
         if seq.prefilled % self.blocks.block_size or seq.prefilled + self.blocks.block_size > limit:

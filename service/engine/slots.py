@@ -53,9 +53,9 @@ class SlotTable:
     def place(self, seq: Sequence, slot: int) -> None:
         """Put ``seq`` in ``slot`` with the KV it can reuse: its session's blocks, or the cached
         blocks of its prompt's prefix. At least the last prompt token is computed: its logits
-        pick the first new token. A prompt being scored is computed whole."""
+        pick the first new token. A prompt being scored or mean-pooled is computed whole."""
         seq.slot, seq.admitted = slot, next(self._order)
-        limit = 0 if seq.params.prompt_logprobs is not None else len(seq.seq) - 1
+        limit = 0 if seq.params.computes_prompt else len(seq.seq) - 1
         session = self.sessions.get(seq.req.session_id) if seq.req.session_id is not None else None
         reuse = 0
         if session is not None and session.held is not None:

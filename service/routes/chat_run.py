@@ -15,7 +15,7 @@ from service.engine import Engine, Output
 from service.errors import InvalidRequest
 from service.params import SamplingParams
 from service.parsers import ReasoningParser, ToolCall
-from service.routes.common import State, chat_prompt, chat_template, check_model, fan_in, require_engine
+from service.routes.common import State, chat_prompt, chat_template, check_model, fan_in, require_generation
 from service.structured import GrammarError
 
 
@@ -62,7 +62,7 @@ class ChatRun:
 def prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
     """Everything a chat request needs before it runs, every check done (so a bad request is a
     400 before anything streams): sampling settings, tools, the prompt, its grammar."""
-    engine = require_engine(ctx)
+    engine = require_generation(ctx)
     check_model(ctx, data.model)
     params = data.to_sampling_params(ctx.settings.defaults)
     template = chat_template(ctx, engine)

@@ -39,6 +39,9 @@ class ServerSettings:
     tool_call_parser: str | None = None  # None: the format the chat template teaches
     reasoning_parser: str | None = None  # "qwen3" | "deepseek-r1": <think> goes to reasoning_content
     responses_store: int = 1024  # finished Responses kept for previous_response_id (LRU)
+    # (pooling, normalize) when the server was started for embeddings (--task embed, or an
+    # embedding checkpoint); the generation routes are then refused.
+    embedding: tuple[str, bool] | None = None
 
 
 @dataclasses.dataclass
@@ -74,6 +77,15 @@ def require_engine(ctx: State) -> Engine:
     if ctx.engine is None:
         raise NotReady("the model is still loading; retry shortly")
     return ctx.engine
+
+
+def require_generation(ctx: State) -> Engine:
+    """The engine, unless this server was started for embeddings only."""
+    if ctx.settings.embedding is not None:
+        raise InvalidRequest(f"this server serves embeddings (--task embed): {ctx.settings.model_name} is not "
+                             "served for generation here; use /v1/embeddings, or start a server with --task generate",
+                             param="model")
+    return require_engine(ctx)
 
 
 def check_model(ctx: State, model: str | None) -> None:

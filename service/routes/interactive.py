@@ -11,14 +11,14 @@ from litestar.params import JSONBody
 
 from service import protocol as p
 from service.errors import InvalidRequest, ServiceError
-from service.routes.common import (Ctx, OwnTypeStream, error_body, fan_in, require_engine, session_turn_ids,
+from service.routes.common import (Ctx, OwnTypeStream, error_body, fan_in, require_generation, session_turn_ids,
                                    unless_disconnected)
 
 
 @post("/v1/chat/interactive", summary="Interactive chat with server-side sessions (LMDeploy)",
       status_code=200)
 async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, request: Request) -> Any:
-    engine = require_engine(ctx)
+    engine = require_generation(ctx)
     if data.adapter_name:
         raise InvalidRequest(f"adapter_name {data.adapter_name!r}: this server serves no adapters",
                              param="adapter_name")

@@ -15,7 +15,7 @@ from service.engine.core import check_token_ids
 from service.chat import call_deltas, call_out
 from service.errors import InvalidRequest
 from service.routes.chat_run import check_grammar, prepare_chat
-from service.routes.common import (Ctx, OwnTypeStream, check_model, fan_in, require_engine, sse, sse_stream,
+from service.routes.common import (Ctx, OwnTypeStream, check_model, fan_in, require_generation, sse, sse_stream,
                                    token_str, unless_disconnected, usage)
 
 
@@ -160,7 +160,7 @@ def _completion_logprobs(engine: Engine, outs: list[Output], offset: int,
 
 @post("/v1/completions", summary="Text completion (OpenAI)", status_code=200)
 async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Request) -> Any:
-    engine = require_engine(ctx)
+    engine = require_generation(ctx)
     check_model(ctx, data.model)
     if data.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
