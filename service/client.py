@@ -178,6 +178,29 @@ class APIClient:
                                skip_special_tokens=skip_special_tokens, **kwargs))
         yield from self._post("/v1/chat/interactive", body, stream, lines="ndjson")
 
+    def responses_v1(self, model: str, input: str | list[dict[str, Any]], instructions: str | None = None,
+                     previous_response_id: str | None = None, max_output_tokens: int | None = None,
+                     temperature: float | None = None, top_p: float | None = None,
+                     tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+                     text: dict | None = None, stream: bool = False, store: bool = True,
+                     **kwargs) -> Iterator[dict]:
+        """OpenAI's Responses API: the response object, or with ``stream`` each typed event
+        (``response.created`` ... ``response.completed``); ``tools`` in its flat form
+        (``{"type": "function", "name": ..., "parameters": ...}``)."""
+        body = _drop_none(dict(model=model, input=input, instructions=instructions,
+                               previous_response_id=previous_response_id, max_output_tokens=max_output_tokens,
+                               temperature=temperature, top_p=top_p, tools=tools, tool_choice=tool_choice,
+                               text=text, stream=stream, store=store, **kwargs))
+        yield from self._post("/v1/responses", body, stream)
+
+    def embeddings_v1(self, model: str, input: str | list[Any], encoding_format: str = "float",
+                      dimensions: int | None = None, **kwargs) -> dict:
+        """OpenAI's embeddings: ``{"data": [{"index", "embedding"}], "usage"}`` (a server
+        started for embeddings)."""
+        body = _drop_none(dict(model=model, input=input, encoding_format=encoding_format, dimensions=dimensions,
+                               **kwargs))
+        return next(self._post("/v1/embeddings", body, stream=False))
+
     def end_session(self, session_id: int) -> None:
         """Free a session's history and cache on the server."""
         for _ in self.chat_interactive_v1(prompt="", session_id=session_id, interactive_mode=False,

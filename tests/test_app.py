@@ -272,7 +272,8 @@ def test_wire_types_and_clients_import_without_jax():
     import subprocess
     import sys
 
-    code = ("import sys, service.protocol, service.client, service.proxy, service.registration; "
+    code = ("import sys, service.protocol, service.protocol_responses, service.protocol_messages, "
+            "service.protocol_embeddings, service.client, service.proxy, service.registration; "
             "print(sorted(m for m in ('jax', 'jaxlib', 'flax') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -301,6 +302,31 @@ class Scripted:
         from service.engine.bridge import stream
 
         return stream(self, prompt_ids, params, session_id)
+
+
+def test_an_engine_failure_mid_answer_ends_responses_and_messages_streams(engine):
+    """The same failure on the Responses and Messages streams: their own failure events, after
+    the text that was already sent."""
+    import json
+
+    from service.engine import Output
+
+    script = [Output(text="Hel", token_ids=[5], prompt_tokens=3, completion_tokens=1),
+              Output(finish_reason="error", prompt_tokens=3, completion_tokens=1)]
+    app = create_app(State(ServerSettings(model_name="tiny"), Scripted(engine, script)))
+    with TestClient(app) as c:
+        for path, body, last in (
+                ("/v1/responses", {"input": "hi", "max_output_tokens": 3}, "response.failed"),
+                ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, "error")):
+            with c.stream("POST", path, json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1]["type"] == last, events
+            assert "the engine failed" in json.dumps(events[-1])
+            deltas = [e for e in events if e["type"] in ("response.output_text.delta", "content_block_delta")]
+            assert "".join(e.get("delta", {}).get("text", "") if path == "/v1/messages" else e["delta"]
+                           for e in deltas) == "Hel"
+            assert not [e for e in events if e["type"] in ("response.completed", "message_stop")]
 
 
 def test_an_engine_failure_mid_answer_is_one_error_event_then_done(engine):

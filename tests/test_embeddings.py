@@ -123,3 +123,21 @@ def test_a_generating_server_says_how_to_start_one_for_embeddings(server):
     r = httpx.post(server + "/v1/embeddings", json={"input": "hello"})
     assert r.status_code == 400
     assert "--task embed" in r.json()["error"]["message"]
+
+
+def test_readme_snippet_and_apiclient_embed(embedder):
+    import re
+
+    from service.client import APIClient
+
+    _, url, reference, _ = embedder
+    (block,) = [b for b in re.findall(r"```py\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                if "embeddings.create" in b]
+    r = subprocess.run([sys.executable, "-c", block.replace("http://localhost:23334", url)], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[:2] == ["2", "64"]
+    with APIClient(url) as api:
+        out = api.embeddings_v1(model=api.available_models[0], input=TEXTS[:1], dimensions=8)
+    want = reference.encode(TEXTS[:1], convert_to_numpy=True)[0][:8]
+    np.testing.assert_allclose(out["data"][0]["embedding"], want / np.linalg.norm(want), atol=1e-5)

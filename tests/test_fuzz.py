@@ -38,13 +38,15 @@ def test_no_server_errors_and_openai_error_bodies(app_schema):
             assert response.status_code < 500, (case.path, case.body, response.text[:500])
             if 400 <= response.status_code < 500:
                 body = response.json()
-                assert set(body) == {"error"}, body
+                # Anthropic's routes answer with Anthropic's body, the rest with OpenAI's.
+                assert set(body) == ({"type", "error"} if case.path.startswith("/v1/messages") else {"error"}), body
                 assert isinstance(body["error"]["message"], str) and body["error"]["type"]
 
         run()
         checked.append(f"{operation.method.upper()} {operation.path}")
     assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/chat/interactive",
-            "GET /v1/models", "POST /v1/tokenize"} <= set(checked)
+            "GET /v1/models", "POST /v1/tokenize", "POST /v1/responses", "GET /v1/responses/{response_id}",
+            "POST /v1/messages", "POST /v1/embeddings"} <= set(checked)
 
 
 def _wrong_value(schema: dict, spec: dict):
@@ -75,7 +77,10 @@ def test_malformed_bodies_are_400_with_openai_errors(app):
     base = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
             "/v1/completions": {"prompt": "hi", "max_tokens": 2},
             "/v1/chat/interactive": {"prompt": "hi", "request_output_len": 2},
-            "/v1/tokenize": {"prompt": "hi"}, "/v1/detokenize": {"tokens": [1]}, "/v1/encode": {"input": "hi"}}
+            "/v1/tokenize": {"prompt": "hi"}, "/v1/detokenize": {"tokens": [1]}, "/v1/encode": {"input": "hi"},
+            "/v1/responses": {"input": "hi", "max_output_tokens": 2},
+            "/v1/messages": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            "/v1/messages/count_tokens": {"messages": [{"role": "user", "content": "hi"}]}}
     raw = [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
            b'{"temperature": 1e400}', b'{"seed": 123456789012345678901234567890}', b'{"temperature": NaN}',
            b'{"temperature": Infinity}', b'{"prompt": "\xff\xfe"}', b"\xff\xfe\x00{"]

@@ -164,7 +164,9 @@ def test_readme_python_snippet_runs(server):
 def test_openapi_is_valid_and_swagger_is_offline(server):
     spec = httpx.get(server + "/openapi.json").json()
     assert spec["openapi"].startswith("3.")
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/models"} <= set(spec["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/models", "/v1/responses",
+            "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens", "/v1/embeddings"} <= set(
+        spec["paths"])
     page = httpx.get(server + "/").text
     assert "/static/swagger/swagger-ui-bundle.js" in page
     assert "https://" not in page  # nothing loaded from a CDN

@@ -86,8 +86,6 @@ class MessageBuilder:
         return events
 
     def _finish(self, out: Output, called: bool) -> list[bytes]:
-        if out.finish_reason == "error":
-            raise ServiceError("the answer broke its grammar")
         events = self._close()
         msg = self.message
         if out.finish_reason == "length":

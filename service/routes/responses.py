@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 import msgspec
 from litestar import Request, delete, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 
 from service import protocol as p
 from service import protocol_responses as r
@@ -159,10 +159,6 @@ class ResponseBuilder:
             total_tokens=out.prompt_tokens + out.completion_tokens,
             input_tokens_details=r.InputTokensDetails(cached_tokens=out.cached_tokens),
             output_tokens_details=r.OutputTokensDetails(reasoning_tokens=min(reasoning, out.completion_tokens)))
-        if out.finish_reason == "error":
-            res.status = "failed"
-            res.error = {"code": "server_error", "message": "the answer broke its grammar"}
-            return events + [self.event("response.failed", response=res)]
         if out.finish_reason in ("length", "abort"):
             res.status = "incomplete"
             res.incomplete_details = {"reason": "max_output_tokens" if out.finish_reason == "length" else "interrupted"}
@@ -235,12 +231,12 @@ async def create_response(data: JSONBody[r.ResponsesRequest], ctx: Ctx, request:
 
 
 @get("/v1/responses/{response_id:str}", summary="Get a stored response (OpenAI Responses API)")
-async def get_response(response_id: str, ctx: Ctx) -> r.ResponseObject:
+async def get_response(response_id: FromPath[str], ctx: Ctx) -> r.ResponseObject:
     return _store(ctx).get(response_id)[0]
 
 
 @delete("/v1/responses/{response_id:str}", summary="Delete a stored response (OpenAI Responses API)",
         status_code=200)
-async def delete_response(response_id: str, ctx: Ctx) -> r.ResponseDeleted:
+async def delete_response(response_id: FromPath[str], ctx: Ctx) -> r.ResponseDeleted:
     _store(ctx).delete(response_id)
     return r.ResponseDeleted(id=response_id)
