@@ -357,3 +357,36 @@ def test_an_engine_failure_mid_answer_is_one_error_event_then_done(engine):
             r = c.post(path, json=body)
             assert r.status_code == 500
             assert r.json()["error"]["message"] == "the engine failed while generating this request"
+
+
+def test_reasoning_comes_back_as_reasoning_items_and_thinking_blocks(engine):
+    """Under a reasoning parser, the <think> block is a Responses ``reasoning`` item and a
+    Messages ``thinking`` block, streamed or whole, and the rest the answer's text."""
+    import json
+
+    from service.engine import Output
+
+    script = [Output(text="<think>Paris is", token_ids=[5]), Output(text=" the capital.</think>", token_ids=[6]),
+              Output(text="Paris", token_ids=[7], finish_reason="stop", prompt_tokens=3, completion_tokens=3)]
+    app = create_app(State(ServerSettings(model_name="tiny", reasoning_parser="qwen3"), Scripted(engine, script)))
+    with TestClient(app) as c:
+        r = c.post("/v1/responses", json={"input": "hi"}).json()
+        assert [item["type"] for item in r["output"]] == ["reasoning", "message"]
+        assert r["output"][0]["content"][0]["text"] == "Paris is the capital."
+        assert r["output"][1]["content"][0]["text"] == "Paris"
+        assert r["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
+        with c.stream("POST", "/v1/responses", json={"input": "hi", "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == \
+            "Paris is the capital."
+        assert [i["type"] for i in events[-1]["response"]["output"]] == ["reasoning", "message"]
+        m = c.post("/v1/messages", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).json()
+        assert [(b["type"], b.get("thinking", b.get("text"))) for b in m["content"]] == [
+            ("thinking", "Paris is the capital."), ("text", "Paris")]
+        with c.stream("POST", "/v1/messages", json={"messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 5, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        thinking = "".join(e["delta"]["thinking"] for e in events
+                           if e["type"] == "content_block_delta" and e["delta"]["type"] == "thinking_delta")
+        assert thinking == "Paris is the capital."
+        assert [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"] == ["thinking", "text"]
