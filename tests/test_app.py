@@ -390,3 +390,21 @@ def test_reasoning_comes_back_as_reasoning_items_and_thinking_blocks(engine):
                            if e["type"] == "content_block_delta" and e["delta"]["type"] == "thinking_delta")
         assert thinking == "Paris is the capital."
         assert [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"] == ["thinking", "text"]
+
+
+def test_the_response_store_keeps_the_most_recent():
+    from service.errors import NotFound
+    from service.protocol_responses import ResponseObject
+    from service.routes.responses import ResponseStore
+
+    store = ResponseStore(2)
+    for rid in ("a", "b"):
+        store.put(ResponseObject(id=rid, created_at=0, model="m"), [])
+    store.get("a")  # used: now b is the least recent
+    store.put(ResponseObject(id="c", created_at=0, model="m"), [])
+    assert store.get("a")[0].id == "a" and store.get("c")[0].id == "c"
+    with pytest.raises(NotFound):
+        store.get("b")
+    empty = ResponseStore(0)
+    empty.put(ResponseObject(id="x", created_at=0, model="m"), [])
+    assert len(empty) == 0

@@ -258,13 +258,14 @@ def readme_snippets(contains: str) -> list[str]:
     return [b for b in re.findall(r"```py\n(.*?)```", text, re.S) if contains in b]
 
 
-@pytest.mark.parametrize("contains", ["client.responses", "anthropic.Anthropic"])
-def test_readme_snippets_run(server, contains):
+@pytest.mark.parametrize("contains, printed", [("client.responses", r"^get_weather \{"),
+                                               ("anthropic.Anthropic", r" (end_turn|max_tokens)$")])
+def test_readme_snippets_run(server, contains, printed):
     (block,) = readme_snippets(contains)
     code = block.replace("http://localhost:23333", server)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+    assert re.search(printed, r.stdout, re.M), r.stdout
 
 
 def test_apiclient_responses_v1(server, oai):

@@ -6,16 +6,19 @@ translates its wire format to a ``ChatCompletionRequest`` and these pieces back 
 from __future__ import annotations
 
 import dataclasses
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
+
+from litestar import Request
 
 from service import protocol as p
 from service import structured
 from service.chat import Answer, ToolPlan, tool_plan
 from service.engine import Engine, Output
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, ServiceError
 from service.params import SamplingParams
 from service.parsers import ReasoningParser, ToolCall
-from service.routes.common import State, chat_prompt, chat_template, check_model, fan_in, require_generation
+from service.routes.common import (OwnTypeStream, State, chat_prompt, chat_template, check_model, fan_in,
+                                   require_generation, unless_disconnected)
 from service.structured import GrammarError
 
 
@@ -57,6 +60,32 @@ class ChatRun:
         async for i, out in fan_in(self.engine, [self.prompt_ids], self.params, len(self.answers)):
             thought, content, calls = self.answers[i].feed(out.text, final=out.finish_reason is not None)
             yield Piece(i, thought, content, calls, out)
+
+    def event_stream(self, start: list[bytes], feed: Callable[[Piece], list[bytes]],
+                     fail: Callable[[ServiceError], bytes], done: Callable[[], None] = lambda: None) -> OwnTypeStream:
+        """A typed event stream (Responses', Messages'): the ``start`` events, then what ``feed``
+        makes of each piece; a failure once it has begun ends it with ``fail``'s event."""
+        async def events() -> AsyncIterator[bytes]:
+            for e in start:
+                yield e
+            try:
+                async for piece in self.pieces():
+                    for e in feed(piece):
+                        yield e
+            except ServiceError as e:
+                yield fail(e)
+                return
+            done()
+
+        return OwnTypeStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def gather(self, request: Request, feed: Callable[[Piece], Any]) -> None:
+        """Feed every piece of a whole (not streamed) answer, aborted if the client leaves."""
+        async def run() -> None:
+            async for piece in self.pieces():
+                feed(piece)
+
+        await unless_disconnected(request, run())
 
 
 def prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 import msgspec
 from litestar import Request, post
@@ -14,10 +14,8 @@ from litestar.params import JSONBody
 from service import protocol_messages as m
 from service.engine import Output
 from service.chat import tool_plan
-from service.errors import ServiceError
 from service.routes.chat_run import Piece, prepare_chat
-from service.routes.common import (Ctx, OwnTypeStream, chat_ids, chat_template, check_model, require_engine,
-                                   unless_disconnected)
+from service.routes.common import Ctx, chat_ids, chat_template, check_model, require_engine
 
 
 class MessageBuilder:
@@ -111,23 +109,9 @@ async def create_message(data: JSONBody[m.MessagesRequest], ctx: Ctx, request: R
     builder = MessageBuilder(message, run.params.stop)
 
     if data.stream:
-        async def events() -> AsyncIterator[bytes]:
-            for e in builder.start(len(run.prompt_ids)):
-                yield e
-            try:
-                async for piece in run.pieces():
-                    for e in builder.feed(piece):
-                        yield e
-            except ServiceError as e:
-                yield builder.event("error", error=m.error_body(e.status, str(e))["error"])
-
-        return OwnTypeStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def gather() -> None:
-        async for piece in run.pieces():
-            builder.feed(piece)
-
-    await unless_disconnected(request, gather())
+        return run.event_stream(builder.start(len(run.prompt_ids)), builder.feed,
+                                lambda e: builder.event("error", error=m.error_body(e.status, str(e))["error"]))
+    await run.gather(request, builder.feed)
     return message
 
 

@@ -6,10 +6,9 @@ one's tokens, which the prefix cache holds)."""
 from __future__ import annotations
 
 import collections
-import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 import msgspec
 from litestar import Request, delete, get, post
@@ -20,41 +19,38 @@ from service import protocol_responses as r
 from service.engine import Engine, Output
 from service.errors import NotFound, ServiceError
 from service.routes.chat_run import Piece, prepare_chat
-from service.routes.common import Ctx, OwnTypeStream, State, unless_disconnected
+from service.routes.common import Ctx, State
 from service.routes.openai import chat_logprobs
 
 
 class ResponseStore:
     """Finished responses by id, least recently used dropped past ``capacity``, each with the
-    conversation (chat messages, instructions left out) that a follow-up continues."""
+    conversation (chat messages, instructions left out) that a follow-up continues. Only the
+    event loop's thread touches it."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._items: collections.OrderedDict[str, tuple[r.ResponseObject, list[p.ChatMessage]]] = (
             collections.OrderedDict())
-        self._lock = threading.Lock()  # the event loop is the only user; cheap insurance for tests
 
     def put(self, response: r.ResponseObject, conversation: list[p.ChatMessage]) -> None:
         if self.capacity <= 0:
             return
-        with self._lock:
-            self._items[response.id] = (response, conversation)
-            self._items.move_to_end(response.id)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+        self._items[response.id] = (response, conversation)
+        self._items.move_to_end(response.id)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
 
     def get(self, rid: str, param: str = "response_id") -> tuple[r.ResponseObject, list[p.ChatMessage]]:
-        with self._lock:
-            if rid not in self._items:
-                raise NotFound(f"No stored response with id {rid!r} (responses are kept in memory, the "
-                               f"{self.capacity} most recent with store: true)", param=param)
-            self._items.move_to_end(rid)
-            return self._items[rid]
+        if rid not in self._items:
+            raise NotFound(f"No stored response with id {rid!r} (responses are kept in memory, the "
+                           f"{self.capacity} most recent with store: true)", param=param)
+        self._items.move_to_end(rid)
+        return self._items[rid]
 
     def delete(self, rid: str) -> None:
-        with self._lock:
-            if self._items.pop(rid, None) is None:
-                raise NotFound(f"No stored response with id {rid!r}", param="response_id")
+        if self._items.pop(rid, None) is None:
+            raise NotFound(f"No stored response with id {rid!r}", param="response_id")
 
     def __len__(self) -> int:
         return len(self._items)
@@ -207,25 +203,8 @@ async def create_response(data: JSONBody[r.ResponsesRequest], ctx: Ctx, request:
             _store(ctx).put(response, chat.messages[1 if data.instructions else 0:] + builder.conversation())
 
     if data.stream:
-        async def events() -> AsyncIterator[bytes]:
-            for e in builder.start():
-                yield e
-            try:
-                async for piece in run.pieces():
-                    for e in builder.feed(piece):
-                        yield e
-            except ServiceError as e:
-                yield builder.fail(e)
-                return
-            keep()
-
-        return OwnTypeStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def gather() -> None:
-        async for piece in run.pieces():
-            builder.feed(piece)
-
-    await unless_disconnected(request, gather())
+        return run.event_stream(builder.start(), builder.feed, builder.fail, done=keep)
+    await run.gather(request, builder.feed)
     keep()
     return response
 
