@@ -88,23 +88,27 @@ def test_batched_equals_one_at_a_time_with_joins_and_leaves(tiny, tokenizer):
     assert [len(t) for t in batched] == [n for _, n in reqs]
 
 
-def test_packed_prefill_equals_one_chunk_per_call(tiny, tokenizer):
+@pytest.mark.parametrize("xla", [False, True])
+def test_packed_prefill_equals_one_chunk_per_call(tiny, tokenizer, xla):
     """Chunks of three slots in one prefill call (one continuing an earlier chunk) write the
-    same KV and sample the same first tokens, with the same logprobs, as one call each."""
+    same KV and sample the same first tokens, with the same logprobs, as one call each: on the
+    native kernels and on XLA (which scores each query against every packed sequence)."""
+    from model.backends.xla import Xla
+
     cfg, params = tiny
     p1, p2, p3 = prompt(20, 21), prompt(13, 22), prompt(11, 23)
     lp = SamplingParams(temperature=0, logprobs=5)
 
     def runner_with_rows():
-        r = ModelRunner(cfg, params, max_batch_size=4, session_len=128, max_prefill_chunk=64)
+        r = ModelRunner(cfg, params, max_batch_size=4, session_len=128, max_prefill_chunk=64,
+                        backend=Xla() if xla else None)
         for slot, ids in ((0, p2), (1, p1), (3, p3)):
             r.set_slot(slot, lp, ids, seed=0)
         r.prefill(3, p3[:5], 0, last=False)
         return r
 
     packed = runner_with_rows()
-    if packed.prompts_per_call(39) < 3:
-        pytest.skip("this runner prefills one sequence per call (no native kernels)")
+    assert packed.prompts_per_call(39, 5) >= 3
     got = packed.prefill_packed([(1, p1, 0, True), (0, p2, 0, True), (3, p3[5:], 5, True)])
     single = runner_with_rows()
     want = [single.prefill(slot, ids, start) for slot, ids, start in ((1, p1, 0), (0, p2, 0), (3, p3[5:], 5))]

@@ -11,7 +11,7 @@ from service.engine.slots import SlotTable
 from service.params import SamplingParams
 
 
-def setup(slots=4, max_chunk=64, per_call=lambda n: max(1, n // 4), blocks=64, block_size=16):
+def setup(slots=4, max_chunk=64, per_call=lambda n, reach=0: max(1, n // 4), blocks=64, block_size=16):
     table = SlotTable(slots, BlockManager(blocks, block_size, slots, 256 // block_size))
     return table, Scheduler(table, max_chunk, session_len=256, prompts_per_call=per_call)
 
@@ -112,7 +112,7 @@ def test_no_chaining_when_a_row_would_need_a_block_the_pool_lacks():
 
 
 def test_one_prompt_per_call_where_the_backend_takes_one():
-    table, sched = setup(per_call=lambda n: 1)
+    table, sched = setup(per_call=lambda n, reach=0: 1)
     decoding = admit(table, [4] * 3, 0, generated=[1])
     a, b = admit(table, range(5), 1), admit(table, range(50, 55), 2)
     plan = sched.schedule()
@@ -122,7 +122,7 @@ def test_one_prompt_per_call_where_the_backend_takes_one():
 
 
 def test_a_dry_pool_preempts_the_most_recently_admitted_sequence():
-    table, sched = setup(blocks=6, block_size=4, per_call=lambda n: 1)
+    table, sched = setup(blocks=6, block_size=4, per_call=lambda n, reach=0: 1)
     a = admit(table, range(8), 0, generated=[1, 2])  # positions 0..8 computed: 3 blocks
     b = admit(table, range(10, 17), 1, generated=[5])  # 0..6: 2 blocks
     c = admit(table, range(30, 34), 2)  # a prompt: 1 block, the last one

@@ -9,7 +9,8 @@ Two backends share one interface (``Backend``):
   chunks of several sequences (a table row per token).
 - ``xla.Xla``: everything else (sharded meshes, GPUs, the reference path). Weights stay the
   checkpoint's arrays (wrapped, not copied, so their shardings hold), attention gathers a
-  bucketed span of each row's blocks, one sequence per prefill call.
+  bucketed span of each row's blocks; a prefill call packs as many sequences' chunks as its
+  span allows (a table row per token, every query scored against all of them, masked).
 
 The KV cache is paged: per layer a pool of fixed-size blocks, and a block table per sequence
 (a row of ``tables``, (slots, max blocks) int32) naming the block of each ``block_size``
@@ -109,8 +110,9 @@ class Backend(abc.ABC):
 
     # -- shapes ---------------------------------------------------------------------------------
 
-    def prompts_per_call(self, bucket: int, slots: int) -> int:
-        """How many sequences' chunks one prefill call of ``bucket`` tokens may pack."""
+    def prompts_per_call(self, bucket: int, slots: int, span: int) -> int:
+        """How many sequences' chunks one prefill call of ``bucket`` tokens attending up to
+        ``span`` positions may pack."""
         return 1
 
 

@@ -138,10 +138,19 @@ def _spread(a) -> bool:
 OPTIONAL = ("bq", "bk", "bv", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
 
+# A packed prefill call scores each query against every packed sequence's span: at most this
+# many key positions in all, so packing costs at most the attention of one span this long.
+# Short prompts (spans of 128-512) pack 8 to 2 to a call; a long one (span >= 1024) goes alone.
+PACKED_KEYS = 1024
+
+
 class Xla(Backend):
     name = "xla"
-    rows_per_token = False
+    rows_per_token = True
     reads_own_context = False
+
+    def prompts_per_call(self, bucket, slots, span):
+        return max(1, min(slots, bucket // 16, PACKED_KEYS // span))
 
     def check(self, quantize, kv_cache_dtype):
         if quantize is not None:
@@ -177,13 +186,17 @@ class Xla(Backend):
 
     def write_kv(self, kv, k, v, rows, positions, tables):
         b = k.shape[0]
-        write_rows = jnp.arange(b, dtype=jnp.int32)[:, None] if rows is None else rows[:, None]
+        write_rows = (jnp.arange(b, dtype=jnp.int32)[:, None] if rows is None
+                      else rows if rows.ndim == 2 else rows[:, None])
         index = flat_slots(tables, jnp.broadcast_to(write_rows, positions.shape), positions, *kv[0].shape[:3])
         return tuple(scatter_kv(pool, x, index) for pool, x in zip(kv, (k, v)))
 
     def attend(self, q, kv, rows, positions, span, spec, tables):
-        if rows is not None and rows.ndim == 2:
-            raise ValueError("per-token table rows need the native attention kernel")
+        if rows is not None and rows.ndim == 2:  # a prefill call's row per token (1, T)
+            p = self.prompts_per_call(q.shape[1], tables.shape[0], span)
+            if p > 1:
+                return _attend_packed(q, kv, rows[0], positions[0], span, spec, tables, p)
+            rows = rows[:, 0]  # one sequence: its first token's row is every real token's
         k_pool, v_pool = kv
         b, t, n, h = q.shape
         k_heads, block = k_pool.shape[3], k_pool.shape[2]
@@ -214,6 +227,38 @@ class Xla(Backend):
         probs = jnp.where(visible[:, None, None], probs, 0.0).astype(q.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(q.dtype))
         return out.reshape(b, t, n, h)
+
+
+def _attend_packed(q, kv, rows, positions, span, spec, tables, p):
+    """q (1, T, N, H) of up to ``p`` sequences' chunks packed in one call, token t in table row
+    ``rows[t]`` at ``positions[t]``: each query is scored against the first ``span`` positions of
+    every packed sequence, and sees only its own sequence's positions up to its own (and within
+    its window). The packed rows are the call's ``p`` smallest distinct rows (padding tokens
+    name the out-of-range row, the largest, so it is never among them when p real chunks fill
+    the call; when fewer do, it stands for no sequence)."""
+    k_pool, v_pool = kv
+    _, t, n, h = q.shape
+    block, k_heads = k_pool.shape[2], k_pool.shape[3]
+    slots = tables.shape[0]
+    nb = -(-span // block)
+    packed = jnp.unique(rows, size=p, fill_value=slots)  # (P,)
+    first = jnp.zeros((p,), jnp.int32)
+    keys, values = (_gather_blocks(pool, tables, packed, first, nb).reshape(p * nb * block, k_heads, h)
+                    for pool in (k_pool, v_pool))  # (P*S, K, H)
+    q = q.reshape(t, k_heads, n // k_heads, h)
+    scores = jnp.einsum("tkgh,skh->kgts", q, keys.astype(q.dtype)).astype(jnp.float32) * spec.scale
+    if spec.softcap is not None:
+        scores = spec.softcap * jnp.tanh(scores / spec.softcap)
+    key_pos = jnp.tile(jnp.arange(nb * block), p)  # (P*S,)
+    key_row = jnp.repeat(packed, nb * block)
+    visible = (key_row[None, :] == rows[:, None]) & (key_row[None, :] < slots) & (
+        key_pos[None, :] <= positions[:, None])  # (T, P*S)
+    if spec.window is not None:
+        visible &= key_pos[None, :] > positions[:, None] - spec.window
+    scores = jnp.where(visible[None, None], scores, -jnp.inf)
+    probs = jnp.where(visible[None, None], jax.nn.softmax(scores, axis=-1), 0.0).astype(q.dtype)
+    out = jnp.einsum("kgts,skh->tkgh", probs, values.astype(q.dtype))
+    return out.reshape(1, t, n, h)
 
 
 def _gather_blocks(pool, tables, rows, first, nb):

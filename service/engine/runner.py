@@ -200,8 +200,8 @@ class ModelRunner:
     def _set_row_step(self, slot: int, row) -> None:
         self.sampling = self._set_row(self.sampling, np.int32(slot), row)
 
-    def prompts_per_call(self, n_tokens: int) -> int:
-        return self.shapes.prompts_per_call(n_tokens)
+    def prompts_per_call(self, n_tokens: int, max_start: int = 0) -> int:
+        return self.shapes.prompts_per_call(n_tokens, max_start)
 
     def prefill(self, slot: int, tokens: list[int], start: int, last: bool = True):
         """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host

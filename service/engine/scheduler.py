@@ -38,7 +38,7 @@ from service.engine.slots import SlotTable
 
 class Scheduler:
     def __init__(self, table: SlotTable, max_chunk: int, session_len: int,
-                 prompts_per_call: Callable[[int], int], can_chain: bool = True):
+                 prompts_per_call: Callable[[int, int], int], can_chain: bool = True):
         self.table = table
         self.blocks = table.blocks
         self.max_chunk = max_chunk
@@ -181,7 +181,8 @@ class Scheduler:
             riders: list[Chunk] = []
             # Rows ride only in room the prompts leave: they never push a prompt out (a prompt
             # longer than the budget leaves them room in its first chunk).
-            if want and used + want <= budget and len(pack) + want <= self.prompts_per_call(used + want):
+            reach = max([c.start for c in pack] + [s.length - 1 for s in decodable])
+            if want and used + want <= budget and len(pack) + want <= self.prompts_per_call(used + want, reach):
                 riders = [Chunk(s.slot, (s.generated[-1],), s.length - 1, True, len(s.generated), owner=s)
                           for s in decodable]
                 for s in decodable:
@@ -212,12 +213,15 @@ class Scheduler:
             n = min(remaining, budget - total)
             if first and not pack and remaining > budget and budget > 2 * reserve:
                 n = budget - reserve
-            if len(pack) + 1 > self.prompts_per_call(total + n):
-                break
             start = seq.prefilled
             room = self.blocks.covered(seq.slot) + self.blocks.num_free(seq.slot) * self.blocks.block_size - start
             n = min(n, room)
-            if n <= 0 or not self.blocks.allocate(seq.slot, start + n):
+            if n <= 0:
+                continue  # it waits for blocks
+            # The call's size and span (its chunks' furthest start) bound how many it packs.
+            if len(pack) + 1 > self.prompts_per_call(total + n, max([c.start for c in pack] + [start])):
+                break
+            if not self.blocks.allocate(seq.slot, start + n):
                 continue  # it waits for blocks
             end = start + n
             prompt = not seq.generated

@@ -65,10 +65,17 @@ class StepShapes:
     def batch_sizes(self) -> list[int]:
         return [self.slots] if self.full_width else _doubling(1, self.slots)
 
-    def prompts_per_call(self, n_tokens: int) -> int:
-        """How many sequences' chunks one prefill call of ``n_tokens`` may pack (the backend
-        says: one where the cache is addressed per batch row)."""
-        return self.backend.prompts_per_call(bucket_for(n_tokens, self.prefill_sizes), self.slots)
+    def prefill_span(self, n_tokens: int, max_start: int) -> int:
+        """The span bucket a prefill call of ``n_tokens`` whose chunks start at most at
+        ``max_start`` attends."""
+        size = bucket_for(n_tokens, self.prefill_sizes)
+        return bucket_for(min(max_start + size, self.session_len), self.spans)
+
+    def prompts_per_call(self, n_tokens: int, max_start: int = 0) -> int:
+        """How many sequences' chunks one prefill call of ``n_tokens`` whose chunks start at most
+        at ``max_start`` may pack (the backend says, from the call's size and span)."""
+        return self.backend.prompts_per_call(bucket_for(n_tokens, self.prefill_sizes), self.slots,
+                                             self.prefill_span(n_tokens, max_start))
 
     @property
     def mask_words(self) -> int:
@@ -108,7 +115,7 @@ class StepShapes:
         ``masks``: token bitmask rows by slot, for the sequences a grammar constrains."""
         n = sum(len(c[1]) for c in chunks)
         size = bucket_for(n, self.prefill_sizes)
-        p = self.prompts_per_call(n)
+        p = self.prompts_per_call(n, max((c[2] for c in chunks), default=0))
         if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
         tokens, positions, rows, ends, slots, last, steps, _, following, _ = self.prefill_zeros(size, p)
@@ -132,7 +139,7 @@ class StepShapes:
                 following[0, i + k - 1] = next_token
                 scored = True
             i += k
-        span = bucket_for(min(max(c[2] for c in chunks) + size, self.session_len), self.spans)
+        span = self.prefill_span(n, max(c[2] for c in chunks))
         allowed = self.allowed(p, slots, masks)
         return (tokens, positions, rows, ends, slots, last, steps, allowed, following, np.int32(scored)), n, span
 

@@ -127,7 +127,7 @@ class CpuKernels(Backend):
                                        tables, scale=spec.scale, softcap=spec.softcap, window=spec.window)
         return out.astype(q.dtype).reshape(b, t, n, h)
 
-    def prompts_per_call(self, bucket, slots):
+    def prompts_per_call(self, bucket, slots, span):
         """Up to one chunk per 4 tokens of the call's bucket, at most one per slot: every call
         samples that many rows, which a lone short prompt pays for."""
         return min(slots, max(1, bucket // 4))
