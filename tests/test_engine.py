@@ -31,11 +31,11 @@ def tiny(tokenizer):
     return cfg, init_params(cfg, seed=0, scale=0.5)
 
 
-def make_engine(tiny, tokenizer, slots=4, session_len=128, block_size=16, num_blocks=None, **kw):
+def make_engine(tiny, tokenizer, slots=4, session_len=128, block_size=16, num_blocks=None, backend=None, **kw):
     cfg, params = tiny
     runner = ModelRunner(cfg, params, max_batch_size=slots, session_len=session_len,
                          eos_ids=tokenizer.eos_ids, max_prefill_chunk=32, block_size=block_size,
-                         num_blocks=num_blocks)
+                         num_blocks=num_blocks, backend=backend)
     engine = Engine(runner, tokenizer, **kw)
     return engine
 
@@ -101,7 +101,7 @@ def test_packed_prefill_equals_one_chunk_per_call(tiny, tokenizer, xla):
 
     def runner_with_rows():
         r = ModelRunner(cfg, params, max_batch_size=4, session_len=128, max_prefill_chunk=64,
-                        backend=Xla() if xla else None)
+                        backend=Xla(pack_prompts=True) if xla else None)
         for slot, ids in ((0, p2), (1, p1), (3, p3)):
             r.set_slot(slot, lp, ids, seed=0)
         r.prefill(3, p3[:5], 0, last=False)
@@ -129,23 +129,31 @@ def test_packed_prefill_equals_one_chunk_per_call(tiny, tokenizer, xla):
         packed.prefill_packed([(1, p1[:3], 0, False), (1, p1[3:6], 3, False)])
 
 
-def test_prompts_arriving_together_share_prefill_calls(tiny, tokenizer):
+@pytest.mark.parametrize("backend", ["default", "xla packed"])
+def test_prompts_arriving_together_share_prefill_calls(tiny, tokenizer, backend):
+    """Greedy and seeded tokens of prompts packed into shared prefill calls (decode rows
+    riding along) equal those of each prompt alone."""
+    from model.backends.xla import Xla
+
+    kw = {"backend": Xla(pack_prompts=True)} if backend == "xla packed" else {}
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=6, ignore_eos=True)
     prompts = [prompt(n, 30 + n) for n in (5, 9, 4, 12)]
-    engine = make_engine(tiny, tokenizer, slots=4)
+    engine = make_engine(tiny, tokenizer, slots=4, **kw)
 
     async def each():
-        return [(await collect(engine, ids, greedy))[0] for ids in prompts]
+        return [(await collect(engine, ids, p))[0] for ids in prompts for p in (greedy, seeded)]
 
     solo = run(engine, each())
-    engine = make_engine(tiny, tokenizer, slots=4)
+    engine = make_engine(tiny, tokenizer, slots=8, **kw)
 
     async def together():
-        return [r[0] for r in await asyncio.gather(*[collect(engine, ids, greedy) for ids in prompts])]
+        return [r[0] for r in await asyncio.gather(*[collect(engine, ids, p) for ids in prompts
+                                                     for p in (greedy, seeded)])]
 
     assert run(engine, together()) == solo
-    if engine.runner.prompts_per_call(32) > 1:
-        assert engine.stats.prefill_calls < len(prompts)
+    assert engine.runner.prompts_per_call(32) > 1
+    assert engine.stats.prefill_calls < 2 * len(prompts)  # fewer calls than sequences
 
 
 def test_decode_rows_ride_along_prefill_calls(tiny, tokenizer):

@@ -10,7 +10,8 @@ Two backends share one interface (``Backend``):
 - ``xla.Xla``: everything else (sharded meshes, GPUs, the reference path). Weights stay the
   checkpoint's arrays (wrapped, not copied, so their shardings hold), attention gathers a
   bucketed span of each row's blocks; a prefill call packs as many sequences' chunks as its
-  span allows (a table row per token, every query scored against all of them, masked).
+  span allows (a table row per token, every query scored against all of them, masked) where
+  the device's FLOPs are cheap against its bytes (``Xla.pack_prompts``; not on a CPU).
 
 The KV cache is paged: per layer a pool of fixed-size blocks, and a block table per sequence
 (a row of ``tables``, (slots, max blocks) int32) naming the block of each ``block_size``
