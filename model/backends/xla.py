@@ -157,13 +157,19 @@ class Xla(Backend):
     reads_own_context = False
 
     def __init__(self, pack_prompts: bool | None = None):
-        self.pack_prompts = jax.default_backend() != "cpu" if pack_prompts is None else pack_prompts
+        self._pack = pack_prompts  # None: decided on first use (see pack_prompts)
+
+    @property
+    def pack_prompts(self) -> bool:
+        # Asked on first use, not at construction: a module-level instance must not start the
+        # XLA backend before a multi-process mesh's jax.distributed.initialize().
+        return jax.default_backend() != "cpu" if self._pack is None else self._pack
 
     def __hash__(self) -> int:
-        return hash((type(self), self.pack_prompts))
+        return hash((type(self), self._pack))
 
     def __eq__(self, other) -> bool:
-        return type(self) is type(other) and self.pack_prompts == other.pack_prompts
+        return type(self) is type(other) and self._pack == other._pack
 
     def prompts_per_call(self, bucket, slots, span):
         if not self.pack_prompts:
