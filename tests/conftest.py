@@ -19,6 +19,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One compilation cache for the session's in-process programs: every runner's jitted steps are
+# closures of their own, so without it each test recompiles programs an earlier test already
+# compiled (the same tiny model's shapes, over and over).
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="xlaserve-test-jax-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
