@@ -408,3 +408,30 @@ def test_the_response_store_keeps_the_most_recent():
     empty = ResponseStore(0)
     empty.put(ResponseObject(id="x", created_at=0, model="m"), [])
     assert len(empty) == 0
+
+
+def test_mean_pooled_embeddings_sum_over_every_chunk(engine):
+    """--task embed on a generative model (mean pooling): an input longer than the engine's
+    prefill chunk (32 tokens here) is pooled over all its chunks, equal to the mean of one
+    whole-prompt call's final hidden states, normalised."""
+    import numpy as np
+
+    from service.engine.runner import ModelRunner
+
+    ids = [int(x) for x in np.random.default_rng(4).integers(100, 30000, 70)]
+    with client(engine, embedding=("mean", True)) as c:
+        r = c.post("/v1/embeddings", json={"input": [ids, ids[:10]]})
+        assert r.status_code == 200, r.text
+        got = [np.array(d["embedding"]) for d in r.json()["data"]]
+        assert r.json()["usage"]["prompt_tokens"] == 80
+        chat = c.post("/v1/chat/completions", json=CHAT)
+        assert chat.status_code == 400 and "--task embed" in chat.json()["error"]["message"]
+    from model.weights import init_params
+
+    # The tiny engine's params (conftest.tiny_engine makes them so), in one call of 128 tokens.
+    whole = ModelRunner(engine.runner.cfg, init_params(engine.runner.cfg, seed=0), max_batch_size=1,
+                        session_len=128, max_prefill_chunk=128)
+    for vector, prompt in zip(got, (ids, ids[:10])):
+        hidden = whole.prefill_packed([(0, prompt, 0, True)], hidden=True)[-1]
+        want = hidden.mean(axis=0)
+        np.testing.assert_allclose(vector, want / np.linalg.norm(want), atol=1e-5)
