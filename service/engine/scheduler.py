@@ -181,8 +181,8 @@ class Scheduler:
             riders: list[Chunk] = []
             # Rows ride only in room the prompts leave: they never push a prompt out (a prompt
             # longer than the budget leaves them room in its first chunk).
-            reach = max([c.start for c in pack] + [s.length - 1 for s in decodable])
-            if want and used + want <= budget and len(pack) + want <= self.prompts_per_call(used + want, reach):
+            if want and used + want <= budget and len(pack) + want <= self.prompts_per_call(
+                    used + want, max([c.start for c in pack] + [s.length - 1 for s in decodable])):
                 riders = [Chunk(s.slot, (s.generated[-1],), s.length - 1, True, len(s.generated), owner=s)
                           for s in decodable]
                 for s in decodable:
