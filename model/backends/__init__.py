@@ -147,12 +147,15 @@ def scatter_kv(pool: jax.Array, values: jax.Array, index: tuple) -> jax.Array:
     return pool.at[index].set(values, mode="promise_in_bounds")
 
 
-def select(sharded: bool, cfg: ModelConfig | None = None) -> Backend:
-    """The backend a runner uses: the native CPU kernels on one CPU device where they build,
+def select(sharded: bool, cfg: ModelConfig | None = None, plan: Any = None) -> Backend:
+    """The backend a runner uses: the native CPU kernels on one CPU device where they build;
+    on GPUs XLA with the ragged paged attention kernel where it applies (``gpu_kernel_applies``);
     else XLA. (A mixture of experts' expert layers have no kernel: on the kernels' path they
     run as XLA ops in the same step, and the log says so.)"""
-    from model.backends import cpu, xla
+    from model.backends import cpu, gpu, xla
 
+    if cfg is not None and gpu_kernel_applies(cfg, plan):
+        return gpu.GpuKernels(mesh=None if plan is None else plan.mesh)
     if not sharded and cpu.available():
         if cfg is not None and cfg.num_experts and not _said_moe:
             _said_moe.append(True)
@@ -162,6 +165,25 @@ def select(sharded: bool, cfg: ModelConfig | None = None) -> Backend:
 
 
 _said_moe: list[bool] = []
+
+
+def gpu_kernel_applies(cfg: ModelConfig, plan: Any = None) -> bool:
+    """Whether attention runs in the GPU kernel: a CUDA device, ``XLASERVE_GPU_KERNEL`` not 0,
+    a head size the kernel tiles (a power of two), and on a mesh one data replica with query
+    and KV heads both split over ``model`` (each device then holds whole GQA groups)."""
+    import os
+
+    from model.backends import gpu
+
+    if os.environ.get("XLASERVE_GPU_KERNEL", "1") == "0" or jax.default_backend() != "gpu":
+        return False
+    if not gpu.supported(cfg.head_dim):
+        return False
+    if plan is None:
+        return True
+    tp = plan.mesh.shape["model"]
+    return (plan.mesh.shape["data"] == 1 and plan.rules.get("heads") == "model"
+            and plan.rules.get("kv_heads") == "model" and cfg.num_heads % tp == 0 and cfg.num_kv_heads % tp == 0)
 
 
 def param_bytes(params: Any) -> int:

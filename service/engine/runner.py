@@ -94,7 +94,7 @@ class ModelRunner:
         self.session_len = session_len
         self.max_chunk = min(max_prefill_chunk, session_len)
         # The device path, chosen once: the native CPU kernels on one CPU device, else XLA.
-        self.backend = backend or select(sharded=plan is not None, cfg=cfg)
+        self.backend = backend or select(sharded=plan is not None, cfg=cfg, plan=plan)
         self.backend.check(quantize, kv_cache_dtype)
         if jax.default_backend() == "cpu":
             keep_freed_memory()
