@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from service.params import SamplingParams
+from service.params import MAX_LOGIT_BIAS, SamplingParams
 
 
 @jax.tree_util.register_dataclass
@@ -34,9 +34,12 @@ class SlotSampling:
     has_bias: jax.Array  # (B,) bool, the row has a logit_bias
     wants_logprobs: jax.Array  # (B,) bool, the request asked for logprobs
     key: jax.Array  # (B, 2) u32, per-request PRNG key
-    bias: jax.Array  # (B, V) f32 logit_bias (and min_tokens EOS masking)
-    seen: jax.Array  # (B, V) bool, prompt + output tokens (repetition penalty)
-    counts: jax.Array  # (B, V) i32, output token counts (presence/frequency)
+    # Sized for 256 slots x a 152k vocabulary (~80 MiB, not the 334 MiB of dense float32 bias,
+    # bool seen and int32 counts): logit_bias as its entries, seen as bits, counts as int16.
+    bias_ids: jax.Array  # (B, MAX_LOGIT_BIAS) i32 logit_bias tokens, V (dropped) past the row's last
+    bias_values: jax.Array  # (B, MAX_LOGIT_BIAS) f32 their values
+    seen: jax.Array  # (B, W) i32 bits (token t: bit t % 32 of word t // 32), prompt + output tokens
+    counts: jax.Array  # (B, V) i16 output token counts (presence/frequency), saturating at 32767
 
     @classmethod
     def empty(cls, slots: int, vocab: int) -> "SlotSampling":
@@ -46,17 +49,26 @@ class SlotSampling:
                    frequency_penalty=f(0.0), min_tokens=jnp.zeros((slots,), jnp.int32),
                    has_bias=jnp.zeros((slots,), bool), wants_logprobs=jnp.zeros((slots,), bool),
                    key=jnp.zeros((slots, 2), jnp.uint32),
-                   bias=jnp.zeros((slots, vocab), jnp.float32),
-                   seen=jnp.zeros((slots, vocab), bool), counts=jnp.zeros((slots, vocab), jnp.int32))
+                   bias_ids=jnp.full((slots, MAX_LOGIT_BIAS), vocab, jnp.int32),
+                   bias_values=jnp.zeros((slots, MAX_LOGIT_BIAS), jnp.float32),
+                   seen=jnp.zeros((slots, mask_words(vocab)), jnp.int32),
+                   counts=jnp.zeros((slots, vocab), jnp.int16))
+
+
+def token_bits(ids: Any, vocab: int) -> np.ndarray:
+    """A (W,) int32 bit row with the bits of token ``ids`` set (``mask_words`` layout)."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    words = np.zeros((mask_words(vocab),), np.uint32)
+    np.bitwise_or.at(words, ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+    return words.view(np.int32)
 
 
 def row_values(p: SamplingParams, vocab: int, prompt_ids: Any, seed: int) -> dict[str, np.ndarray]:
     """Host-side values of one slot's row, for ``set_row``."""
-    bias = np.zeros((vocab,), np.float32)
-    for token, value in p.logit_bias:  # ids checked by the engine on submit
-        bias[token] = value
-    seen = np.zeros((vocab,), bool)
-    seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+    bias_ids = np.full((MAX_LOGIT_BIAS,), vocab, np.int32)
+    bias_values = np.zeros((MAX_LOGIT_BIAS,), np.float32)
+    for i, (token, value) in enumerate(p.logit_bias):  # ids and count checked on submit
+        bias_ids[i], bias_values[i] = token, value
     key = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed % 2**32)), dtype=np.uint32)
     return dict(temperature=np.float32(p.temperature), top_p=np.float32(p.top_p),
                 top_k=np.int32(min(p.top_k, vocab)), min_p=np.float32(p.min_p),
@@ -64,9 +76,9 @@ def row_values(p: SamplingParams, vocab: int, prompt_ids: Any, seed: int) -> dic
                 presence_penalty=np.float32(p.presence_penalty),
                 frequency_penalty=np.float32(p.frequency_penalty),
                 min_tokens=np.int32(0 if p.ignore_eos else p.min_tokens),
-                has_bias=np.bool_(bias.any()), wants_logprobs=np.bool_(p.logprobs is not None),
-                key=key, bias=bias, seen=seen,
-                counts=np.zeros((vocab,), np.int32))
+                has_bias=np.bool_(bool(p.logit_bias)), wants_logprobs=np.bool_(p.logprobs is not None),
+                key=key, bias_ids=bias_ids, bias_values=bias_values, seen=token_bits(prompt_ids, vocab),
+                counts=np.zeros((vocab,), np.int16))
 
 
 def set_row(state: SlotSampling, slot: jax.Array, row: dict[str, jax.Array]) -> SlotSampling:
@@ -79,13 +91,14 @@ def _penalize(logits: jax.Array, s: Any, small: Any = None) -> jax.Array:
     """Penalties and logit_bias; ``s`` has the rows' bias/seen/counts, ``small`` (default
     ``s``) their per-row settings."""
     small = s if small is None else small
+    b, v = logits.shape
     rep = small.repetition_penalty[:, None]
     penalized = jnp.where(logits > 0, logits / rep, logits * rep)
-    logits = jnp.where(s.seen, penalized, logits)
+    logits = jnp.where(_bits(s.seen, v), penalized, logits)
     counts = s.counts.astype(jnp.float32)
     logits = logits - small.frequency_penalty[:, None] * counts
     logits = logits - small.presence_penalty[:, None] * (counts > 0)
-    return logits + s.bias
+    return logits.at[jnp.arange(b)[:, None], s.bias_ids].add(s.bias_values, mode="drop")
 
 
 def argmax(x: jax.Array) -> jax.Array:
@@ -150,10 +163,11 @@ def _sample_random(logits: jax.Array, s: Any, steps: jax.Array) -> jax.Array:
     return argmax(scaled + gumbel)
 
 
-# Per-row fields small enough to gather for every step; the (B, V) ones (bias, seen, counts)
-# are gathered only inside the branches that read them.
+# Per-row fields small enough to gather for every step; the large ones (bias, seen, counts)
+# are gathered only inside the branch that reads them.
 _SMALL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
           "frequency_penalty", "min_tokens", "has_bias", "wants_logprobs", "key")
+_LARGE = ("bias_ids", "bias_values", "seen", "counts")
 
 
 def mask_words(vocab: int) -> int:
@@ -161,12 +175,15 @@ def mask_words(vocab: int) -> int:
     return (vocab + 31) // 32
 
 
+def _bits(words: jax.Array, vocab: int) -> jax.Array:
+    """(B, W) int32 bit rows -> (B, vocab) bool."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # (B, W, 32)
+    return bits.reshape(words.shape[0], -1)[:, :vocab] != 0
+
+
 def _allow(logits: jax.Array, allowed: jax.Array) -> jax.Array:
     """Tokens whose bit is clear in ``allowed`` (B, W) -> -inf."""
-    b, v = logits.shape
-    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # (B, W, 32)
-    ok = bits.reshape(b, -1)[:, :v] != 0
-    return jnp.where(ok, logits, -jnp.inf)
+    return jnp.where(_bits(allowed, logits.shape[1]), logits, -jnp.inf)
 
 
 def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.Array,
@@ -190,7 +207,7 @@ def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.A
                             | (small.frequency_penalty != 0) | small.has_bias)
     logits = jax.lax.cond(
         needs_penalty,
-        lambda: _penalize(logits, s if rows is None else gather_rows(s, rows, ("bias", "seen", "counts")),
+        lambda: _penalize(logits, s if rows is None else gather_rows(s, rows, _LARGE),
                           small),
         lambda: logits)
     if allowed is not None:  # a grammar's mask acts like a bias of -inf on what it forbids
@@ -236,5 +253,8 @@ def record(s: SlotSampling, tokens: jax.Array, rows: jax.Array | None = None) ->
     (padding) are dropped."""
     if rows is None:
         rows = jnp.arange(tokens.shape[0])
-    return dataclasses.replace(s, seen=s.seen.at[rows, tokens].set(True, mode="drop"),
-                               counts=s.counts.at[rows, tokens].add(1, mode="drop"))
+    word, bit = tokens // 32, jnp.left_shift(jnp.int32(1), tokens % 32)
+    seen = s.seen.at[rows, word].set(s.seen.at[rows, word].get(mode="fill", fill_value=0) | bit, mode="drop")
+    count = s.counts.at[rows, tokens].get(mode="fill", fill_value=0).astype(jnp.int32)
+    counts = s.counts.at[rows, tokens].set(jnp.minimum(count + 1, 32767).astype(jnp.int16), mode="drop")
+    return dataclasses.replace(s, seen=seen, counts=counts)

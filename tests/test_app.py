@@ -249,6 +249,11 @@ def test_token_ids_outside_the_vocabulary_are_400s_naming_them(engine):
         r = c.post("/v1/chat/completions", json={**CHAT, "logit_bias": {str(vocab + 3): 5}})
         assert r.status_code == 400 and str(vocab + 3) in r.json()["error"]["message"]
         assert r.json()["error"]["param"] == "logit_bias"
+        r = c.post("/v1/chat/completions", json={**CHAT, "logit_bias": {str(i): 1 for i in range(301)}})
+        assert r.status_code == 400 and "at most 300" in r.json()["error"]["message"]
+    with pytest.raises(InvalidRequest, match="at most 300"):
+        engine.submit([1], SamplingParams(max_tokens=1, logit_bias=tuple((i, 1.0) for i in range(301))),
+                      lambda out: None)
     with pytest.raises(InvalidRequest, match=str(vocab)):  # the engine itself, for Python callers
         engine.submit([1, vocab], SamplingParams(max_tokens=1), lambda out: None)
 

@@ -495,3 +495,42 @@ def test_positions_past_the_rope_table_are_an_error_not_clipped(tiny, tokenizer)
         runner.prefill(0, [5, 6], start=63)
     with pytest.raises(ValueError, match="position 64"):
         runner.decode([0], [5], [64], [1])
+
+
+def test_compact_sampling_state_penalises_like_dense_arrays():
+    """logit_bias as entries, seen tokens as bits and int16 counts give the logits that dense
+    per-vocabulary arrays give (OpenAI's formulas, in numpy), and the state of 256 slots over a
+    152k vocabulary stays under 100 MiB."""
+    vocab, rng = 1000, np.random.default_rng(0)
+    params = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25,
+                             logit_bias=((7, 2.0), (999, -5.0), (31, 1.5))),
+              SamplingParams(repetition_penalty=1.0, frequency_penalty=-0.5)]
+    prompts = [[1, 31, 32, 500, 999], [4, 4, 63]]
+    state = smp.SlotSampling.empty(2, vocab)
+    for slot, (p, ids) in enumerate(zip(params, prompts)):
+        state = smp.set_row(state, slot, smp.row_values(p, vocab, ids, seed=0))
+    outputs = [[31, 31, 64, 999], [63, 5, 5, 5]]
+    for t in range(4):
+        state = smp.record(state, jnp.asarray([outputs[0][t], outputs[1][t]]))
+    logits = rng.standard_normal((2, vocab)).astype(np.float32) * 3
+    got = np.asarray(smp._penalize(jnp.asarray(logits), state))
+    for row, (p, ids, out) in enumerate(zip(params, prompts, outputs)):
+        want = logits[row].copy()
+        seen = sorted(set(ids) | set(out))
+        want[seen] = np.where(want[seen] > 0, want[seen] / p.repetition_penalty, want[seen] * p.repetition_penalty)
+        counts = np.bincount(out, minlength=vocab).astype(np.float32)
+        want -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        for token, value in p.logit_bias:
+            want[token] += value
+        np.testing.assert_allclose(got[row], want, rtol=1e-6, atol=1e-6)
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        jax.eval_shape(lambda: smp.SlotSampling.empty(256, 152064))))
+    assert size < 100 * 2**20, size / 2**20
+
+
+def test_counts_saturate_instead_of_wrapping():
+    state = smp.SlotSampling.empty(1, 10)
+    state = dataclasses.replace(state, counts=state.counts.at[0, 3].set(32766))
+    for _ in range(3):
+        state = smp.record(state, jnp.asarray([3]))
+    assert int(state.counts[0, 3]) == 32767

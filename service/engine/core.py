@@ -30,7 +30,7 @@ from service.engine.slots import SlotTable
 from service.engine.waiting import WaitingQueue
 from service.errors import ContextLengthExceeded, Draining, InvalidRequest, KVPoolExceeded
 from service.metrics import EngineMetrics, snapshot
-from service.params import SamplingParams
+from service.params import MAX_LOGIT_BIAS, SamplingParams
 from service.structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -288,4 +288,7 @@ def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab: int) -
     bad = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)
     if bad is not None:
         raise InvalidRequest(f"logit_bias: token id {bad} is not in the model's vocabulary [0, {vocab})",
+                             param="logit_bias")
+    if len(params.logit_bias) > MAX_LOGIT_BIAS:  # each slot's sampling row holds this many
+        raise InvalidRequest(f"logit_bias has {len(params.logit_bias)} entries; at most {MAX_LOGIT_BIAS}",
                              param="logit_bias")
