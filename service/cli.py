@@ -453,7 +453,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="converted dir, Hugging Face dir or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: the checkpoint's)")
+                   help="compute dtype (default: the checkpoint's; on a GPU bfloat16 for a float32 checkpoint)")
     p.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
                    help="on the CPU kernels: int8 weights with a scale per output column, float32 "
                         "compute (int8: a quarter of float32's bytes per token), or with int8 "

@@ -106,6 +106,11 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
     from service.engine.runner import ModelRunner
 
     cfg = load_config(checkpoint)
+    if not dtype and cfg.dtype == "float32" and jax.default_backend() == "gpu":
+        # A GPU's matmul units and HBM are built for 16-bit values: weights, activations and
+        # the KV cache in bfloat16 unless --dtype says otherwise.
+        dtype = "bfloat16"
+        log.info("GPU: serving in bfloat16 (the checkpoint is float32; --dtype float32 keeps it)")
     if dtype:
         import dataclasses
 
