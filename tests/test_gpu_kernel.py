@@ -207,3 +207,22 @@ def test_kernel_per_device_on_a_tensor_parallel_mesh():
     got = sharded(q, (k_pool, v_pool), args[2], args[3], AttentionSpec(0.25), tables)
     want = GpuKernels(interpret=INTERPRET).attend(*args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+@pytest.mark.parametrize("window,softcap,dtype,group", [(None, None, jnp.bfloat16, 4), (64, 30.0, jnp.bfloat16, 8),
+                                                         (None, None, jnp.float32, 1), (None, None, jnp.float16, 3)])
+def test_kernel_lowers_to_triton_for_cuda(window, softcap, dtype, group):
+    """Every op of the kernel has a Triton lowering: the call exported for CUDA (on any machine)
+    holds the Triton custom call, with the grid the work items give."""
+    from jax import export
+
+    heads, k_heads, head = 2 * group, 2, 128
+    spec = AttentionSpec(scale=head ** -0.5, window=window, softcap=softcap)
+    f = jax.jit(lambda q, k, v, r, p, t: ragged_paged_attention(q, k, v, r, p, t, spec, segments=9))
+    args = (jax.ShapeDtypeStruct((64, heads, head), dtype), *[jax.ShapeDtypeStruct((1, 33, 32, k_heads, head), dtype)] * 2,
+            *[jax.ShapeDtypeStruct((64,), jnp.int32)] * 2, jax.ShapeDtypeStruct((8, 4), jnp.int32))
+    triton = "__gpu$xla.gpu.triton"
+    exported = export.export(f, platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
+    text = exported.mlir_module()
+    assert f"@{triton}" in text and "grid_y = 2" in text  # one program per KV head

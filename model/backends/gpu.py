@@ -88,7 +88,7 @@ def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref
     block = k_ref.shape[2]
     head = q_ref.shape[-1]
     replica = row // rows_per_replica
-    r = lax.broadcasted_iota(jnp.int32, (rows, head), 0)[:, 0]
+    r = lax.broadcasted_iota(jnp.int32, (rows,), 0)  # the tile's query rows (Triton: no tensor slicing)
     q_pos = p0 + r // group
     real = r < n * group
     q = q_ref[kh, pl.ds(start * group, rows), :]
