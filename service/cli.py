@@ -203,11 +203,20 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
             verb = "runs" if len(kernel_only) == 1 else "run"
             raise CLIError(f"{' and '.join(kernel_only)} {verb} on the native CPU kernels only: one CPU "
                            "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0") from None
+    speculation = None
+    if getattr(args, "speculative_algorithm", None):
+        from service.engine.speculate import Speculation
+
+        try:
+            speculation = Speculation(args.speculative_algorithm, args.speculative_num_draft_tokens,
+                                      args.speculative_max_batch)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     checkpoint, name, (slots, blocks) = _model_and_slots(args, max_batch_size)
     engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
                           max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,
                           quantize=quantize, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
-                          num_blocks=blocks)
+                          num_blocks=blocks, speculation=speculation)
     return engine, name
 
 
@@ -472,6 +481,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32,
                    help="positions per KV cache block, a multiple of 16 (default 32): the unit of "
                         "allocation and of prefix-cache sharing")
+    p.add_argument("--speculative-algorithm", choices=["ngram"], default=None,
+                   help="speculative decoding: ngram proposes what followed the latest earlier "
+                        "occurrence of the last 1-4 tokens in the prompt and output; each step checks "
+                        "the proposals in one call (outputs unchanged, greedy and seeded)")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=4,
+                   help="proposed tokens checked per step and sequence, 1 to 16 (default 4)")
+    p.add_argument("--speculative-max-batch", type=int, default=4,
+                   help="steps with more decode rows than this do not speculate (default 4: past "
+                        "it a CPU step is no longer bound by reading the weights)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor parallel degree: weights split over this many devices")
     p.add_argument("--dp", type=int, default=1,

@@ -44,6 +44,14 @@ class EngineMetrics:
                               "Cached prompt tokens / all prompt tokens since start", registry=r)
         self.compiles = Gauge("xlaserve_xla_compilations", "XLA compilations in this process",
                               registry=r)
+        # Speculative decoding: tokens proposed, proposed tokens accepted, and verified rows
+        # (each a decode row's step: accepted drafts + 1 tokens).
+        self.spec_drafted = Counter("xlaserve_spec_draft_tokens", "Draft tokens proposed (speculative decoding)",
+                                    registry=r)
+        self.spec_accepted = Counter("xlaserve_spec_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.spec_rows = Counter("xlaserve_spec_verified_rows", "Decode rows checked in verify calls", registry=r)
+        self.spec_length = Gauge("xlaserve_spec_mean_accepted_length",
+                                 "Tokens a verified row advances on average (accepted drafts + 1)", registry=r)
 
     def render(self, engine) -> bytes:
         from service.engine.runner import compile_count

@@ -140,9 +140,11 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
 def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
                  dtype: str | None = None, max_queue: int = 256, warmup: bool = True,
                  tp: int = 1, dp: int = 1, quantize: str | None = None,
-                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None):
+                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None,
+                 speculation=None):
     """``build_runner``, compile every step shape, start the engine thread. ``num_blocks``:
-    the KV pool's blocks per data replica (default: a whole session per slot)."""
+    the KV pool's blocks per data replica (default: a whole session per slot);
+    ``speculation``: ``service.engine.speculate.Speculation``, or None."""
     import time
 
     from service.engine import Engine
@@ -155,9 +157,10 @@ def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
         def progress(i, n, shape):
             log.info("compiling %d/%d %s", i + 1, n, shape)
 
-        runner.warmup(progress)
+        verify_tokens = 0 if speculation is None else min(speculation.max_batch, max_batch_size) * (speculation.k + 1)
+        runner.warmup(progress, verify_tokens=verify_tokens)
         log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
                  runner.compiled_variants())
-    engine = Engine(runner, tokenizer, max_queue=max_queue)
+    engine = Engine(runner, tokenizer, max_queue=max_queue, speculation=speculation)
     engine.start()
     return engine

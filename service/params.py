@@ -41,6 +41,9 @@ class SamplingParams:
     # An embedding request: its prompt's final hidden states pooled ("last", "mean" or "cls")
     # come back in its Output; nothing is generated (max_tokens 0).
     embed: str | None = None
+    # The engine may check proposed tokens in one call (speculative decoding, where the server
+    # enables it); the output is the same either way, so this only opts out of the work.
+    speculative: bool = True
 
     def __post_init__(self):
         checks = [
@@ -150,6 +153,7 @@ def from_request(req: Any, defaults: SamplingParams | None, max_tokens: int | No
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=getattr(req, "include_stop_str_in_output", False),
             grammar=req.grammar() if hasattr(req, "grammar") else None,
+            speculative=getattr(req, "speculative", True),
         )
     except InvalidSamplingParam as e:
         raise InvalidRequest(str(e), param=e.param) from None

@@ -130,6 +130,7 @@ class _Generation(_Req):
     skip_special_tokens: bool = True
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    speculative: bool = True  # False: no speculative decoding for this request (same output, less work)
 
     def check_fields(self) -> None:
         """Refuse (400, naming the field) what is accepted by the schema but not served."""

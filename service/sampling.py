@@ -202,7 +202,7 @@ def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.A
     zeros when no row asked for logprobs. Each pass over the vocabulary that no row needs
     this step (penalties, min_tokens masking, noise and filtering, logprobs) is skipped.
     """
-    small = s if rows is None else gather_rows(s, rows, _SMALL)
+    small = s if rows is None else _padding_greedy(gather_rows(s, rows, _SMALL), rows, s.temperature.shape[0])
     needs_penalty = jnp.any((small.repetition_penalty != 1) | (small.presence_penalty != 0)
                             | (small.frequency_penalty != 0) | small.has_bias)
     logits = jax.lax.cond(
@@ -238,6 +238,21 @@ def sample(logits: jax.Array, s: SlotSampling, steps: jax.Array, eos_mask: jax.A
 
     chosen, top_ids, top_lps = jax.lax.cond(jnp.any(small.wants_logprobs), with_logprobs, without)
     return tokens, chosen, top_ids, top_lps
+
+
+def _padding_greedy(small, rows: jax.Array, slots: int):
+    """Padding rows (out of range: they read the last slot's settings) as plain greedy rows,
+    so they never turn on a pass over the vocabulary (noise, penalties, logprobs) that no
+    real row needs."""
+    pad = rows >= slots
+    small.temperature = jnp.where(pad, 0.0, small.temperature)
+    small.wants_logprobs = small.wants_logprobs & ~pad
+    small.has_bias = small.has_bias & ~pad
+    small.min_tokens = jnp.where(pad, 0, small.min_tokens)
+    small.repetition_penalty = jnp.where(pad, 1.0, small.repetition_penalty)
+    small.presence_penalty = jnp.where(pad, 0.0, small.presence_penalty)
+    small.frequency_penalty = jnp.where(pad, 0.0, small.frequency_penalty)
+    return small
 
 
 def gather_rows(s: SlotSampling, rows: jax.Array, fields=None):

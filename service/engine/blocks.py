@@ -177,6 +177,16 @@ class BlockManager:
             held.blocks.append(block)
         return True
 
+    def trim(self, slot: int, tokens: int) -> None:
+        """Release the slot's blocks past the first ``tokens`` positions' (what speculative
+        decoding's rejected drafts took: never registered, their KV is dropped with them)."""
+        held = self.held[slot]
+        n = max(self.blocks_for(tokens), len(held.hashes))
+        if len(held.blocks) > n:
+            self._release(held.replica, held.blocks[n:])
+            del held.blocks[n:]
+            self.tables[slot, n:] = NO_BLOCK
+
     def may_append(self, slot: int, length: int) -> bool:
         """Whether a decode step can write position ``length - 1`` (a new block if needed)."""
         return self.can_allocate(slot, length)

@@ -27,6 +27,7 @@ from service.engine.request import Output, Request, Sequence
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
+from service.engine.speculate import Speculation
 from service.engine.waiting import WaitingQueue
 from service.errors import ContextLengthExceeded, Draining, InvalidRequest, KVPoolExceeded
 from service.metrics import EngineMetrics, snapshot
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 256):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_queue: int = 256,
+                 speculation: Speculation | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.session_len = runner.session_len
@@ -47,7 +49,10 @@ class Engine:
         self.max_length = min(runner.session_len, self.blocks.capacity)
         self.table = SlotTable(runner.slots, self.blocks)
         self.scheduler = Scheduler(self.table, runner.max_chunk, self.max_length, runner.prompts_per_call,
-                                   can_chain=runner.channel is None)
+                                   can_chain=runner.channel is None, speculation=speculation)
+        self.speculation = speculation
+        if speculation is not None:
+            log.info(speculation.describe())
         self.stats = Stats()
         self.metrics = EngineMetrics()
         self.grammars = Grammars(tokenizer, runner.cfg.vocab_size)

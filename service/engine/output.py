@@ -31,6 +31,9 @@ class Stats:
     prefill_calls: int = 0
     mixed_calls: int = 0  # prefill calls that decode rows rode along
     chained_steps: int = 0  # queued before the previous step's tokens reached the host
+    spec_drafted: int = 0  # speculative decoding: draft tokens proposed
+    spec_accepted: int = 0  # of which accepted
+    spec_rows: int = 0  # decode rows checked in verify calls
 
 
 def apply_stop_strings(seq: Sequence, text: str, final: bool) -> tuple[str, bool]:
@@ -74,6 +77,9 @@ class OutputProcessor:
         row."""
         for call, arrays in zip(plan.prefills, results):
             self.stats.prefill_calls += 1
+            if call.verify:
+                self.verified(call, arrays)
+                continue
             self.stats.mixed_calls += call.riders > 0
             if call.scores:
                 self.prompt_scores(call.chunks, *arrays[4:7])
@@ -86,6 +92,35 @@ class OutputProcessor:
             if done:
                 pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
                 self.on_tokens([call.chunks[i].owner for i in done], *map(pick, arrays[:4]))
+
+    def verified(self, call, arrays) -> None:
+        """A verify call's tokens (a row per position): each row's drafts are accepted while
+        each equals the token drawn before it, and the tokens drawn up to the first mismatch
+        are its output, processed one by one (a stop among them ends it there). Its KV is then
+        known up to its newest token; blocks only rejected drafts took go back."""
+        toks = np.asarray(arrays[0])
+        seqs, rows, at = [], [], 0
+        for c in call.chunks:
+            n = 1
+            while n <= c.drafts and int(toks[at + n - 1]) == c.tokens[n]:
+                n += 1
+            seqs += [c.owner] * n
+            rows += range(at, at + n)
+            self.stats.spec_drafted += c.drafts
+            self.stats.spec_accepted += n - 1
+            self.metrics.spec_drafted.inc(c.drafts)
+            self.metrics.spec_accepted.inc(n - 1)
+            at += len(c.tokens)
+        self.stats.spec_rows += len(call.chunks)
+        self.metrics.spec_rows.inc(len(call.chunks))
+        self.metrics.spec_length.set((self.stats.spec_accepted + self.stats.spec_rows) / self.stats.spec_rows)
+        pick = lambda x: None if x is None else np.asarray(x)[rows]  # noqa: E731
+        self.on_tokens(seqs, *map(pick, arrays[:4]))
+        for c in call.chunks:
+            seq = c.owner
+            if self.table.running.get(seq.slot) is seq:
+                seq.prefilled = seq.target
+                self.table.blocks.trim(seq.slot, seq.prefilled + 1)
 
     def prompt_done(self, seq: Sequence) -> None:
         """Account a prompt whose last chunk was prefilled."""
@@ -182,7 +217,7 @@ class OutputProcessor:
                          prompt_logprobs=seq.prompt_logprobs, stop_string=seq.stop_hit if stopped else None)
             seq.prompt_logprobs = None
             if finish:
-                self.finish(seq, finish, out)
+                self.finish(seq, finish, out, batched)
             elif isinstance(seq.req.emit, LoopQueue):
                 batched.setdefault(seq.req.emit.loop, []).append((seq.req.emit.queue, out))
             else:
@@ -201,7 +236,10 @@ class OutputProcessor:
             return "error"
         return "stop" if seq.matcher.is_stopped() else None
 
-    def finish(self, seq: Sequence, reason: str, out: Output | None = None) -> None:
+    def finish(self, seq: Sequence, reason: str, out: Output | None = None, batched: dict | None = None) -> None:
+        """End ``seq`` with ``reason`` (``out``: its last token's Output). ``batched``: the
+        step's outputs waiting for one wake-up per event loop; the finish joins them, after
+        the sequence's earlier tokens of the same step (a verify call gives several)."""
         out = out or Output(prompt_logprobs=seq.prompt_logprobs)
         seq.prompt_logprobs = None
         out.finish_reason = reason
@@ -219,4 +257,7 @@ class OutputProcessor:
         self.metrics.e2e.observe(now - seq.req.arrival)
         if seq.first_token_time is not None and len(seq.generated) > 1:
             self.metrics.tpot.observe((now - seq.first_token_time) / (len(seq.generated) - 1))
-        seq.req.emit(out)
+        if batched is not None and isinstance(seq.req.emit, LoopQueue):
+            batched.setdefault(seq.req.emit.loop, []).append((seq.req.emit.queue, out))
+        else:
+            seq.req.emit(out)

@@ -30,6 +30,9 @@ class Chunk:
     next_token: int = 0
     # Pool the chunk's final hidden states into its sequence's embedding.
     embed: bool = False
+    # A verify chunk (speculative decoding): a decode row's last token and this many proposed
+    # ones after it; the call draws a token at every position (``service.engine.speculate``).
+    drafts: int = 0
     owner: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
@@ -38,6 +41,9 @@ class Prefill:
     """One prefill call: chunks of distinct slots packed into one row of tokens."""
 
     chunks: tuple[Chunk, ...]
+    # A verify call: decode rows only, each with its drafts (possibly none), drawing a token at
+    # every position.
+    verify: bool = False
 
     @property
     def scores(self) -> bool:

@@ -183,6 +183,9 @@ class ModelRunner:
         results = []
         tables = plan.tables
         for op in plan.ops:
+            if op.verify:
+                results.append(self.verify([(c.slot, list(c.tokens), c.start, c.step) for c in op.chunks], tables))
+                continue
             results.append(self.prefill_packed(
                 [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks],
                 masks, tables, hidden=op.embeds))
@@ -230,6 +233,17 @@ class ModelRunner:
         sampled = tuple(None if x is None else _host(x) for x in out[:4])
         scored = tuple(_host(x) for x in out[4:]) if arrays[-1] else (None, None, None)
         return sampled + scored + ((_host(states)[:n].astype(np.float32),) if hidden else ())
+
+    def verify(self, chunks: list[tuple], tables: np.ndarray | None = None):
+        """A verify call (speculative decoding): decode rows (slot, tokens, start, step), each
+        its last token at ``start`` and its draft tokens after it, of distinct slots. Returns
+        host arrays (tokens, logprobs, top ids, top logprobs) with a row per position, in the
+        chunks' order: the token drawn after each position, as a decode step at that
+        position (``step`` + its offset) would draw it."""
+        self._check_positions(max(c[2] + len(c[1]) for c in chunks) - 1)
+        arrays, n, span = self.shapes.verify_inputs(chunks)
+        out, _ = self._prefill_step(self._tables(tables), arrays, n, span)
+        return tuple(None if x is None else _host(x)[:n] for x in out[:4])
 
     @replayed
     def _prefill_step(self, tables, arrays, n, span):
@@ -309,9 +323,10 @@ class ModelRunner:
     def compiled_variants(self) -> int:
         return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row, self._score))
 
-    def warmup(self, progress=None) -> None:
-        """Compile every prefill/decode shape now, so serving never compiles."""
-        shapes = self.shapes.warmup_shapes()
+    def warmup(self, progress=None, verify_tokens: int = 0) -> None:
+        """Compile every prefill/decode shape now, so serving never compiles (``verify_tokens``:
+        the most tokens a verify call of speculative decoding holds; 0: none)."""
+        shapes = self.shapes.warmup_shapes(verify_tokens)
         self.set_slot(0, SamplingParams(), [0], 0)
         # Nothing is cached yet: every position of every slot may land in block 0.
         tables = np.zeros((self.slots, self.max_blocks), np.int32)
@@ -321,6 +336,9 @@ class ModelRunner:
             if shape[0] == "decode":
                 b, span = shape[1], shape[2]
                 self.fetch(self.dispatch_decode(list(range(b)), [0] * b, [span - 1] * b, [0] * b, tables=tables))
+            elif shape[0] == "verify":
+                n, span = shape[1], shape[2]
+                self.verify([(0, [0] * n, span - n, 1)], tables=tables)
             elif shape[0] == "score":  # a scored prompt: its prefill, then its scores
                 self.prefill_packed([(0, [0] * shape[1], 0, True, 0, True, 0)], tables=tables)
             else:

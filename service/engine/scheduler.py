@@ -34,11 +34,13 @@ from typing import Callable
 from service.engine.plan import Chunk, Decode, Prefill, StepPlan
 from service.engine.request import Sequence
 from service.engine.slots import SlotTable
+from service.engine.speculate import Speculation
 
 
 class Scheduler:
     def __init__(self, table: SlotTable, max_chunk: int, session_len: int,
-                 prompts_per_call: Callable[[int, int], int], can_chain: bool = True):
+                 prompts_per_call: Callable[[int, int], int], can_chain: bool = True,
+                 speculation: Speculation | None = None):
         self.table = table
         self.blocks = table.blocks
         self.max_chunk = max_chunk
@@ -46,6 +48,7 @@ class Scheduler:
         self.prompts_per_call = prompts_per_call
         self.can_chain = can_chain  # a process-spanning mesh replays every step: no chaining
         self.preemptions = 0
+        self.speculation = speculation
 
     def decodable(self) -> list[Sequence]:
         return sorted((s for s in self.table.running.values() if s.decodable), key=lambda s: s.admitted)
@@ -64,6 +67,8 @@ class Scheduler:
         # Every running sequence is in that step (its input's KV planned one past its target).
         live = list(self.table.running.values())
         if any(s.constrained or s.prefilled != s.target + 1 for s in live):
+            return False
+        if self._may_speculate(live):  # the next step's drafts need this step's tokens
             return False
         return (len(live) == len(inflight) and set(map(id, live)) == set(map(id, inflight))
                 and max(s.length for s in live) < self.session_len
@@ -90,9 +95,11 @@ class Scheduler:
                 tables=self.blocks.tables.copy())
         live = self._reserve_decodes()
         ops: list[Prefill] = []
-        rode = self._plan_prefill(ops, live)
+        verify = self._plan_verify(live) if self._may_speculate(live) else []
+        rode = self._plan_prefill(ops, [] if verify else live)
+        ops += verify
         decode = None
-        if live and not rode:
+        if live and not rode and not verify:
             decode = Decode(tuple(s.slot for s in live), tuple(s.generated[-1] for s in live),
                             tuple(s.length - 1 for s in live), tuple(len(s.generated) for s in live),
                             owners=tuple(live))
@@ -166,6 +173,39 @@ class Scheduler:
         known = min(seq.prefilled, seq.length)
         if known // self.blocks.block_size > len(self.blocks.held[seq.slot].hashes):
             self.blocks.commit(seq.slot, seq.tokens(0, known), known)
+
+    # -- speculative decoding ---------------------------------------------------------------
+
+    def _may_speculate(self, live: list[Sequence]) -> bool:
+        spec = self.speculation
+        return spec is not None and 0 < len(live) <= spec.max_batch and any(spec.eligible(s) for s in live)
+
+    def _plan_verify(self, live: list[Sequence]) -> list[Prefill]:
+        """The decode rows as verify calls (as few as the backend packs them in), each row with
+        the drafts proposed for it that its pool has blocks for (none are taken from other
+        sequences for drafts); none when no row has any (they decode as usual)."""
+        chunks = []
+        budget = self.max_chunk - len(live)  # the call's tokens stay within a prefill bucket
+        for s in live:
+            drafts = self.speculation.drafts(s, min(self.session_len - s.length, budget))
+            budget -= len(drafts)
+            if drafts and not self.blocks.allocate(s.slot, s.length + len(drafts)):
+                drafts = []
+            chunks.append(Chunk(s.slot, (s.generated[-1], *drafts), s.length - 1, True, len(s.generated),
+                                drafts=len(drafts), owner=s))
+        if not any(c.drafts for c in chunks):
+            return []
+        calls: list[list[Chunk]] = [[]]
+        for c in chunks:
+            # Its registered blocks stay those of known tokens: ``_advance`` commits up to the
+            # sequence's length, which the drafts are past.
+            self._advance(c.owner, len(c.tokens))
+            call = calls[-1]
+            size = sum(len(x.tokens) for x in call) + len(c.tokens)
+            if call and len(call) + 1 > self.prompts_per_call(size, max(x.start for x in call + [c])):
+                calls.append([])
+            calls[-1].append(c)
+        return [Prefill(tuple(call), verify=True) for call in calls]
 
     # -- prefill -------------------------------------------------------------------------------
 

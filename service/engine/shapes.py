@@ -109,6 +109,34 @@ class StepShapes:
         return (z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p), self.allowed(p, (), None), z(1, size),
                 np.int32(0))
 
+    def verify_inputs(self, chunks: list[tuple]) -> tuple[tuple[np.ndarray, ...], int, int]:
+        """(arrays, real token count, span) of a verify call (speculative decoding): decode
+        rows (slot, tokens, start, step), each its last token and its drafts, drawing a token
+        at every position: as many sampling rows as the call's size, row i at token i, with
+        the step count the plain decode of that position would have. Nothing is accounted for
+        penalties (a speculating request has none)."""
+        n = sum(len(c[1]) for c in chunks)
+        size = bucket_for(n, self.prefill_sizes)
+        tokens, positions, rows, ends, slots, last, steps, _, following, _ = self.prefill_zeros(size, size)
+        positions[:] = self.pad_position
+        rows[:] = self.slots
+        slots[:] = self.slots
+        if not self.backend.rows_per_token or len({c[0] for c in chunks}) < len(chunks):
+            raise ValueError("a verify call packs chunks of distinct slots on a backend with a row per token")
+        i = 0
+        for slot, toks, start, step in chunks:
+            k = len(toks)
+            tokens[0, i:i + k] = toks
+            positions[0, i:i + k] = np.arange(start, start + k)
+            rows[0, i:i + k] = slot
+            ends[i:i + k] = np.arange(i, i + k)
+            slots[i:i + k] = slot
+            steps[i:i + k] = np.arange(step, step + k)
+            i += k
+        span = self.prefill_span(n, max(c[2] for c in chunks))
+        return (tokens, positions, rows, ends, slots, last, steps, self.allowed(size, (), None), following,
+                np.int32(0)), n, span
+
     def prefill_inputs(self, chunks: list[tuple], masks: dict | None = None) -> tuple[tuple[np.ndarray, ...], int, int]:
         """(arrays, real token count, span) of one prefill call packing ``chunks`` (slot,
         tokens, start, last[, step[, score, next token]]); see ``ModelRunner.prefill_packed``.
@@ -163,7 +191,12 @@ class StepShapes:
         allowed = self.allowed(b, row_slots, masks)
         return pos, st, rows, allowed, where, span
 
-    def warmup_shapes(self) -> list[tuple]:
+    def warmup_shapes(self, verify_tokens: int = 0) -> list[tuple]:
+        """Every shape serving may run; ``verify_tokens``: the most tokens a verify call holds
+        (speculative decoding; 0: none)."""
         shapes = [("decode", b, s) for b in self.batch_sizes for s in self.spans]
         shapes += [("prefill", n, s) for n in self.prefill_sizes for s in self.spans if s >= n]
+        if verify_tokens:
+            top = bucket_for(min(verify_tokens, self.max_chunk), self.prefill_sizes)
+            shapes += [("verify", n, s) for n in self.prefill_sizes if n <= top for s in self.spans if s >= n]
         return shapes + [("score", n) for n in self.prefill_sizes]

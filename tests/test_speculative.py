@@ -1,0 +1,201 @@
+"""Speculative decoding: n-gram proposals and verify calls give exactly the tokens plain
+decoding gives (greedy and seeded, alone and in mixed batches, on both device paths), with
+proposals that are always right, always wrong, or the n-gram lookup's own."""
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from model.weights import init_params
+from service.engine import Engine
+from service.engine.runner import ModelRunner, compile_count
+from service.engine.speculate import Speculation, propose_ngram
+from service.params import SamplingParams
+
+
+def test_ngram_proposes_what_followed_the_longest_latest_match():
+    #          0  1  2  3  4  5  6  7  8  9 10
+    tokens = [5, 6, 7, 8, 9, 6, 7, 1, 2, 6, 7]
+    # "6 7" occurs at 1 and 5: the latest (5) wins, and what followed it is 1 2 6 7.
+    assert propose_ngram(tokens, 3) == [1, 2, 6]
+    # "9 6 7" (n = 3) beats any shorter match: nothing else ends in 9 6 7 here, so n = 2 wins;
+    # with a longer match present, it is the one used.
+    assert propose_ngram([1, 2, 3, 9, 2, 3, 4, 1, 2, 3], 2) == [9, 2]
+    assert propose_ngram([4, 5, 6], 2) == []  # no earlier occurrence of anything
+    assert propose_ngram(tokens, 0) == []
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_checkpoint):
+    return Tokenizer.from_dir(default_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
+                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    return cfg, init_params(cfg, seed=0, scale=0.5)
+
+
+_runners: dict = {}
+
+
+def generate(tiny, tokenizer, jobs, speculation=None, backend=None):
+    """Each job's (tokens, streamed texts, finish) with all jobs sent together, and the engine.
+    Engines of one backend share a runner (compiled once; each engine places its own blocks
+    and sampling rows)."""
+    cfg, params = tiny
+    key = (id(params), type(backend).__name__)
+    if key not in _runners:
+        _runners[key] = ModelRunner(cfg, params, max_batch_size=4, session_len=128, eos_ids=tokenizer.eos_ids,
+                                    max_prefill_chunk=32, block_size=16, backend=backend)
+    engine = Engine(_runners[key], tokenizer, speculation=speculation)
+
+    async def one(ids, p):
+        toks, text, finish = [], [], None
+        async for out in engine.generate(ids, p):
+            toks += out.token_ids
+            text.append(out.text)
+            finish = out.finish_reason or finish
+        return toks, text, finish
+
+    async def together():
+        return await asyncio.gather(*[one(ids, p) for ids, p in jobs])
+
+    engine.start()
+    try:
+        return asyncio.run(together()), engine
+    finally:
+        engine.stop()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, seed=11, max_tokens=30, ignore_eos=True)
+
+
+def prompt(n, seed):
+    return [int(x) for x in np.random.default_rng(seed).integers(100, 30000, n)]
+
+
+def oracle_for(reference, jobs):
+    """A proposer that knows each job's plain output: always right."""
+    full = [list(ids) + toks for (ids, _), (toks, _, _) in zip(jobs, reference)]
+
+    def propose(tokens, k):
+        for f in full:
+            if f[:len(tokens)] == tokens and len(f) > len(tokens):
+                return f[len(tokens):len(tokens) + k]
+        return []
+
+    return propose
+
+
+def always_wrong(tokens, k):
+    return [(tokens[-1] + 13 * (i + 1)) % 30000 for i in range(k)]
+
+
+@pytest.mark.parametrize("backend", ["default", "xla"])
+def test_speculation_never_changes_tokens(tiny, tokenizer, backend):
+    """Greedy and seeded requests in one batch give plain decoding's tokens with n-gram
+    proposals, with proposals that are always accepted (the continuation itself) and with
+    proposals that are always rejected; each alone gives them too."""
+    from model.backends.xla import Xla
+
+    make = (lambda: Xla()) if backend == "xla" else (lambda: None)
+    base = prompt(9, 1)
+    jobs = [(base + base[:5], GREEDY), (prompt(5, 2), SEEDED), (base, dataclasses.replace(SEEDED, seed=3)),
+            (prompt(12, 4), dataclasses.replace(GREEDY, max_tokens=7))]
+    plain, _ = generate(tiny, tokenizer, jobs, backend=make())
+    for name, propose in (("ngram", None), ("right", oracle_for(plain, jobs)), ("wrong", always_wrong)):
+        got, engine = generate(tiny, tokenizer, jobs, Speculation(k=4, propose=propose), backend=make())
+        assert [g[0] for g in got] == [p[0] for p in plain], name
+        assert [g[2] for g in got] == [p[2] for p in plain], name
+        st = engine.stats
+        if name == "right":
+            assert st.spec_accepted == st.spec_drafted > 0
+            assert st.spec_rows < st.generation_tokens - len(jobs)  # several tokens per verified row
+        if name == "wrong":
+            assert st.spec_drafted > 0 and st.spec_accepted == 0
+    alone, _ = generate(tiny, tokenizer, jobs[1:2], Speculation(k=3, propose=oracle_for(plain[1:2], jobs[1:2])),
+                        backend=make())
+    assert alone[0][0] == plain[1][0]
+
+
+def test_a_stop_string_inside_an_accepted_draft_ends_the_output_there(tiny, tokenizer):
+    """The stop string falls in the middle of what one verify call accepts: the text ends
+    before it, as without speculation, and no streamed piece carries anything after it."""
+    plain, _ = generate(tiny, tokenizer, [(prompt(6, 7), GREEDY)])
+    text = "".join(plain[0][1])
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    jobs = [(prompt(6, 7), dataclasses.replace(GREEDY, stop=(stop,)))]
+    want, _ = generate(tiny, tokenizer, jobs)
+    got, engine = generate(tiny, tokenizer, jobs, Speculation(k=8, propose=oracle_for(plain, jobs)))
+    assert "".join(got[0][1]) == "".join(want[0][1]) == text[:text.index(stop)]
+    assert got[0][2] == want[0][2] == "stop"
+    assert engine.stats.spec_accepted > 0
+
+
+def test_speculation_metrics_count_drafted_and_accepted_tokens(tiny, tokenizer):
+    jobs = [(prompt(6, 8), GREEDY)]
+    plain, _ = generate(tiny, tokenizer, jobs)
+    _, engine = generate(tiny, tokenizer, jobs, Speculation(k=4, propose=oracle_for(plain, jobs)))
+    m, st = engine.metrics, engine.stats
+    assert m.spec_drafted._value.get() == st.spec_drafted > 0
+    assert m.spec_accepted._value.get() == st.spec_accepted == st.spec_drafted
+    assert m.spec_rows._value.get() == st.spec_rows
+    # Every verified row advanced its accepted drafts + 1: 30 tokens, the first from the prompt.
+    assert m.spec_length._value.get() == pytest.approx((st.spec_accepted + st.spec_rows) / st.spec_rows)
+    assert st.spec_accepted + st.spec_rows == 29
+
+
+def test_requests_that_opt_out_or_have_penalties_are_not_speculated(tiny, tokenizer):
+    jobs = [(prompt(6, 9), dataclasses.replace(GREEDY, speculative=False)),
+            (prompt(6, 10), dataclasses.replace(GREEDY, repetition_penalty=1.3))]
+    plain, _ = generate(tiny, tokenizer, jobs)
+    got, engine = generate(tiny, tokenizer, jobs, Speculation(k=4, propose=always_wrong))
+    assert [g[0] for g in got] == [p[0] for p in plain]
+    assert engine.stats.spec_rows == 0
+
+
+def test_steps_above_the_batch_threshold_do_not_speculate(tiny, tokenizer):
+    jobs = [(prompt(6, 20 + i), GREEDY) for i in range(4)]
+    plain, _ = generate(tiny, tokenizer, jobs)
+    got, engine = generate(tiny, tokenizer, jobs, Speculation(k=4, max_batch=2, propose=always_wrong))
+    assert [g[0] for g in got] == [p[0] for p in plain]
+    # Four rows decode together from the first step on: none was checked in a verify call
+    # while all four ran (only once two had finished could any be).
+    assert engine.stats.spec_rows <= 2 * 30
+
+
+def test_no_compiles_after_warm_up_with_speculation(tiny, tokenizer):
+    cfg, params = tiny
+    spec = Speculation(k=4, max_batch=2, propose=always_wrong)
+    runner = ModelRunner(cfg, params, max_batch_size=2, session_len=128, eos_ids=tokenizer.eos_ids,
+                         max_prefill_chunk=32, block_size=16)
+    runner.warmup(verify_tokens=2 * (spec.k + 1))
+    engine = Engine(runner, tokenizer, speculation=spec)
+    before = compile_count()
+
+    async def go():
+        async def one(ids):
+            return [t async for out in engine.generate(ids, GREEDY) for t in out.token_ids]
+        return await asyncio.gather(one(prompt(6, 30)), one(prompt(20, 31)))
+
+    engine.start()
+    try:
+        asyncio.run(go())
+    finally:
+        engine.stop()
+    assert engine.stats.spec_rows > 0
+    assert compile_count() == before
+
+
+def test_bad_speculation_settings_are_refused():
+    with pytest.raises(ValueError, match="num-draft-tokens"):
+        Speculation(k=0)
+    with pytest.raises(ValueError, match="only 'ngram'"):
+        Speculation(method="draft")
