@@ -92,6 +92,8 @@ def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref
     q_pos = p0 + r // group
     real = r < n * group
     q = q_ref[kh, pl.ds(start * group, rows), :]
+    # float32 stays float32 (no TF32 rounding): that path exists for exactness, bfloat16 for speed.
+    tf32 = q.dtype != jnp.float32
 
     first = jnp.int32(0) if window is None else jnp.maximum(p0 - window + 1, 0) // block
     end = jnp.where(p0 >= 0, (p0 + n - 1) // block + 1, first)
@@ -101,7 +103,7 @@ def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref
         blk = jnp.maximum(tables_ref[row, j], 0)
         k = k_ref[replica, blk, :, kh, :]
         v = v_ref[replica, blk, :, kh, :]
-        s = plgpu.dot(q, k.astype(q.dtype), trans_b=True).astype(jnp.float32) * scale  # (rows, block)
+        s = plgpu.dot(q, k.astype(q.dtype), trans_b=True, allow_tf32=tf32).astype(jnp.float32) * scale  # (rows, block)
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         k_pos = j * block + lax.broadcasted_iota(jnp.int32, (rows, block), 1)
@@ -113,7 +115,8 @@ def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref
         correction = jnp.exp(m_prev - m_next)
         p = jnp.where(seen, jnp.exp(s - m_next[:, None]), 0.0)
         l_next = l_prev * correction + p.sum(axis=-1)
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(q.dtype), v.astype(q.dtype)).astype(jnp.float32)
+        acc = acc * correction[:, None] + plgpu.dot(p.astype(q.dtype), v.astype(q.dtype),
+                                                    allow_tf32=tf32).astype(jnp.float32)
         return m_next, l_next, acc
 
     init = (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
