@@ -157,7 +157,11 @@ def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
         def progress(i, n, shape):
             log.info("compiling %d/%d %s", i + 1, n, shape)
 
-        verify_tokens = 0 if speculation is None else min(speculation.max_batch, max_batch_size) * (speculation.k + 1)
+        from service.engine.speculate import Speculation
+
+        # Verify calls run with or without a method: a request's prediction is checked in them.
+        spec = speculation or Speculation(method=None)
+        verify_tokens = min(spec.max_batch, max_batch_size) * (spec.k + 1)
         runner.warmup(progress, verify_tokens=verify_tokens)
         log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
                  runner.compiled_variants())

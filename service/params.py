@@ -44,6 +44,8 @@ class SamplingParams:
     # The engine may check proposed tokens in one call (speculative decoding, where the server
     # enables it); the output is the same either way, so this only opts out of the work.
     speculative: bool = True
+    # Predicted Outputs: token ids the answer is expected to repeat; proposed as drafts.
+    prediction: tuple[int, ...] = ()
 
     def __post_init__(self):
         checks = [

@@ -149,7 +149,6 @@ class _Generation(_Req):
 # Fields of OpenAI's bodies that this server refuses rather than ignore, with why.
 _REFUSED = {
     "audio": " (text output only)",
-    "prediction": " (no speculative decoding of a predicted output)",
     "web_search_options": " (no web search)",
     "functions": "; send tools instead",
     "function_call": "; send tool_choice instead",
@@ -158,6 +157,27 @@ _REFUSED = {
     "store": " (nothing is stored)",
     "best_of": " with a value other than n",
 }
+
+
+class PredictionPart(_Req):
+    type: str
+    text: str
+
+
+class Prediction(_Req):
+    """OpenAI's Predicted Outputs: content the answer will largely repeat (an edited file)."""
+
+    type: str
+    content: Union[str, list[PredictionPart]]
+
+    def text(self) -> str:
+        if self.type != "content":
+            raise InvalidRequest(f"prediction type {self.type!r} is not served (content)", param="prediction")
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.type != "text" for part in self.content):
+            raise InvalidRequest("prediction content parts must be text", param="prediction")
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Generation, kw_only=True):
@@ -171,9 +191,10 @@ class ChatCompletionRequest(_Generation, kw_only=True):
     parallel_tool_calls: bool = True
     modalities: list[str] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension: extra template variables
+    # Predicted Outputs: text the answer is expected to repeat, checked as speculative drafts
+    prediction: Prediction | None = None
     # Refused when set (see _REFUSED)
     audio: Any = None
-    prediction: Any = None
     web_search_options: Any = None
     functions: Any = None
     function_call: Any = None
@@ -293,11 +314,19 @@ class PromptTokensDetails(_Resp):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(_Resp):
+    # Predicted Outputs: prediction tokens checked as drafts and kept, and checked and not kept.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
 class Usage(_Resp):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    # Present only when the request sent a prediction.
+    completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET
 
 
 class TopLogprob(_Resp):

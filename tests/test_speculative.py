@@ -199,3 +199,53 @@ def test_bad_speculation_settings_are_refused():
         Speculation(k=0)
     with pytest.raises(ValueError, match="only 'ngram'"):
         Speculation(method="draft")
+
+
+# -- Predicted Outputs -------------------------------------------------------------------------
+
+
+def test_a_prediction_is_checked_as_drafts_without_changing_the_answer(tiny, tokenizer):
+    """With no speculation configured, a request's prediction alone proposes drafts: the answer
+    is plain decoding's, all of a right prediction is accepted, none of a wrong one."""
+    from service.engine.speculate import propose_from_prediction
+
+    assert propose_from_prediction([7, 8], (1, 7, 8, 9, 10, 7, 8, 11), 2) == [9, 10]  # nearest the output's length
+    jobs = [(prompt(6, 40), GREEDY)]
+    plain, _ = generate(tiny, tokenizer, jobs)
+    right = tuple(plain[0][0])
+    # Wrong after its first token: that token aligns it, so what follows is proposed, and rejected.
+    wrong = right[:1] + tuple((t + 5) % 30000 for t in right[1:])
+    for prediction, accepted in ((right, True), (wrong, False)):
+        job = [(jobs[0][0], dataclasses.replace(GREEDY, prediction=prediction))]
+        got, engine = generate(tiny, tokenizer, job)
+        assert got[0][0] == plain[0][0]
+        st = engine.stats
+        assert st.spec_drafted > 0
+        assert (st.spec_accepted == st.spec_drafted) if accepted else (st.spec_accepted == 0)
+
+
+def test_chat_prediction_over_http_reports_accepted_and_rejected_tokens(default_checkpoint):
+    from litestar.testing import TestClient
+
+    from conftest import tiny_engine
+    from service.app import ServerSettings, State, create_app
+
+    engine = tiny_engine(default_checkpoint, slots=2)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}
+    try:
+        with TestClient(create_app(State(ServerSettings(model_name="tiny"), engine))) as c:
+            plain = c.post("/v1/chat/completions", json=body).json()
+            assert "completion_tokens_details" not in plain["usage"]
+            text = plain["choices"][0]["message"]["content"]
+            for prediction in (text, [{"type": "text", "text": text}]):
+                r = c.post("/v1/chat/completions", json={**body, "prediction": {"type": "content", "content": prediction}})
+                assert r.status_code == 200, r.text
+                out = r.json()
+                assert out["choices"][0]["message"]["content"] == text
+                details = out["usage"]["completion_tokens_details"]
+                assert details["accepted_prediction_tokens"] > 0
+            r = c.post("/v1/chat/completions", json={**body, "prediction": {"type": "file", "content": "x"}})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prediction"
+    finally:
+        engine.stop()

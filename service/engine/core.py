@@ -49,7 +49,9 @@ class Engine:
         self.max_length = min(runner.session_len, self.blocks.capacity)
         self.table = SlotTable(runner.slots, self.blocks)
         self.scheduler = Scheduler(self.table, runner.max_chunk, self.max_length, runner.prompts_per_call,
-                                   can_chain=runner.channel is None, speculation=speculation)
+                                   can_chain=runner.channel is None,
+                                   speculation=speculation or Speculation(method=None))
+        # Without a method, only requests that send a prediction speculate.
         self.speculation = speculation
         if speculation is not None:
             log.info(speculation.describe())

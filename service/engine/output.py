@@ -108,6 +108,9 @@ class OutputProcessor:
             rows += range(at, at + n)
             self.stats.spec_drafted += c.drafts
             self.stats.spec_accepted += n - 1
+            if c.owner.params.prediction:
+                c.owner.predicted[0] += n - 1
+                c.owner.predicted[1] += c.drafts - (n - 1)
             self.metrics.spec_drafted.inc(c.drafts)
             self.metrics.spec_accepted.inc(n - 1)
             at += len(c.tokens)
@@ -247,6 +250,8 @@ class OutputProcessor:
         out.completion_tokens = len(seq.generated)
         out.cached_tokens = seq.cached
         out.history_tokens = seq.history
+        if seq.params.prediction:
+            out.prediction_tokens = tuple(seq.predicted)
         if seq.params.embed is not None and seq.pooled is not None:
             mean = seq.params.embed == "mean"
             out.embedding = (seq.pooled / len(seq.seq) if mean else seq.pooled).astype(np.float32)

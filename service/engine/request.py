@@ -38,6 +38,8 @@ class Output:
     prompt_logprobs: list[TokenLogprob] | None = None
     stop_string: str | None = None  # the stop string that finished it (finish_reason "stop")
     embedding: Any = None  # an embedding request's pooled hidden state (np.ndarray (D,), float32)
+    # A request with a prediction: its tokens checked as drafts and kept, and not kept (final).
+    prediction_tokens: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,6 +79,7 @@ class Sequence:
     matcher: Any = None
     grammar_wait: str | None = None
     raw_tail: str = ""  # the output's last characters, special tokens included (grammar_wait)
+    predicted: list[int] = dataclasses.field(default_factory=lambda: [0, 0])  # prediction tokens kept, not kept
 
     @property
     def id(self) -> str:

@@ -15,6 +15,10 @@ x survives with probability p(x) either way.
 The KV written at rejected positions lies past the sequence's length; the next step writes
 over it, and no block holding it is registered in the prefix cache before it is.
 
+A request's prediction (OpenAI's Predicted Outputs: the text it expects the answer to repeat)
+proposes its drafts whatever the server's method, also where the server speculates nothing
+else: the tokens after where the output's last few tokens occur in the prediction.
+
 Not speculated (their rows decode as usual): requests under a grammar (the mask of position
 i + 1 needs the matcher past token i, on the host), with repetition, presence or frequency
 penalties (they count tokens drawn earlier in the same call), scored or pooled prompts, and
@@ -53,19 +57,38 @@ def propose_ngram(tokens: list[int], k: int, max_n: int = 4, min_n: int = 1) -> 
     return []
 
 
+def propose_from_prediction(generated: list[int], prediction: tuple[int, ...], k: int, max_n: int = 4) -> list[int]:
+    """Predicted Outputs: the prediction's tokens after where the output's last n tokens occur
+    in it (the longest n that does, at the occurrence nearest the output's own length, where an
+    answer that follows its prediction is), at most k."""
+    if k <= 0 or not generated or not prediction:
+        return []
+    pred = np.asarray(prediction, np.int64)
+    out = np.asarray(generated[-max_n:], np.int64)
+    for n in range(min(max_n, len(out), len(pred)), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(pred, n)
+        hits = np.flatnonzero((windows == out[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[np.argmin(np.abs(hits + n - len(generated)))]) + n
+            return [int(t) for t in pred[start:start + k]]
+    return []
+
+
 @dataclasses.dataclass(frozen=True)
 class Speculation:
-    """What the engine speculates with: ``method`` ("ngram"), up to ``k`` draft tokens a row,
-    only in steps of at most ``max_batch`` decode rows. ``propose`` overrides the method's
-    proposer (tests give ones that are always right or always wrong)."""
+    """What the engine speculates with: ``method`` ("ngram"; None: only requests that send a
+    prediction), up to ``k`` draft tokens a row, only in steps of at most ``max_batch`` decode
+    rows. A request's prediction (Predicted Outputs) is its proposer whatever the method.
+    ``propose`` overrides the method's proposer (tests give ones that are always right or
+    always wrong)."""
 
-    method: str = "ngram"
+    method: str | None = "ngram"
     k: int = 4
     max_batch: int = 4
     propose: Proposer | None = None
 
     def __post_init__(self):
-        if self.method != "ngram":
+        if self.method not in (None, "ngram"):
             raise ValueError(f"--speculative-algorithm {self.method!r}: only 'ngram' is implemented")
         if not 1 <= self.k <= 16:
             raise ValueError(f"--speculative-num-draft-tokens {self.k}: 1 to 16")
@@ -75,11 +98,11 @@ class Speculation:
     def describe(self) -> str:
         return f"speculative decoding: {self.method}, up to {self.k} draft tokens, in steps of <= {self.max_batch} rows"
 
-    @staticmethod
-    def eligible(seq: Sequence) -> bool:
+    def eligible(self, seq: Sequence) -> bool:
         p = seq.params
-        return (seq.matcher is None and p.repetition_penalty == 1 and p.presence_penalty == 0
-                and p.frequency_penalty == 0 and p.embed is None and p.speculative)
+        return ((self.method is not None or bool(p.prediction)) and seq.matcher is None
+                and p.repetition_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0
+                and p.embed is None and p.speculative)
 
     def drafts(self, seq: Sequence, room: int) -> list[int]:
         """Draft tokens for ``seq``'s next step: at most k, at most ``room`` (positions left in
@@ -88,5 +111,7 @@ class Speculation:
         limit = min(self.k, room, seq.max_tokens - len(seq.generated) - 1)
         if limit <= 0 or not self.eligible(seq):
             return []
+        if seq.params.prediction:
+            return propose_from_prediction(seq.generated, seq.params.prediction, limit)
         propose = self.propose or propose_ngram
         return list(propose(seq.tokens(0, seq.length), limit))[:limit]

@@ -116,6 +116,9 @@ def prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
         r = reasoning()
         params = dataclasses.replace(params, grammar=grammar,
                                      grammar_after=ReasoningParser.end if r is not None and not r.done else None)
+    if data.prediction is not None:
+        params = dataclasses.replace(params, prediction=tuple(
+            engine.tokenizer.encode(data.prediction.text(), add_special_tokens=False)))
     engine.check_prompt(len(prompt_ids), params)
     engine.check_capacity(data.n)
     return ChatRun(engine, prompt_ids, params, plan, [Answer(plan, reasoning()) for _ in range(data.n)])

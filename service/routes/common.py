@@ -162,9 +162,13 @@ def usage(finals: list[Output], n: int = 1) -> p.Usage:
     per_prompt = finals[::n]
     prompt = sum(o.prompt_tokens for o in per_prompt)
     completion = sum(o.completion_tokens for o in finals)
-    return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=p.PromptTokensDetails(
-                       cached_tokens=sum(o.cached_tokens for o in per_prompt)))
+    out = p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                  prompt_tokens_details=p.PromptTokensDetails(cached_tokens=sum(o.cached_tokens for o in per_prompt)))
+    predicted = [o.prediction_tokens for o in finals if o.prediction_tokens is not None]
+    if predicted:
+        out.completion_tokens_details = p.CompletionTokensDetails(
+            accepted_prediction_tokens=sum(a for a, _ in predicted), rejected_prediction_tokens=sum(r for _, r in predicted))
+    return out
 
 
 async def fan_in(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int = 1,
