@@ -203,20 +203,31 @@ def _load_engine(args, max_batch_size: int, warmup: bool):
             verb = "runs" if len(kernel_only) == 1 else "run"
             raise CLIError(f"{' and '.join(kernel_only)} {verb} on the native CPU kernels only: one CPU "
                            "device, no --tp/--dp, a C++ compiler, XLASERVE_CPU_KERNELS not 0") from None
-    speculation = None
-    if getattr(args, "speculative_algorithm", None):
+    speculation = draft = None
+    algorithm = getattr(args, "speculative_algorithm", None)
+    if (algorithm == "draft") != bool(getattr(args, "speculative_draft_model", None)):
+        raise CLIError("--speculative-algorithm draft and --speculative-draft-model go together")
+    if algorithm == "draft":
+        if args.nnodes > 1:
+            raise CLIError("--speculative-algorithm draft runs on one process (--nnodes 1)")
+        draft = (args.speculative_draft_model, args.speculative_draft_quantize)
+    if algorithm:
         from service.engine.speculate import Speculation
 
-        try:
-            speculation = Speculation(args.speculative_algorithm, args.speculative_num_draft_tokens,
-                                      args.speculative_max_batch)
+        try:  # checked now, before the model loads (a draft's own check comes with its runner)
+            speculation = Speculation("ngram", args.speculative_num_draft_tokens, args.speculative_max_batch)
         except ValueError as e:
             raise CLIError(str(e)) from None
     checkpoint, name, (slots, blocks) = _model_and_slots(args, max_batch_size)
-    engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
-                          max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,
-                          quantize=quantize, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
-                          num_blocks=blocks, speculation=speculation)
+    from service.models import DraftError
+
+    try:
+        engine = build_engine(checkpoint, slots, args.session_len, dtype=args.dtype, warmup=warmup,
+                              max_queue=getattr(args, "max_queue", 256), tp=args.tp, dp=args.dp,
+                              quantize=quantize, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+                              num_blocks=blocks, speculation=speculation, draft=draft)
+    except DraftError as e:
+        raise CLIError(str(e)) from None
     return engine, name
 
 
@@ -481,10 +492,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32,
                    help="positions per KV cache block, a multiple of 16 (default 32): the unit of "
                         "allocation and of prefix-cache sharing")
-    p.add_argument("--speculative-algorithm", choices=["ngram"], default=None,
+    p.add_argument("--speculative-algorithm", choices=["ngram", "draft"], default=None,
                    help="speculative decoding: ngram proposes what followed the latest earlier "
-                        "occurrence of the last 1-4 tokens in the prompt and output; each step checks "
-                        "the proposals in one call (outputs unchanged, greedy and seeded)")
+                        "occurrence of the last 1-4 tokens in the prompt and output, draft what a "
+                        "smaller model writes; each step checks the proposals in one call (outputs "
+                        "unchanged, greedy and seeded)")
+    p.add_argument("--speculative-draft-model", default=None,
+                   help="with --speculative-algorithm draft: the draft model (converted dir, HF dir or "
+                        ".gguf, with the served model's tokenizer), or 'same' for the served model itself "
+                        "(with --speculative-draft-quantize)")
+    p.add_argument("--speculative-draft-quantize", choices=["int8", "w8a8"], default=None,
+                   help="quantize the draft model's weights (CPU kernels)")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=4,
                    help="proposed tokens checked per step and sequence, 1 to 16 (default 4)")
     p.add_argument("--speculative-max-batch", type=int, default=4,

@@ -137,20 +137,42 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
     return runner, tokenizer
 
 
+class DraftError(ValueError):
+    """The draft model of speculative decoding cannot serve with the target (one line)."""
+
+
 def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
                  dtype: str | None = None, max_queue: int = 256, warmup: bool = True,
                  tp: int = 1, dp: int = 1, quantize: str | None = None,
                  kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None,
-                 speculation=None):
+                 speculation=None, draft: tuple | None = None):
     """``build_runner``, compile every step shape, start the engine thread. ``num_blocks``:
     the KV pool's blocks per data replica (default: a whole session per slot);
-    ``speculation``: ``service.engine.speculate.Speculation``, or None."""
+    ``speculation``: ``service.engine.speculate.Speculation``, or None; ``draft``: (MODEL
+    argument or "same", quantize) of a draft model, which then proposes (its K and batch
+    threshold those of ``speculation``). Raises ValueError when the draft cannot serve."""
     import time
 
     from service.engine import Engine
 
     runner, tokenizer = build_runner(checkpoint, max_batch_size, session_len, dtype, tp, dp, quantize,
                                      kv_cache_dtype, block_size, num_blocks)
+    draft_runner = None
+    if draft is not None:
+        import dataclasses
+
+        from service.engine.draft import DraftModel
+
+        source, draft_quantize = draft
+        try:
+            draft_checkpoint, draft_name = (checkpoint, "same") if source == "same" else resolve(source, dtype)
+            draft_runner, _ = build_runner(draft_checkpoint, max_batch_size, runner.session_len, dtype, tp, dp,
+                                           draft_quantize, kv_cache_dtype, block_size, runner.num_blocks)
+            model = DraftModel(draft_runner, f"{draft_name}{f' ({draft_quantize})' if draft_quantize else ''}")
+            model.check(runner)
+        except (ModelSourceError, ValueError) as e:
+            raise DraftError(f"--speculative-draft-model {source}: {e}") from None
+        speculation = dataclasses.replace(speculation, method="draft", draft=model)
     if warmup:
         t0 = time.monotonic()
 
@@ -163,6 +185,8 @@ def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
         spec = speculation or Speculation(method=None)
         verify_tokens = min(spec.max_batch, max_batch_size) * (spec.k + 1)
         runner.warmup(progress, verify_tokens=verify_tokens)
+        if draft_runner is not None:
+            draft_runner.warmup()
         log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
                  runner.compiled_variants())
     engine = Engine(runner, tokenizer, max_queue=max_queue, speculation=speculation)

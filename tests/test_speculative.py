@@ -249,3 +249,41 @@ def test_chat_prediction_over_http_reports_accepted_and_rejected_tokens(default_
             assert r.status_code == 400 and r.json()["error"]["param"] == "prediction"
     finally:
         engine.stop()
+
+
+# -- a draft model -----------------------------------------------------------------------------
+
+
+def draft_for(tiny, tokenizer, params=None):
+    from service.engine.draft import DraftModel
+
+    cfg, target_params = tiny
+    runner = ModelRunner(cfg, params if params is not None else target_params, max_batch_size=4, session_len=128,
+                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32, block_size=16)
+    return DraftModel(runner, "test")
+
+
+def test_a_draft_model_never_changes_tokens(tiny, tokenizer):
+    """The target as its own draft (every greedy draft accepted), and a random draft model (its
+    drafts all but never accepted): greedy and seeded tokens in one batch are plain decoding's."""
+    cfg, _ = tiny
+    base = prompt(9, 50)
+    jobs = [(base + base[:4], GREEDY), (prompt(7, 51), SEEDED), (prompt(40, 52), dataclasses.replace(GREEDY, max_tokens=9))]
+    plain, _ = generate(tiny, tokenizer, jobs)
+    same = draft_for(tiny, tokenizer)
+    got, engine = generate(tiny, tokenizer, jobs, Speculation("draft", k=4, draft=same))
+    assert [g[0] for g in got] == [p[0] for p in plain]
+    st = engine.stats
+    assert st.spec_drafted > 0 and st.spec_rows < st.generation_tokens - len(jobs)
+    greedy_only, _ = generate(tiny, tokenizer, jobs[:1] + jobs[2:], Speculation("draft", k=4, draft=same))
+    assert [g[0] for g in greedy_only] == [plain[0][0], plain[2][0]]
+    other = draft_for(tiny, tokenizer, init_params(cfg, seed=9, scale=0.5))
+    got, engine = generate(tiny, tokenizer, jobs, Speculation("draft", k=4, draft=other))
+    assert [g[0] for g in got] == [p[0] for p in plain]
+    assert engine.stats.spec_drafted > 0 and engine.stats.spec_accepted <= engine.stats.spec_drafted // 10
+
+
+def test_the_target_as_its_own_draft_has_every_greedy_draft_accepted(tiny, tokenizer):
+    jobs = [(prompt(11, 53), GREEDY)]
+    _, engine = generate(tiny, tokenizer, jobs, Speculation("draft", k=4, draft=draft_for(tiny, tokenizer)))
+    assert engine.stats.spec_accepted == engine.stats.spec_drafted > 0

@@ -3,6 +3,7 @@ repeat the prompt (hits: copy a passage, edit code) and one whose answers do not
 story), with the acceptance rate.
 
     python tools/bench_spec.py [MODEL] [--quantize w8a8] [--k 4] [--repeat 3] [--streams 1]
+    python tools/bench_spec.py --draft same --draft-quantize w8a8    # a draft model instead of ngram
 
 One runner serves both modes in turn (the same compiled steps), greedy, each prompt --repeat
 times; medians are reported. With --streams N each prompt runs as N concurrent copies (the
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--draft", default=None, help="a draft model (MODEL argument, or same) instead of ngram")
+    ap.add_argument("--draft-quantize", choices=["int8", "w8a8"], default=None)
     args = ap.parse_args(argv)
 
     from model.chat_template import render
@@ -78,11 +81,21 @@ def main(argv=None) -> int:
     runner, tokenizer = build_runner(checkpoint, args.streams, 1024, quantize=args.quantize)
     spec = Speculation(k=args.k, max_batch=args.streams)
     runner.warmup(verify_tokens=args.streams * (spec.k + 1))
+    mode = "ngram"
+    if args.draft:
+        from service.engine.draft import DraftModel
+
+        source = checkpoint if args.draft == "same" else resolve(args.draft)[0]
+        draft_runner, _ = build_runner(source, args.streams, 1024, quantize=args.draft_quantize,
+                                       num_blocks=runner.num_blocks)
+        draft_runner.warmup()
+        spec = Speculation("draft", k=args.k, max_batch=args.streams, draft=DraftModel(draft_runner, args.draft))
+        mode = "draft"
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     print(f"{name}, {args.quantize or runner.cfg.dtype}, {args.streams} stream(s), greedy, up to {args.max_tokens} tokens, "
           f"K={args.k}, {args.repeat} runs each")
     plain = {}
-    for mode, speculation in (("plain", None), ("ngram", spec)):
+    for mode, speculation in (("plain", None), (mode, spec)):
         engine = Engine(runner, tokenizer, speculation=speculation)
         engine.start()
         try:

@@ -202,6 +202,8 @@ class Engine:
                 inflight = (seqs, handle)
             else:
                 self.outputs.on_tokens(seqs, *self.runner.fetch(handle))
+        if inflight is None and self.speculation is not None and self.speculation.draft is not None:
+            self._draft()
         plan = self.scheduler.schedule(inflight[0] if inflight else None)
         if not plan:
             return
@@ -216,6 +218,31 @@ class Engine:
         if inflight:  # read while the device runs the step queued on it
             self.outputs.on_tokens(inflight[0], *self.runner.fetch(inflight[1]))
         self.outputs.on_prefilled(plan, results)
+
+    def _draft(self) -> None:
+        """Ask the draft model for the next step's proposals of the rows that may speculate,
+        each with blocks for its drafts' KV where the pool has them free."""
+        spec = self.speculation
+        live = self.scheduler.decodable()
+        if not live or len(live) > spec.max_batch:
+            return
+        rows, limits = [], []
+        for s in live:
+            limit = min(spec.k, self.max_length - s.length, s.max_tokens - len(s.generated) - 1)
+            if limit <= 0 or not spec.eligible(s) or s.params.prediction:
+                continue
+            # Blocks for the drafts only while a block per decode row stays free (drafts never
+            # cause a preemption); else the drafts the row's blocks already cover.
+            need = self.blocks.blocks_for(s.length + limit) - len(self.blocks.held[s.slot].blocks)
+            if need > 0 and self.blocks.num_free(s.slot) - need < len(live):
+                limit = min(limit, self.blocks.covered(s.slot) - s.length)
+            elif need > 0:
+                self.blocks.allocate(s.slot, s.length + limit)
+            if limit > 0:
+                rows.append(s)
+                limits.append(limit)
+        if rows:
+            spec.draft.propose(rows, limits, self.blocks.tables.copy())
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -29,7 +29,7 @@ weights and checking drafts costs more than it saves.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -86,17 +86,23 @@ class Speculation:
     k: int = 4
     max_batch: int = 4
     propose: Proposer | None = None
+    # method "draft": the model proposing (``service.engine.draft.DraftModel``); the engine asks
+    # it before each step and ``drafts`` hands each row its proposal.
+    draft: Any = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
-        if self.method not in (None, "ngram"):
-            raise ValueError(f"--speculative-algorithm {self.method!r}: only 'ngram' is implemented")
+        if self.method not in (None, "ngram", "draft"):
+            raise ValueError(f"--speculative-algorithm {self.method!r}: ngram or draft")
+        if (self.method == "draft") != (self.draft is not None):
+            raise ValueError("--speculative-algorithm draft needs --speculative-draft-model, and only it")
         if not 1 <= self.k <= 16:
             raise ValueError(f"--speculative-num-draft-tokens {self.k}: 1 to 16")
         if self.max_batch < 1:
             raise ValueError(f"--speculative-max-batch {self.max_batch}: at least 1")
 
     def describe(self) -> str:
-        return f"speculative decoding: {self.method}, up to {self.k} draft tokens, in steps of <= {self.max_batch} rows"
+        what = self.method if self.draft is None else f"draft model {self.draft.name}"
+        return f"speculative decoding: {what}, up to {self.k} draft tokens, in steps of <= {self.max_batch} rows"
 
     def eligible(self, seq: Sequence) -> bool:
         p = seq.params
@@ -113,5 +119,8 @@ class Speculation:
             return []
         if seq.params.prediction:
             return propose_from_prediction(seq.generated, seq.params.prediction, limit)
+        if self.method == "draft":
+            proposal, seq.proposal = seq.proposal or [], None
+            return proposal[:limit]
         propose = self.propose or propose_ngram
         return list(propose(seq.tokens(0, seq.length), limit))[:limit]
