@@ -197,7 +197,9 @@ def test_no_compiles_after_warm_up_with_speculation(tiny, tokenizer):
 def test_bad_speculation_settings_are_refused():
     with pytest.raises(ValueError, match="num-draft-tokens"):
         Speculation(k=0)
-    with pytest.raises(ValueError, match="only 'ngram'"):
+    with pytest.raises(ValueError, match="ngram or draft"):
+        Speculation(method="eagle")
+    with pytest.raises(ValueError, match="needs --speculative-draft-model"):
         Speculation(method="draft")
 
 
