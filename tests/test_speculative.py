@@ -289,3 +289,21 @@ def test_the_target_as_its_own_draft_has_every_greedy_draft_accepted(tiny, token
     jobs = [(prompt(11, 53), GREEDY)]
     _, engine = generate(tiny, tokenizer, jobs, Speculation("draft", k=4, draft=draft_for(tiny, tokenizer)))
     assert engine.stats.spec_accepted == engine.stats.spec_drafted > 0
+
+
+def test_cli_draft_settings_that_cannot_serve_are_one_line_errors(default_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cases = ((["--speculative-algorithm", "draft"], "--speculative-algorithm draft and --speculative-draft-model go together"),
+             (["--speculative-algorithm", "draft", "--speculative-draft-model", str(tmp_path / "none")],
+              "no such file or directory"))
+    for extra, message in cases:
+        p = subprocess.run([sys.executable, "-m", "service.cli", "generate", "--prompt", "x", *extra],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1, p.stderr[-2000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("xlaserve: error: ") and message in last, last
+        assert "Traceback" not in p.stderr
