@@ -171,11 +171,20 @@ def test_steps_above_the_batch_threshold_do_not_speculate(tiny, tokenizer):
     assert engine.stats.spec_rows <= 2 * 30
 
 
-def test_no_compiles_after_warm_up_with_speculation(tiny, tokenizer):
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_no_compiles_after_warm_up_with_speculation(tiny, tokenizer, method):
+    from service.engine.draft import DraftModel
+
     cfg, params = tiny
-    spec = Speculation(k=4, max_batch=2, propose=always_wrong)
     runner = ModelRunner(cfg, params, max_batch_size=2, session_len=128, eos_ids=tokenizer.eos_ids,
                          max_prefill_chunk=32, block_size=16)
+    if method == "draft":
+        draft = ModelRunner(cfg, init_params(cfg, seed=9, scale=0.5), max_batch_size=2, session_len=128,
+                            eos_ids=tokenizer.eos_ids, max_prefill_chunk=32, block_size=16)
+        draft.warmup()
+        spec = Speculation("draft", k=4, max_batch=2, draft=DraftModel(draft, "random"))
+    else:
+        spec = Speculation(k=4, max_batch=2, propose=always_wrong)
     runner.warmup(verify_tokens=2 * (spec.k + 1))
     engine = Engine(runner, tokenizer, speculation=spec)
     before = compile_count()
@@ -256,27 +265,33 @@ def test_chat_prediction_over_http_reports_accepted_and_rejected_tokens(default_
 # -- a draft model -----------------------------------------------------------------------------
 
 
-def draft_for(tiny, tokenizer, params=None):
+def draft_for(tiny, tokenizer, params=None, backend=None):
     from service.engine.draft import DraftModel
 
     cfg, target_params = tiny
     runner = ModelRunner(cfg, params if params is not None else target_params, max_batch_size=4, session_len=128,
-                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32, block_size=16)
+                         eos_ids=tokenizer.eos_ids, max_prefill_chunk=32, block_size=16, backend=backend)
     return DraftModel(runner, "test")
 
 
-def test_a_draft_model_never_changes_tokens(tiny, tokenizer):
+@pytest.mark.parametrize("backend", ["default", "xla"])
+def test_a_draft_model_never_changes_tokens(tiny, tokenizer, backend):
     """The target as its own draft (every greedy draft accepted), and a random draft model (its
     drafts all but never accepted): greedy and seeded tokens in one batch are plain decoding's."""
+    from model.backends.xla import Xla
+
+    make = (lambda: Xla()) if backend == "xla" else (lambda: None)
     cfg, _ = tiny
     base = prompt(9, 50)
     jobs = [(base + base[:4], GREEDY), (prompt(7, 51), SEEDED), (prompt(40, 52), dataclasses.replace(GREEDY, max_tokens=9))]
-    plain, _ = generate(tiny, tokenizer, jobs)
-    same = draft_for(tiny, tokenizer)
-    got, engine = generate(tiny, tokenizer, jobs, Speculation("draft", k=4, draft=same))
+    plain, _ = generate(tiny, tokenizer, jobs, backend=make())
+    same = draft_for(tiny, tokenizer, backend=make())
+    got, engine = generate(tiny, tokenizer, jobs, Speculation("draft", k=4, draft=same), backend=make())
     assert [g[0] for g in got] == [p[0] for p in plain]
     st = engine.stats
     assert st.spec_drafted > 0 and st.spec_rows < st.generation_tokens - len(jobs)
+    if backend == "xla":
+        return
     greedy_only, _ = generate(tiny, tokenizer, jobs[:1] + jobs[2:], Speculation("draft", k=4, draft=same))
     assert [g[0] for g in greedy_only] == [plain[0][0], plain[2][0]]
     other = draft_for(tiny, tokenizer, init_params(cfg, seed=9, scale=0.5))
