@@ -322,3 +322,37 @@ def test_cli_draft_settings_that_cannot_serve_are_one_line_errors(default_checkp
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith("xlaserve: error: ") and message in last, last
         assert "Traceback" not in p.stderr
+
+
+def test_joins_and_leaves_with_speculation_equal_one_at_a_time(tiny, tokenizer):
+    """The engine's batch-invariance check with speculation on: requests arriving one after
+    another into fewer slots than requests (some wait, rows join and leave verify calls) give
+    the tokens each gives alone without speculation."""
+    reqs = [(prompt(5, 61), 20), (prompt(40, 62), 6), (prompt(17, 63), 30), (prompt(3, 64), 12), (prompt(9, 65), 8)]
+    greedy = lambda n: dataclasses.replace(GREEDY, max_tokens=n)  # noqa: E731
+    solo = [generate(tiny, tokenizer, [(ids, greedy(n))])[0][0][0] for ids, n in reqs]
+    cfg, params = tiny
+    runner = _runners[(id(params), "NoneType")]
+    jobs = [(ids, greedy(n)) for ids, n in reqs]
+    half_right = oracle_for([(t, None, None) for t in solo], jobs)
+
+    def propose(tokens, k):  # right for some rows, wrong for the others
+        return half_right(tokens, k) if len(tokens) % 2 else always_wrong(tokens, k)
+
+    engine = Engine(runner, tokenizer, speculation=Speculation(k=4, propose=propose))
+
+    async def staggered():
+        async def one(ids, p):
+            return [t async for out in engine.generate(ids, p) for t in out.token_ids]
+        tasks = []
+        for ids, p in jobs:
+            tasks.append(asyncio.create_task(one(ids, p)))
+            await asyncio.sleep(0.05)
+        return [await t for t in tasks]
+
+    engine.start()
+    try:
+        assert asyncio.run(staggered()) == solo
+    finally:
+        engine.stop()
+    assert engine.stats.spec_accepted > 0 and engine.stats.spec_drafted > engine.stats.spec_accepted
