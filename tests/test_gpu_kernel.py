@@ -100,7 +100,7 @@ def test_kernel_reads_each_rows_own_data_replica():
     rng = np.random.default_rng(1)
     k_pool, v_pool = pools(rng, 2, 30, 16, 2, 16, jnp.float32)
     tables = np.concatenate([shuffled_tables(rng, 4, 4, 30), shuffled_tables(rng, 4, 4, 30)])
-    rows, positions = flat_call([(r, 0, 1) for r in ()] + [(r, 5 * r + 3, 1) for r in range(8)], 8, 64, pad=0)
+    rows, positions = flat_call([(r, 5 * r + 3, 1) for r in range(8)], 8, 64, pad=0)
     q = jnp.asarray(rng.standard_normal((8, 4, 16)), jnp.float32)
     spec = AttentionSpec(scale=0.25)
     got = ragged_paged_attention(q, k_pool, v_pool, jnp.asarray(rows), jnp.asarray(positions), jnp.asarray(tables),
