@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from model.backends import Backend
+from model.backends import Backend, layer_tables
 from model.backends.xla import Xla
 from model.config import ModelConfig
 from model.layers import attention, mlp, moe, rms_norm, rope_cos_sin, uses_local_rope
@@ -48,7 +48,7 @@ def forward(
     backend: Backend = XLA,
     rope: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
     live: jax.Array | None = None,
-    tables: jax.Array | None = None,  # (slots, max blocks) int32; None: identity_tables of the pool
+    tables: jax.Array | None = None,  # (slots, max blocks) int32 (or (2, ...): layer_tables); None: identity
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
@@ -80,7 +80,7 @@ def forward(
         cos, sin = ropes[1 if uses_local_rope(cfg, i) else 0]
         with jax.named_scope("attention"):
             h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, positions, kv,
-                              rows, span, backend, live, cfg.attention_spec(i), tables)
+                              rows, span, backend, live, cfg.attention_spec(i), layer_tables(tables, cfg, i))
         if cfg.post_norms:  # Gemma: each block's output normed before the residual add
             h = rms_norm(h, layer["post_attn_norm"], eps)
         x = x + h

@@ -75,9 +75,12 @@ def _follow(args, max_batch_size: int) -> None:
 CPU_SESSIONS, CPU_MAX_FRACTION = 6, 0.1
 
 
-def _size_cache(args, cfg) -> int:
+def _size_cache(args, cfg, slots: int) -> int:
     """Blocks of one data replica's KV pool: --cache-max-entry-count of free memory (a
-    fraction up to 1) or tokens (above 1); on CPU by default CPU_SESSIONS whole sessions."""
+    fraction up to 1) or tokens (above 1); on CPU by default CPU_SESSIONS whole sessions.
+    A model with sliding-window layers gives them a pool of their own, sized for ``slots``
+    sequences' windows (``window_pool_blocks``); a memory fraction's rest goes to the
+    full-attention layers' pool, which then holds more tokens."""
     import dataclasses
 
     import jax
@@ -103,6 +106,7 @@ def _size_cache(args, cfg) -> int:
             tokens = min(CPU_SESSIONS * args.session_len, int(CPU_MAX_FRACTION * available / per_token))
         else:
             tokens = int((0.8 if count is None else count) * available / per_token)
+            tokens = _window_rest(cfg, tokens, slots, args)
     blocks = tokens // args.block_size
     if blocks < 1:
         raise CLIError(f"--cache-max-entry-count {count} leaves no room for one block of "
@@ -112,6 +116,22 @@ def _size_cache(args, cfg) -> int:
         log.warning("the KV cache holds %d tokens, less than --session-len %d: no sequence grows past it",
                     blocks * args.block_size, args.session_len)
     return blocks
+
+
+def _window_rest(cfg, tokens: int, slots: int, args) -> int:
+    """Tokens the full-attention layers' pool holds when a budget of ``tokens`` positions of
+    every layer is shared with the sliding-window layers' own pool (``tokens`` when there is
+    none)."""
+    from service.engine.runner import window_pool_blocks
+
+    windowed = sum(map(cfg.is_sliding, range(cfg.num_layers)))
+    session = args.session_len or min(cfg.max_context, 4096)
+    own = window_pool_blocks(cfg.sliding_window, slots, args.block_size, session) * args.block_size if windowed else 0
+    if not windowed or own >= tokens:
+        return tokens
+    if windowed == cfg.num_layers:  # no layer reads the first pool's KV: it only keeps account
+        return slots * session
+    return tokens + (tokens - own) * windowed // (cfg.num_layers - windowed)
 
 
 def _available_memory() -> float:
@@ -154,11 +174,11 @@ def _slots(args, cfg) -> tuple[int, int]:
         raise CLIError(f"--block-size {args.block_size}: a multiple of 16 positions")
     if args.max_batch_size < 1:
         raise CLIError(f"--max-batch-size {args.max_batch_size}: at least 1")
-    blocks = _size_cache(args, cfg)
     slots = args.max_batch_size
     if slots % args.dp:  # each data replica holds the same number of slots
         slots = max(args.dp, slots - slots % args.dp)
         log.warning("using %d decode slots, a multiple of --dp %d", slots, args.dp)
+    blocks = _size_cache(args, cfg, slots // args.dp)
     if jax.process_count() > 1:  # every process must size its state alike: process 0 decides
         import numpy as np
         from jax.experimental import multihost_utils

@@ -95,15 +95,17 @@ def generation_defaults(checkpoint: Path, source: str = "auto"):
 
 def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
                  dtype: str | None = None, tp: int = 1, dp: int = 1, quantize: str | None = None,
-                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None):
+                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None,
+                 window_pool: bool = True):
     """Load params (straight into their shardings when tp * dp > 1) and tokenizer and size
     the device state. On a mesh spanning processes every process calls this alike. Raises
-    sharding.MeshError when the devices do not fit tp x dp."""
+    sharding.MeshError when the devices do not fit tp x dp. ``window_pool``: sliding-window
+    layers get a pool of their own, where that makes them hold less (``window_pool_blocks``)."""
     import jax
 
     from model.checkpoint import load_config, load_params
     from model.tokenizer import Tokenizer
-    from service.engine.runner import ModelRunner
+    from service.engine.runner import ModelRunner, window_pool_blocks
 
     cfg = load_config(checkpoint)
     if not dtype and cfg.dtype == "float32" and jax.default_backend() == "gpu":
@@ -131,9 +133,10 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
     session_len = session_len or min(cfg.max_context, 4096)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
+    window_blocks = window_pool_blocks(cfg.sliding_window, max_batch_size // dp, block_size, session_len)
     runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos), plan=plan,
                          channel=channel, quantize=quantize, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
-                         num_blocks=num_blocks)
+                         num_blocks=num_blocks, window_blocks=window_blocks if window_pool else 0)
     return runner, tokenizer
 
 
@@ -166,8 +169,11 @@ def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
         source, draft_quantize = draft
         try:
             draft_checkpoint, draft_name = (checkpoint, "same") if source == "same" else resolve(source, dtype)
+            # The draft reads the target's first group of tables only (a window group's blocks
+            # before a window are gone, and a new sequence's draft catches up from position 0).
             draft_runner, _ = build_runner(draft_checkpoint, max_batch_size, runner.session_len, dtype, tp, dp,
-                                           draft_quantize, kv_cache_dtype, block_size, runner.num_blocks)
+                                           draft_quantize, kv_cache_dtype, block_size, runner.num_blocks,
+                                           window_pool=False)
             model = DraftModel(draft_runner, f"{draft_name}{f' ({draft_quantize})' if draft_quantize else ''}")
             model.check(runner)
         except (ModelSourceError, ValueError) as e:

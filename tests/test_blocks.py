@@ -99,3 +99,91 @@ def test_replicas_have_their_own_pools_and_block_ids():
     assert sorted(m.tables[0, :2]) == sorted(m.tables[2, :2]) == [0, 1]
     with pytest.raises(ValueError):
         m.attach(3, m.detach(0), 8)  # blocks never move between replicas
+
+
+# -- the sliding-window layers' group ----------------------------------------------------------
+
+
+def windowed(blocks=16, size=4, slots=4, max_blocks=12, window=6, window_blocks=8):
+    return BlockManager(blocks, size, slots, max_blocks, window=window, window_blocks=window_blocks)
+
+
+def live(m, slot):
+    """The window group's blocks a slot's table names."""
+    return [int(b) for b in m.window_tables[slot] if b != NO_BLOCK]
+
+
+def test_window_blocks_before_the_next_querys_window_go_back_to_the_pool():
+    m = windowed()  # window 6, blocks of 4: a query at p reads p-5 .. p
+    assert m.allocate(0, 40) is False  # 10 blocks of each group wanted, the window pool has 8
+    for length in range(1, 41):  # decoding one position at a time
+        m.slide(0, length - 1)
+        assert m.allocate(0, length)
+        held = live(m, 0)
+        # At most the blocks a window of 6 can touch (3 of 4, as 3..8 does), whatever the
+        # length; the first group keeps every position.
+        assert len(held) <= -(-(6 - 1) // 4) + 1, (length, held)
+        assert m.held[0].window[:m.window_front(length - 1)] == [NO_BLOCK] * m.window_front(length - 1)
+        assert len(m.held[0].blocks) == -(-length // 4)
+    assert m.window_used_blocks() == len(live(m, 0)) and m.used_blocks() == 10
+    m.free(0)
+    assert m.window_used_blocks() == 0 and m.used_blocks() == 0 and (m.window_tables[0] == NO_BLOCK).all()
+
+
+def test_a_dry_window_pool_refuses_growth_though_the_first_pool_has_room():
+    m = windowed(blocks=16, window_blocks=3)
+    assert m.allocate(0, 12) and not m.can_allocate(1, 1) and not m.allocate(1, 1)
+    assert m.used_blocks() == 3 and m.room(1, 0) == 0
+    m.slide(0, 11)  # a query at 11 reads 6..11: block 0 goes back
+    assert m.can_allocate(1, 4) and m.room(1, 0) == 4
+
+
+def test_a_prefix_hit_takes_the_window_blocks_its_next_query_reads_and_stops_where_they_are_gone():
+    m = windowed(window_blocks=12)
+    prompt = list(range(20, 41))  # 21 tokens: 5 full blocks
+    m.allocate(0, 21)
+    m.commit(0, prompt, 21)
+    # A second sequence hits 5 blocks (20 positions): its next query at 20 reads 15..20, so of
+    # the window group only blocks 3 and 4, shared; blocks 0-2 of that group are not taken.
+    assert m.match_prefix(1, prompt + [1], limit=21) == 20
+    assert list(m.tables[1, :5]) == list(m.tables[0, :5])
+    assert m.held[1].window[:3] == [NO_BLOCK] * 3 and m.held[1].window[3:] == m.held[0].window[3:5]
+    # Both finish; new KV then evicts the window group's block 4 (the least recently used of
+    # the cached ones: freed last first) but not the first group's. A third sequence's hit
+    # stops at 16 positions, whose next query reads blocks 2 and 3 of the window group.
+    m.free(1)
+    m.free(0)
+    hashes = [b""]
+    for i in range(5):
+        hashes.append(chain_hash(hashes[-1], prompt[4 * i:4 * i + 4]))
+    assert m.allocate(2, 4 * 8)
+    assert m.window_pools[0].lookup(hashes[5]) is None and m.pools[0].lookup(hashes[5]) is not None
+    m.free(2)
+    assert m.match_prefix(3, prompt + [1], limit=21) == 16
+    assert m.held[3].window[:2] == [NO_BLOCK] * 2 and NO_BLOCK not in m.held[3].window[2:4]
+    assert len(m.held[3].blocks) == 4
+
+
+def test_a_session_keeps_its_window_blocks_or_recomputes_when_they_are_gone():
+    m = windowed()
+    tokens = list(range(30))
+    m.allocate(0, 30)
+    m.commit(0, tokens, 30)
+    m.slide(0, 30)
+    held = m.detach(0)
+    assert m.attach(1, held, 30) == 30  # the next turn starts at 30: its window is held
+    assert list(m.window_tables[1, :8]) == held.window[:8]
+    # An edit earlier in the history: a query at 8 would read blocks given back already.
+    again = m.detach(1)
+    assert m.attach(2, again, 8) == 0
+    assert m.used_blocks() == 0 and m.window_used_blocks() == 0
+
+
+def test_trimmed_drafts_give_back_both_groups_blocks():
+    m = windowed()
+    m.allocate(0, 9)
+    m.commit(0, list(range(9)), 9)
+    m.allocate(0, 17)  # drafts' positions
+    m.trim(0, 10)
+    assert len(m.held[0].blocks) == len(m.held[0].window) == 3
+    assert m.used_blocks() == 3 and m.window_used_blocks() == 3

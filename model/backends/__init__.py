@@ -88,13 +88,18 @@ class Backend(abc.ABC):
         return 2 * cfg.num_layers * cfg.num_kv_heads * self.cache_head_size(cfg.head_dim, storage) * storage.itemsize
 
     def init_cache(self, cfg: ModelConfig, num_blocks: int, block_size: int, storage: Any = None,
-                   replicas: int = 1) -> list:
+                   replicas: int = 1, window_blocks: int = 0) -> list:
         """Per-layer (k, v) block pools, each (replicas, num_blocks + 1, block_size, K, entries
         per head): every data replica its own pool and block ids, and its own last block for
-        padding's writes (never in a table)."""
+        padding's writes (never in a table). ``window_blocks``: the sliding-window layers'
+        pools have that many blocks instead (their own group of tables: ``layer_tables``)."""
         storage = jnp.dtype(storage or self.cache_dtype(cfg))
-        shape = (replicas, num_blocks + 1, block_size, cfg.num_kv_heads, self.cache_head_size(cfg.head_dim, storage))
-        return [(jnp.zeros(shape, storage), jnp.zeros(shape, storage)) for _ in range(cfg.num_layers)]
+        rest = (block_size, cfg.num_kv_heads, self.cache_head_size(cfg.head_dim, storage))
+        pools = []
+        for i in range(cfg.num_layers):
+            shape = (replicas, (window_blocks if window_blocks and cfg.is_sliding(i) else num_blocks) + 1, *rest)
+            pools.append((jnp.zeros(shape, storage), jnp.zeros(shape, storage)))
+        return pools
 
     @abc.abstractmethod
     def write_kv(self, kv: tuple, k: jax.Array, v: jax.Array, rows: jax.Array | None,
@@ -115,6 +120,14 @@ class Backend(abc.ABC):
         """How many sequences' chunks one prefill call of ``bucket`` tokens attending up to
         ``span`` positions may pack."""
         return 1
+
+
+def layer_tables(tables: jax.Array, cfg: ModelConfig, layer: int) -> jax.Array:
+    """The block tables layer ``layer`` reads: ``tables`` (slots, max blocks), or of (2, slots,
+    max blocks) the second (the window group's) for a sliding-window layer, else the first."""
+    if tables.ndim == 2:
+        return tables
+    return tables[1 if cfg.is_sliding(layer) else 0]
 
 
 def flat_slots(tables: jax.Array, rows: jax.Array, positions: jax.Array, replicas: int, replica_blocks: int,

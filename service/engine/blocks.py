@@ -17,6 +17,17 @@ reusable (never full, so never hashed) are taken first.
 
 Only full blocks are shared: a sequence writes past its last shared block only, into blocks
 it owns alone, so shared KV is never overwritten (no copy-on-write is needed).
+
+A model with sliding-window layers has a second group of pools and tables for them (the
+window group: ``window``, ``window_blocks``): its layers never read a position more than
+``window - 1`` before their query, so a sequence's window blocks that lie wholly before the
+window of its next query are given back as it advances (``slide``); its table entries there
+are ``NO_BLOCK``. A sequence so holds at most its window and a block or two of window KV
+(plus a prefill chunk while one runs), whatever its length; the full-attention layers keep
+every position in the first group. Both groups' blocks of one table index hold the same
+tokens and are registered under the same hash; a prefix hit takes the first group's blocks
+of the prefix and the window group's blocks the next query's window covers, and is
+shortened until the window group still holds those.
 """
 
 from __future__ import annotations
@@ -43,6 +54,10 @@ class Held:
     replica: int = 0
     blocks: list[int] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)
+    # The window group's block per table index (as many as ``blocks``); ``NO_BLOCK`` before
+    # ``front``, where the window has moved past.
+    window: list[int] = dataclasses.field(default_factory=list)
+    front: int = 0
 
 
 class BlockPool:
@@ -73,6 +88,8 @@ class BlockPool:
         self.refs[block] += 1
 
     def release(self, block: int) -> None:
+        if block == NO_BLOCK:
+            return
         self.refs[block] -= 1
         if self.refs[block] == 0:
             self.free[block] = None
@@ -108,13 +125,16 @@ class BlockPool:
 
 
 class BlockManager:
-    """Block tables of ``slots`` table rows over ``replicas`` pools of ``num_blocks`` blocks.
+    """Block tables of ``slots`` table rows over ``replicas`` pools of ``num_blocks`` blocks
+    (and, with a ``window``, pools of ``window_blocks`` blocks for the sliding-window layers).
 
     Table row s (a decode slot) draws from the pool of replica ``s // (slots // replicas)``.
-    ``tables`` is the (slots, max_blocks) int32 array the device steps read.
+    ``tables`` is the (slots, max_blocks) int32 array of the first group, ``window_tables``
+    the window group's; ``device_tables`` is what the device steps read.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, slots: int, max_blocks: int, replicas: int = 1):
+    def __init__(self, num_blocks: int, block_size: int, slots: int, max_blocks: int, replicas: int = 1,
+                 window: int | None = None, window_blocks: int = 0):
         if block_size < 1 or num_blocks < 1:
             raise ValueError(f"a KV pool of {num_blocks} blocks of {block_size} positions holds nothing")
         if slots % replicas:
@@ -127,6 +147,10 @@ class BlockManager:
         self.pools = [BlockPool(num_blocks) for _ in range(replicas)]
         self.tables = np.full((slots, max_blocks), NO_BLOCK, np.int32)
         self.held = [Held(replica=s // (slots // replicas)) for s in range(slots)]
+        self.window = window if window and window_blocks else None
+        self.window_blocks = window_blocks if self.window else 0
+        self.window_pools = [BlockPool(window_blocks) for _ in range(replicas)] if self.window else []
+        self.window_tables = np.full((slots, max_blocks) if self.window else (0, 0), NO_BLOCK, np.int32)
         # Prefix cache accounting: full prompt blocks looked up, and found.
         self.queries = 0
         self.hits = 0
@@ -136,6 +160,10 @@ class BlockManager:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
+    def window_front(self, at: int) -> int:
+        """The first table index a query at position ``at`` (or later) reads in a window layer."""
+        return max(0, at + 1 - self.window) // self.block_size if self.window else 0
+
     @property
     def capacity(self) -> int:
         """Positions one replica's pool holds: the longest sequence that can ever fit."""
@@ -143,6 +171,9 @@ class BlockManager:
 
     def pool(self, slot: int) -> BlockPool:
         return self.pools[self.held[slot].replica]
+
+    def replica(self, slot: int) -> int:
+        return self.held[slot].replica
 
     def num_free(self, slot: int) -> int:
         return self.pool(slot).num_free
@@ -154,16 +185,50 @@ class BlockManager:
     def total_blocks(self) -> int:
         return self.num_blocks * self.replicas
 
+    def window_used_blocks(self) -> int:
+        return sum(p.num_blocks - p.num_free for p in self.window_pools)
+
+    def device_tables(self) -> np.ndarray:
+        """A copy of the tables a step runs over: (slots, max_blocks), or (2, slots,
+        max_blocks) with the window group's second."""
+        return np.stack([self.tables, self.window_tables]) if self.window else self.tables.copy()
+
     # -- a slot's table ------------------------------------------------------------------------
 
     def covered(self, slot: int) -> int:
         """Positions the slot's blocks can hold."""
         return len(self.held[slot].blocks) * self.block_size
 
+    def _needs(self, slot: int, tokens: int) -> tuple[int, int]:
+        """New blocks of each group the slot's table needs to hold ``tokens`` positions."""
+        more = max(0, self.blocks_for(tokens) - len(self.held[slot].blocks))
+        return more, more if self.window else 0
+
+    def _free(self, replica: int) -> tuple[int, int]:
+        return self.pools[replica].num_free, self.window_pools[replica].num_free if self.window else 0
+
     def can_allocate(self, slot: int, tokens: int) -> bool:
         """Whether the slot's table can grow to hold ``tokens`` positions now."""
-        need = self.blocks_for(tokens) - len(self.held[slot].blocks)
-        return need <= 0 or need <= self.pool(slot).num_free
+        return self.fits([(slot, tokens)])
+
+    def fits(self, wants: list[tuple[int, int]]) -> bool:
+        """Whether every (slot, tokens) of ``wants`` (distinct slots) can grow at once."""
+        need: dict[int, list[int]] = {}
+        for slot, tokens in wants:
+            n = need.setdefault(self.held[slot].replica, [0, 0])
+            for group, more in enumerate(self._needs(slot, tokens)):
+                n[group] += more
+        return all(a <= fa and b <= fb for r, (a, b) in need.items() for fa, fb in [self._free(r)])
+
+    def spare(self, slot: int, tokens: int) -> int:
+        """Blocks left free in the slot's pools (the lesser group) once it holds ``tokens``."""
+        pairs = zip(self._free(self.held[slot].replica), self._needs(slot, tokens))
+        return min(free - more for free, more in list(pairs)[:2 if self.window else 1])
+
+    def room(self, slot: int, start: int) -> int:
+        """Positions from ``start`` the slot can hold with its blocks and the free ones."""
+        free = min(self._free(self.held[slot].replica)[:2 if self.window else 1])
+        return self.covered(slot) + free * self.block_size - start
 
     def allocate(self, slot: int, tokens: int) -> bool:
         """Grow the slot's table to hold ``tokens`` positions; False (nothing taken) when the
@@ -175,7 +240,24 @@ class BlockManager:
             block = pool.take()
             self.tables[slot, len(held.blocks)] = block
             held.blocks.append(block)
+            if self.window:
+                block = self.window_pools[held.replica].take()
+                self.window_tables[slot, len(held.window)] = block
+                held.window.append(block)
         return True
+
+    def slide(self, slot: int, at: int) -> None:
+        """The slot's next query is at position ``at`` or later: give back its window blocks
+        that no window reaches any more (their hashes stay cached while they are free)."""
+        if not self.window:
+            return
+        held = self.held[slot]
+        front = min(self.window_front(at), len(held.window))
+        if front > held.front:
+            self._release_window(held.replica, held.window[held.front:front])
+            held.window[held.front:front] = [NO_BLOCK] * (front - held.front)
+            self.window_tables[slot, held.front:front] = NO_BLOCK
+            held.front = front
 
     def trim(self, slot: int, tokens: int) -> None:
         """Release the slot's blocks past the first ``tokens`` positions' (what speculative
@@ -186,10 +268,62 @@ class BlockManager:
             self._release(held.replica, held.blocks[n:])
             del held.blocks[n:]
             self.tables[slot, n:] = NO_BLOCK
+        if len(held.window) > n:
+            self._release_window(held.replica, held.window[n:])
+            del held.window[n:]
+            self.window_tables[slot, n:] = NO_BLOCK
+            held.front = min(held.front, n)
 
     def may_append(self, slot: int, length: int) -> bool:
         """Whether a decode step can write position ``length - 1`` (a new block if needed)."""
         return self.can_allocate(slot, length)
+
+    def _window_hits(self, held: Held, hashes: list[bytes], have: int) -> int:
+        """The most of ``hashes`` (the first ``have`` of them the slot's own blocks already) a
+        prefix hit may take: the window group must hold each block the next query's window
+        reads (those it holds itself, or cached ones)."""
+        if not self.window:
+            return len(hashes)
+        pool = self.window_pools[held.replica]
+        present = [held.window[i] != NO_BLOCK if i < have else pool.lookup(h) is not None
+                   for i, h in enumerate(hashes)]
+        m = len(hashes)
+        while m > have and not all(present[self.window_front(m * self.block_size):m]):
+            m -= 1
+        return m
+
+    def _take(self, slot: int, hashes: list[bytes], start: int) -> None:
+        """Share the cached blocks of ``hashes[start:]`` into the slot's table (of the window
+        group only those from the next query's window on)."""
+        held, pool = self.held[slot], self.pool(slot)
+        front = self.window_front(len(hashes) * self.block_size)
+        for i in range(start, len(hashes)):
+            h = hashes[i]
+            block = pool.lookup(h)
+            pool.share(block)
+            self.tables[slot, i] = block
+            held.blocks.append(block)
+            held.hashes.append(h)
+            if self.window:
+                block = NO_BLOCK
+                if i >= front:
+                    block = self.window_pools[held.replica].lookup(h)
+                    self.window_pools[held.replica].share(block)
+                held.window.append(block)
+                self.window_tables[slot, i] = block
+        self.slide(slot, len(hashes) * self.block_size)
+
+    def _cached_run(self, pool: BlockPool, parent: bytes, tokens, first: int, end: int) -> list[bytes]:
+        """Hashes of the cached blocks ``first ..`` of ``tokens`` (up to position ``end``),
+        chained on ``parent``, until the first one the pool lacks."""
+        out = []
+        for i in range(first, end // self.block_size):
+            h = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            if pool.lookup(h) is None:
+                break
+            out.append(h)
+            parent = h
+        return out
 
     def match_prefix(self, slot: int, tokens, limit: int) -> int:
         """Give an empty table row the cached blocks of the longest prefix of ``tokens``
@@ -197,20 +331,12 @@ class BlockManager:
         held, pool = self.held[slot], self.pool(slot)
         if held.blocks:
             raise ValueError(f"slot {slot} already holds blocks")
-        parent = b""
-        full = min(limit, len(tokens)) // self.block_size
-        self.queries += full
-        for i in range(full):
-            h = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
-            block = pool.lookup(h)
-            if block is None:
-                break
-            pool.share(block)
-            self.tables[slot, i] = block
-            held.blocks.append(block)
-            held.hashes.append(h)
-            parent = h
-        self.hits += len(held.hashes)
+        end = min(limit, len(tokens))
+        self.queries += end // self.block_size
+        run = self._cached_run(pool, b"", tokens, 0, end)
+        run = run[:self._window_hits(held, run, 0)]
+        self._take(slot, run, 0)
+        self.hits += len(run)
         return len(held.blocks) * self.block_size
 
     def extend_prefix(self, slot: int, tokens, start: int, limit: int) -> int:
@@ -222,21 +348,14 @@ class BlockManager:
         # Only from a block boundary, every block before it registered and none past it.
         if start % size or len(held.hashes) * size != start or len(held.blocks) * size > start:
             return start
-        parent = held.hashes[-1] if held.hashes else b""
-        at = start
-        while at + self.block_size <= min(limit, len(tokens)):
-            h = chain_hash(parent, tokens[at:at + self.block_size])
-            block = pool.lookup(h)
-            self.queries += 1
-            if block is None:
-                break
-            self.hits += 1
-            pool.share(block)
-            self.tables[slot, len(held.blocks)] = block
-            held.blocks.append(block)
-            held.hashes.append(h)
-            parent, at = h, at + self.block_size
-        return at
+        have = start // size
+        run = self._cached_run(pool, held.hashes[-1] if held.hashes else b"", tokens, have, min(limit, len(tokens)))
+        self.queries += len(run) + (have + len(run) < min(limit, len(tokens)) // size)
+        hashes = held.hashes + run
+        m = self._window_hits(held, hashes, have)
+        self.hits += m - have
+        self._take(slot, hashes[:m], have)
+        return m * size
 
     def commit(self, slot: int, tokens, computed: int) -> None:
         """Register the slot's blocks that ``computed`` positions of ``tokens`` fill."""
@@ -247,14 +366,13 @@ class BlockManager:
             parent = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
             held.hashes.append(parent)
             pool.register(held.blocks[i], parent)
+            if self.window and held.window[i] != NO_BLOCK:
+                self.window_pools[held.replica].register(held.window[i], parent)
 
     def free(self, slot: int) -> None:
         """Release every block of the slot's table (last first, so a prefix's tail is evicted
         before its head) and clear the row."""
-        held = self.held[slot]
-        self._release(held.replica, held.blocks)
-        held.blocks, held.hashes = [], []
-        self.tables[slot] = NO_BLOCK
+        self.release(self.detach(slot))
 
     # -- blocks kept by a session between turns ------------------------------------------------
 
@@ -264,30 +382,47 @@ class BlockManager:
         held = self.held[slot]
         self.held[slot] = Held(replica=held.replica)
         self.tables[slot] = NO_BLOCK
+        if self.window:
+            self.window_tables[slot] = NO_BLOCK
         return held
 
     def attach(self, slot: int, held: Held, keep: int) -> int:
         """Put a session's blocks into an empty row of the same replica, the first ``keep``
-        positions' worth (the rest released). Returns the positions kept."""
+        positions' worth (the rest released). Returns the positions kept: 0 (all released)
+        when the window group no longer holds what a query at ``keep`` reads."""
         row = self.held[slot]
         if row.blocks or row.replica != held.replica:
             raise ValueError(f"slot {slot} cannot take these blocks")
         n = self.blocks_for(keep)
+        if self.window and NO_BLOCK in held.window[self.window_front(keep):n]:
+            self.release(held)
+            return 0
         self._release(held.replica, held.blocks[n:])
         row.blocks = held.blocks[:n]
         row.hashes = held.hashes[:min(n, keep // self.block_size)]
         self.tables[slot, :n] = row.blocks
+        if self.window:
+            self._release_window(held.replica, held.window[n:])
+            row.window, row.front = held.window[:n], min(held.front, n)
+            self.window_tables[slot, :n] = row.window
         return keep
 
     def release(self, held: Held) -> None:
         """Drop a detached set of blocks (a session ended)."""
         self._release(held.replica, held.blocks)
+        self._release_window(held.replica, held.window)
 
     def _release(self, replica: int, blocks: list[int]) -> None:
         pool = self.pools[replica]
         for block in reversed(blocks):
             pool.release(block)
 
+    def _release_window(self, replica: int, blocks: list[int]) -> None:
+        if self.window:
+            pool = self.window_pools[replica]
+            for block in reversed(blocks):
+                pool.release(block)
+
     def clear_cache(self) -> None:
-        for pool in self.pools:
+        for pool in self.pools + self.window_pools:
             pool.clear_cache()

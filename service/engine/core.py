@@ -44,7 +44,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.session_len = runner.session_len
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, runner.slots, runner.max_blocks,
-                                   runner.replicas)
+                                   runner.replicas, runner.window, runner.window_blocks)
         # The longest sequence: a session, or all of one replica's pool where that is less.
         self.max_length = min(runner.session_len, self.blocks.capacity)
         self.table = SlotTable(runner.slots, self.blocks)
@@ -233,15 +233,16 @@ class Engine:
                 continue
             # Blocks for the drafts only while a block per decode row stays free (drafts never
             # cause a preemption); else the drafts the row's blocks already cover.
-            need = self.blocks.blocks_for(s.length + limit) - len(self.blocks.held[s.slot].blocks)
-            if need > 0 and self.blocks.num_free(s.slot) - need < len(live):
-                limit = min(limit, self.blocks.covered(s.slot) - s.length)
-            elif need > 0:
-                self.blocks.allocate(s.slot, s.length + limit)
+            if self.blocks.covered(s.slot) < s.length + limit:
+                if self.blocks.spare(s.slot, s.length + limit) < len(live):
+                    limit = min(limit, self.blocks.covered(s.slot) - s.length)
+                else:
+                    self.blocks.allocate(s.slot, s.length + limit)
             if limit > 0:
                 rows.append(s)
                 limits.append(limit)
         if rows:
+            # The first group's tables: the draft keeps KV of every layer there.
             spec.draft.propose(rows, limits, self.blocks.tables.copy())
 
     def _drain_inbox(self, block: bool) -> None:

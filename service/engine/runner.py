@@ -47,6 +47,20 @@ def compile_count() -> int:
     return _compiles
 
 
+def window_pool_blocks(window: int | None, slots: int, block_size: int, session_len: int,
+                       max_chunk: int = 512) -> int:
+    """Blocks of one data replica's pool for the sliding-window layers (see
+    ``service.engine.blocks``): every slot's window and the block it writes, then a prefill
+    step's chunks beyond their windows twice over, so prefixes and sessions stay cached a
+    while. 0 when windows do not make the pool smaller than a session per slot."""
+    if not window:
+        return 0
+    per_sequence = -(-(window - 1) // block_size) + 2
+    chunks = -(-min(max_chunk, session_len) // block_size) + 1
+    blocks = slots * per_sequence + 2 * chunks
+    return blocks if blocks < slots * -(-session_len // block_size) else 0
+
+
 def _host(x: jax.Array) -> np.ndarray:
     """A replicated step output as a host array (this process's replica: on a mesh spanning
     processes the others' are not addressable here)."""
@@ -84,7 +98,8 @@ class ModelRunner:
                  eos_ids: frozenset[int] = frozenset(), max_prefill_chunk: int = 512,
                  top_logprobs: int = MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
                  quantize: str | None = None, kv_cache_dtype: str | None = None,
-                 backend: Backend | None = None, block_size: int = 32, num_blocks: int | None = None):
+                 backend: Backend | None = None, block_size: int = 32, num_blocks: int | None = None,
+                 window_blocks: int = 0):
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -108,7 +123,15 @@ class ModelRunner:
         self.max_blocks = -(-session_len // block_size)  # table entries of one sequence
         # Per replica; by default every slot can hold a whole session.
         self.num_blocks = num_blocks or max_batch_size // self.replicas * self.max_blocks
-        self.identity = self._identity_tables()
+        # The sliding-window layers' own pool (see service.engine.blocks): ``window_blocks``
+        # blocks per replica, the tables a step takes then (2, slots, max blocks).
+        self.window = cfg.sliding_window if window_blocks and cfg.sliding_window and window_blocks < self.num_blocks \
+            else None
+        self.window_blocks = window_blocks if self.window else 0
+        if self.window and window_blocks < -(-self.window // block_size) + 2:
+            raise ValueError(f"{window_blocks} blocks of {block_size} cannot hold one sequence's window of "
+                             f"{self.window} positions")
+        self.identity = None if self.window else self._identity_tables()
         self.shapes = StepShapes(self.backend, max_batch_size, cfg.vocab_size, session_len, self.max_chunk,
                                  self.full_width, block_size)
         # Every array is committed to its final placement, like every later (jit-output) value
@@ -135,7 +158,7 @@ class ModelRunner:
         # Created directly in place (sharded when there is a plan), never whole on one device.
         kv_dtype = self.backend.cache_dtype(cfg, kv_cache_dtype)
         self.cache = jax.jit(lambda: self.backend.init_cache(cfg, self.num_blocks, block_size, kv_dtype,
-                                                             self.replicas),
+                                                             self.replicas, self.window_blocks),
                              out_shardings=self._cache_sh)()
         self.sampling = jax.jit(lambda: smp.SlotSampling.empty(max_batch_size, cfg.vocab_size),
                                 out_shardings=self._sampling_sh)()
@@ -143,10 +166,12 @@ class ModelRunner:
             self.cache, self.sampling = place(self.cache), place(self.sampling)
         weight_mib = param_bytes(self.params) / 2**20
         cache_mib = sum(x.nbytes for kv in self.cache for x in kv) / 2**20
-        log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB: %d blocks of %d positions (%d tokens)%s, "
+        log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB: %d blocks of %d positions (%d tokens)%s%s, "
                  "%d slots", self.backend.describe(),
                  quantize or cfg.dtype, weight_mib, "bfloat16" if kv_dtype == jnp.uint16 else kv_dtype.name,
                  cache_mib, self.num_blocks, block_size, self.num_blocks * block_size,
+                 f", the {sum(map(cfg.is_sliding, range(cfg.num_layers)))} sliding-window layers "
+                 f"{self.window_blocks} blocks" if self.window else "",
                  f" per data replica (x{self.replicas})" if self.replicas > 1 else "", max_batch_size)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
@@ -163,11 +188,17 @@ class ModelRunner:
         local = np.arange(self.slots) % per
         return (local[:, None] * self.max_blocks + np.arange(self.max_blocks)[None, :]).astype(np.int32)
 
+    def empty_tables(self) -> np.ndarray:
+        """Tables of the shape every step takes, every entry block 0."""
+        shape = (self.slots, self.max_blocks)
+        return np.zeros((2, *shape) if self.window else shape, np.int32)
+
     def _tables(self, tables):
         if tables is not None:
             return tables
         if self.identity is None:
-            raise ValueError("this pool is smaller than a session per slot: pass block tables")
+            raise ValueError("this pool is smaller than a session per slot (or has a window group): "
+                             "pass block tables")
         return self.identity
 
     # -- host API (engine thread only) ----------------------------------------------------------
@@ -329,7 +360,7 @@ class ModelRunner:
         shapes = self.shapes.warmup_shapes(verify_tokens)
         self.set_slot(0, SamplingParams(), [0], 0)
         # Nothing is cached yet: every position of every slot may land in block 0.
-        tables = np.zeros((self.slots, self.max_blocks), np.int32)
+        tables = self.empty_tables()
         for i, shape in enumerate(shapes):
             if progress:
                 progress(i, len(shapes), shape)

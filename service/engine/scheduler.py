@@ -75,16 +75,19 @@ class Scheduler:
                 and self._room_for_all([(s.slot, s.length + 1) for s in live]))
 
     def _room_for_all(self, wants: list[tuple[int, int]]) -> bool:
-        need: dict[int, int] = {}
-        for slot, tokens in wants:
-            replica = self.blocks.held[slot].replica
-            more = self.blocks.blocks_for(tokens) - len(self.blocks.held[slot].blocks)
-            need[replica] = need.get(replica, 0) + max(0, more)
-        return all(n <= self.blocks.pools[r].num_free for r, n in need.items())
+        return self.blocks.fits(wants)
+
+    def _slide(self) -> None:
+        """Window blocks no running sequence's next query reaches go back to the pool (every
+        query planned from now on is at or past its sequence's ``prefilled``)."""
+        if self.blocks.window:
+            for s in self.table.running.values():
+                self.blocks.slide(s.slot, s.prefilled)
 
     def schedule(self, inflight: list[Sequence] | None = None) -> StepPlan:
         """The next step's plan. ``inflight``: the rows of the decode step on the device whose
         tokens the host has not read (only when ``chains_on`` them)."""
+        self._slide()
         if inflight:
             for s in inflight:  # it writes the in-flight token's KV at position s.length
                 self.blocks.allocate(s.slot, s.length + 1)
@@ -92,7 +95,7 @@ class Scheduler:
             return StepPlan(decode=Decode(
                 tuple(s.slot for s in inflight), None, tuple(s.length for s in inflight),
                 tuple(len(s.generated) + 1 for s in inflight), owners=tuple(inflight)),
-                tables=self.blocks.tables.copy())
+                tables=self.blocks.device_tables())
         live = self._reserve_decodes()
         ops: list[Prefill] = []
         verify = self._plan_verify(live) if self._may_speculate(live) else []
@@ -107,7 +110,7 @@ class Scheduler:
                 self._advance(s, 1)
         if not ops and decode is None:
             self._unstick()
-        return StepPlan(tuple(ops), decode, tables=self.blocks.tables.copy())
+        return StepPlan(tuple(ops), decode, tables=self.blocks.device_tables())
 
     # -- blocks --------------------------------------------------------------------------------
 
@@ -126,7 +129,7 @@ class Scheduler:
         """Grow ``seq``'s blocks to hold ``tokens`` positions, preempting the most recently
         admitted sequences of its replica (never those in ``keep``) while the pool lacks them.
         False when it cannot (then ``seq`` may itself have been preempted)."""
-        replica = self.blocks.held[seq.slot].replica
+        replica = self.blocks.replica(seq.slot)
         while not self.blocks.allocate(seq.slot, tokens):
             if self.table.evict_session(replica):
                 continue
@@ -142,7 +145,7 @@ class Scheduler:
         kept = set(map(id, keep))
         holding = [s for s in self.table.running.values()
                    if id(s) not in kept and self.blocks.held[s.slot].blocks
-                   and self.blocks.held[s.slot].replica == replica]
+                   and self.blocks.replica(s.slot) == replica]
         return max(holding, key=lambda s: s.admitted, default=None)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -159,7 +162,7 @@ class Scheduler:
         if not pending:
             return
         oldest = pending[0]
-        replica = self.blocks.held[oldest.slot].replica
+        replica = self.blocks.replica(oldest.slot)
         if self.table.evict_session(replica):
             return
         victim = self._victim(replica, keep=[oldest])
@@ -254,8 +257,7 @@ class Scheduler:
             if first and not pack and remaining > budget and budget > 2 * reserve:
                 n = budget - reserve
             start = seq.prefilled
-            room = self.blocks.covered(seq.slot) + self.blocks.num_free(seq.slot) * self.blocks.block_size - start
-            n = min(n, room)
+            n = min(n, self.blocks.room(seq.slot, start))
             if n <= 0:
                 continue  # it waits for blocks
             # The call's size and span (its chunks' furthest start) bound how many it packs.

@@ -107,11 +107,11 @@ class CpuKernels(Backend):
     def cache_head_size(self, head_dim, storage):
         return kernels.cache_head_size(head_dim, storage)
 
-    def init_cache(self, cfg, num_blocks, block_size, storage=None, replicas=1):
+    def init_cache(self, cfg, num_blocks, block_size, storage=None, replicas=1, window_blocks=0):
         if replicas != 1 or block_size % 16:
             raise ValueError(f"the CPU kernels read one pool of blocks of a multiple of 16 positions, "
                              f"not {replicas} pools of {block_size}")
-        return super().init_cache(cfg, num_blocks, block_size, storage, replicas)
+        return super().init_cache(cfg, num_blocks, block_size, storage, replicas, window_blocks)
 
     def write_kv(self, kv, k, v, rows, positions, tables):
         write_rows = jnp.broadcast_to(_rows(rows, k.shape[0]), positions.shape)
