@@ -311,7 +311,8 @@ class BlockManager:
                     self.window_pools[held.replica].share(block)
                 held.window.append(block)
                 self.window_tables[slot, i] = block
-        self.slide(slot, len(hashes) * self.block_size)
+        # Blocks it held before are left for ``slide``: a chunk planned earlier in this step
+        # may still read them.
 
     def _cached_run(self, pool: BlockPool, parent: bytes, tokens, first: int, end: int) -> list[bytes]:
         """Hashes of the cached blocks ``first ..`` of ``tokens`` (up to position ``end``),
