@@ -33,9 +33,11 @@ class EngineMetrics:
         self.running = Gauge("xlaserve_requests_running", "Requests holding a decode slot", registry=r)
         self.waiting = Gauge("xlaserve_requests_waiting", "Requests queued for a slot", registry=r)
         self.kv_usage = Gauge("xlaserve_kv_cache_usage_ratio",
-                              "Fraction of the KV cache's blocks referenced by requests and sessions",
+                              "Fraction of the KV cache's blocks referenced by requests and sessions "
+                              "(of the sliding-window layers' pool instead where that is fuller)",
                               registry=r)
-        self.kv_blocks = Gauge("xlaserve_kv_cache_blocks", "KV cache blocks by state (used: referenced)",
+        self.kv_blocks = Gauge("xlaserve_kv_cache_blocks", "KV cache blocks by state (used: referenced; "
+                               "window_used, window_total: the sliding-window layers' own pool)",
                                ["state"], registry=r)
         self.preemptions = Gauge("xlaserve_preemptions",
                                  "Running requests whose KV blocks were taken back (recomputed later)",
@@ -59,9 +61,14 @@ class EngineMetrics:
         snap = engine.snapshot()
         self.running.set(snap["running"])
         self.waiting.set(snap["waiting"])
-        self.kv_usage.set(snap["kv_tokens"] / snap["kv_capacity"])
+        usage = snap["kv_tokens"] / snap["kv_capacity"]
         self.kv_blocks.labels("used").set(snap["kv_blocks_used"])
         self.kv_blocks.labels("total").set(snap["kv_blocks"])
+        if snap["window_blocks"]:
+            usage = max(usage, snap["window_blocks_used"] / snap["window_blocks"])
+            self.kv_blocks.labels("window_used").set(snap["window_blocks_used"])
+            self.kv_blocks.labels("window_total").set(snap["window_blocks"])
+        self.kv_usage.set(usage)
         self.preemptions.set(snap["preemptions"])
         total = snap["prompt_tokens"] + snap["cached_tokens"]
         self.hit_rate.set(snap["cached_tokens"] / total if total else 0.0)
@@ -76,5 +83,6 @@ def snapshot(engine) -> dict[str, float]:
     return dict(running=len(engine.table.running), waiting=engine.waiting.count,
                 kv_tokens=blocks.used_blocks() * size, kv_capacity=blocks.total_blocks() * size,
                 kv_blocks_used=blocks.used_blocks(), kv_blocks=blocks.total_blocks(),
+                window_blocks_used=blocks.window_used_blocks(), window_blocks=blocks.window_blocks * blocks.replicas,
                 preemptions=engine.scheduler.preemptions, prompt_tokens=engine.stats.prompt_tokens,
                 cached_tokens=engine.stats.cached_tokens)

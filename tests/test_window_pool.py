@@ -6,6 +6,7 @@ both device paths and a tp=2 x dp=2 mesh; and a converted Gemma 3 gives transfor
 tokens far past its window."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -122,7 +123,15 @@ def test_window_layers_hold_their_window_and_outputs_do_not_change(model, refere
     assert max(seen) > 150  # sequences decoded far past their windows
     snap = engine.snapshot()
     assert snap["cached_tokens"] > 0 and snap["preemptions"] == 0
-    assert engine.blocks.window_used_blocks() > 0  # the session's window blocks, held between turns
+    # The session holds its window blocks between turns, and the metrics say so.
+    held = engine.blocks.window_used_blocks()
+    assert held > 0
+    text = engine.metrics.render(engine).decode()
+    metric = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert metric['xlaserve_kv_cache_blocks{state="window_used"}'] == held
+    assert metric['xlaserve_kv_cache_blocks{state="window_total"}'] == 24
+    assert metric["xlaserve_kv_cache_usage_ratio"] == pytest.approx(
+        max(held / 24, engine.blocks.used_blocks() / engine.blocks.total_blocks()))
 
 
 def test_a_tiny_window_pool_preempts_and_loses_nothing(model, reference):
@@ -180,3 +189,26 @@ def test_gemma3_far_past_its_window_gives_transformers_greedy_tokens(tmp_path):
         engine.stop()
     assert got == want
     assert engine.blocks.window_used_blocks() == 0 and engine.blocks.used_blocks() == 0
+
+
+def test_a_memory_budget_goes_to_the_full_layers_beyond_the_window_pool():
+    """--cache-max-entry-count as a fraction: the sliding layers' pool is sized for the slots'
+    windows, and the rest of the budget (in every layer's positions) feeds the full layers."""
+    import argparse
+
+    from service.cli import _window_rest
+    from service.engine.runner import window_pool_blocks
+
+    cfg = ModelConfig(family="gemma", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=6,
+                      num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=512,
+                      sliding_layers=(True,) * 5 + (False,))
+    args = argparse.Namespace(block_size=32, session_len=8192)
+    own = window_pool_blocks(512, 16, 32, 8192) * 32
+    assert own == (16 * (16 + 2) + 2 * 17) * 32  # 16 windows of 512 and a block, two chunks of 512
+    budget = 200_000
+    full = _window_rest(cfg, budget, 16, args)
+    # Bytes: budget x 6 layers = full x 1 layer + own x 5 layers.
+    assert full == budget + (budget - own) * 5
+    every = dataclasses.replace(cfg, sliding_layers=())  # every layer slides: the first pool keeps account only
+    assert _window_rest(every, budget, 16, args) == 16 * 8192
+    assert _window_rest(cfg, own - 1, 16, args) == own - 1  # a pool too small to split: one group

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
         source = checkpoint if args.draft == "same" else resolve(args.draft)[0]
         draft_runner, _ = build_runner(source, args.streams, 1024, quantize=args.draft_quantize,
-                                       num_blocks=runner.num_blocks)
+                                       num_blocks=runner.num_blocks, window_pool=False)
         draft_runner.warmup()
         spec = Speculation("draft", k=args.k, max_batch=args.streams, draft=DraftModel(draft_runner, args.draft))
         mode = "draft"
