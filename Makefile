@@ -20,6 +20,6 @@ serve: install
 	$(BIN)/xlaserve serve api_server --server-port 23333
 
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 .PHONY: install serve test

@@ -45,9 +45,9 @@ def prompt(n, seed):
     return [int(x) for x in np.random.default_rng(seed).integers(100, 30000, n)]
 
 
-PROMPTS = [prompt(n, i) for i, n in enumerate((70, 23, 101, 40))]
-GREEDY = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=60, ignore_eos=True)
+PROMPTS = [prompt(n, i) for i, n in enumerate((50, 23, 75, 40))]
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=40, ignore_eos=True)
 
 
 def workload(engine, watch=None):
@@ -120,7 +120,7 @@ def test_window_layers_hold_their_window_and_outputs_do_not_change(model, refere
     check, seen = decode_bound(engine)
     got = workload(engine, check)
     assert got == reference
-    assert max(seen) > 150  # sequences decoded far past their windows
+    assert max(seen) > 110  # sequences decoded far past their windows
     snap = engine.snapshot()
     assert snap["cached_tokens"] > 0 and snap["preemptions"] == 0
     # The session holds its window blocks between turns, and the metrics say so.
