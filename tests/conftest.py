@@ -39,8 +39,10 @@ def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w1", "eos_token": "w2"}))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_root(tmp_path_factory):
+    # Every test process its own conversion cache, from its start: the suite runs on two
+    # workers, which must never convert the same model into one directory at once.
     root = tmp_path_factory.mktemp("xlaserve-cache")
     os.environ["XLASERVE_CACHE"] = str(root)
     return root

@@ -72,10 +72,7 @@ class Scheduler:
             return False
         return (len(live) == len(inflight) and set(map(id, live)) == set(map(id, inflight))
                 and max(s.length for s in live) < self.session_len
-                and self._room_for_all([(s.slot, s.length + 1) for s in live]))
-
-    def _room_for_all(self, wants: list[tuple[int, int]]) -> bool:
-        return self.blocks.fits(wants)
+                and self.blocks.fits([(s.slot, s.length + 1) for s in live]))
 
     def _slide(self) -> None:
         """Window blocks no running sequence's next query reaches go back to the pool (every
