@@ -50,7 +50,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=40, ignore_eos=True)
 
 
-def workload(engine, watch=None):
+def workload(engine, watch=None, batch_only=False):
     """Four prompts at once (greedy and seeded), then a repeat of the longest (a prefix hit
     while nothing else runs) and a two-turn session. ``watch(engine)`` runs after every plan,
     on the engine thread."""
@@ -72,6 +72,8 @@ def workload(engine, watch=None):
 
     async def run():
         batch = await asyncio.gather(*(one(p, GREEDY if i % 2 else SEEDED) for i, p in enumerate(PROMPTS)))
+        if batch_only:
+            return batch
         repeat = await one(PROMPTS[2], GREEDY)
         first = await one(PROMPTS[0], GREEDY, session_id=5)
         second = await one(PROMPTS[0] + first + prompt(9, 9), GREEDY, session_id=5)
@@ -156,6 +158,20 @@ def test_window_pool_on_a_tp2_dp2_mesh(model, reference):
     engine = engine_for(model, 12, plan=plan_for(cfg, make_mesh(2, 2), slots=4))
     assert engine.runner.cache[0][0].shape[:2] == (2, 13)
     assert workload(engine) == reference[0]
+
+
+def test_every_layer_sliding_needs_no_first_pool_memory(model):
+    """Mistral's shape (every layer slides): every layer's pools are the window group's 10
+    blocks, the first group only keeps account of positions; four prompts' tokens (one slot,
+    so one at a time: fewer programs to compile; XLA) are those of one group of whole sessions."""
+    cfg, params, tokenizer = model
+    every = (dataclasses.replace(cfg, sliding_layers=()), params, tokenizer)
+    from model.backends.xla import Xla
+
+    want = workload(engine_for(every, 0, backend=Xla(), slots=1), batch_only=True)
+    engine = engine_for(every, 10, backend=Xla(), slots=1)
+    assert [pool[0].shape[1] for pool in engine.runner.cache] == [11, 11]
+    assert workload(engine, batch_only=True) == want
 
 
 def test_gemma3_far_past_its_window_gives_transformers_greedy_tokens(tmp_path):
