@@ -125,12 +125,11 @@ def _window_rest(cfg, tokens: int, slots: int, args) -> int:
     from service.engine.runner import window_pool_blocks
 
     windowed = sum(map(cfg.is_sliding, range(cfg.num_layers)))
-    session = args.session_len or min(cfg.max_context, 4096)
-    own = window_pool_blocks(cfg.sliding_window, slots, args.block_size, session) * args.block_size if windowed else 0
+    own = window_pool_blocks(cfg.sliding_window, slots, args.block_size, args.session_len) * args.block_size
     if not windowed or own >= tokens:
         return tokens
     if windowed == cfg.num_layers:  # no layer reads the first pool's KV: it only keeps account
-        return slots * session
+        return slots * args.session_len
     return tokens + (tokens - own) * windowed // (cfg.num_layers - windowed)
 
 

@@ -199,13 +199,13 @@ class BlockManager:
         """Positions the slot's blocks can hold."""
         return len(self.held[slot].blocks) * self.block_size
 
-    def _needs(self, slot: int, tokens: int) -> tuple[int, int]:
-        """New blocks of each group the slot's table needs to hold ``tokens`` positions."""
-        more = max(0, self.blocks_for(tokens) - len(self.held[slot].blocks))
-        return more, more if self.window else 0
+    def _groups(self, replica: int) -> list[BlockPool]:
+        """The replica's pool of each group in use (both grow by the same table entries)."""
+        return [self.pools[replica], *self.window_pools[replica:replica + 1]]
 
-    def _free(self, replica: int) -> tuple[int, int]:
-        return self.pools[replica].num_free, self.window_pools[replica].num_free if self.window else 0
+    def _needs(self, slot: int, tokens: int) -> int:
+        """New table entries (a block of each group) the slot needs to hold ``tokens`` positions."""
+        return max(0, self.blocks_for(tokens) - len(self.held[slot].blocks))
 
     def can_allocate(self, slot: int, tokens: int) -> bool:
         """Whether the slot's table can grow to hold ``tokens`` positions now."""
@@ -213,22 +213,22 @@ class BlockManager:
 
     def fits(self, wants: list[tuple[int, int]]) -> bool:
         """Whether every (slot, tokens) of ``wants`` (distinct slots) can grow at once."""
-        need: dict[int, list[int]] = {}
+        need: dict[int, int] = {}
         for slot, tokens in wants:
-            n = need.setdefault(self.held[slot].replica, [0, 0])
-            for group, more in enumerate(self._needs(slot, tokens)):
-                n[group] += more
-        return all(a <= fa and b <= fb for r, (a, b) in need.items() for fa, fb in [self._free(r)])
+            replica = self.held[slot].replica
+            need[replica] = need.get(replica, 0) + self._needs(slot, tokens)
+        return all(n <= self._least_free(r) for r, n in need.items())
+
+    def _least_free(self, replica: int) -> int:
+        return min(pool.num_free for pool in self._groups(replica))
 
     def spare(self, slot: int, tokens: int) -> int:
         """Blocks left free in the slot's pools (the lesser group) once it holds ``tokens``."""
-        pairs = zip(self._free(self.held[slot].replica), self._needs(slot, tokens))
-        return min(free - more for free, more in list(pairs)[:2 if self.window else 1])
+        return self._least_free(self.held[slot].replica) - self._needs(slot, tokens)
 
     def room(self, slot: int, start: int) -> int:
         """Positions from ``start`` the slot can hold with its blocks and the free ones."""
-        free = min(self._free(self.held[slot].replica)[:2 if self.window else 1])
-        return self.covered(slot) + free * self.block_size - start
+        return self.covered(slot) + self._least_free(self.held[slot].replica) * self.block_size - start
 
     def allocate(self, slot: int, tokens: int) -> bool:
         """Grow the slot's table to hold ``tokens`` positions; False (nothing taken) when the
@@ -414,15 +414,16 @@ class BlockManager:
         self._release_window(held.replica, held.window)
 
     def _release(self, replica: int, blocks: list[int]) -> None:
-        pool = self.pools[replica]
-        for block in reversed(blocks):
-            pool.release(block)
+        self._give_back(self.pools[replica], blocks)
 
     def _release_window(self, replica: int, blocks: list[int]) -> None:
         if self.window:
-            pool = self.window_pools[replica]
-            for block in reversed(blocks):
-                pool.release(block)
+            self._give_back(self.window_pools[replica], blocks)
+
+    @staticmethod
+    def _give_back(pool: BlockPool, blocks: list[int]) -> None:
+        for block in reversed(blocks):  # last first: a prefix's tail is evicted before its head
+            pool.release(block)
 
     def clear_cache(self) -> None:
         for pool in self.pools + self.window_pools:
