@@ -76,6 +76,12 @@ class Draining(ServiceError):
     code = "shutting_down"
 
 
+class EngineFailed(ServiceError):
+    status = 503
+    type = "server_error"
+    code = "engine_failed"
+
+
 class NotReady(ServiceError):
     status = 503
     type = "server_error"

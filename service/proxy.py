@@ -343,37 +343,54 @@ class Shim:
             headers = [(k, v) for k, v in headers if k != b"authorization"]
             headers.append((b"authorization", f"Bearer {self.api_keys[0]}".encode()))
         client = self._http()
-        try:
-            upstream = await client.send(client.build_request(scope["method"], target, headers=headers,
-                                                              content=body), stream=True)
-        except httpx.HTTPError as e:
-            return await _respond(send, 503, _error_body(503, f"the gateway is not answering: {e}", "server_error"))
+        # Watched from the start: a client that leaves while the replica still computes a whole
+        # (non-streamed) answer cancels the upstream request, which the gateway then aborts.
         left = asyncio.ensure_future(_client_left(receive))
+        request = asyncio.ensure_future(client.send(client.build_request(scope["method"], target, headers=headers,
+                                                                         content=body), stream=True))
         try:
-            await send({"type": "http.response.start", "status": upstream.status_code,
-                        "headers": [(k, v) for k, v in upstream.headers.raw
-                                    if k.lower() not in _HOP_BY_HOP and k.lower() not in _OWN_RESPONSE_HEADERS]})
-            pump = asyncio.ensure_future(_pump(upstream, send))
-            done, _ = await asyncio.wait({pump, left}, return_when=asyncio.FIRST_COMPLETED)
-            if pump not in done:  # the client left: dropping the upstream request aborts it
-                pump.cancel()
+            done, _ = await asyncio.wait({request, left}, return_when=asyncio.FIRST_COMPLETED)
+            if request not in done:
+                request.cancel()
                 return
             try:
-                pump.result()
-            except httpx.HTTPError as e:  # the replica died mid-answer (the gateway retries only before)
-                log.warning("the answer to %s %s was cut off upstream: %s", scope["method"], scope["path"], e)
-                if not _plain_event_stream(upstream):
-                    return  # unfinished: the server closes the connection, and the client sees a broken body
-                # An event stream ends with an error event instead, which OpenAI's SDKs raise as an
-                # APIError, and no [DONE].
-                event = {"error": {"message": "the replica serving this stream failed; the answer is incomplete",
-                                   "type": "server_error", "param": None, "code": "upstream_failed"}}
-                await send({"type": "http.response.body", "body": b"data: " + json.dumps(event).encode() + b"\n\n",
-                            "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                upstream = request.result()
+            except httpx.HTTPError as e:
+                return await _respond(send, 503, _error_body(503, f"the gateway is not answering: {e}",
+                                                             "server_error"))
+            try:
+                await self._relay(scope, send, upstream, left)
+            finally:
+                await upstream.aclose()
         finally:
             left.cancel()
-            await upstream.aclose()
+            request.cancel()
+
+    @staticmethod
+    async def _relay(scope, send, upstream: httpx.Response, left: asyncio.Future) -> None:
+        """Pass the upstream answer on until it ends or the client leaves; an event stream cut
+        off upstream ends with an error event."""
+        await send({"type": "http.response.start", "status": upstream.status_code,
+                    "headers": [(k, v) for k, v in upstream.headers.raw
+                                if k.lower() not in _HOP_BY_HOP and k.lower() not in _OWN_RESPONSE_HEADERS]})
+        pump = asyncio.ensure_future(_pump(upstream, send))
+        done, _ = await asyncio.wait({pump, left}, return_when=asyncio.FIRST_COMPLETED)
+        if pump not in done:  # the client left: dropping the upstream request aborts it
+            pump.cancel()
+            return
+        try:
+            pump.result()
+        except httpx.HTTPError as e:  # the replica died mid-answer (the gateway retries only before)
+            log.warning("the answer to %s %s was cut off upstream: %s", scope["method"], scope["path"], e)
+            if not _plain_event_stream(upstream):
+                return  # unfinished: the server closes the connection, and the client sees a broken body
+            # An event stream ends with an error event instead, which OpenAI's SDKs raise as an
+            # APIError, and no [DONE].
+            event = {"error": {"message": "the replica serving this stream failed; the answer is incomplete",
+                               "type": "server_error", "param": None, "code": "upstream_failed"}}
+            await send({"type": "http.response.body", "body": b"data: " + json.dumps(event).encode() + b"\n\n",
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _plain_event_stream(response: httpx.Response) -> bool:

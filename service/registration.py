@@ -39,7 +39,7 @@ class Registrar:
     def __init__(self, proxy_url: str, node_url: str, model: str, api_key: str | None = None,
                  interval: float = 5.0):
         self.proxy = proxy_url.rstrip("/")
-        self.node = node_url
+        self.node = node_url.rstrip("/")  # the proxy's list is compared without the slash
         self.model = model
         self.interval = interval
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -53,23 +53,35 @@ class Registrar:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                if not self._listed():
-                    self._add()
-                if self._unreachable:
-                    log.info("the proxy %s answers again", self.proxy)
-                self._unreachable = False
-            except httpx.HTTPError as e:
-                if not self._unreachable:  # once per outage, not every few seconds
-                    log.warning("cannot register with the proxy %s (%s); retrying every %.0f s", self.proxy, e,
-                                self.interval)
-                self._unreachable = True
+            self.check()
             self._stop.wait(self.interval)
+
+    def check(self) -> bool:
+        """One round: register unless the proxy lists this server. Returns whether the proxy
+        answered as a proxy does. Any failure (unreachable, an error status, an answer that is
+        not the node list) is logged once per outage and retried next round: the thread never
+        ends before ``deregister``."""
+        try:
+            if not self._listed():
+                self._add()
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError) as e:
+            if not self._unreachable:  # once per outage, not every few seconds
+                log.warning("cannot register with the proxy %s (%s); retrying every %.0f s", self.proxy,
+                            e or type(e).__name__, self.interval)
+            self._unreachable = True
+            return False
+        if self._unreachable:
+            log.info("the proxy %s answers again", self.proxy)
+        self._unreachable = False
+        return True
 
     def _listed(self) -> bool:
         r = httpx.get(self.proxy + "/nodes/status", headers=self._headers, timeout=10)
         r.raise_for_status()
-        return any(url.rstrip("/") == self.node for url in r.json())
+        nodes = r.json()  # ValueError when it is not JSON
+        if not isinstance(nodes, (list, dict)):
+            raise ValueError(f"/nodes/status answered {type(nodes).__name__}, not the node list")
+        return any(str(url).rstrip("/") == self.node for url in nodes)
 
     def _add(self) -> None:
         r = httpx.post(self.proxy + "/nodes/add", json={"url": self.node, "status": {"models": [self.model]}},

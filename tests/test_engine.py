@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from model.weights import init_params
 from service import sampling as smp
 from service.engine import Engine, Request, Sequence
 from service.engine.output import apply_stop_strings
-from service.errors import ContextLengthExceeded, Overloaded
+from service.errors import ContextLengthExceeded, EngineFailed, Overloaded, ServiceError
 from service.engine.runner import ModelRunner, compile_count
 from service.params import SamplingParams
 
@@ -534,3 +535,51 @@ def test_counts_saturate_instead_of_wrapping():
     for _ in range(3):
         state = smp.record(state, jnp.asarray([3]))
     assert int(state.counts[0, 3]) == 32767
+
+
+@pytest.mark.parametrize("backend", ["xla", "default"])
+def test_a_step_that_fails_after_donating_the_cache_fails_its_requests_and_the_engine_serves_on(
+        tiny, tokenizer, backend):
+    from model.backends.xla import Xla
+
+    engine = make_engine(tiny, tokenizer, backend=Xla() if backend == "xla" else None)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    p = prompt(20, 3)
+
+    async def go():
+        before = await collect(engine, p, greedy)
+        engine.runner.fault = RuntimeError("injected device failure")
+        with pytest.raises(ServiceError, match="failed while generating"):
+            await collect(engine, p, greedy)
+        after = await collect(engine, p, greedy)
+        return before, after
+
+    cache = engine.runner.cache
+    before, after = run(engine, go())
+    # The donated cache was consumed by the failed step and made anew; nothing of it was reused
+    # (the prompt's cached blocks were forgotten), so the tokens are computed afresh and equal.
+    assert any(x.is_deleted() for x in jax.tree.leaves(cache))
+    assert after[0] == before[0] and after[2].finish_reason == "length" and after[2].cached_tokens == 0
+    assert engine.failed is None and engine.is_alive() is False  # stopped by run(); alive while it ran
+
+
+def test_an_engine_that_cannot_recover_says_so_on_health_and_refuses_requests(tiny, tokenizer, monkeypatch):
+    engine = make_engine(tiny, tokenizer)
+
+    def broken():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "recover", broken)
+
+    async def go():
+        engine.runner.fault = RuntimeError("injected device failure")
+        with pytest.raises(ServiceError, match="failed while generating"):
+            await collect(engine, prompt(10, 1), SamplingParams(max_tokens=4, temperature=0))
+        deadline = time.monotonic() + 10
+        while engine._thread_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    run(engine, go())
+    assert not engine.is_alive() and "device lost" in engine.failed
+    with pytest.raises(EngineFailed, match="restart the server"):
+        engine.submit([1, 2, 3], SamplingParams(), lambda o: None)

@@ -175,3 +175,17 @@ def test_released_blocks_stay_cached_and_session_blocks_are_held():
     table.end_session(9)
     assert table.blocks.used_blocks() == used - 2
     assert np.all(table.blocks.tables[turn.slot] == -1)
+
+
+def test_a_chained_decode_row_without_a_block_raises_instead_of_dropping_its_kv():
+    table, sched = setup(slots=2, blocks=2, block_size=16)
+    seq = admit(table, range(10), 0, generated=list(range(6)))  # 16 positions: its one block is full
+    seq.prefilled = seq.target + 1  # as after the decode step in flight was planned
+    table.blocks.pools[0].take()  # the pool's last block goes elsewhere, against chains_on's check
+    assert not sched.chains_on([seq])
+    try:
+        sched.schedule(inflight=[seq])
+    except RuntimeError as e:
+        assert f"slot {seq.slot}" in str(e)
+    else:
+        raise AssertionError("a chained row without a block was planned")

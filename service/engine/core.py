@@ -29,7 +29,7 @@ from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
 from service.engine.speculate import Speculation
 from service.engine.waiting import WaitingQueue
-from service.errors import ContextLengthExceeded, Draining, InvalidRequest, KVPoolExceeded
+from service.errors import ContextLengthExceeded, Draining, EngineFailed, InvalidRequest, KVPoolExceeded
 from service.metrics import EngineMetrics, snapshot
 from service.params import MAX_LOGIT_BIAS, SamplingParams
 from service.structured import Grammars
@@ -67,6 +67,7 @@ class Engine:
         self.heartbeat = time.monotonic()
         self._inflight = None  # (sequences, DecodeHandle) of the decode step on the device
         self.draining = False  # shutting down: admit nothing new, let what runs finish
+        self.failed: str | None = None  # why the engine stopped serving, once it has
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -112,7 +113,8 @@ class Engine:
     def is_alive(self, stall_seconds: float = 120.0) -> bool:
         """The engine thread runs, and made progress within ``stall_seconds`` when it has work
         (submitted requests it has not taken in yet count)."""
-        return self._thread_alive() and not (self.busy and time.monotonic() - self.heartbeat > stall_seconds)
+        return (self.failed is None and self._thread_alive()
+                and not (self.busy and time.monotonic() - self.heartbeat > stall_seconds))
 
     # -- client API (any thread / asyncio) -----------------------------------------------------
 
@@ -126,10 +128,15 @@ class Engine:
         if total >= self.max_length or (params.max_tokens is not None and total + params.max_tokens > self.max_length):
             raise KVPoolExceeded(total, self.max_length, params.max_tokens or 0)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
-               session_id: int | None = None, request_id: str | None = None) -> str:
+    def _check_serving(self) -> None:
+        if self.failed is not None:
+            raise EngineFailed(self.failed + "; restart the server")
         if self.draining:
             raise Draining("the server is shutting down; send the request to another replica")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
+               session_id: int | None = None, request_id: str | None = None) -> str:
+        self._check_serving()
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         check_token_ids(prompt_ids, params, self.runner.cfg.vocab_size)
@@ -143,8 +150,7 @@ class Engine:
     def check_capacity(self, n: int = 1) -> None:
         """Raise Overloaded now if ``n`` more requests would not fit the queue (so a stream can
         be refused with a status code before it starts)."""
-        if self.draining:
-            raise Draining("the server is shutting down; send the request to another replica")
+        self._check_serving()
         self.waiting.check(n)
 
     def snapshot(self) -> dict[str, float]:
@@ -183,15 +189,27 @@ class Engine:
             # flight and keeps going; the log has the traceback.
             except Exception:
                 log.exception("engine step failed; failing the requests in flight")
-                self._inflight = None
-                for seq in list(self.table.running.values()):
-                    try:
-                        self.outputs.finish(seq, "error")
-                    except Exception:  # a caller's emit raised: drop the sequence all the same
-                        log.exception("could not report the failure of %s", seq.id)
-                        self.table.running.pop(seq.slot, None)
-                    # The plan counted KV the failed step may not have written.
-                    self.table.forget(seq.slot)
+                self._recover()
+
+    def _recover(self) -> None:
+        """After a failed step: fail its requests, forget every KV the plans counted (the step
+        may not have written it), and make the device state anew if the step consumed it. If
+        even that fails, the engine is marked failed: ``/health`` then answers 503."""
+        self._inflight = None
+        for seq in list(self.table.running.values()):
+            try:
+                self.outputs.finish(seq, "error")
+            except Exception:  # a caller's emit raised: drop the sequence all the same
+                log.exception("could not report the failure of %s", seq.id)
+                self.table.running.pop(seq.slot, None)
+            self.table.forget(seq.slot)
+        try:
+            if not self.runner.recover():
+                self.table.forget_all()  # a new cache holds no session's or prefix's KV
+        except Exception as e:
+            log.exception("the engine cannot recover from the failed step")
+            self.failed = f"the engine failed and could not recover: {e}"
+            self._stop.set()
 
     def _step(self) -> None:
         inflight = None

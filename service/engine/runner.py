@@ -155,15 +155,11 @@ class ModelRunner:
         # Every step looks its positions' cos/sin up here (see layers.rope_tables).
         self.rope = jax.device_put(layers.rope_tables(cfg, session_len),
                                    jax.devices()[0] if plan is None else plan.replicated)
-        # Created directly in place (sharded when there is a plan), never whole on one device.
-        kv_dtype = self.backend.cache_dtype(cfg, kv_cache_dtype)
-        self.cache = jax.jit(lambda: self.backend.init_cache(cfg, self.num_blocks, block_size, kv_dtype,
-                                                             self.replicas, self.window_blocks),
-                             out_shardings=self._cache_sh)()
-        self.sampling = jax.jit(lambda: smp.SlotSampling.empty(max_batch_size, cfg.vocab_size),
-                                out_shardings=self._sampling_sh)()
-        if plan is None:
-            self.cache, self.sampling = place(self.cache), place(self.sampling)
+        kv_dtype = self._kv_dtype = self.backend.cache_dtype(cfg, kv_cache_dtype)
+        # Tests set this to an exception the next step raises after its state was donated (as a
+        # step failing on the device would), to check that the engine recovers.
+        self.fault: Exception | None = None
+        self._new_state()
         weight_mib = param_bytes(self.params) / 2**20
         cache_mib = sum(x.nbytes for kv in self.cache for x in kv) / 2**20
         log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB: %d blocks of %d positions (%d tokens)%s%s, "
@@ -178,6 +174,30 @@ class ModelRunner:
         self._prefill, self._decode, self._set_row, self._score = Steps(
             cfg, self.backend, max_batch_size, top_logprobs, plan).jitted(self._cache_sh, self._sampling_sh,
                                                                             self._out_sh)
+
+    def _new_state(self) -> None:
+        """The KV cache and sampling state, created directly in place (sharded when there is a
+        plan), never whole on one device; every block and row empty."""
+        cfg = self.cfg
+        self.cache = jax.jit(lambda: self.backend.init_cache(cfg, self.num_blocks, self.block_size, self._kv_dtype,
+                                                             self.replicas, self.window_blocks),
+                             out_shardings=self._cache_sh)()
+        self.sampling = jax.jit(lambda: smp.SlotSampling.empty(self.slots, cfg.vocab_size),
+                                out_shardings=self._sampling_sh)()
+        if self.plan is None:
+            device = jax.devices()[0]
+            self.cache, self.sampling = jax.device_put((self.cache, self.sampling), device)
+
+    def recover(self) -> bool:
+        """After a failed step: whether the device state survived; if a step had taken the
+        (donated) KV cache or sampling state with it, both are made anew, empty, so the next
+        steps run (every sequence's KV and sampling row must then be set again)."""
+        leaves = jax.tree.leaves((self.cache, self.sampling))
+        if not any(x.is_deleted() for x in leaves):
+            return True
+        log.warning("the failed step consumed the KV cache; creating it anew")
+        self._new_state()
+        return False
 
     def _identity_tables(self) -> np.ndarray | None:
         """Slot s owning its replica's blocks s' * M .. (s' + 1) * M - 1 (s' its index in the
@@ -279,9 +299,11 @@ class ModelRunner:
     @replayed
     def _prefill_step(self, tables, arrays, n, span):
         *inputs, following, scored = arrays
-        self.cache, self.sampling, (out, hidden) = self._prefill(
+        cache, sampling, (out, hidden) = self._prefill(
             self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, *inputs, np.int32(n),
             span=span)
+        self._raise_fault()
+        self.cache, self.sampling = cache, sampling
         if scored:
             out = (*out, *self._score(self.params, hidden, following, np.int32(n)))
         return out, hidden
@@ -334,10 +356,17 @@ class ModelRunner:
         # Live rows first, padding after (at full width every row is a slot: all count).
         live = np.int32(len(pos) if self.full_width else n)
         rows = None if self.full_width else rows
-        self.cache, self.sampling, out = self._decode(
+        cache, sampling, out = self._decode(
             self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, tok, pos, st, rows, allowed,
             live, span=span)
+        self._raise_fault()
+        self.cache, self.sampling = cache, sampling
         return out
+
+    def _raise_fault(self) -> None:
+        if self.fault is not None:
+            fault, self.fault = self.fault, None
+            raise fault
 
     def follow(self) -> None:
         """On processes other than 0: replay the steps process 0 announces, until it stops."""

@@ -87,7 +87,11 @@ class Scheduler:
         self._slide()
         if inflight:
             for s in inflight:  # it writes the in-flight token's KV at position s.length
-                self.blocks.allocate(s.slot, s.length + 1)
+                if not self.blocks.allocate(s.slot, s.length + 1):
+                    # ``chains_on`` checked that every row fits: a write with no block would be
+                    # dropped and the row's next tokens computed without it.
+                    raise RuntimeError(f"no KV block for the chained decode row of slot {s.slot} "
+                                       f"at position {s.length}")
                 s.prefilled += 1
             return StepPlan(decode=Decode(
                 tuple(s.slot for s in inflight), None, tuple(s.length for s in inflight),

@@ -106,6 +106,11 @@ class SlotTable:
         """The slot's KV is not what the tables say (a step failed): free its blocks, and forget
         every cached prefix and session's KV (registered by the plans of that step)."""
         self.blocks.free(slot)
+        self.forget_all()
+
+    def forget_all(self) -> None:
+        """No KV but the running sequences' is what its hashes say: forget every cached prefix
+        and every session's blocks (their tokens stay: a session's next turn recomputes them)."""
         for session in self.sessions.values():
             if session.held is not None:
                 self.blocks.release(session.held)

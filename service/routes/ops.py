@@ -60,6 +60,8 @@ async def health(ctx: Ctx) -> Response:
         return Response({"status": "loading"}, status_code=503)
     if ctx.engine.draining:
         return Response({"status": "draining"}, status_code=503)
+    if ctx.engine.failed is not None:
+        return Response({"status": "engine failed", "detail": ctx.engine.failed}, status_code=503)
     if not ctx.engine.is_alive(ctx.settings.stall_timeout):
         return Response({"status": "engine stalled"}, status_code=503)
     return Response({"status": "ok"}, status_code=200)
