@@ -114,6 +114,11 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and (not self.sliding_layers or self.sliding_layers[layer])
 
+    def kv_group(self, layer: int) -> int:
+        """The KV group a layer keeps its KV in: 0 full attention (every position), 1 sliding
+        window (only what windows still read; see ``service.engine.kv``)."""
+        return 1 if self.is_sliding(layer) else 0
+
     def attention_spec(self, layer: int) -> AttentionSpec:
         scalar = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
         return AttentionSpec(scale=float(scalar) ** -0.5,

@@ -48,7 +48,7 @@ def forward(
     backend: Backend = XLA,
     rope: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
     live: jax.Array | None = None,
-    tables: jax.Array | None = None,  # (slots, max blocks) int32 (or (2, ...): layer_tables); None: identity
+    tables: jax.Array | None = None,  # (groups, slots, max blocks) int32 (see layer_tables); None: identity
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
@@ -115,9 +115,10 @@ def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any = None, back
 
 
 def identity_tables(rows: int, length: int, block_size: int = BLOCK) -> jax.Array:
-    """Block tables of ``rows`` sequences owning consecutive blocks of one pool."""
+    """Block tables (one group: (1, rows, blocks)) of ``rows`` sequences owning consecutive
+    blocks of one pool."""
     per_row = -(-length // block_size)
-    return jnp.arange(rows * per_row, dtype=jnp.int32).reshape(rows, per_row)
+    return jnp.arange(rows * per_row, dtype=jnp.int32).reshape(1, rows, per_row)
 
 
 def full_logits(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, backend: Backend = XLA,

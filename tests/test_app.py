@@ -5,6 +5,8 @@ import pytest
 from litestar.testing import TestClient
 
 from conftest import tiny_engine
+from service.engine import direct
+from service.engine.plan import Chunk
 from service.app import ServerSettings, State, create_app
 
 CHAT = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
@@ -437,6 +439,7 @@ def test_mean_pooled_embeddings_sum_over_every_chunk(engine):
     whole = ModelRunner(engine.runner.cfg, init_params(engine.runner.cfg, seed=0), max_batch_size=1,
                         session_len=128, max_prefill_chunk=128)
     for vector, prompt in zip(got, (ids, ids[:10])):
-        hidden = whole.prefill_packed([(0, prompt, 0, True)], hidden=True)[-1]
+        hidden = direct.prefill_chunks(whole, [Chunk(slot=0, tokens=tuple(prompt), start=0, last=True,
+                                                     embed=True)]).hidden
         want = hidden.mean(axis=0)
         np.testing.assert_allclose(vector, want / np.linalg.norm(want), atol=1e-5)

@@ -25,7 +25,7 @@ def test_prefill_then_decode_equals_full_forward(cfg, chunks):
 
     span = 32
     cache = llama.init_cache(cfg, rows=3, length=span)
-    tables = llama.identity_tables(3, span)[::-1]  # each row's blocks somewhere else in the pool
+    tables = llama.identity_tables(3, span)[:, ::-1]  # each row's blocks somewhere else in the pool
     slot = jnp.asarray([2], jnp.int32)  # a table row other than 0, as the engine uses slots
     got, start = [], 0
     for n in chunks:  # chunked prefill

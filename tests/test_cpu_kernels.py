@@ -425,6 +425,7 @@ def test_bfloat16_kv_cache_serves_like_float32(default_checkpoint):
     """A runner with ``kv_cache_dtype="bfloat16"`` stores half the bytes (bfloat16 bits in
     uint16, scattered in place) and greedy decoding follows the float32 cache's tokens."""
     from service.params import SamplingParams
+    from service.engine import direct
     from service.models import build_runner
 
     out = {}
@@ -433,10 +434,10 @@ def test_bfloat16_kv_cache_serves_like_float32(default_checkpoint):
         assert runner.cache[0][0].dtype == (jnp.float32 if kv == "float32" else jnp.uint16)
         prompt = tok.encode("The capital of France is")
         runner.set_slot(0, SamplingParams(temperature=0), prompt, 0)
-        token = int(runner.prefill(0, prompt, 0)[0][0])
+        token = int(direct.prefill(runner, 0, prompt, 0).tokens[0])
         tokens = [token]
         for i in range(8):
-            token = int(runner.decode([0], [token], [len(prompt) + i], [i + 1])[0][0])
+            token = int(direct.decode(runner, [0], [token], [len(prompt) + i], [i + 1]).tokens[0])
             tokens.append(token)
         out[kv] = tokens
     assert out["bfloat16"] == out["float32"]

@@ -13,7 +13,8 @@ from model.config import ModelConfig
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from model.weights import init_params
 from service import sampling as smp
-from service.engine import Engine, Request, Sequence
+from service.engine import Engine, Request, Sequence, direct
+from service.engine.plan import Chunk
 from service.engine.output import apply_stop_strings
 from service.errors import ContextLengthExceeded, EngineFailed, Overloaded, ServiceError
 from service.engine.runner import ModelRunner, compile_count
@@ -105,29 +106,33 @@ def test_packed_prefill_equals_one_chunk_per_call(tiny, tokenizer, xla):
                         backend=Xla(pack_prompts=True) if xla else None)
         for slot, ids in ((0, p2), (1, p1), (3, p3)):
             r.set_slot(slot, lp, ids, seed=0)
-        r.prefill(3, p3[:5], 0, last=False)
+        direct.prefill(r, 3, p3[:5], 0, last=False)
         return r
+
+    def chunk(slot, ids, start):
+        return Chunk(slot=slot, tokens=tuple(ids), start=start, last=True)
 
     packed = runner_with_rows()
     assert packed.prompts_per_call(39, 5) >= 3
-    got = packed.prefill_packed([(1, p1, 0, True), (0, p2, 0, True), (3, p3[5:], 5, True)])
+    got = direct.prefill_chunks(packed, [chunk(1, p1, 0), chunk(0, p2, 0), chunk(3, p3[5:], 5)]).sampled
     single = runner_with_rows()
-    want = [single.prefill(slot, ids, start) for slot, ids, start in ((1, p1, 0), (0, p2, 0), (3, p3[5:], 5))]
+    want = [direct.prefill(single, slot, ids, start) for slot, ids, start in ((1, p1, 0), (0, p2, 0), (3, p3[5:], 5))]
     for i, one in enumerate(want):
-        assert int(got[0][i]) == int(one[0][0])
-        np.testing.assert_allclose(got[1][i], one[1][0], atol=1e-5)
-        np.testing.assert_array_equal(got[2][i], one[2][0])
-        np.testing.assert_allclose(got[3][i], one[3][0], atol=1e-5)
+        assert int(got.tokens[i]) == int(one.tokens[0])
+        np.testing.assert_allclose(got.logprobs[i], one.logprobs[0], atol=1e-5)
+        np.testing.assert_array_equal(got.top_ids[i], one.top_ids[0])
+        np.testing.assert_allclose(got.top_logprobs[i], one.top_logprobs[0], atol=1e-5)
     # Decoding on from there reads the KV each call wrote: the same tokens both ways.
     slots, positions = [1, 0, 3], [20, 13, 11]
-    toks_a = toks_b = [int(got[0][i]) for i in range(3)]
+    toks_a = toks_b = [int(got.tokens[i]) for i in range(3)]
     for step in range(4):
-        toks_a = [int(t) for t in packed.decode(slots, toks_a, positions, [step + 1] * 3)[0]]
-        toks_b = [int(t) for t in single.decode(slots, toks_b, positions, [step + 1] * 3)[0]]
+        toks_a = [int(t) for t in direct.decode(packed, slots, toks_a, positions, [step + 1] * 3).tokens]
+        toks_b = [int(t) for t in direct.decode(single, slots, toks_b, positions, [step + 1] * 3).tokens]
         assert toks_a == toks_b
         positions = [p + 1 for p in positions]
     with pytest.raises(ValueError, match="distinct slots"):
-        packed.prefill_packed([(1, p1[:3], 0, False), (1, p1[3:6], 3, False)])
+        direct.prefill_chunks(packed, [Chunk(slot=1, tokens=tuple(p1[:3]), start=0, last=False),
+                                       Chunk(slot=1, tokens=tuple(p1[3:6]), start=3, last=False)])
 
 
 @pytest.mark.parametrize("backend", ["default", "xla packed"])
@@ -491,11 +496,11 @@ def test_positions_past_the_rope_table_are_an_error_not_clipped(tiny, tokenizer)
     would silently reuse the last row, so the runner refuses it."""
     engine = make_engine(tiny, tokenizer, session_len=64)
     runner = engine.runner
-    runner.prefill(0, [5, 6, 7], start=61)  # positions 61..63: the table's last rows
+    direct.prefill(runner, 0, [5, 6, 7], start=61)  # positions 61..63: the table's last rows
     with pytest.raises(ValueError, match="position 64 is past the 64 positions"):
-        runner.prefill(0, [5, 6], start=63)
+        direct.prefill(runner, 0, [5, 6], start=63)
     with pytest.raises(ValueError, match="position 64"):
-        runner.decode([0], [5], [64], [1])
+        direct.decode(runner, [0], [5], [64], [1])
 
 
 def test_compact_sampling_state_penalises_like_dense_arrays():

@@ -276,6 +276,7 @@ def test_internlm2_packed_wqkv_matches_llama_reference(tmp_path):
 def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, case, kernels):
     """The serving path (a prompt prefilled into the cache, then one token per decode step,
     each position attended from the cache) gives transformers' greedy continuation."""
+    from service.engine import direct
     from service.engine.runner import ModelRunner
     from service.params import SamplingParams
 
@@ -296,9 +297,9 @@ def test_cached_prefill_and_decode_give_transformers_greedy_tokens(tmp_path, cas
     runner = ModelRunner(cfg, load_params(dst, cfg), max_batch_size=2, session_len=64, max_prefill_chunk=16,
                          backend=backend)
     runner.set_slot(1, SamplingParams(temperature=0), prompt, seed=0)
-    tokens = [int(np.asarray(runner.prefill(1, prompt, 0)[0])[0])]
+    tokens = [int(direct.prefill(runner, 1, prompt, 0).tokens[0])]
     for i in range(11):
-        tokens.append(int(runner.decode([1], [tokens[-1]], [len(prompt) + i], [i + 1])[0][0]))
+        tokens.append(int(direct.decode(runner, [1], [tokens[-1]], [len(prompt) + i], [i + 1]).tokens[0]))
     assert tokens == want
 
 

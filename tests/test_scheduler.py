@@ -42,7 +42,7 @@ def test_prompts_arriving_together_share_one_call_with_the_decode_rows_riding():
     assert (a.prefilled, b.prefilled, running.prefilled) == (10, 12, 12)  # the plan's bookkeeping
     # Each got the blocks its positions need, and the plan carries the tables as they are now.
     assert [len(table.blocks.held[s.slot].blocks) for s in (a, b, running)] == [1, 1, 1]
-    assert (plan.tables == table.blocks.tables).all() and plan.tables is not table.blocks.tables
+    assert (plan.tables[0] == table.blocks.tables).all() and plan.tables.base is not table.blocks.tables
 
 
 def test_a_long_prompt_is_cut_and_leaves_room_for_the_decode_rows():
@@ -64,8 +64,8 @@ def test_a_shared_prefix_is_taken_by_reference_in_the_same_call():
     # The first's chunk registers its 7 full blocks as it is planned; the second takes them
     # and computes only its own tokens, in the same call (every chunk's KV is written before
     # any chunk attends).
-    assert call.chunks[0] == Chunk(first.slot, tuple(range(30)), 0, True)
-    assert call.chunks[1] == Chunk(second.slot, (28, 29, 99, 98), 28, True)
+    assert call.chunks[0] == Chunk(slot=first.slot, tokens=tuple(range(30)), start=0, last=True)
+    assert call.chunks[1] == Chunk(slot=second.slot, tokens=(28, 29, 99, 98), start=28, last=True)
     assert second.cached == 28
     t = table.blocks.tables
     assert (t[second.slot, :7] == t[first.slot, :7]).all() and t[second.slot, 7] != t[first.slot, 7]
@@ -116,7 +116,7 @@ def test_one_prompt_per_call_where_the_backend_takes_one():
     decoding = admit(table, [4] * 3, 0, generated=[1])
     a, b = admit(table, range(5), 1), admit(table, range(50, 55), 2)
     plan = sched.schedule()
-    calls = plan.prefills
+    calls = plan.ops
     assert [[c.owner for c in call.chunks] for call in calls] == [[a], [b]]
     assert plan.decode.owners == (decoding,)  # no room to ride: a decode step of its own
 
@@ -146,7 +146,7 @@ def test_a_preempted_sequence_is_recomputed_from_its_prompt_and_output_then_deco
     (call,) = sched.schedule().ops
     # The prompt's KV again, with no token drawn (the output so far is kept as it is).
     # Its first block is still cached (freed, not yet taken): only positions 4..6 are computed.
-    assert call.chunks == (Chunk(a.slot, (4, 5, 6), 4, False),)
+    assert call.chunks == (Chunk(slot=a.slot, tokens=(4, 5, 6), start=4, last=False),)
     assert a.decodable and a.generated == [1]
     plan = sched.schedule()  # now a decode row: its last token at its position
     assert plan.decode == Decode((a.slot,), (1,), (7,), (1,))

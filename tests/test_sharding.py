@@ -11,6 +11,8 @@ import pytest
 from model import transformer as llama
 from model.config import ModelConfig
 from model.weights import init_params
+from service.engine import direct
+from service.engine.step_io import DecodeInputs
 from service.engine.runner import ModelRunner
 from service.params import SamplingParams
 from sharding import MeshError, make_mesh, plan_for
@@ -65,12 +67,12 @@ def greedy_run(cfg, params, plan, prompt, steps=6):
     runner = ModelRunner(cfg, params, max_batch_size=2, session_len=64, max_prefill_chunk=16,
                          plan=plan)
     runner.set_slot(1, SamplingParams(temperature=0), prompt, seed=0)
-    tok, lp, _, _ = runner.prefill(1, prompt, 0)
-    tokens, lps = [int(np.asarray(tok)[0])], [float(np.asarray(lp)[0])]
+    first = direct.prefill(runner, 1, prompt, 0)
+    tokens, lps = [int(first.tokens[0])], [float(first.logprobs[0])]
     for i in range(steps):
-        out = runner.decode([1], [tokens[-1]], [len(prompt) + i], [i + 1])
-        tokens.append(int(out[0][0]))
-        lps.append(float(out[1][0]))
+        out = direct.decode(runner, [1], [tokens[-1]], [len(prompt) + i], [i + 1])
+        tokens.append(int(out.tokens[0]))
+        lps.append(float(out.logprobs[0]))
     return tokens, np.asarray(lps)
 
 
@@ -162,9 +164,9 @@ def test_decode_step_gathers_no_weights(models, name, tp, dp):
     z = np.zeros((b,), np.int32)
     rows = None if runner.full_width else np.arange(b, dtype=np.int32)
     allowed = runner.shapes.allowed(b, [], None)
+    inputs = DecodeInputs(z, z, z, rows, allowed, np.int32(len(z)), runner.shapes.spans[0])
     hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, runner.eos_mask,
-                               runner.identity, z, z, z, rows, allowed, np.int32(len(z)),
-                               span=runner.shapes.spans[0]).compile().as_text()
+                               direct.identity_tables(runner), inputs).compile().as_text()
     full_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
     pool = runner.cache[0][0].shape  # (R, NB, BS, K, E)
     r, nb, bs, k, e = pool

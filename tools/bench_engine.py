@@ -92,20 +92,21 @@ def context_sweep(checkpoint, contexts: list[int], reps: int = 10, dtype: str | 
     attention reads a bucketed span, so the step should grow with the context, not with the
     session length."""
     from model.checkpoint import load_config, load_params
-    from service.engine.runner import ModelRunner
-
     import dataclasses
+
+    from service.engine import direct
+    from service.engine.runner import ModelRunner
 
     cfg = load_config(checkpoint)
     cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
     runner = ModelRunner(cfg, load_params(checkpoint, cfg), 1, max(contexts) + 1, quantize=quantize,
                          kv_cache_dtype=kv_cache_dtype)
     for n in contexts:
-        runner.decode([0], [1], [n], [1])  # compile this span
+        direct.decode(runner, [0], [1], [n], [1])  # compile this span
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            np.asarray(runner.decode([0], [1], [n], [1])[0])
+            direct.decode(runner, [0], [1], [n], [1])
             times.append(time.perf_counter() - t)
         print(f"context {n:6d} tokens (session {runner.session_len}): decode step "
               f"{1000 * statistics.median(times):.1f} ms median")

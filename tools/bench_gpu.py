@@ -18,6 +18,7 @@ fractions mean little: that mode only proves the script runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     from model.backends.gpu import GpuKernels
     from model.backends.xla import Xla
     from model.config import ModelConfig
+    from service.engine import direct
+    from service.engine.plan import Decode
     from service.engine.runner import ModelRunner
     from service.params import SamplingParams
 
@@ -138,12 +141,14 @@ def main(argv=None) -> int:
         runner.set_slot(s, greedy, [1], seed=s)
     devices = args.tp
     for b in args.streams:
-        ids = list(range(b))
+        decode = Decode(tuple(range(b)), (1,) * b, (args.context,) * b, (1,) * b)
+        tables = direct.identity_tables(runner)
 
         def steps():
             # The KV the steps read is whatever the pool holds (zeros): the work is the same.
             for i in range(args.steps):
-                out = runner.dispatch_decode(ids, [1] * b, [args.context + i] * b, [i + 1] * b)
+                out = runner.dispatch_decode(dataclasses.replace(
+                    decode, positions=(args.context + i,) * b, steps=(i + 1,) * b), tables)
             runner.fetch(out)
 
         t = timed(steps, 3) / args.steps
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
         runner.set_slot(0, greedy, prompt, seed=0)
         for start in range(0, args.prompt, args.max_chunk):
             chunk = prompt[start:start + args.max_chunk]
-            out = runner.prefill(0, chunk, start, last=start + len(chunk) == args.prompt)
+            out = direct.prefill(runner, 0, chunk, start, last=start + len(chunk) == args.prompt)
         return out
 
     t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """The device backends: how the model's math runs, chosen once when a runner is built.
 
-Two backends share one interface (``Backend``):
+Three backends share one interface (``Backend``), each taking a call's tokens with a table
+row per token (so one call can carry chunks of several sequences):
 
 - ``cpu.CpuKernels``: one CPU device with the native kernels built. Weights are packed into
   column panels (float32, bfloat16, int8 or w8a8 types), activations are float32, the KV
@@ -12,10 +13,12 @@ Two backends share one interface (``Backend``):
   bucketed span of each row's blocks; a prefill call packs as many sequences' chunks as its
   span allows (a table row per token, every query scored against all of them, masked) where
   the device's FLOPs are cheap against its bytes (``Xla.pack_prompts``; not on a CPU).
+- ``gpu.GpuKernels``: XLA with attention in a ragged paged-attention Pallas kernel, on CUDA
+  devices where it applies (``gpu_kernel_applies``).
 
 The KV cache is paged: per layer a pool of fixed-size blocks, and a block table per sequence
-(a row of ``tables``, (slots, max blocks) int32) naming the block of each ``block_size``
-positions. Position p of table row r is at offset ``p % block_size`` of block
+(a row of ``tables``, (slots, max blocks) int32, the layer's KV group's: ``layer_tables``)
+naming the block of each ``block_size`` positions. Position p of table row r is at offset ``p % block_size`` of block
 ``tables[r, p // block_size]``; an entry of -1 holds no block. Each pool has one block more
 than it hands out, its last: padding tokens (and positions with no block) write there, so
 every write is in bounds (a scatter that may drop a write reads the old value to keep it, and
@@ -45,9 +48,6 @@ class Backend(abc.ABC):
     over one."""
 
     name: str
-    # The KV cache is addressed by a cache row per token, so one prefill call can pack
-    # chunks of several sequences; otherwise by a cache row per batch row.
-    rows_per_token: bool
     # Attention reads each query's own positions: no span buckets are compiled.
     reads_own_context: bool
 
@@ -123,11 +123,11 @@ class Backend(abc.ABC):
 
 
 def layer_tables(tables: jax.Array, cfg: ModelConfig, layer: int) -> jax.Array:
-    """The block tables layer ``layer`` reads: ``tables`` (slots, max blocks), or of (2, slots,
-    max blocks) the second (the window group's) for a sliding-window layer, else the first."""
-    if tables.ndim == 2:
-        return tables
-    return tables[1 if cfg.is_sliding(layer) else 0]
+    """The (slots, max blocks) block tables layer ``layer`` reads, of ``tables`` (groups, slots,
+    max blocks): the KV group its kind of layer keeps its KV in (``ModelConfig.kv_group``),
+    the first where the tables have no group of that kind (every layer then shares one pool)."""
+    group = cfg.kv_group(layer)
+    return tables[group if group < tables.shape[0] else 0]
 
 
 def flat_slots(tables: jax.Array, rows: jax.Array, positions: jax.Array, replicas: int, replica_blocks: int,

@@ -153,7 +153,6 @@ class Xla(Backend):
     cores), so the default there is one sequence per call."""
 
     name = "xla"
-    rows_per_token = True
     reads_own_context = False
 
     def __init__(self, pack_prompts: bool | None = None):

@@ -191,7 +191,7 @@ class BlockManager:
     def device_tables(self) -> np.ndarray:
         """A copy of the tables a step runs over: (slots, max_blocks), or (2, slots,
         max_blocks) with the window group's second."""
-        return np.stack([self.tables, self.window_tables]) if self.window else self.tables.copy()
+        return np.stack([self.tables, self.window_tables]) if self.window else self.tables[None].copy()
 
     # -- a slot's table ------------------------------------------------------------------------
 

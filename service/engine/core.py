@@ -219,7 +219,7 @@ class Engine:
             if self.scheduler.chains_on(seqs):
                 inflight = (seqs, handle)
             else:
-                self.outputs.on_tokens(seqs, *self.runner.fetch(handle))
+                self.outputs.on_tokens(seqs, self.runner.fetch(handle))
         if inflight is None and self.speculation is not None and self.speculation.draft is not None:
             self._draft()
         plan = self.scheduler.schedule(inflight[0] if inflight else None)
@@ -234,7 +234,7 @@ class Engine:
             self.stats.chained_steps += plan.decode.chained
             self._inflight = (list(plan.decode.owners), handle)
         if inflight:  # read while the device runs the step queued on it
-            self.outputs.on_tokens(inflight[0], *self.runner.fetch(inflight[1]))
+            self.outputs.on_tokens(inflight[0], self.runner.fetch(inflight[1]))
         self.outputs.on_prefilled(plan, results)
 
     def _draft(self) -> None:
@@ -261,7 +261,7 @@ class Engine:
                 limits.append(limit)
         if rows:
             # The first group's tables: the draft keeps KV of every layer there.
-            spec.draft.propose(rows, limits, self.blocks.tables.copy())
+            spec.draft.propose(rows, limits, self.blocks.device_tables()[:1])
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.engine.plan import Chunk, Decode, Prefill
 from service.engine.request import Sequence
 from service.params import SamplingParams
 
@@ -42,7 +43,8 @@ class DraftModel:
 
     def propose(self, seqs: list[Sequence], limits: list[int], tables: np.ndarray) -> None:
         """Set each sequence's ``proposal``: up to its limit of greedy draft tokens after its last
-        one. Catches each one's draft KV up to its last confirmed position first."""
+        one. Catches each one's draft KV up to its last confirmed position first. ``tables``:
+        (1, slots, max blocks), the first KV group's, where the draft keeps every layer's KV."""
         r = self.runner
         for s in seqs:
             if s.draft_epoch != s.preempted:  # new blocks since: nothing of its draft KV is known
@@ -51,20 +53,23 @@ class DraftModel:
             tokens = s.tokens(s.draft_prefilled, end)
             for at in range(0, len(tokens), r.max_chunk):
                 start = s.draft_prefilled + at
-                r.prefill_packed([(s.slot, tokens[at:at + r.max_chunk], start, False)], tables=tables)
+                r.run_prefill(Prefill((Chunk(slot=s.slot, tokens=tuple(tokens[at:at + r.max_chunk]), start=start,
+                                             last=False),)), tables)
             s.draft_prefilled = end
         # Rows with the same limit draft together, each step fed on the device by the one
         # before (one host read per group); a row never decodes past its own limit, whose
         # positions may have no block.
         for limit in sorted(set(limits)):
             group = [s for s, n in zip(seqs, limits) if n == limit]
-            slots = [s.slot for s in group]
+            slots = tuple(s.slot for s in group)
             positions = [s.length - 1 for s in group]
-            feed, handles = [s.generated[-1] for s in group], []
+            tokens, feed, handles = tuple(s.generated[-1] for s in group), None, []
             for i in range(limit):
-                feed = r.dispatch_decode(slots, feed, [p + i for p in positions], [0] * len(group), tables=tables)
+                # The first step is fed the rows' last tokens; each later one the step before's.
+                d = Decode(slots, tokens if feed is None else None, tuple(p + i for p in positions), (0,) * len(group))
+                feed = r.dispatch_decode(d, tables, inflight=feed)
                 handles.append(feed)
-            steps = [r.fetch(h)[0] for h in handles]
+            steps = [r.fetch(h).tokens for h in handles]
             for j, s in enumerate(group):
                 s.proposal = [int(steps[i][j]) for i in range(limit)]
                 s.draft_prefilled = s.length  # the last token's draft KV, written by the first step

@@ -16,6 +16,7 @@ from model.tokenizer import Tokenizer
 from service.engine.bridge import LoopQueue, deliver
 from service.engine.request import Output, Sequence, TokenLogprob
 from service.engine.slots import SlotTable
+from service.engine.step_io import Sampled, StepOutput
 from service.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -71,34 +72,33 @@ class OutputProcessor:
         self.metrics = metrics
         self.stats = stats
 
-    def on_prefilled(self, plan, results: list) -> None:
-        """The host outputs of a plan's prefill calls (``ModelRunner.execute``): prompt scores,
+    def on_prefilled(self, plan, results: list[StepOutput]) -> None:
+        """The outputs of a plan's prefill calls (``ModelRunner.execute``): prompt scores,
         prompts finished, and the tokens sampled where a chunk ends its prompt or is a decode
         row."""
-        for call, arrays in zip(plan.prefills, results):
+        for call, out in zip(plan.ops, results):
             self.stats.prefill_calls += 1
             if call.verify:
-                self.verified(call, arrays)
+                self.verified(call, out.sampled)
                 continue
             self.stats.mixed_calls += call.riders > 0
-            if call.scores:
-                self.prompt_scores(call.chunks, *arrays[4:7])
-            if call.embeds:
-                self.pool(call.chunks, arrays[7])
+            if out.scores is not None:
+                self.prompt_scores(call.chunks, out.scores)
+            if out.hidden is not None:
+                self.pool(call.chunks, out.hidden)
             done = [i for i, c in enumerate(call.chunks) if c.last]
             for i in done:
-                if not call.chunks[i].step:
+                if not call.chunks[i].decode:
                     self.prompt_done(call.chunks[i].owner)
             if done:
-                pick = lambda x: None if x is None else np.asarray(x)[done]  # noqa: E731
-                self.on_tokens([call.chunks[i].owner for i in done], *map(pick, arrays[:4]))
+                self.on_tokens([call.chunks[i].owner for i in done], out.sampled.take(done))
 
-    def verified(self, call, arrays) -> None:
+    def verified(self, call, sampled: Sampled) -> None:
         """A verify call's tokens (a row per position): each row's drafts are accepted while
         each equals the token drawn before it, and the tokens drawn up to the first mismatch
         are its output, processed one by one (a stop among them ends it there). Its KV is then
         known up to its newest token; blocks only rejected drafts took go back."""
-        toks = np.asarray(arrays[0])
+        toks = sampled.tokens
         seqs, rows, at = [], [], 0
         for c in call.chunks:
             n = 1
@@ -117,8 +117,7 @@ class OutputProcessor:
         self.stats.spec_rows += len(call.chunks)
         self.metrics.spec_rows.inc(len(call.chunks))
         self.metrics.spec_length.set((self.stats.spec_accepted + self.stats.spec_rows) / self.stats.spec_rows)
-        pick = lambda x: None if x is None else np.asarray(x)[rows]  # noqa: E731
-        self.on_tokens(seqs, *map(pick, arrays[:4]))
+        self.on_tokens(seqs, sampled.take(rows))
         for c in call.chunks:
             seq = c.owner
             if self.table.running.get(seq.slot) is seq:
@@ -132,9 +131,10 @@ class OutputProcessor:
         self.metrics.prompt_tokens.inc(len(seq.seq) - seq.cached)
         self.metrics.cached_tokens.inc(seq.cached)
 
-    def prompt_scores(self, chunks, lps, top_ids, top_lps) -> None:
+    def prompt_scores(self, chunks, scores: Sampled) -> None:
         """Keep the scored chunks' rows of a prefill call: the logprob of each prompt token
         after the chunk's first position, given the tokens before it."""
+        lps, top_ids, top_lps = scores.logprobs, scores.top_ids, scores.top_logprobs
         at = 0
         for c in chunks:
             seq, k = c.owner, len(c.tokens)
@@ -167,16 +167,17 @@ class OutputProcessor:
                     seq.pooled = rows[0]
             at += k
 
-    def on_tokens(self, seqs, toks, lps, top_ids, top_lps) -> None:
-        """One sampled token for each of ``seqs`` (rows of the arrays)."""
+    def on_tokens(self, seqs, sampled: Sampled) -> None:
+        """One sampled token for each of ``seqs`` (the rows of ``sampled``)."""
         batched: dict = {}  # event loop -> [(queue, Output)]: one wake-up per loop
         try:
-            self._handle(seqs, toks, lps, top_ids, top_lps, batched)
+            self._handle(seqs, sampled, batched)
         finally:
             for loop, items in batched.items():
                 deliver(loop, items)
 
-    def _handle(self, seqs, toks, lps, top_ids, top_lps, batched: dict) -> None:
+    def _handle(self, seqs, sampled: Sampled, batched: dict) -> None:
+        toks, lps, top_ids, top_lps = sampled.tokens, sampled.logprobs, sampled.top_ids, sampled.top_logprobs
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             if self.table.running.get(seq.slot) is not seq:  # finished or aborted meanwhile

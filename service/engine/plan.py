@@ -14,17 +14,19 @@ from typing import Any
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Chunk:
     """Tokens of one sequence at positions ``start..``; ``last``: they end its prompt (or it
     is a decode row), so the token sampled after them is its next; ``step``: tokens it has
-    generated so far (a decode row's count)."""
+    generated so far; ``decode``: a decode row (its last sampled token, riding along a prefill
+    call or verified with drafts), not a piece of a prompt."""
 
     slot: int
     tokens: tuple[int, ...]
     start: int
     last: bool
     step: int = 0
+    decode: bool = False
     # Score the chunk: each token's successor's logprob (``next_token`` follows the last one).
     score: bool = False
     next_token: int = 0
@@ -56,7 +58,7 @@ class Prefill:
     @property
     def riders(self) -> int:
         """Decode rows riding along (one-token chunks at the end)."""
-        return sum(1 for c in self.chunks if c.step > 0)
+        return sum(1 for c in self.chunks if c.decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +79,17 @@ class Decode:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
+    """Prefill calls run in order (``ops``), then at most one decode step, over ``tables``
+    ((groups, slots, max blocks): every KV group's tables as the plan leaves them)."""
+
     ops: tuple[Prefill, ...] = ()
     decode: Decode | None = None
     tables: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    @property
-    def prefills(self) -> list[Prefill]:
-        return [op for op in self.ops if isinstance(op, Prefill)]
-
     def sampling_rows(self) -> list:
         """The sequences (owners) that sample a token in this step: the chunks that end a prompt
         or are decode rows, then the decode step's rows."""
-        rows = [c.owner for op in self.prefills for c in op.chunks if c.last]
+        rows = [c.owner for op in self.ops for c in op.chunks if c.last]
         return rows + list(self.decode.owners) if self.decode is not None else rows
 
     def __bool__(self) -> bool:

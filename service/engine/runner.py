@@ -1,11 +1,10 @@
 """The runner: device state (params, paged KV cache, per-slot sampling state) and the host API
 that runs the jitted steps of ``steps`` over it, padded to the shapes of ``shapes``; ``execute``
-runs a scheduler's plan.
+runs a scheduler's plan, whose ops it takes as they are (``run_prefill``, ``dispatch_decode``).
 
-The KV cache is a pool of ``num_blocks`` blocks of ``block_size`` positions per data replica;
-each step is given the block tables of every slot (``tables``, (slots, max blocks) int32, the
-block manager's). Called without tables, slot s owns the blocks ``s * M .. (s + 1) * M - 1``
-of its replica (``identity``), as when every slot held a ``session_len`` row.
+The KV cache is a pool of ``num_blocks`` blocks of ``block_size`` positions per data replica
+(and one of ``window_blocks`` for the sliding-window layers); each step is given every KV
+group's block tables ((groups, slots, max blocks) int32, the block manager's).
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ from model import layers
 from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
-from service.engine.plan import StepPlan
+from service.engine.plan import Chunk, Decode, Prefill, StepPlan
 from service.engine.shapes import StepShapes
+from service.engine.step_io import DecodeInputs, PrefillInputs, Sampled, StepOutput
 from service.engine.steps import Steps
 from service.params import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -131,7 +131,7 @@ class ModelRunner:
         if self.window and window_blocks < -(-self.window // block_size) + 2:
             raise ValueError(f"{window_blocks} blocks of {block_size} cannot hold one sequence's window of "
                              f"{self.window} positions")
-        self.identity = None if self.window else self._identity_tables()
+        self.kv_groups = 2 if self.window else 1  # the tables' first axis: full attention, then windows
         self.shapes = StepShapes(self.backend, max_batch_size, cfg.vocab_size, session_len, self.max_chunk,
                                  self.full_width, block_size)
         # Every array is committed to its final placement, like every later (jit-output) value
@@ -199,27 +199,9 @@ class ModelRunner:
         self._new_state()
         return False
 
-    def _identity_tables(self) -> np.ndarray | None:
-        """Slot s owning its replica's blocks s' * M .. (s' + 1) * M - 1 (s' its index in the
-        replica); None when the pool is too small for that."""
-        per = self.slots // self.replicas
-        if self.num_blocks < per * self.max_blocks:
-            return None
-        local = np.arange(self.slots) % per
-        return (local[:, None] * self.max_blocks + np.arange(self.max_blocks)[None, :]).astype(np.int32)
-
     def empty_tables(self) -> np.ndarray:
-        """Tables of the shape every step takes, every entry block 0."""
-        shape = (self.slots, self.max_blocks)
-        return np.zeros((2, *shape) if self.window else shape, np.int32)
-
-    def _tables(self, tables):
-        if tables is not None:
-            return tables
-        if self.identity is None:
-            raise ValueError("this pool is smaller than a session per slot (or has a window group): "
-                             "pass block tables")
-        return self.identity
+        """Tables of the shape every step takes, (groups, slots, max blocks), every entry block 0."""
+        return np.zeros((self.kv_groups, self.slots, self.max_blocks), np.int32)
 
     # -- host API (engine thread only) ----------------------------------------------------------
     # Inputs go in as numpy values, which every process of a multi-process mesh can pass.
@@ -227,24 +209,14 @@ class ModelRunner:
     # and the others replay it in ``follow``.
 
     def execute(self, plan: StepPlan, inflight: "DecodeHandle | None" = None, masks: dict | None = None):
-        """Run a step's plan: its prefill calls in order, then dispatch its decode
-        step (fed by ``inflight``'s tokens on the device when the plan chains on it). ``masks``:
-        the token bitmask row (W,) int32 of each slot a grammar constrains this step. Returns
-        the prefill calls' host outputs and the decode step's handle (or None)."""
-        results = []
-        tables = plan.tables
-        for op in plan.ops:
-            if op.verify:
-                results.append(self.verify([(c.slot, list(c.tokens), c.start, c.step) for c in op.chunks], tables))
-                continue
-            results.append(self.prefill_packed(
-                [(c.slot, list(c.tokens), c.start, c.last, c.step, c.score, c.next_token) for c in op.chunks],
-                masks, tables, hidden=op.embeds))
+        """Run a step's plan: its prefill calls in order, then dispatch its decode step (fed by
+        ``inflight``'s tokens on the device when the plan chains on it). ``masks``: the token
+        bitmask row (W,) int32 of each slot a grammar constrains this step. Returns the prefill
+        calls' ``StepOutput``s and the decode step's handle (or None)."""
+        results = [self.run_prefill(op, plan.tables, masks) for op in plan.ops]
         handle = None
-        d = plan.decode
-        if d is not None:
-            handle = self.dispatch_decode(list(d.slots), inflight if d.chained else list(d.tokens),
-                                          list(d.positions), list(d.steps), masks, tables)
+        if plan.decode is not None:
+            handle = self.dispatch_decode(plan.decode, plan.tables, masks, inflight)
         return results, handle
 
     def set_slot(self, slot: int, params: SamplingParams, prompt_ids, seed: int) -> None:
@@ -257,55 +229,31 @@ class ModelRunner:
     def prompts_per_call(self, n_tokens: int, max_start: int = 0) -> int:
         return self.shapes.prompts_per_call(n_tokens, max_start)
 
-    def prefill(self, slot: int, tokens: list[int], start: int, last: bool = True):
-        """Prefill one chunk (len <= max_chunk) of a slot's sequence at ``start``. Returns host
-        arrays (token, logprob, top ids, top logprobs) of the chunk's last position."""
-        out = self.prefill_packed([(slot, tokens, start, last)])
-        return tuple(None if x is None else x[:1] for x in out[:4])
-
-    def prefill_packed(self, chunks: list[tuple], masks: dict | None = None, tables: np.ndarray | None = None,
-                       hidden: bool = False):
-        """Prefill chunks (slot, tokens, start, last[, step[, score, next token]]) of different
-        slots in one call: at most ``prompts_per_call`` of them, ``max_chunk`` tokens in all.
-        Returns host arrays (tokens, logprobs, top ids, top logprobs) whose first rows follow
-        ``chunks``: the token sampled at each chunk's last position (meaningful where the chunk
-        ends its prompt); then, when a chunk is scored, the call's (T,) logprobs of each
-        position's successor and its (T, K) top ids and logprobs, rows in the chunks' order
-        (else three Nones).
-
-        A decode row can ride along as a one-token chunk (its last token at its position,
-        ``last`` true, ``step`` its generated count): its sampled token is its next one.
-
-        ``hidden``: one more array, the call's final hidden states (T, D) as float32, rows in
-        the chunks' order (embedding requests pool them)."""
-        self._check_positions(max(c[2] + len(c[1]) for c in chunks) - 1)
-        arrays, n, span = self.shapes.prefill_inputs(chunks, masks)
-        out, states = self._prefill_step(self._tables(tables), arrays, n, span)
-        sampled = tuple(None if x is None else _host(x) for x in out[:4])
-        scored = tuple(_host(x) for x in out[4:]) if arrays[-1] else (None, None, None)
-        return sampled + scored + ((_host(states)[:n].astype(np.float32),) if hidden else ())
-
-    def verify(self, chunks: list[tuple], tables: np.ndarray | None = None):
-        """A verify call (speculative decoding): decode rows (slot, tokens, start, step), each
-        its last token at ``start`` and its draft tokens after it, of distinct slots. Returns
-        host arrays (tokens, logprobs, top ids, top logprobs) with a row per position, in the
-        chunks' order: the token drawn after each position, as a decode step at that
-        position (``step`` + its offset) would draw it."""
-        self._check_positions(max(c[2] + len(c[1]) for c in chunks) - 1)
-        arrays, n, span = self.shapes.verify_inputs(chunks)
-        out, _ = self._prefill_step(self._tables(tables), arrays, n, span)
-        return tuple(None if x is None else _host(x)[:n] for x in out[:4])
+    def run_prefill(self, op: Prefill, tables: np.ndarray, masks: dict | None = None) -> StepOutput:
+        """One prefill call: ``op``'s chunks (of distinct slots; at most ``prompts_per_call``
+        of them, ``max_chunk`` tokens in all) in one row of tokens. ``sampled`` has a row per
+        chunk, in order: the token drawn after its last position (meaningful where it ends its
+        prompt or is a decode row riding along); in a verify call a row per position instead,
+        the token drawn after each as a decode step there would draw it. A scored call's
+        ``scores`` and an embedding call's ``hidden`` have a row per token, in the chunks' order."""
+        self._check_positions(max(c.start + len(c.tokens) for c in op.chunks) - 1)
+        inputs = self.shapes.prefill_inputs(op, masks)
+        n = int(inputs.live)
+        out, hidden = self._prefill_step(tables, inputs, op.scores)
+        sampled, scores = out[:4], out[4:]
+        rows = n if op.verify else len(op.chunks)
+        return StepOutput(Sampled.of(None if x is None else _host(x)[:rows] for x in sampled),
+                          Sampled(inputs.following[0], *map(_host, scores)) if op.scores else None,
+                          _host(hidden)[:n].astype(np.float32) if op.embeds else None)
 
     @replayed
-    def _prefill_step(self, tables, arrays, n, span):
-        *inputs, following, scored = arrays
-        cache, sampling, (out, hidden) = self._prefill(
-            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, *inputs, np.int32(n),
-            span=span)
+    def _prefill_step(self, tables, inputs: PrefillInputs, scored: bool):
+        cache, sampling, (out, hidden) = self._prefill(self.params, self.cache, self.sampling, self.rope,
+                                                       self.eos_mask, tables, inputs)
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         if scored:
-            out = (*out, *self._score(self.params, hidden, following, np.int32(n)))
+            out = (*out, *self._score(self.params, hidden, inputs.following, inputs.live))
         return out, hidden
 
     def _check_positions(self, last: int) -> None:
@@ -315,50 +263,38 @@ class ModelRunner:
             raise ValueError(f"position {last} is past the {self.session_len} positions a sequence may hold "
                              "(--session-len)")
 
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int], steps: list[int]):
-        """One step for the given slots (each with its last token, that token's position and
-        the count of tokens it generated so far). Returns host arrays (tokens, logprobs,
-        top ids, top logprobs) whose rows follow ``slots``."""
-        return self.fetch(self.dispatch_decode(slots, tokens, positions, steps))
-
-    def dispatch_decode(self, slots: list[int], tokens, positions: list[int], steps: list[int],
-                        masks: dict | None = None, tables: np.ndarray | None = None):
-        """Start a decode step and return its handle without waiting for it (``fetch`` waits).
-
-        ``tokens`` is a list of ints, or the handle of the previous step over the same slots:
-        then its sampled tokens feed this step on the device, so step t+1 is queued before
-        the host has even looked at step t's tokens."""
-        n = len(slots)
-        self._check_positions(max(positions))
-        tables = self._tables(tables)
-        pos, st, rows, allowed, where, span = self.shapes.decode_inputs(slots, positions, steps, masks)
-        if isinstance(tokens, DecodeHandle):
-            if tokens.rows.shape != rows.shape or (tokens.rows != rows).any() or self.channel is not None:
+    def dispatch_decode(self, d: Decode, tables: np.ndarray, masks: dict | None = None,
+                        inflight: "DecodeHandle | None" = None) -> "DecodeHandle":
+        """Start a decode step over ``d`` and return its handle without waiting for it
+        (``fetch`` waits). A chained ``d`` (no tokens) takes its inputs from ``inflight``, the
+        previous step over the same slots, on the device: step t+1 is queued before the host
+        has even looked at step t's tokens."""
+        self._check_positions(max(d.positions))
+        inputs, where = self.shapes.decode_inputs(d, masks)
+        if d.chained:
+            rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
+            if (inflight is None or inflight.rows.shape != rows.shape or (inflight.rows != rows).any()
+                    or self.channel is not None):
                 raise ValueError("chained decode steps must cover the same slots on one process")
-            out = self._run_decode(tables, tokens.out[0], pos, st, rows, allowed, n, span)
+            out = self._run_decode(tables, dataclasses.replace(inputs, tokens=inflight.out[0]))
         else:
-            host_tok = np.zeros(rows.shape, np.int32)
-            host_tok[where] = tokens
-            out = self._decode_step(tables, host_tok, pos, st, rows, allowed, n, span)
+            out = self._decode_step(tables, inputs)
+            rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
         return DecodeHandle(out, where, rows)
 
     @replayed
-    def _decode_step(self, tables, host_tok, pos, st, rows, allowed, n, span):
+    def _decode_step(self, tables, inputs: DecodeInputs):
         # Placed like a step's own output tokens, so both kinds of input share one compile.
-        return self._run_decode(tables, jax.device_put(host_tok, self._token_sharding), pos, st, rows, allowed, n,
-                                span)
+        return self._run_decode(tables, dataclasses.replace(
+            inputs, tokens=jax.device_put(inputs.tokens, self._token_sharding)))
 
-    def fetch(self, handle: "DecodeHandle"):
+    def fetch(self, handle: "DecodeHandle") -> Sampled:
         """Wait for a dispatched step: host arrays whose rows follow its slots."""
-        return tuple(None if x is None else _host(x)[handle.where] for x in handle.out)
+        return Sampled.of(None if x is None else _host(x)[handle.where] for x in handle.out)
 
-    def _run_decode(self, tables, tok, pos, st, rows, allowed, n, span):
-        # Live rows first, padding after (at full width every row is a slot: all count).
-        live = np.int32(len(pos) if self.full_width else n)
-        rows = None if self.full_width else rows
-        cache, sampling, out = self._decode(
-            self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, tok, pos, st, rows, allowed,
-            live, span=span)
+    def _run_decode(self, tables, inputs: DecodeInputs):
+        cache, sampling, out = self._decode(self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables,
+                                            inputs)
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         return out
@@ -395,13 +331,15 @@ class ModelRunner:
                 progress(i, len(shapes), shape)
             if shape[0] == "decode":
                 b, span = shape[1], shape[2]
-                self.fetch(self.dispatch_decode(list(range(b)), [0] * b, [span - 1] * b, [0] * b, tables=tables))
+                self.fetch(self.dispatch_decode(Decode(tuple(range(b)), (0,) * b, (span - 1,) * b, (0,) * b), tables))
             elif shape[0] == "verify":
                 n, span = shape[1], shape[2]
-                self.verify([(0, [0] * n, span - n, 1)], tables=tables)
+                self.run_prefill(Prefill((Chunk(slot=0, tokens=(0,) * n, start=span - n, last=True, step=1,
+                                                decode=True, drafts=n - 1),), verify=True), tables)
             elif shape[0] == "score":  # a scored prompt: its prefill, then its scores
-                self.prefill_packed([(0, [0] * shape[1], 0, True, 0, True, 0)], tables=tables)
+                self.run_prefill(Prefill((Chunk(slot=0, tokens=(0,) * shape[1], start=0, last=True, score=True),)),
+                                 tables)
             else:
                 n, span = shape[1], shape[2]
-                self.prefill_packed([(0, [0] * n, span - n, True)], tables=tables)
+                self.run_prefill(Prefill((Chunk(slot=0, tokens=(0,) * n, start=span - n, last=True),)), tables)
         jax.block_until_ready(self.cache)

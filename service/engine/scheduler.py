@@ -195,8 +195,7 @@ class Scheduler:
             budget -= len(drafts)
             if drafts and not self.blocks.allocate(s.slot, s.length + len(drafts)):
                 drafts = []
-            chunks.append(Chunk(s.slot, (s.generated[-1], *drafts), s.length - 1, True, len(s.generated),
-                                drafts=len(drafts), owner=s))
+            chunks.append(decode_row(s, drafts))
         if not any(c.drafts for c in chunks):
             return []
         calls: list[list[Chunk]] = [[]]
@@ -227,8 +226,7 @@ class Scheduler:
             # longer than the budget leaves them room in its first chunk).
             if want and used + want <= budget and len(pack) + want <= self.prompts_per_call(
                     used + want, max([c.start for c in pack] + [s.length - 1 for s in decodable])):
-                riders = [Chunk(s.slot, (s.generated[-1],), s.length - 1, True, len(s.generated), owner=s)
-                          for s in decodable]
+                riders = [decode_row(s) for s in decodable]
                 for s in decodable:
                     self._advance(s, 1)
                 rode = True
@@ -269,8 +267,9 @@ class Scheduler:
             end = start + n
             prompt = not seq.generated
             score = prompt and seq.params.prompt_logprobs is not None
-            pack.append(Chunk(seq.slot, tuple(seq.tokens(start, end)), start, prompt and end == len(seq.seq),
-                              score=score, next_token=seq.seq[end] if score and end < len(seq.seq) else 0,
+            pack.append(Chunk(slot=seq.slot, tokens=tuple(seq.tokens(start, end)), start=start,
+                              last=prompt and end == len(seq.seq), score=score,
+                              next_token=seq.seq[end] if score and end < len(seq.seq) else 0,
                               embed=prompt and seq.params.embed is not None, owner=seq))
             self._advance(seq, n)
             total += n
@@ -289,3 +288,10 @@ class Scheduler:
             if not seq.preempted:
                 seq.cached += got - seq.prefilled
             seq.prefilled = got
+
+
+def decode_row(seq: Sequence, drafts=()) -> Chunk:
+    """``seq``'s decode row as a chunk: its last sampled token at its position (and, in a
+    verify call, the drafts proposed after it)."""
+    return Chunk(slot=seq.slot, tokens=(seq.generated[-1], *drafts), start=seq.length - 1, last=True,
+                 step=len(seq.generated), decode=True, drafts=len(drafts), owner=seq)

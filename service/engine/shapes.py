@@ -15,6 +15,8 @@ import functools
 import numpy as np
 
 from model.backends import Backend
+from service.engine.plan import Decode, Prefill
+from service.engine.step_io import DecodeInputs, PrefillInputs
 
 MIN_SPAN = 128
 
@@ -100,96 +102,72 @@ class StepShapes:
         out.flags.writeable = False
         return out
 
-    def prefill_zeros(self, size: int, p: int) -> tuple[np.ndarray, ...]:
-        """Zeroed inputs of a prefill call: tokens, positions, rows, ends, slots, last, steps,
-        the chunks' token bitmasks (all ones), the token after each position (scored calls)
-        and whether the call is scored."""
+    def _blank(self, size: int, p: int) -> dict[str, np.ndarray]:
+        """A prefill call's arrays with every token padding (its KV writes dropped) and every
+        sampling row pointing at no slot."""
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        rows = z(1, size) if self.backend.rows_per_token else z(1)
-        return (z(1, size), z(1, size), rows, z(p), z(p), z(p), z(p), self.allowed(p, (), None), z(1, size),
-                np.int32(0))
+        return dict(tokens=z(1, size), positions=np.full((1, size), self.pad_position, np.int32),
+                    rows=np.full((1, size), self.slots, np.int32), ends=z(p), slots=np.full((p,), self.slots, np.int32),
+                    last=z(p), steps=z(p), following=z(1, size))
 
-    def verify_inputs(self, chunks: list[tuple]) -> tuple[tuple[np.ndarray, ...], int, int]:
-        """(arrays, real token count, span) of a verify call (speculative decoding): decode
-        rows (slot, tokens, start, step), each its last token and its drafts, drawing a token
-        at every position: as many sampling rows as the call's size, row i at token i, with
-        the step count the plain decode of that position would have. Nothing is accounted for
-        penalties (a speculating request has none)."""
-        n = sum(len(c[1]) for c in chunks)
+    def prefill_inputs(self, op: Prefill, masks: dict | None = None) -> PrefillInputs:
+        """The inputs of one prefill call packing ``op``'s chunks (of distinct slots) into one
+        row of tokens, each token with its slot's table row. A plain call samples at each
+        chunk's last token (P sampling rows, a bound of the call's size and span: see
+        ``prompts_per_call``); a verify call at every token (as many rows as tokens), with
+        the step count a plain decode of that position would have (nothing is accounted for
+        penalties there: a speculating request has none). ``masks``: token bitmask rows by
+        slot, for the sequences a grammar constrains."""
+        chunks = op.chunks
+        n = sum(len(c.tokens) for c in chunks)
         size = bucket_for(n, self.prefill_sizes)
-        tokens, positions, rows, ends, slots, last, steps, _, following, _ = self.prefill_zeros(size, size)
-        positions[:] = self.pad_position
-        rows[:] = self.slots
-        slots[:] = self.slots
-        if not self.backend.rows_per_token or len({c[0] for c in chunks}) < len(chunks):
-            raise ValueError("a verify call packs chunks of distinct slots on a backend with a row per token")
-        i = 0
-        for slot, toks, start, step in chunks:
-            k = len(toks)
-            tokens[0, i:i + k] = toks
-            positions[0, i:i + k] = np.arange(start, start + k)
-            rows[0, i:i + k] = slot
-            ends[i:i + k] = np.arange(i, i + k)
-            slots[i:i + k] = slot
-            steps[i:i + k] = np.arange(step, step + k)
-            i += k
-        span = self.prefill_span(n, max(c[2] for c in chunks))
-        return (tokens, positions, rows, ends, slots, last, steps, self.allowed(size, (), None), following,
-                np.int32(0)), n, span
-
-    def prefill_inputs(self, chunks: list[tuple], masks: dict | None = None) -> tuple[tuple[np.ndarray, ...], int, int]:
-        """(arrays, real token count, span) of one prefill call packing ``chunks`` (slot,
-        tokens, start, last[, step[, score, next token]]); see ``ModelRunner.prefill_packed``.
-        ``masks``: token bitmask rows by slot, for the sequences a grammar constrains."""
-        n = sum(len(c[1]) for c in chunks)
-        size = bucket_for(n, self.prefill_sizes)
-        p = self.prompts_per_call(n, max((c[2] for c in chunks), default=0))
-        if not chunks or len(chunks) > p or len({c[0] for c in chunks}) < len(chunks):
+        max_start = max(c.start for c in chunks)
+        p = size if op.verify else self.prompts_per_call(n, max_start)
+        if not chunks or (not op.verify and len(chunks) > p) or len({c.slot for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
-        tokens, positions, rows, ends, slots, last, steps, _, following, _ = self.prefill_zeros(size, p)
-        positions[:] = self.pad_position  # padding: out of range, writes dropped
-        rows[:] = self.slots
-        slots[:] = self.slots
-        scored = False
+        a = self._blank(size, p)
         i = 0
-        for j, (slot, toks, start, is_last, *extra) in enumerate(chunks):
-            step, score, next_token = (*extra, *(0, False, 0)[len(extra):])
-            k = len(toks)
-            tokens[0, i:i + k] = toks
-            positions[0, i:i + k] = np.arange(start, start + k)
-            if self.backend.rows_per_token:
-                rows[0, i:i + k] = slot
+        for j, c in enumerate(chunks):
+            k = len(c.tokens)
+            a["tokens"][0, i:i + k] = c.tokens
+            a["positions"][0, i:i + k] = np.arange(c.start, c.start + k)
+            a["rows"][0, i:i + k] = c.slot
+            if op.verify:  # a sampling row per token
+                a["ends"][i:i + k], a["slots"][i:i + k] = np.arange(i, i + k), c.slot
+                a["steps"][i:i + k] = np.arange(c.step, c.step + k)
             else:
-                rows[0] = slot  # (1,): the one chunk's slot
-            ends[j], slots[j], last[j], steps[j] = i + k - 1, slot, is_last, step
-            if score:
-                following[0, i:i + k - 1] = toks[1:]
-                following[0, i + k - 1] = next_token
-                scored = True
+                a["ends"][j], a["slots"][j], a["last"][j], a["steps"][j] = i + k - 1, c.slot, c.last, c.step
+            if c.score:
+                a["following"][0, i:i + k - 1] = c.tokens[1:]
+                a["following"][0, i + k - 1] = c.next_token
             i += k
-        span = self.prefill_span(n, max(c[2] for c in chunks))
-        allowed = self.allowed(p, slots, masks)
-        return (tokens, positions, rows, ends, slots, last, steps, allowed, following, np.int32(scored)), n, span
+        allowed = self.allowed(p, a["slots"], None if op.verify else masks)
+        return PrefillInputs(**a, allowed=allowed, live=np.int32(n), span=self.prefill_span(n, max_start))
 
-    def decode_inputs(self, slots: list[int], positions: list[int], steps: list[int], masks: dict | None = None):
-        """(positions, steps, rows, allowed, where, span) of one decode step over ``slots``:
-        batch row ``where[i]`` is slot ``slots[i]``; padding rows name slot ``self.slots`` and
-        position ``pad_position`` (past every table: their writes are dropped). ``allowed``: the
-        rows' token bitmasks (``masks`` by slot; all ones elsewhere)."""
-        n = len(slots)
+    def decode_inputs(self, d: Decode, masks: dict | None = None) -> tuple[DecodeInputs, np.ndarray]:
+        """The inputs of one decode step over ``d``'s slots, and ``where``: batch row
+        ``where[i]`` is slot ``d.slots[i]``. Padding rows name slot ``self.slots`` and position
+        ``pad_position`` (past every table: their writes are dropped). The rows' token
+        bitmasks come from ``masks`` by slot (all ones elsewhere). ``tokens`` is left zero for a
+        chained step (its input comes from the step in flight, on the device)."""
+        n = len(d.slots)
         b = bucket_for(n, self.batch_sizes)
-        span = bucket_for(max(positions) + 1, self.spans)
+        span = bucket_for(max(d.positions) + 1, self.spans)
         # Batch row of each given slot: itself at full width, else packed from row 0.
-        where = np.asarray(slots) if self.full_width else np.arange(n)
+        where = np.asarray(d.slots) if self.full_width else np.arange(n)
         pos = np.full((b,), self.pad_position, np.int32)
         st = np.zeros((b,), np.int32)
-        pos[where], st[where] = positions, steps
-        rows = np.full((b,), self.slots, np.int32)
-        rows[:n] = slots
+        tok = np.zeros((b,), np.int32)
+        pos[where], st[where] = d.positions, d.steps
+        if d.tokens is not None:
+            tok[where] = d.tokens
         row_slots = np.full((b,), self.slots, np.int32)  # each batch row's slot (padding: none)
-        row_slots[where] = slots
-        allowed = self.allowed(b, row_slots, masks)
-        return pos, st, rows, allowed, where, span
+        row_slots[where] = d.slots
+        rows = np.full((b,), self.slots, np.int32)
+        rows[:n] = d.slots
+        # Live rows first, padding after (at full width every row is a slot: all count).
+        return DecodeInputs(tok, pos, st, None if self.full_width else rows, self.allowed(b, row_slots, masks),
+                            np.int32(b if self.full_width else n), span), where
 
     def warmup_shapes(self, verify_tokens: int = 0) -> list[tuple]:
         """Every shape serving may run; ``verify_tokens``: the most tokens a verify call holds

@@ -15,6 +15,7 @@ from model import transformer
 from model.backends import Backend
 from model.config import ModelConfig
 from service import sampling as smp
+from service.engine.step_io import DecodeInputs, PrefillInputs
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -34,30 +35,22 @@ class Steps:
         logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding((None, "vocab")))
         return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
 
-    def prefill(self, params, cache, sampling, rope, eos_mask, tables, tokens, positions, rows, ends, slots, last,
-                steps, allowed, live, span):
-        """Chunks of up to P sequences packed into one row of tokens.
+    def prefill(self, params, cache, sampling, rope, eos_mask, tables, inp: PrefillInputs):
+        """Chunks of several sequences packed into one row of tokens (``PrefillInputs`` says
+        what each array holds); tables (groups, slots, max blocks): every KV group's block
+        tables.
 
-        tokens, positions (1, T), padded at the end (padding positions are out of range, so
-        their cache writes are dropped); rows: each token's cache row (1, T) where the backend
-        takes them so, else the one chunk's (1,). ends, slots, last (P,): each chunk's last
-        index in ``tokens``, its slot (padding entries: out of range) and whether it ends its
-        prompt. steps (P,): tokens each chunk's sequence generated so far (0 for a prompt; a
-        decode row riding along is a one-token chunk with its own count, as ``decode`` has
-        it). allowed (P, W): each chunk's token bitmask (all ones unless a grammar constrains
-        its sequence; see ``sampling.sample``). live: the real tokens' count (packed projections skip the padding).
-        tables (slots, max blocks): each slot's block table.
-
-        Returns the token sampled at each chunk's last position (P,) with its logprobs, and
-        the final hidden states (T, D) for ``score``. Only a chunk that ends its prompt really
+        Returns the token sampled at each sampling row (P,) with its logprobs, and the final
+        hidden states (T, D) for ``score``. Only a row that ends its prompt (``last``) really
         emits its token; only those are accounted for penalties.
         """
-        hidden, cache = transformer.forward(params, self.cfg, tokens, positions, cache, span=span,
-                                            rows=rows, backend=self.backend, rope=rope, live=live, tables=tables)
-        final = jnp.take(hidden[0], ends, axis=0)  # (P, D)
+        hidden, cache = transformer.forward(params, self.cfg, inp.tokens, inp.positions, cache, span=inp.span,
+                                            rows=inp.rows, backend=self.backend, rope=rope, live=inp.live,
+                                            tables=tables)
+        final = jnp.take(hidden[0], inp.ends, axis=0)  # (P, D)
         logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
-        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=slots, allowed=allowed)
-        sampling = smp.record(sampling, out[0], jnp.where(last > 0, slots, self.slots))
+        out = smp.sample(logits, sampling, inp.steps, eos_mask, self.top_n, rows=inp.slots, allowed=inp.allowed)
+        sampling = smp.record(sampling, out[0], jnp.where(inp.last > 0, inp.slots, self.slots))
         return cache, sampling, (out, hidden[0])
 
     def score(self, params, hidden, following, live):
@@ -71,30 +64,28 @@ class Steps:
         top, ids = jax.lax.top_k(logits, max(self.top_n, 1))
         return chosen, ids.astype(jnp.int32), top - lse[:, None]
 
-    def decode(self, params, cache, sampling, rope, eos_mask, tables, tokens, positions, steps, rows, allowed, live,
-               span):
-        """One token for each of the slots ``rows`` (b,): tokens, positions, steps (b,), and
-        the batch rows' token bitmasks ``allowed`` (b, W).
-
-        b is a bucket of the live slot count, so the step costs what the live requests need,
-        not what ``max_batch_size`` allows. Padding rows name slot ``slots`` (out of range):
-        their cache and sampling-state writes are dropped. In full-width mode ``rows`` is
-        None and batch row i is slot i.
+    def decode(self, params, cache, sampling, rope, eos_mask, tables, inp: DecodeInputs):
+        """One token for each batch row (``DecodeInputs``). The batch is a bucket of the live
+        slot count, so the step costs what the live requests need, not what
+        ``max_batch_size`` allows. Padding rows name slot ``slots`` (out of range): their
+        cache and sampling-state writes are dropped. In full-width mode ``rows`` is None and
+        batch row i is slot i.
         """
-        hidden, cache = transformer.forward(params, self.cfg, tokens[:, None], positions[:, None], cache,
-                                            span=span, rows=rows, backend=self.backend, rope=rope, live=live,
-                                            tables=tables)
-        logits = self.gathered(transformer.logits(params, self.cfg, hidden[:, 0], live))  # (b, V)
-        out = smp.sample(logits, sampling, steps, eos_mask, self.top_n, rows=rows, allowed=allowed)
-        sampling = smp.record(sampling, out[0], rows)
+        hidden, cache = transformer.forward(params, self.cfg, inp.tokens[:, None], inp.positions[:, None], cache,
+                                            span=inp.span, rows=inp.rows, backend=self.backend, rope=rope,
+                                            live=inp.live, tables=tables)
+        logits = self.gathered(transformer.logits(params, self.cfg, hidden[:, 0], inp.live))  # (b, V)
+        out = smp.sample(logits, sampling, inp.steps, eos_mask, self.top_n, rows=inp.rows, allowed=inp.allowed)
+        sampling = smp.record(sampling, out[0], inp.rows)
         return cache, sampling, out
 
     def jitted(self, cache_sh=None, sampling_sh=None, out_sh=None):
         """(prefill, decode, set_row, score) jitted, with the state donated and, on
         a mesh, every output committed to its placement."""
         step_out = None if self.plan is None else (cache_sh, sampling_sh, out_sh)
-        prefill = jax.jit(self.prefill, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
-        decode = jax.jit(self.decode, static_argnames=("span",), donate_argnums=(1, 2), out_shardings=step_out)
+        # ``span`` is a static (meta) field of the inputs: one program per span bucket.
+        prefill = jax.jit(self.prefill, donate_argnums=(1, 2), out_shardings=step_out)
+        decode = jax.jit(self.decode, donate_argnums=(1, 2), out_shardings=step_out)
         set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=sampling_sh)
         score = jax.jit(self.score, out_shardings=out_sh)
         return prefill, decode, set_row, score

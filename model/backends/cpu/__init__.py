@@ -38,7 +38,6 @@ def _rows(rows, b: int):
 
 class CpuKernels(Backend):
     name = "native CPU kernels"
-    rows_per_token = True
     reads_own_context = True
 
     def check(self, quantize, kv_cache_dtype):
