@@ -83,6 +83,6 @@ def snapshot(engine) -> dict[str, float]:
     return dict(running=len(engine.table.running), waiting=engine.waiting.count,
                 kv_tokens=blocks.used_blocks() * size, kv_capacity=blocks.total_blocks() * size,
                 kv_blocks_used=blocks.used_blocks(), kv_blocks=blocks.total_blocks(),
-                window_blocks_used=blocks.window_used_blocks(), window_blocks=blocks.window_blocks * blocks.replicas,
+                window_blocks_used=sum(g.used() for g in blocks.groups[1:]), window_blocks=blocks.window_blocks * blocks.replicas,
                 preemptions=engine.scheduler.preemptions, prompt_tokens=engine.stats.prompt_tokens,
                 cached_tokens=engine.stats.cached_tokens)

@@ -6,6 +6,11 @@ import pytest
 from service.engine.blocks import NO_BLOCK, BlockManager, chain_hash
 
 
+def cached_free(pool):
+    """Free blocks that still hold a cached prefix."""
+    return sum(1 for b in pool.free if pool.hash_of[b] is not None)
+
+
 def manager(blocks=8, size=4, slots=4, max_blocks=6, replicas=1):
     return BlockManager(blocks, size, slots, max_blocks, replicas)
 
@@ -14,9 +19,9 @@ def test_allocate_grows_the_table_and_refuses_what_the_pool_lacks():
     m = manager()
     assert m.allocate(0, 5)  # 2 blocks
     assert list(m.tables[0, :3]) == [m.held[0].blocks[0], m.held[0].blocks[1], NO_BLOCK]
-    assert m.used_blocks() == 2 and m.num_free(0) == 6
+    assert m.used_blocks() == 2 and m.pools[0].num_free == 6
     assert m.allocate(0, 8) and m.used_blocks() == 2  # still 2 blocks
-    assert m.may_append(0, 9) and m.allocate(0, 9) and m.used_blocks() == 3
+    assert m.can_allocate(0, 9) and m.allocate(0, 9) and m.used_blocks() == 3
     assert not m.can_allocate(1, 4 * 6)  # 6 blocks wanted, 5 free
     assert not m.allocate(1, 4 * 6) and m.used_blocks() == 3 and not m.held[1].blocks  # nothing taken
     m.free(0)
@@ -57,10 +62,10 @@ def test_freed_cached_blocks_stay_hittable_until_evicted_lru():
         m.commit(slot, toks + [99], 5)
     m.free(0)
     m.free(1)
-    assert m.used_blocks() == 0 and m.pools[0].cached_free == 2
+    assert m.used_blocks() == 0 and cached_free(m.pools[0]) == 2
     # Free blocks without a hash are taken first: both cached prefixes survive two new blocks.
     m.allocate(2, 8)
-    assert m.pools[0].cached_free == 2
+    assert cached_free(m.pools[0]) == 2
     m.free(2)
     # The next takes evict the least recently used cached block (a's) before b's.
     m.allocate(3, 12)
@@ -110,7 +115,7 @@ def windowed(blocks=16, size=4, slots=4, max_blocks=12, window=6, window_blocks=
 
 def live(m, slot):
     """The window group's blocks a slot's table names."""
-    return [int(b) for b in m.window_tables[slot] if b != NO_BLOCK]
+    return [int(b) for b in m.groups[1].tables[slot] if b != NO_BLOCK]
 
 
 def test_window_blocks_before_the_next_querys_window_go_back_to_the_pool():
@@ -123,11 +128,11 @@ def test_window_blocks_before_the_next_querys_window_go_back_to_the_pool():
         # At most the blocks a window of 6 can touch (3 of 4, as 3..8 does), whatever the
         # length; the first group keeps every position.
         assert len(held) <= -(-(6 - 1) // 4) + 1, (length, held)
-        assert m.held[0].window[:m.window_front(length - 1)] == [NO_BLOCK] * m.window_front(length - 1)
+        assert m.held[0].ids[1][:m.groups[1].front(length - 1)] == [NO_BLOCK] * m.groups[1].front(length - 1)
         assert len(m.held[0].blocks) == -(-length // 4)
-    assert m.window_used_blocks() == len(live(m, 0)) and m.used_blocks() == 10
+    assert m.groups[1].used() == len(live(m, 0)) and m.used_blocks() == 10
     m.free(0)
-    assert m.window_used_blocks() == 0 and m.used_blocks() == 0 and (m.window_tables[0] == NO_BLOCK).all()
+    assert m.groups[1].used() == 0 and m.used_blocks() == 0 and (m.groups[1].tables[0] == NO_BLOCK).all()
 
 
 def test_a_dry_window_pool_refuses_growth_though_the_first_pool_has_room():
@@ -147,7 +152,7 @@ def test_a_prefix_hit_takes_the_window_blocks_its_next_query_reads_and_stops_whe
     # the window group only blocks 3 and 4, shared; blocks 0-2 of that group are not taken.
     assert m.match_prefix(1, prompt + [1], limit=21) == 20
     assert list(m.tables[1, :5]) == list(m.tables[0, :5])
-    assert m.held[1].window[:3] == [NO_BLOCK] * 3 and m.held[1].window[3:] == m.held[0].window[3:5]
+    assert m.held[1].ids[1][:3] == [NO_BLOCK] * 3 and m.held[1].ids[1][3:] == m.held[0].ids[1][3:5]
     # Both finish; new KV then evicts the window group's block 4 (the least recently used of
     # the cached ones: freed last first) but not the first group's. A third sequence's hit
     # stops at 16 positions, whose next query reads blocks 2 and 3 of the window group.
@@ -157,10 +162,10 @@ def test_a_prefix_hit_takes_the_window_blocks_its_next_query_reads_and_stops_whe
     for i in range(5):
         hashes.append(chain_hash(hashes[-1], prompt[4 * i:4 * i + 4]))
     assert m.allocate(2, 4 * 8)
-    assert m.window_pools[0].lookup(hashes[5]) is None and m.pools[0].lookup(hashes[5]) is not None
+    assert m.groups[1].pools[0].lookup(hashes[5]) is None and m.pools[0].lookup(hashes[5]) is not None
     m.free(2)
     assert m.match_prefix(3, prompt + [1], limit=21) == 16
-    assert m.held[3].window[:2] == [NO_BLOCK] * 2 and NO_BLOCK not in m.held[3].window[2:4]
+    assert m.held[3].ids[1][:2] == [NO_BLOCK] * 2 and NO_BLOCK not in m.held[3].ids[1][2:4]
     assert len(m.held[3].blocks) == 4
 
 
@@ -172,11 +177,11 @@ def test_a_session_keeps_its_window_blocks_or_recomputes_when_they_are_gone():
     m.slide(0, 30)
     held = m.detach(0)
     assert m.attach(1, held, 30) == 30  # the next turn starts at 30: its window is held
-    assert list(m.window_tables[1, :8]) == held.window[:8]
+    assert list(m.groups[1].tables[1, :8]) == held.ids[1][:8]
     # An edit earlier in the history: a query at 8 would read blocks given back already.
     again = m.detach(1)
     assert m.attach(2, again, 8) == 0
-    assert m.used_blocks() == 0 and m.window_used_blocks() == 0
+    assert m.used_blocks() == 0 and m.groups[1].used() == 0
 
 
 def test_trimmed_drafts_give_back_both_groups_blocks():
@@ -185,5 +190,5 @@ def test_trimmed_drafts_give_back_both_groups_blocks():
     m.commit(0, list(range(9)), 9)
     m.allocate(0, 17)  # drafts' positions
     m.trim(0, 10)
-    assert len(m.held[0].blocks) == len(m.held[0].window) == 3
-    assert m.used_blocks() == 3 and m.window_used_blocks() == 3
+    assert len(m.held[0].blocks) == len(m.held[0].ids[1]) == 3
+    assert m.used_blocks() == 3 and m.groups[1].used() == 3

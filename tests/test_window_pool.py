@@ -103,9 +103,9 @@ def decode_bound(engine):
     def check(_):
         blocks = engine.blocks
         for s in engine.table.running.values():
-            held = [b for b in blocks.held[s.slot].window if b != NO_BLOCK]
+            held = [b for b in blocks.held[s.slot].ids[1] if b != NO_BLOCK]
             if s.prefilled > len(s.seq) and not s.preempted:
-                assert len(held) * BLOCK <= WINDOW + BLOCK, (s.prefilled, blocks.held[s.slot].window)
+                assert len(held) * BLOCK <= WINDOW + BLOCK, (s.prefilled, blocks.held[s.slot].ids[1])
                 seen.append(s.prefilled)
     seen: list[int] = []
     return check, seen
@@ -131,7 +131,7 @@ def test_window_layers_hold_their_window_and_outputs_do_not_change(model, refere
     snap = engine.snapshot()
     assert snap["cached_tokens"] > 0 and snap["preemptions"] == 0
     # The session holds its window blocks between turns, and the metrics say so.
-    held = engine.blocks.window_used_blocks()
+    held = engine.blocks.groups[1].used()
     assert held > 0
     text = engine.metrics.render(engine).decode()
     metric = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
@@ -209,7 +209,7 @@ def test_gemma3_far_past_its_window_gives_transformers_greedy_tokens(tmp_path):
     finally:
         engine.stop()
     assert got == want
-    assert engine.blocks.window_used_blocks() == 0 and engine.blocks.used_blocks() == 0
+    assert engine.blocks.groups[1].used() == 0 and engine.blocks.used_blocks() == 0
 
 
 def test_a_memory_budget_goes_to_the_full_layers_beyond_the_window_pool():

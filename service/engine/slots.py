@@ -48,7 +48,7 @@ class SlotTable:
             mine = [s for s in free if self.blocks.held[s].replica == session.held.replica]
             if mine:
                 return mine[0]
-        return max(free, key=lambda s: (self.blocks.num_free(s), -s))
+        return max(free, key=lambda s: (self.blocks.pools[self.blocks.replica(s)].num_free, -s))
 
     def place(self, seq: Sequence, slot: int) -> None:
         """Put ``seq`` in ``slot`` with the KV it can reuse: its session's blocks, or the cached
