@@ -188,7 +188,7 @@ def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
         from service.engine.speculate import Speculation
 
         # Verify calls run with or without a method: a request's prediction is checked in them.
-        spec = speculation or Speculation(method=None)
+        spec = speculation or Speculation.off()
         verify_tokens = min(spec.max_batch, max_batch_size) * (spec.k + 1)
         runner.warmup(progress, verify_tokens=verify_tokens)
         if draft_runner is not None:

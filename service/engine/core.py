@@ -48,13 +48,12 @@ class Engine:
         # The longest sequence: a session, or all of one replica's pool where that is less.
         self.max_length = min(runner.session_len, self.blocks.capacity)
         self.table = SlotTable(runner.slots, self.blocks)
+        # Off (no method), only requests that send a prediction speculate.
+        self.speculation = speculation or Speculation.off()
         self.scheduler = Scheduler(self.table, runner.max_chunk, self.max_length, runner.prompts_per_call,
-                                   can_chain=runner.channel is None,
-                                   speculation=speculation or Speculation(method=None))
-        # Without a method, only requests that send a prediction speculate.
-        self.speculation = speculation
-        if speculation is not None:
-            log.info(speculation.describe())
+                                   can_chain=runner.channel is None, speculation=self.speculation)
+        if self.speculation.on:
+            log.info(self.speculation.describe())
         self.stats = Stats()
         self.metrics = EngineMetrics()
         self.grammars = Grammars(tokenizer, runner.cfg.vocab_size)
@@ -220,8 +219,6 @@ class Engine:
                 inflight = (seqs, handle)
             else:
                 self.outputs.on_tokens(seqs, self.runner.fetch(handle))
-        if inflight is None and self.speculation is not None and self.speculation.draft is not None:
-            self._draft()
         plan = self.scheduler.schedule(inflight[0] if inflight else None)
         if not plan:
             return
@@ -236,32 +233,6 @@ class Engine:
         if inflight:  # read while the device runs the step queued on it
             self.outputs.on_tokens(inflight[0], self.runner.fetch(inflight[1]))
         self.outputs.on_prefilled(plan, results)
-
-    def _draft(self) -> None:
-        """Ask the draft model for the next step's proposals of the rows that may speculate,
-        each with blocks for its drafts' KV where the pool has them free."""
-        spec = self.speculation
-        live = self.scheduler.decodable()
-        if not live or len(live) > spec.max_batch:
-            return
-        rows, limits = [], []
-        for s in live:
-            limit = min(spec.k, self.max_length - s.length, s.max_tokens - len(s.generated) - 1)
-            if limit <= 0 or not spec.eligible(s) or s.params.prediction:
-                continue
-            # Blocks for the drafts only while a block per decode row stays free (drafts never
-            # cause a preemption); else the drafts the row's blocks already cover.
-            if self.blocks.covered(s.slot) < s.length + limit:
-                if self.blocks.spare(s.slot, s.length + limit) < len(live):
-                    limit = min(limit, self.blocks.covered(s.slot) - s.length)
-                else:
-                    self.blocks.allocate(s.slot, s.length + limit)
-            if limit > 0:
-                rows.append(s)
-                limits.append(limit)
-        if rows:
-            # The first group's tables: the draft keeps KV of every layer there.
-            spec.draft.propose(rows, limits, self.blocks.device_tables()[:1])
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -41,10 +41,10 @@ class DraftModel:
             raise ValueError(f"the draft runner's slots, session, block size, pool and replicas {same} "
                              f"must be the target's {want}")
 
-    def propose(self, seqs: list[Sequence], limits: list[int], tables: np.ndarray) -> None:
-        """Set each sequence's ``proposal``: up to its limit of greedy draft tokens after its last
-        one. Catches each one's draft KV up to its last confirmed position first. ``tables``:
-        (1, slots, max blocks), the first KV group's, where the draft keeps every layer's KV."""
+    def propose(self, seqs: list[Sequence], limits: list[int], tables: np.ndarray) -> list[list[int]]:
+        """Up to each sequence's limit of greedy draft tokens after its last one. Catches each
+        one's draft KV up to its last confirmed position first. ``tables``: (1, slots, max
+        blocks), the first KV group's, where the draft keeps every layer's KV."""
         r = self.runner
         for s in seqs:
             if s.draft_epoch != s.preempted:  # new blocks since: nothing of its draft KV is known
@@ -59,6 +59,7 @@ class DraftModel:
         # Rows with the same limit draft together, each step fed on the device by the one
         # before (one host read per group); a row never decodes past its own limit, whose
         # positions may have no block.
+        out: dict[int, list[int]] = {}
         for limit in sorted(set(limits)):
             group = [s for s, n in zip(seqs, limits) if n == limit]
             slots = tuple(s.slot for s in group)
@@ -71,5 +72,6 @@ class DraftModel:
                 handles.append(feed)
             steps = [r.fetch(h).tokens for h in handles]
             for j, s in enumerate(group):
-                s.proposal = [int(steps[i][j]) for i in range(limit)]
+                out[id(s)] = [int(steps[i][j]) for i in range(limit)]
                 s.draft_prefilled = s.length  # the last token's draft KV, written by the first step
+        return [out[id(s)] for s in seqs]

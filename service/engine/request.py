@@ -81,10 +81,9 @@ class Sequence:
     raw_tail: str = ""  # the output's last characters, special tokens included (grammar_wait)
     predicted: list[int] = dataclasses.field(default_factory=lambda: [0, 0])  # prediction tokens kept, not kept
     # Speculative decoding with a draft model (``service.engine.draft``): positions whose draft
-    # KV is known (valid while ``draft_epoch`` equals ``preempted``), and its next proposal.
+    # KV is known (valid while ``draft_epoch`` equals ``preempted``).
     draft_prefilled: int = 0
     draft_epoch: int = 0
-    proposal: list[int] | None = None
 
     @property
     def id(self) -> str:

@@ -48,7 +48,7 @@ class Scheduler:
         self.prompts_per_call = prompts_per_call
         self.can_chain = can_chain  # a process-spanning mesh replays every step: no chaining
         self.preemptions = 0
-        self.speculation = speculation
+        self.speculation = speculation or Speculation.off()
 
     def decodable(self) -> list[Sequence]:
         return sorted((s for s in self.table.running.values() if s.decodable), key=lambda s: s.admitted)
@@ -181,20 +181,28 @@ class Scheduler:
 
     def _may_speculate(self, live: list[Sequence]) -> bool:
         spec = self.speculation
-        return spec is not None and 0 < len(live) <= spec.max_batch and any(spec.eligible(s) for s in live)
+        return 0 < len(live) <= spec.max_batch and any(spec.eligible(s) for s in live)
 
     def _plan_verify(self, live: list[Sequence]) -> list[Prefill]:
         """The decode rows as verify calls (as few as the backend packs them in), each row with
-        the drafts proposed for it that its pool has blocks for (none are taken from other
-        sequences for drafts); none when no row has any (they decode as usual)."""
-        chunks = []
+        the drafts proposed for it; none when no row has any (they decode as usual). Each row
+        first gets blocks for its drafts' limit, only while a block per decode row stays free
+        (drafts never cause a preemption); else as many drafts as its blocks already cover."""
         budget = self.max_chunk - len(live)  # the call's tokens stay within a prefill bucket
+        limits = []
         for s in live:
-            drafts = self.speculation.drafts(s, min(self.session_len - s.length, budget))
-            budget -= len(drafts)
-            if drafts and not self.blocks.allocate(s.slot, s.length + len(drafts)):
-                drafts = []
-            chunks.append(decode_row(s, drafts))
+            limit = min(self.speculation.limit(s, self.session_len - s.length), budget)
+            if limit > 0 and self.blocks.covered(s.slot) < s.length + limit:
+                if self.blocks.spare(s.slot, s.length + limit) < len(live):
+                    limit = max(0, min(limit, self.blocks.covered(s.slot) - s.length))
+                else:
+                    self.blocks.allocate(s.slot, s.length + limit)
+            budget -= limit
+            limits.append(limit)
+        if not any(limits):
+            return []
+        drafts = self.speculation.drafts(live, limits, self.blocks.device_tables()[:1])
+        chunks = [decode_row(s, d) for s, d in zip(live, drafts)]
         if not any(c.drafts for c in chunks):
             return []
         calls: list[list[Chunk]] = [[]]

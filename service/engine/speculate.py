@@ -19,6 +19,10 @@ A request's prediction (OpenAI's Predicted Outputs: the text it expects the answ
 proposes its drafts whatever the server's method, also where the server speculates nothing
 else: the tokens after where the output's last few tokens occur in the prediction.
 
+Proposals come from one interface (``Proposer``: n-gram lookup, a request's prediction, a
+draft model), asked once per step by the scheduler after it gave each row blocks for its
+drafts' limit.
+
 Not speculated (their rows decode as usual): requests under a grammar (the mask of position
 i + 1 needs the matcher past token i, on the host), with repetition, presence or frequency
 penalties (they count tokens drawn earlier in the same call), scored or pooled prompts, and
@@ -29,14 +33,19 @@ weights and checking drafts costs more than it saves.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from service.engine.request import Sequence
 
-# A proposer: (the sequence's tokens so far, at most k) -> proposed next tokens (possibly none).
-Proposer = Callable[[list[int], int], list[int]]
+
+class Proposer(Protocol):
+    """Proposes each row's next tokens, at most its limit (possibly none). ``tables``: the first
+    KV group's (1, slots, max blocks) tables, with blocks for every row's limit past its
+    length (a draft model writes its KV there)."""
+
+    def propose(self, rows: list[Sequence], limits: list[int], tables: np.ndarray) -> list[list[int]]: ...
 
 
 def propose_ngram(tokens: list[int], k: int, max_n: int = 4, min_n: int = 1) -> list[int]:
@@ -75,19 +84,37 @@ def propose_from_prediction(generated: list[int], prediction: tuple[int, ...], k
 
 
 @dataclasses.dataclass(frozen=True)
+class Lookup:
+    """A proposer from a lookup over each row's tokens: (tokens so far, k) -> proposed tokens
+    (n-gram prompt lookup by default; tests give ones that are always right or wrong)."""
+
+    lookup: Callable[[list[int], int], list[int]] = propose_ngram
+
+    def propose(self, rows: list[Sequence], limits: list[int], tables=None) -> list[list[int]]:
+        return [list(self.lookup(s.tokens(0, s.length), k))[:k] for s, k in zip(rows, limits)]
+
+
+class Prediction:
+    """Each row's own prediction (Predicted Outputs) proposes its drafts."""
+
+    @staticmethod
+    def propose(rows: list[Sequence], limits: list[int], tables=None) -> list[list[int]]:
+        return [propose_from_prediction(s.generated, s.params.prediction, k) for s, k in zip(rows, limits)]
+
+
+@dataclasses.dataclass(frozen=True)
 class Speculation:
-    """What the engine speculates with: ``method`` ("ngram"; None: only requests that send a
-    prediction), up to ``k`` draft tokens a row, only in steps of at most ``max_batch`` decode
-    rows. A request's prediction (Predicted Outputs) is its proposer whatever the method.
-    ``propose`` overrides the method's proposer (tests give ones that are always right or
-    always wrong)."""
+    """What the engine speculates with: ``method`` ("ngram", "draft", or None: off, when only
+    requests that send a prediction speculate), up to ``k`` draft tokens a row, only in steps
+    of at most ``max_batch`` decode rows. An engine always has one (``Speculation.off()``), so
+    verify shapes are always warmed up. A request's prediction is its proposer whatever the
+    method. ``propose`` overrides the n-gram lookup; ``draft``: method "draft"'s model
+    (``service.engine.draft.DraftModel``)."""
 
     method: str | None = "ngram"
     k: int = 4
     max_batch: int = 4
-    propose: Proposer | None = None
-    # method "draft": the model proposing (``service.engine.draft.DraftModel``); the engine asks
-    # it before each step and ``drafts`` hands each row its proposal.
+    propose: Callable[[list[int], int], list[int]] | None = None
     draft: Any = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
@@ -100,27 +127,49 @@ class Speculation:
         if self.max_batch < 1:
             raise ValueError(f"--speculative-max-batch {self.max_batch}: at least 1")
 
+    @classmethod
+    def off(cls, k: int = 4, max_batch: int = 4) -> "Speculation":
+        return cls(method=None, k=k, max_batch=max_batch)
+
+    @property
+    def on(self) -> bool:
+        return self.method is not None
+
+    @property
+    def proposer(self) -> Proposer | None:
+        """The method's proposer (None when off)."""
+        if self.method == "draft":
+            return self.draft
+        return Lookup(self.propose or propose_ngram) if self.method == "ngram" else None
+
     def describe(self) -> str:
         what = self.method if self.draft is None else f"draft model {self.draft.name}"
         return f"speculative decoding: {what}, up to {self.k} draft tokens, in steps of <= {self.max_batch} rows"
 
     def eligible(self, seq: Sequence) -> bool:
         p = seq.params
-        return ((self.method is not None or bool(p.prediction)) and seq.matcher is None
+        return ((self.on or bool(p.prediction)) and seq.matcher is None
                 and p.repetition_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0
                 and p.embed is None and p.speculative)
 
-    def drafts(self, seq: Sequence, room: int) -> list[int]:
-        """Draft tokens for ``seq``'s next step: at most k, at most ``room`` (positions left in
-        its session) and fewer than the tokens it may still generate (the verify step draws
-        one more than it drafts)."""
-        limit = min(self.k, room, seq.max_tokens - len(seq.generated) - 1)
-        if limit <= 0 or not self.eligible(seq):
-            return []
-        if seq.params.prediction:
-            return propose_from_prediction(seq.generated, seq.params.prediction, limit)
-        if self.method == "draft":
-            proposal, seq.proposal = seq.proposal or [], None
-            return proposal[:limit]
-        propose = self.propose or propose_ngram
-        return list(propose(seq.tokens(0, seq.length), limit))[:limit]
+    def limit(self, seq: Sequence, room: int) -> int:
+        """The most draft tokens ``seq``'s next step may check: at most k, at most ``room``
+        (positions left in its session) and fewer than the tokens it may still generate (the
+        verify step draws one more than it drafts); 0 when it may not speculate."""
+        if not self.eligible(seq):
+            return 0
+        return max(0, min(self.k, room, seq.max_tokens - len(seq.generated) - 1))
+
+    def drafts(self, rows: list[Sequence], limits: list[int], tables: np.ndarray) -> list[list[int]]:
+        """Each row's drafts, at most its limit: by its prediction where it sends one, else by
+        the method's proposer (each proposer called once, for all its rows)."""
+        out: list[list[int]] = [[] for _ in rows]
+        for proposer, wants in ((Prediction, lambda s: bool(s.params.prediction)),
+                                (self.proposer, lambda s: not s.params.prediction)):
+            picked = [i for i, s in enumerate(rows) if limits[i] > 0 and wants(s)]
+            if proposer is None or not picked:
+                continue
+            got = proposer.propose([rows[i] for i in picked], [limits[i] for i in picked], tables)
+            for i, drafts in zip(picked, got):
+                out[i] = list(drafts)[:limits[i]]
+        return out
