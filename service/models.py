@@ -12,7 +12,12 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from model.checkpoint import cache_dir, is_converted
+
+if TYPE_CHECKING:
+    from service.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +98,19 @@ def generation_defaults(checkpoint: Path, source: str = "auto"):
         raise ModelSourceError(f"--generation-config {path}: {e}") from None
 
 
-def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
-                 dtype: str | None = None, tp: int = 1, dp: int = 1, quantize: str | None = None,
-                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None,
-                 window_pool: bool = True):
+def build_runner(checkpoint: Path, config: EngineConfig):
     """Load params (straight into their shardings when tp * dp > 1) and tokenizer and size
-    the device state. On a mesh spanning processes every process calls this alike. Raises
-    sharding.MeshError when the devices do not fit tp x dp. ``window_pool``: sliding-window
-    layers get a pool of their own, where that makes them hold less (``window_pool_blocks``)."""
+    the device state by ``config``. On a mesh spanning processes every process calls this
+    alike (process 0's sizes prevail). Raises sharding.MeshError when the devices do not fit
+    tp x dp, EngineConfigError when the settings cannot serve this model."""
     import jax
 
     from model.checkpoint import load_config, load_params
     from model.tokenizer import Tokenizer
-    from service.engine.runner import ModelRunner, window_pool_blocks
+    from service.engine.runner import ModelRunner
 
     cfg = load_config(checkpoint)
+    dtype = config.dtype
     if not dtype and cfg.dtype == "float32" and jax.default_backend() == "gpu":
         # A GPU's matmul units and HBM are built for 16-bit values: weights, activations and
         # the KV cache in bfloat16 unless --dtype says otherwise.
@@ -117,26 +120,39 @@ def build_runner(checkpoint: Path, max_batch_size: int, session_len: int | None,
         import dataclasses
 
         cfg = dataclasses.replace(cfg, dtype=dtype)
+    tp, dp = config.tp, config.dp
+    config.check_device(sharded=tp * dp > 1)
+    session_len = config.session_for(cfg)
+    if cfg.uses_long_rope(session_len):
+        log.info("longrope: --session-len %d is past the model's original %d positions, so its long factors "
+                 "apply at every position", session_len, cfg.rope_scaling.original_max_position_embeddings)
+    slots, num_blocks = config.slots, config.pool_blocks(cfg, session_len)
+    if slots != config.max_batch_size:
+        log.warning("using %d decode slots, a multiple of --dp %d", slots, dp)
     plan = shardings = channel = None
+    if jax.process_count() > 1:  # every process must size its state alike: process 0 decides
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        from sharding.distributed import StepChannel
+
+        slots, num_blocks = (int(x) for x in multihost_utils.broadcast_one_to_all(
+            np.asarray([slots, num_blocks], np.int32)))
+        channel = StepChannel()
     if tp * dp > 1:
         from sharding import make_mesh, plan_for
 
-        plan = plan_for(cfg, make_mesh(tp, dp), slots=max_batch_size)
+        plan = plan_for(cfg, make_mesh(tp, dp), slots=slots)
         shardings = plan.param_shardings(cfg)
         log.info("mesh data=%d x model=%d over %s devices", dp, tp, plan.mesh.devices.flat[0].platform)
-    if jax.process_count() > 1:
-        from sharding.distributed import StepChannel
-
-        channel = StepChannel()
     params = load_params(checkpoint, cfg, shardings)
     tokenizer = Tokenizer.from_dir(checkpoint)
-    session_len = session_len or min(cfg.max_context, 4096)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
-    window_blocks = window_pool_blocks(cfg.sliding_window, max_batch_size // dp, block_size, session_len)
-    runner = ModelRunner(cfg, params, max_batch_size, session_len, eos_ids=frozenset(eos), plan=plan,
-                         channel=channel, quantize=quantize, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
-                         num_blocks=num_blocks, window_blocks=window_blocks if window_pool else 0)
+    runner = ModelRunner(cfg, params, slots, session_len, eos_ids=frozenset(eos), plan=plan, channel=channel,
+                         max_prefill_chunk=config.max_prefill_chunk, quantize=config.quantize,
+                         kv_cache_dtype=config.kv_cache_dtype, block_size=config.block_size, num_blocks=num_blocks,
+                         window_blocks=config.window_blocks(cfg, session_len))
     return runner, tokenizer
 
 
@@ -144,57 +160,48 @@ class DraftError(ValueError):
     """The draft model of speculative decoding cannot serve with the target (one line)."""
 
 
-def build_engine(checkpoint: Path, max_batch_size: int, session_len: int | None,
-                 dtype: str | None = None, max_queue: int = 256, warmup: bool = True,
-                 tp: int = 1, dp: int = 1, quantize: str | None = None,
-                 kv_cache_dtype: str | None = None, block_size: int = 32, num_blocks: int | None = None,
-                 speculation=None, draft: tuple | None = None):
-    """``build_runner``, compile every step shape, start the engine thread. ``num_blocks``:
-    the KV pool's blocks per data replica (default: a whole session per slot);
-    ``speculation``: ``service.engine.speculate.Speculation``, or None; ``draft``: (MODEL
-    argument or "same", quantize) of a draft model, which then proposes (its K and batch
-    threshold those of ``speculation``). Raises ValueError when the draft cannot serve."""
+def build_draft(config: EngineConfig, checkpoint: Path, runner):
+    """The draft model ``config`` names (a MODEL argument or "same", for ``checkpoint``), with
+    the target runner's slots, session, block size and pool. Raises DraftError."""
+    import dataclasses
+
+    from service.engine.draft import DraftModel
+
+    source, quantize = config.speculative_draft_model, config.speculative_draft_quantize
+    try:
+        draft_checkpoint, draft_name = (checkpoint, "same") if source == "same" else resolve(source, config.dtype)
+        # The draft reads the target's first group of tables only (a window group's blocks
+        # before a window are gone, and a new sequence's draft catches up from position 0).
+        draft_runner, _ = build_runner(draft_checkpoint, dataclasses.replace(
+            config, quantize=quantize, session_len=runner.session_len, num_blocks=runner.num_blocks,
+            window_pool=False, max_batch_size=runner.slots))
+        model = DraftModel(draft_runner, f"{draft_name}{f' ({quantize})' if quantize else ''}")
+        model.check(runner)
+    except (ModelSourceError, ValueError) as e:
+        raise DraftError(f"--speculative-draft-model {source}: {e}") from None
+    return model
+
+
+def build_engine(checkpoint: Path, config: EngineConfig, warmup: bool = True):
+    """``build_runner`` (and a draft model's), compile every step shape, start the engine
+    thread. Raises EngineConfigError or DraftError when the settings cannot serve."""
     import time
 
     from service.engine import Engine
 
-    runner, tokenizer = build_runner(checkpoint, max_batch_size, session_len, dtype, tp, dp, quantize,
-                                     kv_cache_dtype, block_size, num_blocks)
-    draft_runner = None
-    if draft is not None:
-        import dataclasses
-
-        from service.engine.draft import DraftModel
-
-        source, draft_quantize = draft
-        try:
-            draft_checkpoint, draft_name = (checkpoint, "same") if source == "same" else resolve(source, dtype)
-            # The draft reads the target's first group of tables only (a window group's blocks
-            # before a window are gone, and a new sequence's draft catches up from position 0).
-            draft_runner, _ = build_runner(draft_checkpoint, max_batch_size, runner.session_len, dtype, tp, dp,
-                                           draft_quantize, kv_cache_dtype, block_size, runner.num_blocks,
-                                           window_pool=False)
-            model = DraftModel(draft_runner, f"{draft_name}{f' ({draft_quantize})' if draft_quantize else ''}")
-            model.check(runner)
-        except (ModelSourceError, ValueError) as e:
-            raise DraftError(f"--speculative-draft-model {source}: {e}") from None
-        speculation = dataclasses.replace(speculation, method="draft", draft=model)
+    runner, tokenizer = build_runner(checkpoint, config)
+    draft = build_draft(config, checkpoint, runner) if config.speculative_algorithm == "draft" else None
     if warmup:
         t0 = time.monotonic()
 
         def progress(i, n, shape):
             log.info("compiling %d/%d %s", i + 1, n, shape)
 
-        from service.engine.speculate import Speculation
-
-        # Verify calls run with or without a method: a request's prediction is checked in them.
-        spec = speculation or Speculation.off()
-        verify_tokens = min(spec.max_batch, max_batch_size) * (spec.k + 1)
-        runner.warmup(progress, verify_tokens=verify_tokens)
-        if draft_runner is not None:
-            draft_runner.warmup()
+        runner.warmup(progress, verify_tokens=config.verify_tokens())
+        if draft is not None:
+            draft.runner.warmup()
         log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
                  runner.compiled_variants())
-    engine = Engine(runner, tokenizer, max_queue=max_queue, speculation=speculation)
+    engine = Engine(runner, tokenizer, max_queue=config.max_queue, speculation=config.speculation(draft))
     engine.start()
     return engine

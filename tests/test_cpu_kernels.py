@@ -426,11 +426,13 @@ def test_bfloat16_kv_cache_serves_like_float32(default_checkpoint):
     uint16, scattered in place) and greedy decoding follows the float32 cache's tokens."""
     from service.params import SamplingParams
     from service.engine import direct
+    from service.engine.config import EngineConfig
     from service.models import build_runner
 
     out = {}
     for kv in ("float32", "bfloat16"):
-        runner, tok = build_runner(default_checkpoint, 1, 128, kv_cache_dtype=kv)
+        runner, tok = build_runner(default_checkpoint, EngineConfig(max_batch_size=1, session_len=128,
+                                                                    kv_cache_dtype=kv))
         assert runner.cache[0][0].dtype == (jnp.float32 if kv == "float32" else jnp.uint16)
         prompt = tok.encode("The capital of France is")
         runner.set_slot(0, SamplingParams(temperature=0), prompt, 0)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from model.backends import cpu
+from service.engine.config import EngineConfig
 from service.errors import KVPoolExceeded
 from service.params import SamplingParams
 
@@ -47,7 +48,7 @@ def test_bundled_model_tokens_equal_the_slot_row_engines(default_checkpoint, mon
         monkeypatch.setattr(cpu, "available", lambda: False)
     elif not cpu.available():
         pytest.skip("the native CPU kernels do not build here")
-    runner, tokenizer = build_runner(default_checkpoint, 4, 512, num_blocks=7)
+    runner, tokenizer = build_runner(default_checkpoint, EngineConfig(max_batch_size=4, session_len=512, num_blocks=7))
     assert runner.backend.name == path
     engine = Engine(runner, tokenizer)
     got = _replay(engine)
@@ -66,7 +67,8 @@ def test_bundled_model_on_a_tp2_dp2_mesh_equals_the_slot_row_engines(default_che
     from service.engine import Engine
     from service.models import build_runner
 
-    runner, tokenizer = build_runner(default_checkpoint, 4, 512, tp=2, dp=2, num_blocks=4)
+    runner, tokenizer = build_runner(default_checkpoint, EngineConfig(max_batch_size=4, session_len=512, tp=2, dp=2,
+                                                                      num_blocks=4))
     assert runner.replicas == 2 and runner.cache[0][0].shape[0] == 2
     engine = Engine(runner, tokenizer)
     got = _replay(engine)

@@ -215,21 +215,18 @@ def test_gemma3_far_past_its_window_gives_transformers_greedy_tokens(tmp_path):
 def test_a_memory_budget_goes_to_the_full_layers_beyond_the_window_pool():
     """--cache-max-entry-count as a fraction: the sliding layers' pool is sized for the slots'
     windows, and the rest of the budget (in every layer's positions) feeds the full layers."""
-    import argparse
-
-    from service.cli import _window_rest
-    from service.engine.runner import window_pool_blocks
+    from service.engine.config import window_pool_blocks, window_rest
 
     cfg = ModelConfig(family="gemma", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=6,
                       num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=512,
                       sliding_layers=(True,) * 5 + (False,))
-    args = argparse.Namespace(block_size=32, session_len=8192)
     own = window_pool_blocks(512, 16, 32, 8192) * 32
     assert own == (16 * (16 + 2) + 2 * 17) * 32  # 16 windows of 512 and a block, two chunks of 512
     budget = 200_000
-    full = _window_rest(cfg, budget, 16, args)
+    full = window_rest(cfg, budget, own, 16 * 8192)
     # Bytes: budget x 6 layers = full x 1 layer + own x 5 layers.
     assert full == budget + (budget - own) * 5
     every = dataclasses.replace(cfg, sliding_layers=())  # every layer slides: the first pool keeps account only
-    assert _window_rest(every, budget, 16, args) == 16 * 8192
-    assert _window_rest(cfg, own - 1, 16, args) == own - 1  # a pool too small to split: one group
+    assert window_rest(every, budget, own, 16 * 8192) == 16 * 8192
+    assert window_rest(cfg, own - 1, own, 16 * 8192) == own - 1  # a pool too small to split: one group
+    assert window_rest(cfg, budget, 0, 16 * 8192) == budget  # no window pool: every layer shares the first

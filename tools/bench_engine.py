@@ -136,6 +136,7 @@ def main(argv=None) -> int:
 
 
     from model.backends import param_bytes
+    from service.engine.config import EngineConfig
     from service.models import build_engine, resolve
 
     checkpoint, name = resolve(args.model, args.dtype)
@@ -143,9 +144,9 @@ def main(argv=None) -> int:
         context_sweep(checkpoint, args.context, dtype=args.dtype, quantize=args.quantize,
                       kv_cache_dtype=args.kv_cache_dtype)
     session_len = 256 if args.prompt_len + args.output_len <= 256 else 512
-    engine = build_engine(checkpoint, max(args.streams), session_len, dtype=args.dtype, warmup=True,
-                          tp=args.tp, dp=args.dp, quantize=args.quantize,
-                          kv_cache_dtype=args.kv_cache_dtype)
+    engine = build_engine(checkpoint, EngineConfig(
+        max_batch_size=max(args.streams), session_len=session_len, dtype=args.dtype, tp=args.tp, dp=args.dp,
+        quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype))
     cfg = engine.runner.cfg
     # The bytes a decode step streams: the weights as the runner holds them.
     weight_bytes = param_bytes(engine.runner.params)

@@ -73,24 +73,24 @@ def main(argv=None) -> int:
 
     from model.chat_template import render
     from service.engine import Engine
-    from service.engine.speculate import Speculation
-    from service.models import build_runner, resolve
+    from service.engine.config import EngineConfig
+    from service.models import build_draft, build_runner, resolve
     from service.params import SamplingParams
 
     checkpoint, name = resolve(args.model)
-    runner, tokenizer = build_runner(checkpoint, args.streams, 1024, quantize=args.quantize)
-    spec = Speculation(k=args.k, max_batch=args.streams)
-    runner.warmup(verify_tokens=args.streams * (spec.k + 1))
-    mode = "ngram"
+    # The server's own wiring and checks: the config builds the speculation and the draft model.
+    config = EngineConfig(max_batch_size=args.streams, session_len=1024, quantize=args.quantize,
+                          speculative_algorithm="draft" if args.draft else "ngram",
+                          speculative_num_draft_tokens=args.k, speculative_max_batch=args.streams,
+                          speculative_draft_model=args.draft, speculative_draft_quantize=args.draft_quantize)
+    runner, tokenizer = build_runner(checkpoint, config)
+    runner.warmup(verify_tokens=config.verify_tokens())
+    draft = None
     if args.draft:
-        from service.engine.draft import DraftModel
-
-        source = checkpoint if args.draft == "same" else resolve(args.draft)[0]
-        draft_runner, _ = build_runner(source, args.streams, 1024, quantize=args.draft_quantize,
-                                       num_blocks=runner.num_blocks, window_pool=False)
-        draft_runner.warmup()
-        spec = Speculation("draft", k=args.k, max_batch=args.streams, draft=DraftModel(draft_runner, args.draft))
-        mode = "draft"
+        draft = build_draft(config, checkpoint, runner)
+        draft.runner.warmup()
+    spec = config.speculation(draft)
+    mode = spec.method
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     print(f"{name}, {args.quantize or runner.cfg.dtype}, {args.streams} stream(s), greedy, up to {args.max_tokens} tokens, "
           f"K={args.k}, {args.repeat} runs each")

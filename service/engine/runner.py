@@ -47,20 +47,6 @@ def compile_count() -> int:
     return _compiles
 
 
-def window_pool_blocks(window: int | None, slots: int, block_size: int, session_len: int,
-                       max_chunk: int = 512) -> int:
-    """Blocks of one data replica's pool for the sliding-window layers (see
-    ``service.engine.blocks``): every slot's window and the block it writes, then a prefill
-    step's chunks beyond their windows twice over, so prefixes and sessions stay cached a
-    while. 0 when windows do not make the pool smaller than a session per slot."""
-    if not window:
-        return 0
-    per_sequence = -(-(window - 1) // block_size) + 2
-    chunks = -(-min(max_chunk, session_len) // block_size) + 1
-    blocks = slots * per_sequence + 2 * chunks
-    return blocks if blocks < slots * -(-session_len // block_size) else 0
-
-
 def _host(x: jax.Array) -> np.ndarray:
     """A replicated step output as a host array (this process's replica: on a mesh spanning
     processes the others' are not addressable here)."""
@@ -117,8 +103,6 @@ class ModelRunner:
         self.replicas = 1 if plan is None else plan.mesh.shape["data"]
         if max_batch_size % self.replicas:
             raise ValueError(f"{max_batch_size} slots do not split over {self.replicas} data replicas")
-        if block_size < 1 or block_size % 16:
-            raise ValueError(f"--block-size {block_size}: a multiple of 16 positions")
         self.block_size = block_size
         self.max_blocks = -(-session_len // block_size)  # table entries of one sequence
         # Per replica; by default every slot can hold a whole session.

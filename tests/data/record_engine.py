@@ -70,10 +70,11 @@ async def run_workload(engine, tokenizer):
 
 
 def main(path: str) -> None:
+    from service.engine.config import EngineConfig
     from service.models import build_engine, resolve
 
     checkpoint, _ = resolve(None)
-    engine = build_engine(checkpoint, 4, 512, warmup=False)
+    engine = build_engine(checkpoint, EngineConfig(max_batch_size=4, session_len=512), warmup=False)
     try:
         result = asyncio.run(run_workload(engine, engine.tokenizer))
     finally:
