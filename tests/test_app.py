@@ -402,7 +402,7 @@ def test_reasoning_comes_back_as_reasoning_items_and_thinking_blocks(engine):
 def test_the_response_store_keeps_the_most_recent():
     from service.errors import NotFound
     from service.protocol_responses import ResponseObject
-    from service.routes.responses import ResponseStore
+    from service.routes.store import ResponseStore
 
     store = ResponseStore(2)
     for rid in ("a", "b"):
@@ -443,3 +443,76 @@ def test_mean_pooled_embeddings_sum_over_every_chunk(engine):
                                                      embed=True)]).hidden
         want = hidden.mean(axis=0)
         np.testing.assert_allclose(vector, want / np.linalg.norm(want), atol=1e-5)
+
+
+class Buggy(Scripted):
+    """An engine whose stream breaks with a bug (not a ServiceError) after its first Output."""
+
+    def generate(self, prompt_ids, params, session_id=None):
+        outputs = self.outputs
+
+        async def broken():
+            yield outputs[0]
+            raise RuntimeError("a bug in the engine")
+
+        return broken()
+
+
+def test_a_bug_mid_stream_is_each_routes_own_error_event_with_a_generic_message(engine):
+    """One stream-error policy on every streamed route: a failure that is not a ServiceError is
+    logged with its traceback and ends the stream with the route's own error event, saying
+    no more than that something failed."""
+    import json
+    import logging
+
+    from service.engine import Output
+
+    script = [Output(text="Hel", token_ids=[5], prompt_tokens=3, completion_tokens=1)]
+    app = create_app(State(ServerSettings(model_name="tiny"), Buggy(engine, script)))
+    routes = (("/v1/chat/completions", CHAT, lambda e: e["error"]),
+              ("/v1/completions", {"prompt": "hi", "max_tokens": 3}, lambda e: e["error"]),
+              ("/v1/responses", {"input": "hi", "max_output_tokens": 3}, lambda e: e["response"]["error"]),
+              ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+               lambda e: e["error"]),
+              ("/v1/chat/interactive", {"prompt": "hi", "request_output_len": 3}, lambda e: e["error"]))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("service.routes.common")
+    logger.addHandler(handler)
+    with TestClient(app) as c:
+        for path, body, error in routes:
+            records.clear()
+            with c.stream("POST", path, json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = [line for line in r.iter_lines() if line and not line.startswith("event: ")]
+            if lines[-1] == "data: [DONE]":  # OpenAI's streams end so, even after an error
+                lines = lines[:-1]
+            last = json.loads(lines[-1].removeprefix("data: "))
+            assert error(last)["message"] == "internal error while streaming", (path, last)
+            assert [str(r.exc_info[1]) for r in records] == ["a bug in the engine"], path
+    logger.removeHandler(handler)
+
+
+def test_the_route_modules_import_each_other_without_a_circle():
+    """Among ``service/routes/`` the imports point one way, and none hides in a function (an
+    import deferred to dodge a circle keeps the circle)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent / "service" / "routes"
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("service.routes."):
+                deps.add(node.module.rsplit(".", 1)[1])
+                assert node.col_offset == 0, f"{path.name} imports {node.module} inside a function"
+        graph[path.stem] = deps
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
+
+    assert graph["common"] and "chat_run" in graph["openai"]  # the graph is the real one
+    assert [m for m in graph if reaches(m, m, set())] == []

@@ -146,6 +146,15 @@ class Engine:
         self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id)))
         return rid
 
+    def check_submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
+        """Every check a request's prompts (``n`` generations each) must pass before any is
+        submitted, so a bad one is refused with its status before anything streams: token ids
+        in the vocabulary, lengths within the session and the pool, room in the queue."""
+        for ids in prompts:
+            check_token_ids(ids, params, self.runner.cfg.vocab_size)
+            self.check_prompt(len(ids), params)
+        self.check_capacity(len(prompts) * n)
+
     def check_capacity(self, n: int = 1) -> None:
         """Raise Overloaded now if ``n`` more requests would not fit the queue (so a stream can
         be refused with a status code before it starts)."""

@@ -17,7 +17,7 @@ from service.engine import Engine, Output
 from service.errors import InvalidRequest, ServiceError
 from service.params import SamplingParams
 from service.parsers import ReasoningParser, ToolCall
-from service.routes.common import (OwnTypeStream, State, chat_prompt, chat_template, check_model, fan_in,
+from service.routes.common import (OwnTypeStream, State, chat_prompt, chat_template, check_model, fan_in, guarded,
                                    require_generation, unless_disconnected)
 from service.structured import GrammarError
 
@@ -68,16 +68,12 @@ class ChatRun:
         async def events() -> AsyncIterator[bytes]:
             for e in start:
                 yield e
-            try:
-                async for piece in self.pieces():
-                    for e in feed(piece):
-                        yield e
-            except ServiceError as e:
-                yield fail(e)
-                return
-            done()
+            async for piece in self.pieces():
+                for e in feed(piece):
+                    yield e
 
-        return OwnTypeStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return OwnTypeStream(guarded(events(), fail, done), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
     async def gather(self, request: Request, feed: Callable[[Piece], Any]) -> None:
         """Feed every piece of a whole (not streamed) answer, aborted if the client leaves."""
@@ -119,6 +115,5 @@ def prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
     if data.prediction is not None:
         params = dataclasses.replace(params, prediction=tuple(
             engine.tokenizer.encode(data.prediction.text(), add_special_tokens=False)))
-    engine.check_prompt(len(prompt_ids), params)
-    engine.check_capacity(data.n)
+    engine.check_submit([prompt_ids], params, data.n)
     return ChatRun(engine, prompt_ids, params, plan, [Answer(plan, reasoning()) for _ in range(data.n)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import msgspec
 from litestar import Request
@@ -19,6 +19,7 @@ from service.chat import conversation
 from service.engine import Engine, Output
 from service.errors import InvalidRequest, ModelNotFound, NotReady, ServiceError
 from service.params import SamplingParams
+from service.routes.store import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,10 @@ class State:
 
     settings: ServerSettings
     engine: Engine | None = None
-    responses: Any = None  # routes.responses.ResponseStore, made from the settings
+    responses: ResponseStore | None = None  # made from the settings
 
     def __post_init__(self):
         if self.responses is None:
-            from service.routes.responses import ResponseStore  # the route module imports this one
-
             self.responses = ResponseStore(self.settings.responses_store)
 
 
@@ -152,10 +151,6 @@ def session_turn_ids(ctx: State, engine: Engine, messages: list[p.ChatMessage], 
 # -- results -----------------------------------------------------------------------------------
 
 
-def token_str(engine: Engine, token_id: int) -> str:
-    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
 def usage(finals: list[Output], n: int = 1) -> p.Usage:
     """Usage of choices ``finals`` (their last Outputs, in choice order), ``n`` choices per
     prompt: each prompt's tokens count once."""
@@ -247,14 +242,27 @@ def error_body(exc: ServiceError) -> p.ErrorResponse:
     return p.ErrorResponse(error=p.ErrorDetail(message=str(exc), type=exc.type, param=exc.param, code=exc.code))
 
 
-async def sse_stream(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Mid-stream failures become one error event, then [DONE]."""
+async def guarded(gen: AsyncIterator[bytes], fail: Callable[[ServiceError], bytes],
+                  done: Callable[[], None] = lambda: None) -> AsyncIterator[bytes]:
+    """Every route's stream-error policy: once a stream has begun, an in-band event is all a
+    client can get, so a ``ServiceError`` becomes the route's error event (``fail``), and
+    anything else (a bug) is logged with its traceback and becomes the same event with a
+    generic message. ``done`` runs when the stream ended without one."""
     try:
         async for chunk in gen:
             yield chunk
     except ServiceError as e:
-        yield sse(error_body(e))
-    except Exception:  # a bug: once the stream has begun, an in-band error event is all the client can get
+        yield fail(e)
+        return
+    except Exception:
         log.exception("stream failed")
-        yield sse(error_body(ServiceError("internal error while streaming")))
+        yield fail(ServiceError("internal error while streaming"))
+        return
+    done()
+
+
+async def sse_stream(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """An OpenAI event stream: a failure becomes one error event; [DONE] ends it either way."""
+    async for chunk in guarded(gen, lambda e: sse(error_body(e))):
+        yield chunk
     yield b"data: [DONE]\n\n"

@@ -14,7 +14,6 @@ from litestar.params import JSONBody
 
 from service import protocol_embeddings as e
 from service.engine import Engine
-from service.engine.core import check_token_ids
 from service.errors import InvalidRequest, ServiceError
 from service.params import SamplingParams
 from service.routes.common import Ctx, State, check_model, require_engine, unless_disconnected
@@ -69,10 +68,7 @@ async def embeddings(data: JSONBody[e.EmbeddingRequest], ctx: Ctx, request: Requ
         raise InvalidRequest(f"dimensions must be in [1, {dims}], got {data.dimensions}", param="dimensions")
     prompts = _inputs(engine, data.input)
     params = SamplingParams(temperature=0.0, max_tokens=0, embed=pooling)
-    for ids in prompts:  # every input checked before any is submitted
-        check_token_ids(ids, params, engine.tokenizer.vocab_size)
-        engine.check_prompt(len(ids), params)
-    engine.check_capacity(len(prompts))
+    engine.check_submit(prompts, params)  # every input checked before any is submitted
 
     async def one(ids: list[int]) -> np.ndarray:
         async for out in engine.generate(ids, params):

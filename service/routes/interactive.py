@@ -10,9 +10,9 @@ from litestar import Request, post
 from litestar.params import JSONBody
 
 from service import protocol as p
-from service.errors import InvalidRequest, ServiceError
-from service.routes.common import (Ctx, OwnTypeStream, error_body, fan_in, require_generation, session_turn_ids,
-                                   unless_disconnected)
+from service.errors import InvalidRequest
+from service.routes.common import (Ctx, OwnTypeStream, error_body, fan_in, guarded, require_generation,
+                                   session_turn_ids, unless_disconnected)
 
 
 @post("/v1/chat/interactive", summary="Interactive chat with server-side sessions (LMDeploy)",
@@ -50,13 +50,11 @@ async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, reque
 
     if data.stream:
         async def lines():
-            try:
-                async for _, out in fan_in(engine, [prompt_ids], params, session_id=session):
-                    yield msgspec.json.encode(response(out.text, out)) + b"\n"
-            except ServiceError as e:
-                yield msgspec.json.encode(error_body(e)) + b"\n"
+            async for _, out in fan_in(engine, [prompt_ids], params, session_id=session):
+                yield msgspec.json.encode(response(out.text, out)) + b"\n"
 
-        return OwnTypeStream(lines(), media_type="application/x-ndjson")
+        return OwnTypeStream(guarded(lines(), lambda e: msgspec.json.encode(error_body(e)) + b"\n"),
+                             media_type="application/x-ndjson")
     text, last = "", None
 
     async def gather() -> None:

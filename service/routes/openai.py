@@ -11,12 +11,12 @@ from litestar.params import JSONBody
 
 from service import protocol as p
 from service.engine import Engine, Output
-from service.engine.core import check_token_ids
 from service.chat import call_deltas, call_out
 from service.errors import InvalidRequest
 from service.routes.chat_run import check_grammar, prepare_chat
 from service.routes.common import (Ctx, OwnTypeStream, check_model, fan_in, require_generation, sse, sse_stream,
-                                   token_str, unless_disconnected, usage)
+                                   unless_disconnected, usage)
+from service.routes.logprobs import chat_logprobs, completion_logprobs
 
 
 def _stream(chunks: AsyncIterator[bytes]) -> OwnTypeStream:
@@ -28,19 +28,6 @@ async def list_models(ctx: Ctx) -> p.ModelList:
     max_len = ctx.engine.session_len if ctx.engine else None
     return p.ModelList(data=[p.ModelCard(id=ctx.settings.model_name, root=ctx.settings.model_name,
                                          max_model_len=max_len)])
-
-
-def chat_logprobs(engine: Engine, out: Output) -> p.ChoiceLogprobs | None:
-    if not out.logprobs:
-        return None
-    content = []
-    raw = engine.grammars.token_bytes  # a token's own bytes: its decoded text loses a split character's
-    for lp in out.logprobs:
-        content.append(p.TokenLogprobOut(
-            token=token_str(engine, lp.token_id), logprob=lp.logprob, bytes=list(raw(lp.token_id)),
-            top_logprobs=[p.TopLogprob(token=token_str(engine, i), logprob=v, bytes=list(raw(i)))
-                          for i, v in lp.top]))
-    return p.ChoiceLogprobs(content=content)
 
 
 @post("/v1/chat/completions", summary="Chat completion (OpenAI)", status_code=200)
@@ -86,17 +73,16 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
     lps: list[list] = [[] for _ in range(data.n)]
     finals: dict[int, Output] = {}
 
-    async def gather() -> None:
-        async for piece in run.pieces():
-            i, out = piece.index, piece.out
-            texts[i] += piece.content
-            thoughts[i] += piece.thought
-            if out.logprobs:
-                lps[i].extend(chat_logprobs(engine, out).content)
-            if piece.final:
-                finals[i] = out
+    def feed(piece) -> None:
+        i, out = piece.index, piece.out
+        texts[i] += piece.content
+        thoughts[i] += piece.thought
+        if out.logprobs:
+            lps[i].extend(chat_logprobs(engine, out).content)
+        if piece.final:
+            finals[i] = out
 
-    await unless_disconnected(request, gather())
+    await run.gather(request, feed)
     choices = []
     for i in range(data.n):
         calls = answers[i].calls
@@ -126,38 +112,6 @@ def _completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
                          "list of lists of token ids", param="prompt")
 
 
-def _completion_logprobs(engine: Engine, outs: list[Output], offset: int,
-                         prompt: list[int] | None = None) -> p.CompletionLogprobs:
-    """The legacy completions ``logprobs``: with ``prompt`` (echo), the prompt's tokens first
-    (the first has no logprob, as in OpenAI's API), their offsets into the echoed text, then
-    the completion's from ``offset``."""
-    lp = p.CompletionLogprobs()
-    if prompt:
-        scores = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), [])
-        at = 0
-        for i, token in enumerate(prompt):
-            s = token_str(engine, token)
-            lp.tokens.append(s)
-            lp.text_offset.append(at)
-            at += len(s)
-            if i == 0:
-                lp.token_logprobs.append(None)
-                lp.top_logprobs.append(None)
-            else:
-                t = scores[i - 1]
-                lp.token_logprobs.append(t.logprob)
-                lp.top_logprobs.append({token_str(engine, a): v for a, v in t.top})
-    for out in outs:
-        for t in out.logprobs:
-            s = token_str(engine, t.token_id)
-            lp.tokens.append(s)
-            lp.token_logprobs.append(t.logprob)
-            lp.top_logprobs.append({token_str(engine, i): v for i, v in t.top})
-            lp.text_offset.append(offset)
-            offset += len(s)
-    return lp
-
-
 @post("/v1/completions", summary="Text completion (OpenAI)", status_code=200)
 async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Request) -> Any:
     engine = require_generation(ctx)
@@ -169,10 +123,7 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     params = data.to_sampling_params(ctx.settings.defaults)
     check_grammar(engine, params.grammar, "response_format")
     prompts = _completion_prompts(engine, data.prompt)
-    for ids in prompts:  # every prompt checked before any is submitted; the tokenizer's ids only
-        check_token_ids(ids, params, engine.tokenizer.vocab_size)
-        engine.check_prompt(len(ids), params)
-    engine.check_capacity(len(prompts) * data.n)
+    engine.check_submit(prompts, params, data.n)  # every prompt checked before any is submitted
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
     total = len(prompts) * data.n
 
@@ -183,7 +134,7 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
         if params.logprobs is None:
             return None
         scored = params.prompt_logprobs is not None and first
-        return _completion_logprobs(engine, outs, offset, prompts[idx // data.n] if scored else None)
+        return completion_logprobs(engine, outs, offset, prompts[idx // data.n] if scored else None)
 
     if data.max_tokens == 0 and params.prompt_logprobs is None:  # echo only: nothing to run
         choices = [p.CompletionChoice(index=idx, text=echo_text(idx), finish_reason="length")
