@@ -103,7 +103,7 @@ def _stops(stop: Union[str, list[str], None]) -> tuple[str, ...]:
 
 
 # OpenAI's own bound on logit_bias entries; each slot's sampling row holds this many (the
-# engine refuses more on submit: ``service.engine.core.check_token_ids``).
+# engine refuses more on submit: ``service.engine.limits.Limits.token_ids``).
 MAX_LOGIT_BIAS = 300
 
 

@@ -113,7 +113,7 @@ def test_packed_prefill_equals_one_chunk_per_call(tiny, tokenizer, xla):
         return Chunk(slot=slot, tokens=tuple(ids), start=start, last=True)
 
     packed = runner_with_rows()
-    assert packed.prompts_per_call(39, 5) >= 3
+    assert packed.shapes.prompts_per_call(39, 5) >= 3
     got = direct.prefill_chunks(packed, [chunk(1, p1, 0), chunk(0, p2, 0), chunk(3, p3[5:], 5)]).sampled
     single = runner_with_rows()
     want = [direct.prefill(single, slot, ids, start) for slot, ids, start in ((1, p1, 0), (0, p2, 0), (3, p3[5:], 5))]
@@ -158,7 +158,7 @@ def test_prompts_arriving_together_share_prefill_calls(tiny, tokenizer, backend)
                                                      for p in (greedy, seeded)])]
 
     assert run(engine, together()) == solo
-    assert engine.runner.prompts_per_call(32) > 1
+    assert engine.runner.shapes.prompts_per_call(32) > 1
     assert engine.stats.prefill_calls < 2 * len(prompts)  # fewer calls than sequences
 
 
@@ -264,9 +264,9 @@ def test_queue_overflow_and_context_length_raise_typed_errors(tiny, tokenizer):
     with pytest.raises(Overloaded):
         engine.submit([1, 2, 3], SamplingParams(max_tokens=4), lambda o: None)
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 64 tokens; the request has 80"):
-        engine.check_prompt(50, SamplingParams(max_tokens=30))
+        engine.limits.prompt(50, SamplingParams(max_tokens=30))
     with pytest.raises(ContextLengthExceeded, match="the request has 70 tokens"):
-        engine.check_prompt(70, SamplingParams())
+        engine.limits.prompt(70, SamplingParams())
 
 
 def test_stop_strings_spanning_tokens_are_never_leaked():

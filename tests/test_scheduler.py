@@ -13,7 +13,7 @@ from service.params import SamplingParams
 
 def setup(slots=4, max_chunk=64, per_call=lambda n, reach=0: max(1, n // 4), blocks=64, block_size=16):
     table = SlotTable(slots, BlockManager(blocks, block_size, slots, 256 // block_size))
-    return table, Scheduler(table, max_chunk, session_len=256, prompts_per_call=per_call)
+    return table, Scheduler(table, max_chunk, max_length=256, prompts_per_call=per_call)
 
 
 def admit(table, ids, arrival, generated=()):

@@ -29,9 +29,10 @@ from service.engine.scheduler import Scheduler
 from service.engine.slots import SlotTable
 from service.engine.speculate import Speculation
 from service.engine.waiting import WaitingQueue
-from service.errors import ContextLengthExceeded, Draining, EngineFailed, InvalidRequest, KVPoolExceeded
+from service.engine.limits import Limits
+from service.errors import ContextLengthExceeded, Draining, EngineFailed, InvalidRequest
 from service.metrics import EngineMetrics, snapshot
-from service.params import MAX_LOGIT_BIAS, SamplingParams
+from service.params import SamplingParams
 from service.structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,11 @@ class Engine:
                                    runner.replicas, runner.window, runner.window_blocks)
         # The longest sequence: a session, or all of one replica's pool where that is less.
         self.max_length = min(runner.session_len, self.blocks.capacity)
+        self.limits = Limits(runner.session_len, self.max_length, runner.cfg.vocab_size)
         self.table = SlotTable(runner.slots, self.blocks)
         # Off (no method), only requests that send a prediction speculate.
         self.speculation = speculation or Speculation.off()
-        self.scheduler = Scheduler(self.table, runner.max_chunk, self.max_length, runner.prompts_per_call,
+        self.scheduler = Scheduler(self.table, runner.max_chunk, self.max_length, runner.shapes.prompts_per_call,
                                    can_chain=runner.channel is None, speculation=self.speculation)
         if self.speculation.on:
             log.info(self.speculation.describe())
@@ -58,11 +60,9 @@ class Engine:
         self.metrics = EngineMetrics()
         self.grammars = Grammars(tokenizer, runner.cfg.vocab_size)
         self.outputs = OutputProcessor(tokenizer, self.table, self.max_length, self.metrics, self.stats)
-        self._inbox: queue.Queue = queue.Queue()
         self.waiting = WaitingQueue(max_queue)  # submitted, not yet in a slot
-        self._ids = itertools.count()
+        self._inbox, self._ids, self._stop = queue.Queue(), itertools.count(), threading.Event()
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self._inflight = None  # (sequences, DecodeHandle) of the decode step on the device
         self.draining = False  # shutting down: admit nothing new, let what runs finish
@@ -82,13 +82,12 @@ class Engine:
         self.runner.stop_followers()
 
     @property
-    def running_count(self) -> int:
+    def running_count(self) -> int:  # sequences in slots
         return len(self.table.running)
 
     @property
-    def busy(self) -> bool:
-        """Requests submitted and not finished."""
-        return bool(self.table.running or self.waiting.count)  # the count covers the inbox too
+    def busy(self) -> bool:  # requests submitted and not finished (the count covers the inbox too)
+        return bool(self.table.running or self.waiting.count)
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting (new requests get ``Draining``), wait up to ``timeout`` seconds for
@@ -117,16 +116,6 @@ class Engine:
 
     # -- client API (any thread / asyncio) -----------------------------------------------------
 
-    def check_prompt(self, n_prompt: int, params: SamplingParams, history: int = 0) -> None:
-        total = history + n_prompt
-        if total >= self.session_len:
-            raise ContextLengthExceeded(total, self.session_len)
-        if params.max_tokens is not None and total + params.max_tokens > self.session_len:
-            raise ContextLengthExceeded(total, self.session_len, params.max_tokens)
-        # Even alone it could never fit the pool (its last sampled token needs no KV).
-        if total >= self.max_length or (params.max_tokens is not None and total + params.max_tokens > self.max_length):
-            raise KVPoolExceeded(total, self.max_length, params.max_tokens or 0)
-
     def _check_serving(self) -> None:
         if self.failed is not None:
             raise EngineFailed(self.failed + "; restart the server")
@@ -138,9 +127,9 @@ class Engine:
         self._check_serving()
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        check_token_ids(prompt_ids, params, self.runner.cfg.vocab_size)
+        self.limits.token_ids(prompt_ids, params)
         if session_id is None:
-            self.check_prompt(len(prompt_ids), params)
+            self.limits.prompt(len(prompt_ids), params)
         self.waiting.reserve()
         rid = request_id or f"req-{next(self._ids)}"
         self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id)))
@@ -151,8 +140,8 @@ class Engine:
         submitted, so a bad one is refused with its status before anything streams: token ids
         in the vocabulary, lengths within the session and the pool, room in the queue."""
         for ids in prompts:
-            check_token_ids(ids, params, self.runner.cfg.vocab_size)
-            self.check_prompt(len(ids), params)
+            self.limits.token_ids(ids, params)
+            self.limits.prompt(len(ids), params)
         self.check_capacity(len(prompts) * n)
 
     def check_capacity(self, n: int = 1) -> None:
@@ -204,13 +193,7 @@ class Engine:
         may not have written it), and make the device state anew if the step consumed it. If
         even that fails, the engine is marked failed: ``/health`` then answers 503."""
         self._inflight = None
-        for seq in list(self.table.running.values()):
-            try:
-                self.outputs.finish(seq, "error")
-            except Exception:  # a caller's emit raised: drop the sequence all the same
-                log.exception("could not report the failure of %s", seq.id)
-                self.table.running.pop(seq.slot, None)
-            self.table.forget(seq.slot)
+        self.outputs.fail_running()
         try:
             if not self.runner.recover():
                 self.table.forget_all()  # a new cache holds no session's or prefix's KV
@@ -244,29 +227,24 @@ class Engine:
         self.outputs.on_prefilled(plan, results)
 
     def _drain_inbox(self, block: bool) -> None:
+        get = (lambda: self._inbox.get(timeout=0.5)) if block else self._inbox.get_nowait
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while (item := get()) is not None:  # None: stop
+                get = self._inbox.get_nowait
+                kind, arg = item
+                if kind == "add":
+                    self.waiting.push(arg)
+                elif kind == "end_session":
+                    self.table.end_session(arg)
+                else:  # "abort" (one request), "abort_session" (a session's), "abort_all"
+                    pick = None if kind == "abort" else (lambda r: r.session_id == arg) if kind == "abort_session" \
+                        else (lambda r: True)
+                    rids = [arg] if pick is None else self.waiting.ids(pick) + [
+                        s.id for s in self.table.running.values() if pick(s.req)]
+                    for rid in rids:
+                        self._abort(rid)
         except queue.Empty:
-            return
-        while item is not None:
-            kind, arg = item
-            if kind == "add":
-                self.waiting.push(arg)
-            elif kind == "abort":
-                self._abort(arg)
-            elif kind == "abort_session":
-                for rid in self.waiting.ids(lambda r: r.session_id == arg) + [
-                        s.id for s in self.table.running.values() if s.req.session_id == arg]:
-                    self._abort(rid)
-            elif kind == "end_session":
-                self.table.end_session(arg)
-            elif kind == "abort_all":
-                for rid in self.waiting.ids() + [s.id for s in self.table.running.values()]:
-                    self._abort(rid)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                item = None
+            pass
 
     def _abort(self, rid: str) -> None:
         req = self.waiting.remove(rid)
@@ -285,7 +263,7 @@ class Engine:
             history = self.table.history(req.session_id)
             seq = Sequence(req, seq=history + list(req.prompt_ids), history=len(history))
             try:
-                self.check_prompt(len(req.prompt_ids), req.params, len(history))
+                self.limits.prompt(len(req.prompt_ids), req.params, len(history))
             except ContextLengthExceeded:
                 # A full session ends with "length" and no text, as LMDeploy does.
                 req.emit(Output(finish_reason="length", prompt_tokens=len(req.prompt_ids),
@@ -311,17 +289,3 @@ class Engine:
                 continue
             self.table.place(seq, slot)
 
-
-def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab: int) -> None:
-    """Token ids a request names must be the model's: one outside is a 400 naming it (the
-    sampler indexes its rows with them)."""
-    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidRequest(f"prompt token id {bad} is not in the model's vocabulary [0, {vocab})", param="prompt")
-    bad = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidRequest(f"logit_bias: token id {bad} is not in the model's vocabulary [0, {vocab})",
-                             param="logit_bias")
-    if len(params.logit_bias) > MAX_LOGIT_BIAS:  # each slot's sampling row holds this many
-        raise InvalidRequest(f"logit_bias has {len(params.logit_bias)} entries; at most {MAX_LOGIT_BIAS}",
-                             param="logit_bias")

@@ -240,6 +240,17 @@ class OutputProcessor:
             return "error"
         return "stop" if seq.matcher.is_stopped() else None
 
+    def fail_running(self) -> None:
+        """A step failed: end every running sequence with "error" and forget every KV the plans
+        counted (the step may not have written it)."""
+        for seq in list(self.table.running.values()):
+            try:
+                self.finish(seq, "error")
+            except Exception:  # a caller's emit raised: drop the sequence all the same
+                log.exception("could not report the failure of %s", seq.id)
+                self.table.running.pop(seq.slot, None)
+            self.table.forget(seq.slot)
+
     def finish(self, seq: Sequence, reason: str, out: Output | None = None, batched: dict | None = None) -> None:
         """End ``seq`` with ``reason`` (``out``: its last token's Output). ``batched``: the
         step's outputs waiting for one wake-up per event loop; the finish joins them, after

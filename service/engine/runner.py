@@ -210,9 +210,6 @@ class ModelRunner:
     def _set_row_step(self, slot: int, row) -> None:
         self.sampling = self._set_row(self.sampling, np.int32(slot), row)
 
-    def prompts_per_call(self, n_tokens: int, max_start: int = 0) -> int:
-        return self.shapes.prompts_per_call(n_tokens, max_start)
-
     def run_prefill(self, op: Prefill, tables: np.ndarray, masks: dict | None = None) -> StepOutput:
         """One prefill call: ``op``'s chunks (of distinct slots; at most ``prompts_per_call``
         of them, ``max_chunk`` tokens in all) in one row of tokens. ``sampled`` has a row per

@@ -38,19 +38,19 @@ from service.engine.speculate import Speculation
 
 
 class Scheduler:
-    def __init__(self, table: SlotTable, max_chunk: int, session_len: int,
+    def __init__(self, table: SlotTable, max_chunk: int, max_length: int,
                  prompts_per_call: Callable[[int, int], int], can_chain: bool = True,
                  speculation: Speculation | None = None):
         self.table = table
         self.blocks = table.blocks
         self.max_chunk = max_chunk
-        self.session_len = session_len
+        self.max_length = max_length  # the longest a sequence grows: a session, or the pool
         self.prompts_per_call = prompts_per_call
         self.can_chain = can_chain  # a process-spanning mesh replays every step: no chaining
         self.preemptions = 0
         self.speculation = speculation or Speculation.off()
 
-    def decodable(self) -> list[Sequence]:
+    def decodable(self) -> list[Sequence]:  # oldest first, as every list of sequences here
         return sorted((s for s in self.table.running.values() if s.decodable), key=lambda s: s.admitted)
 
     def _pending(self) -> list[Sequence]:
@@ -66,12 +66,11 @@ class Scheduler:
             return False
         # Every running sequence is in that step (its input's KV planned one past its target).
         live = list(self.table.running.values())
-        if any(s.constrained or s.prefilled != s.target + 1 for s in live):
-            return False
-        if self._may_speculate(live):  # the next step's drafts need this step's tokens
+        # Drafts for the next step need this step's tokens.
+        if any(s.constrained or s.prefilled != s.target + 1 for s in live) or self._may_speculate(live):
             return False
         return (len(live) == len(inflight) and set(map(id, live)) == set(map(id, inflight))
-                and max(s.length for s in live) < self.session_len
+                and max(s.length for s in live) < self.max_length
                 and self.blocks.fits([(s.slot, s.length + 1) for s in live]))
 
     def _slide(self) -> None:
@@ -119,7 +118,7 @@ class Scheduler:
         first; newer sequences are preempted where the pool runs dry."""
         out: list[Sequence] = []
         for s in self.decodable():
-            if not s.decodable or s.length >= self.session_len:  # preempted meanwhile; finishing
+            if not s.decodable or s.length >= self.max_length:  # preempted meanwhile; finishing
                 continue
             if self._make_room(s, s.length, keep=out):
                 out.append(s)
@@ -131,14 +130,13 @@ class Scheduler:
         False when it cannot (then ``seq`` may itself have been preempted)."""
         replica = self.blocks.replica(seq.slot)
         while not self.blocks.allocate(seq.slot, tokens):
-            if self.table.evict_session(replica):
-                continue
-            victim = self._victim(replica, keep)
-            if victim is None:
-                return False
-            self._preempt(victim)
-            if victim is seq:
-                return False
+            if not self.table.evict_session(replica):
+                victim = self._victim(replica, keep)
+                if victim is None:
+                    return False
+                self._preempt(victim)
+                if victim is seq:
+                    return False
         return True
 
     def _victim(self, replica: int, keep: list[Sequence]) -> Sequence | None:
@@ -158,16 +156,12 @@ class Scheduler:
         """Nothing could be planned: prompts wait for blocks that other waiting prompts hold
         (each partly prefilled). Preempt the most recently admitted of them that holds blocks,
         so the earlier ones can finish."""
-        pending = self._pending()
-        if not pending:
-            return
-        oldest = pending[0]
-        replica = self.blocks.replica(oldest.slot)
-        if self.table.evict_session(replica):
-            return
-        victim = self._victim(replica, keep=[oldest])
-        if victim is not None:
-            self._preempt(victim)
+        oldest = next(iter(self._pending()), None)
+        replica = None if oldest is None else self.blocks.replica(oldest.slot)
+        if oldest is not None and not self.table.evict_session(replica):
+            victim = self._victim(replica, keep=[oldest])
+            if victim is not None:
+                self._preempt(victim)
 
     def _advance(self, seq: Sequence, n: int) -> None:
         """``n`` more positions of ``seq`` computed by the plan; register the blocks they fill
@@ -191,7 +185,7 @@ class Scheduler:
         budget = self.max_chunk - len(live)  # the call's tokens stay within a prefill bucket
         limits = []
         for s in live:
-            limit = min(self.speculation.limit(s, self.session_len - s.length), budget)
+            limit = min(self.speculation.limit(s, self.max_length - s.length), budget)
             if limit > 0 and self.blocks.covered(s.slot) < s.length + limit:
                 if self.blocks.spare(s.slot, s.length + limit) < len(live):
                     limit = max(0, min(limit, self.blocks.covered(s.slot) - s.length))
@@ -205,17 +199,11 @@ class Scheduler:
         chunks = [decode_row(s, d) for s, d in zip(live, drafts)]
         if not any(c.drafts for c in chunks):
             return []
-        calls: list[list[Chunk]] = [[]]
         for c in chunks:
             # Its registered blocks stay those of known tokens: ``_advance`` commits up to the
             # sequence's length, which the drafts are past.
             self._advance(c.owner, len(c.tokens))
-            call = calls[-1]
-            size = sum(len(x.tokens) for x in call) + len(c.tokens)
-            if call and len(call) + 1 > self.prompts_per_call(size, max(x.start for x in call + [c])):
-                calls.append([])
-            calls[-1].append(c)
-        return [Prefill(tuple(call), verify=True) for call in calls]
+        return verify_calls(chunks, self.prompts_per_call)
 
     # -- prefill -------------------------------------------------------------------------------
 
@@ -302,3 +290,15 @@ def decode_row(seq: Sequence, drafts=()) -> Chunk:
     verify call, the drafts proposed after it)."""
     return Chunk(slot=seq.slot, tokens=(seq.generated[-1], *drafts), start=seq.length - 1, last=True,
                  step=len(seq.generated), decode=True, drafts=len(drafts), owner=seq)
+
+
+def verify_calls(chunks: list[Chunk], prompts_per_call: Callable[[int, int], int]) -> list[Prefill]:
+    """Verify chunks packed into as few calls as the backend takes them, in order."""
+    calls: list[list[Chunk]] = [[]]
+    for c in chunks:
+        call = calls[-1]
+        size = sum(len(x.tokens) for x in call) + len(c.tokens)
+        if call and len(call) + 1 > prompts_per_call(size, max(x.start for x in call + [c])):
+            calls.append([])
+        calls[-1].append(c)
+    return [Prefill(tuple(call), verify=True) for call in calls]
