@@ -144,9 +144,11 @@ def main(argv=None) -> int:
         context_sweep(checkpoint, args.context, dtype=args.dtype, quantize=args.quantize,
                       kv_cache_dtype=args.kv_cache_dtype)
     session_len = 256 if args.prompt_len + args.output_len <= 256 else 512
+    # A whole session per slot: every stream count runs without preemption.
     engine = build_engine(checkpoint, EngineConfig(
         max_batch_size=max(args.streams), session_len=session_len, dtype=args.dtype, tp=args.tp, dp=args.dp,
-        quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype))
+        quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype,
+        num_blocks=max(args.streams) // args.dp * -(-session_len // 32)))
     cfg = engine.runner.cfg
     # The bytes a decode step streams: the weights as the runner holds them.
     weight_bytes = param_bytes(engine.runner.params)
