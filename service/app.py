@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ServerSettings", "State", "create_app"]
 
-ROUTES = [openai.list_models, openai.chat_completions, openai.completions, interactive.chat_interactive,
-          ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics, ops.loads,
+ROUTES = [openai.list_models, openai.retrieve_model, openai.chat_completions, openai.completions,
+          interactive.chat_interactive, ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics, ops.loads,
           responses.create_response, responses.get_response, responses.delete_response,
-          messages.create_message, messages.count_tokens, embeddings.embeddings]
+          responses.list_input_items, messages.create_message, messages.count_tokens, embeddings.embeddings]
 
 
 # -- errors: one handler per type --------------------------------------------------------------
@@ -44,8 +44,9 @@ ROUTES = [openai.list_models, openai.chat_completions, openai.completions, inter
 
 def _error_response(request: Request, status: int, message: str, type_: str, param: str | None = None,
                     code: str | None = None) -> Response:
-    """OpenAI's error body, or Anthropic's on the Messages routes (its SDK reads that one)."""
-    if request.url.path.startswith("/v1/messages"):
+    """OpenAI's error body, or Anthropic's on the Messages routes and to Anthropic's clients
+    (their SDK reads that one)."""
+    if request.url.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
         body = protocol_messages.error_body(status, message)
     else:
         body = p.ErrorResponse(error=p.ErrorDetail(message=message, type=type_, param=param, code=code))

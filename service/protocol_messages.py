@@ -226,6 +226,22 @@ class TokenCount(_Resp):
     input_tokens: int
 
 
+class AnthropicModel(_Resp):
+    """A model as Anthropic's Models API describes it (``created_at``: RFC 3339)."""
+
+    id: str
+    display_name: str
+    created_at: str
+    type: str = "model"
+
+
+class AnthropicModelList(_Resp):
+    data: list[AnthropicModel]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
 # Anthropic's error type for each HTTP status.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}

@@ -20,6 +20,7 @@ Refused with a 400 naming them: ``background``, ``conversation``, ``prompt``,
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Union
 
 import msgspec
@@ -129,6 +130,22 @@ class ResponsesRequest(_Req):
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+    def input_items(self) -> list[dict[str, Any]]:
+        """``input`` as OpenAI lists a response's input items: each item with an id, a message's
+        text as content parts, fields not sent left out."""
+        items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        out = []
+        for item in items:
+            d = {"type": item.type, **{k: v for k, v in msgspec.to_builtins(item).items() if v is not None}}
+            if item.type == "message" and isinstance(item.content, str):
+                kind = "output_text" if item.role == "assistant" else "input_text"
+                d["content"] = [{"type": kind, "text": item.content}]
+            prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
+                      "reasoning": "rs"}.get(item.type, "item")
+            d.setdefault("id", f"{prefix}_{uuid.uuid4().hex}")
+            out.append(d)
+        return out
 
     def check_fields(self) -> None:
         for name, why in (("background", "background responses are not served; send the request and wait"),
@@ -340,6 +357,16 @@ class ResponseObject(_Resp):
 
     def output_text(self) -> str:
         return "".join(c.text for item in self.output if isinstance(item, MessageItem) for c in item.content)
+
+
+class InputItemList(_Resp):
+    """A stored response's input items, a page of them (``GET /v1/responses/{id}/input_items``)."""
+
+    data: list[dict[str, Any]]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+    object: str = "list"
 
 
 class ResponseDeleted(_Resp):

@@ -409,7 +409,7 @@ def test_the_response_store_keeps_the_most_recent():
         store.put(ResponseObject(id=rid, created_at=0, model="m"), [])
     store.get("a")  # used: now b is the least recent
     store.put(ResponseObject(id="c", created_at=0, model="m"), [])
-    assert store.get("a")[0].id == "a" and store.get("c")[0].id == "c"
+    assert store.get("a").response.id == "a" and store.get("c").response.id == "c"
     with pytest.raises(NotFound):
         store.get("b")
     empty = ResponseStore(0)
@@ -516,3 +516,45 @@ def test_the_route_modules_import_each_other_without_a_circle():
 
     assert graph["common"] and "chat_run" in graph["openai"]  # the graph is the real one
     assert [m for m in graph if reaches(m, m, set())] == []
+
+
+def test_a_model_is_retrieved_by_a_name_with_slashes_in_either_shape(engine):
+    with TestClient(create_app(State(ServerSettings(model_name="org/tiny-1"), engine))) as c:
+        card = c.get("/v1/models/org/tiny-1").json()
+        assert card["id"] == "org/tiny-1" and card["object"] == "model"
+        assert card["created"] == c.get("/v1/models").json()["data"][0]["created"]  # the server's start
+        r = c.get("/v1/models/org/other")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        info = c.get("/v1/models/org/tiny-1", headers={"anthropic-version": "2023-06-01"}).json()
+        assert info["type"] == "model" and info["display_name"] == "org/tiny-1" and info["created_at"].endswith("Z")
+        r = c.get("/v1/models/nope", headers={"anthropic-version": "2023-06-01"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_a_stored_responses_input_items_page_in_either_order(engine):
+    items = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "more"}]}]
+    with client(engine) as c:
+        rid = c.post("/v1/responses", json={"input": items, "max_output_tokens": 2}).json()["id"]
+        asc = c.get(f"/v1/responses/{rid}/input_items", params={"order": "asc"}).json()
+        assert asc["object"] == "list" and asc["has_more"] is False
+        assert [(i["role"], i["content"]) for i in asc["data"]] == [
+            ("user", [{"type": "input_text", "text": "hi"}]), ("assistant", [{"type": "output_text", "text": "hello"}]),
+            ("user", [{"type": "input_text", "text": "more"}])]
+        ids = [i["id"] for i in asc["data"]]
+        assert len(set(ids)) == 3 and (asc["first_id"], asc["last_id"]) == (ids[0], ids[-1])
+        desc = c.get(f"/v1/responses/{rid}/input_items").json()  # OpenAI's default order
+        assert [i["id"] for i in desc["data"]] == ids[::-1]
+        first = c.get(f"/v1/responses/{rid}/input_items", params={"order": "asc", "limit": 2}).json()
+        assert [i["id"] for i in first["data"]] == ids[:2] and first["has_more"] is True
+        rest = c.get(f"/v1/responses/{rid}/input_items",
+                     params={"order": "asc", "limit": 2, "after": first["last_id"]}).json()
+        assert [i["id"] for i in rest["data"]] == ids[2:] and rest["has_more"] is False
+        for params, param in (({"after": "msg_nope"}, "after"), ({"order": "up"}, "order"), ({"limit": 0}, "limit")):
+            r = c.get(f"/v1/responses/{rid}/input_items", params=params)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, params
+        text = c.post("/v1/responses", json={"input": "just text", "max_output_tokens": 2}).json()["id"]
+        (only,) = c.get(f"/v1/responses/{text}/input_items").json()["data"]
+        assert only["type"] == "message" and only["content"] == [{"type": "input_text", "text": "just text"}]
+        assert c.get("/v1/responses/resp_nope/input_items").status_code == 404
+

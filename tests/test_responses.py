@@ -279,3 +279,28 @@ def test_apiclient_responses_v1(server, oai):
     assert text == chat_text(oai, QUESTION)
     assert events[-1]["type"] == "response.completed"
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == text
+
+
+def test_both_sdks_retrieve_and_list_the_served_model_in_their_own_shape(oai, claude):
+    got = oai.models.retrieve(MODEL)
+    assert (got.id, got.object, got.owned_by) == (MODEL, "model", "xlaserve")
+    assert got.created == oai.models.list().data[0].created
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.models.retrieve("other")
+    assert e.value.body["code"] == "model_not_found" and "'other' does not exist" in e.value.body["message"]
+    info = claude.models.retrieve(MODEL)
+    assert (info.id, info.type, info.display_name) == (MODEL, "model", MODEL)
+    assert info.created_at.timestamp() == got.created
+    page = claude.models.list()
+    assert [x.id for x in page.data] == [MODEL] and page.has_more is False
+    with pytest.raises(anthropic.NotFoundError) as e:
+        claude.models.retrieve("other")
+    assert e.value.body["error"]["type"] == "not_found_error"
+
+
+def test_the_sdk_lists_a_stored_responses_input_items(oai):
+    r = oai.responses.create(model=MODEL, input=QUESTION, max_output_tokens=4)
+    page = oai.responses.input_items.list(r.id)
+    (item,) = page.data
+    assert item.type == "message" and item.role == "user" and item.content[0].text == QUESTION
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any, AsyncIterator, Callable
 
 import msgspec
@@ -43,6 +44,7 @@ class ServerSettings:
     # (pooling, normalize) when the server was started for embeddings (--task embed, or an
     # embedding checkpoint); the generation routes are then refused.
     embedding: tuple[str, bool] | None = None
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # /v1/models' "created"
 
 
 @dataclasses.dataclass

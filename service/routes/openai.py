@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 from typing import Any, AsyncIterator
 
 from litestar import Request, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 
 from service import protocol as p
+from service import protocol_messages as m
 from service.engine import Engine, Output
 from service.chat import call_deltas, call_out
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, ModelNotFound
 from service.routes.chat_run import check_grammar, prepare_chat
-from service.routes.common import (Ctx, OwnTypeStream, check_model, fan_in, require_generation, sse, sse_stream,
-                                   unless_disconnected, usage)
+from service.routes.common import (Ctx, OwnTypeStream, State, check_model, fan_in, require_generation, sse,
+                                   sse_stream, unless_disconnected, usage)
 from service.routes.logprobs import chat_logprobs, completion_logprobs
 
 
@@ -23,11 +25,34 @@ def _stream(chunks: AsyncIterator[bytes]) -> OwnTypeStream:
     return OwnTypeStream(sse_stream(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@get("/v1/models", summary="List served models")
-async def list_models(ctx: Ctx) -> p.ModelList:
+def _cards(ctx: State) -> list[p.ModelCard]:
     max_len = ctx.engine.session_len if ctx.engine else None
-    return p.ModelList(data=[p.ModelCard(id=ctx.settings.model_name, root=ctx.settings.model_name,
-                                         max_model_len=max_len)])
+    return [p.ModelCard(id=ctx.settings.model_name, created=ctx.settings.created, root=ctx.settings.model_name,
+                        max_model_len=max_len)]
+
+
+def _anthropic(card: p.ModelCard) -> m.AnthropicModel:
+    created = datetime.datetime.fromtimestamp(card.created, datetime.timezone.utc)
+    return m.AnthropicModel(id=card.id, display_name=card.id, created_at=created.isoformat().replace("+00:00", "Z"))
+
+
+@get("/v1/models", summary="List served models (OpenAI's shape; Anthropic's to a request with anthropic-version)")
+async def list_models(ctx: Ctx, request: Request) -> Any:
+    cards = _cards(ctx)
+    if "anthropic-version" in request.headers:
+        data = [_anthropic(c) for c in cards]
+        return m.AnthropicModelList(data=data, first_id=data[0].id, last_id=data[-1].id)
+    return p.ModelList(data=cards)
+
+
+@get("/v1/models/{model:path}", summary="Retrieve a served model (OpenAI's shape; Anthropic's to a request "
+     "with anthropic-version)")
+async def retrieve_model(model: FromPath[str], ctx: Ctx, request: Request) -> Any:
+    model = model.lstrip("/")  # a path parameter keeps its leading slash; a name may hold others
+    card = next((c for c in _cards(ctx) if c.id == model), None)
+    if card is None:
+        raise ModelNotFound(f"The model '{model}' does not exist; this server serves '{ctx.settings.model_name}'")
+    return _anthropic(card) if "anthropic-version" in request.headers else card
 
 
 @post("/v1/chat/completions", summary="Chat completion (OpenAI)", status_code=200)

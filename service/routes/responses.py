@@ -11,12 +11,12 @@ from typing import Any
 
 import msgspec
 from litestar import Request, delete, get, post
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from service import protocol as p
 from service import protocol_responses as r
 from service.engine import Engine, Output
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError
 from service.routes.chat_run import Piece, prepare_chat
 from service.routes.common import Ctx, State
 from service.routes.logprobs import chat_logprobs
@@ -151,7 +151,7 @@ def _store(ctx: State) -> ResponseStore:
 async def create_response(data: JSONBody[r.ResponsesRequest], ctx: Ctx, request: Request) -> Any:
     prior: list[p.ChatMessage] = []
     if data.previous_response_id is not None:
-        prior = _store(ctx).get(data.previous_response_id, "previous_response_id")[1]
+        prior = _store(ctx).get(data.previous_response_id, "previous_response_id").conversation
     chat = data.to_chat(prior)
     run = prepare_chat(ctx, chat)
     params = run.params
@@ -167,7 +167,8 @@ async def create_response(data: JSONBody[r.ResponsesRequest], ctx: Ctx, request:
     def keep() -> None:
         if data.store and response.status in ("completed", "incomplete"):
             # The conversation as the next turn sees it: the input without the instructions.
-            _store(ctx).put(response, chat.messages[1 if data.instructions else 0:] + builder.conversation())
+            _store(ctx).put(response, chat.messages[1 if data.instructions else 0:] + builder.conversation(),
+                            data.input_items())
 
     if data.stream:
         return run.event_stream(builder.start(), builder.feed, builder.fail, done=keep)
@@ -178,7 +179,7 @@ async def create_response(data: JSONBody[r.ResponsesRequest], ctx: Ctx, request:
 
 @get("/v1/responses/{response_id:str}", summary="Get a stored response (OpenAI Responses API)")
 async def get_response(response_id: FromPath[str], ctx: Ctx) -> r.ResponseObject:
-    return _store(ctx).get(response_id)[0]
+    return _store(ctx).get(response_id).response
 
 
 @delete("/v1/responses/{response_id:str}", summary="Delete a stored response (OpenAI Responses API)",
@@ -186,3 +187,29 @@ async def get_response(response_id: FromPath[str], ctx: Ctx) -> r.ResponseObject
 async def delete_response(response_id: FromPath[str], ctx: Ctx) -> r.ResponseDeleted:
     _store(ctx).delete(response_id)
     return r.ResponseDeleted(id=response_id)
+
+
+@get("/v1/responses/{response_id:str}/input_items", summary="List a stored response's input items (OpenAI "
+     "Responses API)")
+async def list_input_items(response_id: FromPath[str], ctx: Ctx, order: FromQuery[str] = "desc",
+                           limit: FromQuery[int] = 20, after: FromQuery[str | None] = None,
+                           include: FromQuery[list[str] | None] = None) -> r.InputItemList:
+    """A page of the items the response was created from: ``order`` asc (as sent) or desc (the
+    default, as OpenAI's), at most ``limit`` (1 to 100), those after the item ``after``.
+    ``include`` is accepted and adds nothing (no item has more to include)."""
+    if order not in ("asc", "desc"):
+        raise InvalidRequest(f"order must be asc or desc, got {order!r}", param="order")
+    if not 1 <= limit <= 100:
+        raise InvalidRequest(f"limit must be in [1, 100], got {limit}", param="limit")
+    items = list(_store(ctx).get(response_id).input_items)
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        at = next((i for i, item in enumerate(items) if item["id"] == after), None)
+        if at is None:
+            raise InvalidRequest(f"after: response {response_id!r} has no input item {after!r}", param="after")
+        items = items[at + 1:]
+    page = items[:limit]
+    return r.InputItemList(data=page, first_id=page[0]["id"] if page else None,
+                           last_id=page[-1]["id"] if page else None, has_more=len(items) > limit)
+
