@@ -558,3 +558,39 @@ def test_a_stored_responses_input_items_page_in_either_order(engine):
         assert only["type"] == "message" and only["content"] == [{"type": "input_text", "text": "just text"}]
         assert c.get("/v1/responses/resp_nope/input_items").status_code == 404
 
+
+
+def test_a_responses_stream_adds_each_message_empty_and_its_part_once(engine):
+    """The openai SDK builds its snapshot from the events: an item as added, then each part
+    as content_part.added brings it. Accumulated so, every item holds exactly its parts."""
+    import json
+
+    with client(engine) as c, c.stream("POST", "/v1/responses",
+                                       json={"input": "hi", "max_output_tokens": 4, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    items: dict[int, dict] = {}
+    for e in events:
+        if e["type"] == "response.output_item.added":
+            items[e["output_index"]] = e["item"]
+            if e["item"]["type"] == "message":
+                assert e["item"]["content"] == [] and e["item"]["status"] == "in_progress"
+        elif e["type"] == "response.content_part.added":
+            items[e["output_index"]]["content"].append(e["part"])
+    final = events[-1]["response"]["output"]
+    assert [len(i["content"]) for i in items.values()] == [len(i["content"]) for i in final] == [1] * len(final)
+
+
+def test_a_messages_stream_reports_the_prompts_cache_split_at_its_start_as_at_its_end(engine):
+    import json
+
+    body = {"messages": [{"role": "user", "content": "tell me a story " * 20}], "max_tokens": 3, "stream": True}
+    with client(engine) as c:
+        for attempt in range(2):  # the second finds the first's prompt blocks in the cache
+            with c.stream("POST", "/v1/messages", json=body) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+            start = events[0]["message"]["usage"]
+            (delta,) = [e for e in events if e["type"] == "message_delta"]
+            assert events[0]["type"] == "message_start" and events[1]["type"] == "ping"
+            for key in ("input_tokens", "cache_read_input_tokens"):
+                assert start[key] == delta["usage"][key], (attempt, start, delta)
+    assert start["cache_read_input_tokens"] > 0 and start["input_tokens"] > 0

@@ -186,7 +186,8 @@ class OutputProcessor:
                 self.finish(seq, "length")
                 continue
             tok = int(toks[i])
-            if seq.first_token_time is None:
+            first = seq.first_token_time is None
+            if first:
                 seq.first_token_time = now
                 self.metrics.ttft.observe(now - seq.req.arrival)
             seq.generated.append(tok)
@@ -217,8 +218,11 @@ class OutputProcessor:
             text, stopped = apply_stop_strings(seq, text, final=finish is not None)
             if stopped:
                 finish = "stop"
+            # The first token's Output says how much of the prompt came from the cache (a stream
+            # reports it before the answer: Anthropic's message_start).
             out = Output(text=text, token_ids=[tok], logprobs=[lp] if lp else [], finish_reason=finish,
-                         prompt_logprobs=seq.prompt_logprobs, stop_string=seq.stop_hit if stopped else None)
+                         prompt_logprobs=seq.prompt_logprobs, stop_string=seq.stop_hit if stopped else None,
+                         cached_tokens=seq.cached if first else 0)
             seq.prompt_logprobs = None
             if finish:
                 self.finish(seq, finish, out, batched)

@@ -31,7 +31,7 @@ class Output:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the cache: on the first Output and the final one
     history_tokens: int = 0
     # The prompt's tokens after its first, each with its logprob given those before it (when
     # the request scores its prompt): on the first Output only.

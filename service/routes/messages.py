@@ -23,8 +23,9 @@ class MessageBuilder:
     the answer makes them) and, for a stream, Anthropic's events that build them. The stream
     and the whole answer are made by the same calls, so they always agree."""
 
-    def __init__(self, message: m.MessageResponse, stop: tuple[str, ...]):
-        self.message, self.stop = message, stop
+    def __init__(self, message: m.MessageResponse, stop: tuple[str, ...], prompt_tokens: int):
+        self.message, self.stop, self.prompt_tokens = message, stop, prompt_tokens
+        self.started = False
         self.open: str | None = None  # the type of the block text is going into
 
     @staticmethod
@@ -32,9 +33,13 @@ class MessageBuilder:
         return (b"event: " + type_.encode() + b"\ndata: " + msgspec.json.encode({"type": type_, **fields})
                 + b"\n\n")
 
-    def start(self, prompt_tokens: int) -> list[bytes]:
+    def _start(self, out: Output) -> list[bytes]:
+        """message_start, sent with the answer's first piece: by then the prompt's cache split
+        is known (``input_tokens`` not read from the cache, as the final usage counts them)."""
+        usage = m.AnthropicUsage(input_tokens=self.prompt_tokens - out.cached_tokens,
+                                 cache_read_input_tokens=out.cached_tokens)
         return [self.event("message_start", message={**msgspec.to_builtins(self.message),
-                                                     "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}),
+                                                     "usage": msgspec.to_builtins(usage)}),
                 self.event("ping")]
 
     def _index(self) -> int:
@@ -63,7 +68,8 @@ class MessageBuilder:
         return events
 
     def feed(self, piece: Piece) -> list[bytes]:
-        events = []
+        events = [] if self.started else self._start(piece.out)
+        self.started = True
         if piece.thought:
             events += self._text("thinking", piece.thought)
         if piece.content:
@@ -106,10 +112,10 @@ class MessageBuilder:
 async def create_message(data: JSONBody[m.MessagesRequest], ctx: Ctx, request: Request) -> Any:
     run = prepare_chat(ctx, data.to_chat())
     message = m.MessageResponse(id=f"msg_{uuid.uuid4().hex}", model=ctx.settings.model_name)
-    builder = MessageBuilder(message, run.params.stop)
+    builder = MessageBuilder(message, run.params.stop, len(run.prompt_ids))
 
     if data.stream:
-        return run.event_stream(builder.start(len(run.prompt_ids)), builder.feed,
+        return run.event_stream([], builder.feed,
                                 lambda e: builder.event("error", error=m.error_body(e.status, str(e))["error"]))
     await run.gather(request, builder.feed)
     return message

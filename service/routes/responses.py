@@ -74,8 +74,11 @@ class ResponseBuilder:
             events += self._close()
             part = r.OutputText(text="", logprobs=[] if self.logprobs else None) if kind is r.MessageItem \
                 else r.ReasoningText(text="")
-            self.open = kind(id=_id("msg" if kind is r.MessageItem else "rs"), content=[part])
+            # Added with no parts, as OpenAI sends it: the part arrives with its own event, and a
+            # client that accumulates both (the SDKs do) would hold it twice.
+            self.open = kind(id=_id("msg" if kind is r.MessageItem else "rs"), content=[])
             events += self._add(self.open)
+            self.open.content.append(part)
             events.append(self.event("response.content_part.added", **self._where(), part=part))
         part = self.open.content[0]
         part.text += text
