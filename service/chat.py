@@ -36,15 +36,18 @@ class ToolPlan:
     parallel: bool
     parser: str
     native: bool  # the template renders the tools itself
+    # With ``auto``: a Lark expression (a response format) an answer that is not a call follows.
+    answer: str | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.tools) and self.choice != "none"
 
     def grammar(self) -> str | None:
-        """The grammar of the answer: a required or named call is always constrained; with
-        ``auto``, only under our generic prompt (a model never taught the format needs the
-        grammar to write it), and then a call or free text."""
+        """The grammar of the answer: a required or named call is always constrained (a
+        response format then applies to a later turn's plain answer); with ``auto``, a call or
+        an answer in the request's response format, else only under our generic prompt (a model
+        never taught the format needs the grammar to write it), a call or free text."""
         if not self.active:
             return None
         parser = TOOL_PARSERS[self.parser]()
@@ -53,11 +56,13 @@ class ToolPlan:
         cap = 0 if self.native else len(self.tools)
         if self.choice == "named":
             tools = [t for t in self.tools if t["name"] == self.named]
-            return structured.lark_grammar(parser.lark(tools, False, False))
+            return structured.lark_grammar(parser.lark(tools, False))
         if self.choice == "required":
-            return structured.lark_grammar(parser.lark(self.tools, self.parallel, False, cap))
+            return structured.lark_grammar(parser.lark(self.tools, self.parallel, None, cap))
+        if self.answer is not None:
+            return structured.lark_grammar(parser.lark(self.tools, self.parallel, self.answer, cap))
         if not self.native and self.parser == "hermes":
-            return structured.lark_grammar(parser.lark(self.tools, self.parallel, True, cap))
+            return structured.lark_grammar(parser.lark(self.tools, self.parallel, parser.free_text, cap))
         return None
 
 
@@ -97,10 +102,8 @@ def tool_plan(req: p.ChatCompletionRequest, template: str | None, parser: str | 
         raise InvalidRequest(f"tool_choice {choice!r} needs tools", param="tool_choice")
     plan = ToolPlan(tools, choice, named, req.parallel_tool_calls, parser or detect_tool_parser(template),
                     template_supports_tools(template))
-    if plan.active and req.response_format is not None and req.response_format.type != "text" and (
-            plan.grammar() is not None):
-        raise InvalidRequest("response_format cannot be combined with a constrained tool_choice",
-                             param="response_format")
+    if plan.active and choice == "auto":  # the model picks: a call, or an answer in the format
+        plan.answer = p.format_lark(req.response_format)
     return plan
 
 

@@ -173,9 +173,14 @@ class ToolParser:
         # Compact JSON, as under response_format (see structured.JSON_OPTIONS).
         return {**schema, "x-guidance": {"whitespace_flexible": False}}
 
-    def lark(self, tools: list[dict], parallel: bool, text_allowed: bool, max_calls: int = 0) -> str:
+    # A Lark expression for free text that does not open a call (the non-call answer a model
+    # never taught tools may give under our generic prompt).
+    free_text = r"/[^<\s][\s\S]*/"
+
+    def lark(self, tools: list[dict], parallel: bool, answer: str | None = None, max_calls: int = 0) -> str:
         """The grammar of an answer that is calls of ``tools`` (one, or with ``parallel``
-        several: at most ``max_calls`` when > 0), or with ``text_allowed`` free text instead."""
+        several: at most ``max_calls`` when > 0), or, with ``answer`` (a Lark expression: free
+        text, or a response format), that instead."""
         raise NotImplementedError
 
 
@@ -219,14 +224,11 @@ class HermesParser(ToolParser):
             calls.append(call)
             self.buf = self.buf[m.end():]
 
-    def lark(self, tools: list[dict], parallel: bool, text_allowed: bool, max_calls: int = 0) -> str:
+    def lark(self, tools: list[dict], parallel: bool, answer: str | None = None, max_calls: int = 0) -> str:
         call = f'"<tool_call>\\n" %json {json.dumps(self.call_schema(tools))} "\\n</tool_call>"'
         calls = _repeat("call", '"\\n"', parallel, max_calls)
-        start = "calls | TEXT" if text_allowed else "calls"
-        lines = [f"start: {start}", f"calls: {calls}", f"call: {call}"]
-        if text_allowed:  # text: anything that does not open a call
-            lines.append(r"TEXT: /[^<\s][\s\S]*/")
-        return "\n".join(lines) + "\n"
+        lines = [f"start: {'calls | answer' if answer else 'calls'}", f"calls: {calls}", f"call: {call}"]
+        return "\n".join(lines + ([f"answer: {answer}"] if answer else [])) + "\n"
 
 
 class Llama3JsonParser(ToolParser):
@@ -269,10 +271,12 @@ class Llama3JsonParser(ToolParser):
         self.buf = ""
         return calls
 
-    def lark(self, tools: list[dict], parallel: bool, text_allowed: bool, max_calls: int = 0) -> str:
+    def lark(self, tools: list[dict], parallel: bool, answer: str | None = None, max_calls: int = 0) -> str:
         call = f"%json {json.dumps(self.call_schema(tools))}"
         calls = _repeat("call", '";"', parallel, max_calls)
-        return f"start: calls\ncalls: {calls}\ncall: {call}\n"
+        # An answer that is not a call is content: what does not parse as calls is (finish).
+        start = "calls | answer" if answer else "calls"
+        return f"start: {start}\ncalls: {calls}\ncall: {call}\n" + (f"answer: {answer}\n" if answer else "")
 
 
 class MistralParser(ToolParser):
@@ -294,11 +298,13 @@ class MistralParser(ToolParser):
         self.buf = ""
         return calls
 
-    def lark(self, tools: list[dict], parallel: bool, text_allowed: bool, max_calls: int = 0) -> str:
+    def lark(self, tools: list[dict], parallel: bool, answer: str | None = None, max_calls: int = 0) -> str:
         schema = {"type": "array", "items": self.call_schema(tools), "minItems": 1}
         if not parallel or max_calls > 0:
             schema["maxItems"] = max_calls if parallel else 1
-        return f'start: "[TOOL_CALLS]" %json {json.dumps(schema)}\n'
+        start = "calls | answer" if answer else "calls"
+        return (f'start: {start}\ncalls: "[TOOL_CALLS]" %json {json.dumps(schema)}\n'
+                + (f"answer: {answer}\n" if answer else ""))
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {

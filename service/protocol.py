@@ -9,6 +9,7 @@ Each request type's ``to_sampling_params`` is the one place it becomes engine se
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, ClassVar, Union
 
@@ -477,6 +478,25 @@ class ErrorResponse(_Resp):
 
 
 # -- request -> engine settings ----------------------------------------------------------------
+
+
+def format_lark(rf: ResponseFormat | None) -> str | None:
+    """``response_format`` as a Lark expression, for an answer that may also be a tool call
+    (None: free text). JSON formats only: a regex or a grammar of the caller's own cannot be
+    one alternative of the answer's grammar."""
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        schema: dict[str, Any] = {"type": "object"}
+    elif rf.type == "json_schema" and rf.json_schema is not None and isinstance(rf.json_schema.schema, dict):
+        schema = rf.json_schema.schema
+    elif rf.type == "json_schema":
+        raise InvalidRequest("response_format json_schema needs json_schema.schema", param="response_format")
+    else:
+        raise InvalidRequest(f"response_format type {rf.type!r} cannot be combined with tools (tool_choice auto): "
+                             "use json_schema or json_object", param="response_format")
+    # Compact JSON, as on its own (see structured.JSON_OPTIONS).
+    return "%json " + json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
 
 
 def response_grammar(rf: ResponseFormat | None) -> str | None:

@@ -84,9 +84,19 @@ class ChatRun:
         await unless_disconnected(request, run())
 
 
-def prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
+def prepare_chat(ctx: State, data: p.ChatCompletionRequest, format_param: str = "response_format") -> ChatRun:
     """Everything a chat request needs before it runs, every check done (so a bad request is a
-    400 before anything streams): sampling settings, tools, the prompt, its grammar."""
+    400 before anything streams): sampling settings, tools, the prompt, its grammar.
+    ``format_param``: the route's own name of the response format (errors name it)."""
+    try:
+        return _prepare_chat(ctx, data)
+    except InvalidRequest as e:
+        if e.param != "response_format" or format_param == "response_format":
+            raise
+        raise InvalidRequest(str(e).replace("response_format", format_param), param=format_param) from None
+
+
+def _prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
     engine = require_generation(ctx)
     check_model(ctx, data.model)
     params = data.to_sampling_params(ctx.settings.defaults)
