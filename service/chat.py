@@ -52,7 +52,7 @@ class ToolPlan:
             return None
         parser = TOOL_PARSERS[self.parser]()
         # A model never taught tools tends to repeat a call until its budget ends: under our
-        # generic prompt an answer makes at most one call per tool.
+        # generic prompt an answer makes at most as many calls as there are tools.
         cap = 0 if self.native else len(self.tools)
         if self.choice == "named":
             tools = [t for t in self.tools if t["name"] == self.named]

@@ -133,3 +133,27 @@ def test_a_format_that_cannot_join_a_call_is_refused_naming_the_routes_own_field
             "text": {"format": {"type": "json_schema", "name": "x"}}})  # no schema
         assert r.status_code == 400 and r.json()["error"]["param"] == "text.format", r.text
         assert "response_format" not in r.json()["error"]["message"]
+
+
+def test_parallel_tool_calls_false_is_at_most_one_call_on_every_route(app):
+    app, _ = app
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+    with TestClient(app) as c:
+        counts = {}
+        for parallel in (True, False):
+            got = chat(c, tools=[WEATHER, clock], tool_choice="required", parallel_tool_calls=parallel,
+                       max_tokens=120)
+            counts[parallel] = len(got["message"]["tool_calls"])
+        # The generic prompt's cap: as many calls as tools; one when parallel calls are off.
+        assert 1 <= counts[True] <= 2 and counts[False] == 1
+        tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+                 for t in (WEATHER, clock)]
+        r = c.post("/v1/responses", json={"input": "hi", "tools": tools, "tool_choice": "required",
+                                          "parallel_tool_calls": False, "max_output_tokens": 120}).json()
+        assert [i["type"] for i in r["output"]].count("function_call") == 1
+        r = c.post("/v1/messages", json={
+            "model": "tiny", "max_tokens": 120, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": t["name"], "input_schema": t["parameters"]} for t in tools],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}).json()
+        assert [b["type"] for b in r["content"]].count("tool_use") == 1
