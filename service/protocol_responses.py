@@ -8,7 +8,7 @@ Served: ``input`` (a string, or message, ``function_call``, ``function_call_outp
 ``top_logprobs``, function ``tools`` and ``tool_choice``, ``parallel_tool_calls``,
 ``text.format`` (json_schema, json_object), ``stream``, ``store``, ``previous_response_id``
 and ``metadata`` (echoed back); extensions as on chat: ``seed``, ``stop``, ``top_k``,
-``min_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``.
+``min_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``.
 No-ops: ``reasoning`` (the model reasons as its template has it), ``text.verbosity``,
 ``user``, ``safety_identifier``, ``prompt_cache_key`` (the prefix cache needs no key),
 ``service_tier`` (auto/default), ``stream_options``, ``include`` of
@@ -130,6 +130,7 @@ class ResponsesRequest(_Req):
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def input_items(self) -> list[dict[str, Any]]:
         """``input`` as OpenAI lists a response's input items: each item with an id, a message's
@@ -176,7 +177,8 @@ class ResponsesRequest(_Req):
             top_logprobs=self.top_logprobs, tools=self._tools(), tool_choice=self._tool_choice(),
             parallel_tool_calls=self.parallel_tool_calls, response_format=self._format(), seed=self.seed,
             stop=self.stop, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias)
 
     def _tools(self) -> list[p.Tool] | None:
         if not self.tools:

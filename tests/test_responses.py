@@ -211,13 +211,21 @@ def test_a_tool_use_round_trip(claude):
                                 messages=[question], extra_body={"temperature": 0}) as s:
         streamed = s.get_final_message()
     assert [b.input for b in streamed.content if b.type == "tool_use"] == [use[0].input]
-    follow = claude.messages.create(
-        model=MODEL, max_tokens=30, tools=tools, tool_choice={"type": "none"}, extra_body={"temperature": 0},
-        messages=[question, {"role": "assistant", "content": m.content},
-                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id,
-                                                "content": "sunny, 21 C"}]}])
+    def follow_up():
+        return claude.messages.create(
+            model=MODEL, max_tokens=30, tools=tools, tool_choice={"type": "none"}, extra_body={"temperature": 0},
+            messages=[question, {"role": "assistant", "content": m.content},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id,
+                                                    "content": "sunny, 21 C"}]}])
+
+    follow = follow_up()
     assert follow.stop_reason in ("end_turn", "max_tokens") and follow.content[0].type == "text"
-    assert follow.usage.cache_read_input_tokens > 0  # the first turn's prompt was cached
+    # Sent again, its prompt is read from the cache (without tools rendered it shares no block
+    # with the first turn's), and the usage splits the same prompt differently.
+    again = follow_up()
+    assert again.usage.cache_read_input_tokens > 0
+    assert (again.usage.input_tokens + again.usage.cache_read_input_tokens
+            == follow.usage.input_tokens + follow.usage.cache_read_input_tokens)
     count = claude.messages.count_tokens(model=MODEL, messages=[question], tools=tools)
     assert count.input_tokens > claude.messages.count_tokens(model=MODEL, messages=[question]).input_tokens
 
