@@ -1,4 +1,4 @@
-"""An agent library against the live server: openai-agents' ``Agent`` with a function tool and
+"""Agent libraries against the live server: openai-agents' ``Agent`` with a function tool and
 an ``output_type`` sends ``tools`` and a response format in each request (``text.format`` on
 Responses, ``response_format`` on chat). Run to its end through both of its model classes: a
 tool call, the tool's result, then a final answer that parses as the output type.
@@ -59,3 +59,32 @@ def test_an_agent_with_a_tool_and_an_output_type_runs_to_its_answer_on_both_apis
         assert calls and calls[0] in ("Paris", "Rome")
         kinds = [item.type for item in result.new_items]
         assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+
+
+def test_a_pydantic_ai_agent_with_a_tool_and_native_output_finishes_on_both_apis(long_server, default_checkpoint):
+    """pydantic-ai's native output sends ``tools`` with a JSON-schema format in one request; a
+    logit bias on "{" has the model answer in the format at once."""
+    pai = pytest.importorskip("pydantic_ai")
+    from pydantic import BaseModel
+    from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    from model.tokenizer import Tokenizer
+
+    class Weather(BaseModel):
+        sunny: bool
+
+    (brace,) = Tokenizer.from_dir(default_checkpoint).encode("{", add_special_tokens=False)
+    for kind in (OpenAIChatModel, OpenAIResponsesModel):
+        model = kind(MODEL, provider=OpenAIProvider(base_url=long_server + "/v1", api_key="unused"))
+        agent = pai.Agent(model, output_type=pai.NativeOutput(Weather), instructions="Answer about the weather.",
+                          model_settings={"temperature": 0, "max_tokens": 120,
+                                          "extra_body": {"logit_bias": {str(brace): 100}}})
+
+        @agent.tool_plain
+        def get_weather(city: Literal["Paris", "Rome"]) -> str:
+            """Get the weather of a city."""
+            return f"It is sunny in {city}."
+
+        result = agent.run_sync("Is it sunny in Paris?")
+        assert isinstance(result.output, Weather), kind.__name__
