@@ -29,6 +29,20 @@ def _run(shim: Shim, receive, timeout: float = 5.0) -> list[dict]:
     return sent
 
 
+def _client(leaves_after: float):
+    """An ASGI ``receive``: the request's body, then a disconnect ``leaves_after`` seconds later."""
+    messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+
+    async def receive():
+        try:
+            return next(messages)
+        except StopIteration:
+            await asyncio.sleep(leaves_after)
+            return {"type": "http.disconnect"}
+
+    return receive
+
+
 def test_a_client_that_leaves_before_the_answer_starts_cancels_the_upstream_request():
     state = {"started": False, "cancelled": False}
 
@@ -43,17 +57,8 @@ def test_a_client_that_leaves_before_the_answer_starts_cancels_the_upstream_requ
 
     shim = Shim("http://gateway", "http://metrics")
     shim.client = httpx.AsyncClient(transport=httpx.MockTransport(slow_replica))
-    messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
-
-    async def receive():
-        try:
-            return next(messages)
-        except StopIteration:
-            await asyncio.sleep(0.2)  # the client goes while the replica computes
-            return {"type": "http.disconnect"}
-
     t0 = time.monotonic()
-    sent = _run(shim, receive)
+    sent = _run(shim, _client(leaves_after=0.2))  # the client goes while the replica computes
     assert time.monotonic() - t0 < 5
     assert state == {"started": True, "cancelled": True}
     assert sent == []  # nothing answered to a client that is gone
@@ -71,16 +76,7 @@ def test_a_stream_cut_off_upstream_ends_with_an_upstream_failed_event_and_no_don
 
     shim = Shim("http://gateway", "http://metrics")
     shim.client = httpx.AsyncClient(transport=httpx.MockTransport(replica))
-    messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
-
-    async def receive():
-        try:
-            return next(messages)
-        except StopIteration:
-            await asyncio.sleep(30)  # the client stays
-            return {"type": "http.disconnect"}
-
-    sent = _run(shim, receive)
+    sent = _run(shim, _client(leaves_after=30))  # the client stays
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
     body = b"".join(m.get("body", b"") for m in sent[1:])
     events = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: {")]
@@ -117,7 +113,7 @@ def test_a_proxy_answering_junk_is_retried_and_logged_once(monkeypatch, caplog):
         proxy.status_body = b"[]"  # the proxy comes back: the next round registers
         assert reg.check() is True
     assert proxy.added == ["http://node:23333"]
-    assert "answers again" in caplog.records[-1].getMessage() or "answers again" in caplog.text
+    assert "answers again" in caplog.records[-1].getMessage()
 
 
 def test_a_node_url_with_a_trailing_slash_is_not_registered_again_and_again(monkeypatch):

@@ -101,6 +101,8 @@ class KVGroup:
     """Full attention: a query reads every position before it, so a sequence keeps every
     block. ``num_blocks`` per replica, a table row of ``max_blocks`` entries per slot."""
 
+    slides = False  # whether ``front`` ever moves (blocks a query no longer reads go back)
+
     def __init__(self, num_blocks: int, slots: int, max_blocks: int, replicas: int, block_size: int):
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -119,6 +121,8 @@ class KVGroup:
 class WindowGroup(KVGroup):
     """Sliding-window attention: a query at ``at`` reads positions ``at - window + 1 .. at``, so
     the blocks wholly before that go back to the pool as a sequence advances."""
+
+    slides = True
 
     def __init__(self, num_blocks: int, slots: int, max_blocks: int, replicas: int, block_size: int,
                  window: int):

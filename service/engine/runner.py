@@ -252,15 +252,14 @@ class ModelRunner:
         has even looked at step t's tokens."""
         self._check_positions(max(d.positions))
         inputs, where = self.shapes.decode_inputs(d, masks)
+        rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
         if d.chained:
-            rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
             if (inflight is None or inflight.rows.shape != rows.shape or (inflight.rows != rows).any()
                     or self.channel is not None):
                 raise ValueError("chained decode steps must cover the same slots on one process")
             out = self._run_decode(tables, dataclasses.replace(inputs, tokens=inflight.out[0]))
         else:
             out = self._decode_step(tables, inputs)
-            rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
         return DecodeHandle(out, where, rows)
 
     @replayed

@@ -76,8 +76,9 @@ class Scheduler:
     def _slide(self) -> None:
         """Window blocks no running sequence's next query reaches go back to the pool (every
         query planned from now on is at or past its sequence's ``prefilled``)."""
-        for s in self.table.running.values():
-            self.blocks.slide(s.slot, s.prefilled)
+        if any(g.slides for g in self.blocks.groups):  # per step: skipped where no group slides
+            for s in self.table.running.values():
+                self.blocks.slide(s.slot, s.prefilled)
 
     def schedule(self, inflight: list[Sequence] | None = None) -> StepPlan:
         """The next step's plan. ``inflight``: the rows of the decode step on the device whose

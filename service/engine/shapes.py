@@ -121,7 +121,7 @@ class StepShapes:
         chunks = op.chunks
         n = sum(len(c.tokens) for c in chunks)
         size = bucket_for(n, self.prefill_sizes)
-        max_start = max(c.start for c in chunks)
+        max_start = max((c.start for c in chunks), default=0)
         p = size if op.verify else self.prompts_per_call(n, max_start)
         if not chunks or (not op.verify and len(chunks) > p) or len({c.slot for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
