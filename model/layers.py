@@ -70,6 +70,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def with_lora(lora: tuple | None, target: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y, a projection of x, plus each token's adapter update of ``target`` (``lora``: this
+    layer's adapter slots and the tokens' column selection, see ``model.lora``; None: y)."""
+    if lora is None or target not in lora[0]:
+        return y
+    bank, select = lora
+    return y.reshape(*x.shape[:-1], -1) + bank[target].delta(x, select).astype(y.dtype)
+
+
 def attention(
     cfg: ModelConfig,
     layer: dict[str, Any],
@@ -84,10 +93,12 @@ def attention(
     live: jax.Array | None = None,
     spec: AttentionSpec | None = None,  # default: softmax(q.k / sqrt(H)) over 0..p
     tables: jax.Array | None = None,  # (slots, max blocks) int32 block tables
+    lora: tuple | None = None,  # adapter slots and selection (see with_lora)
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, t, _ = x.shape
     n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q, k, v = layer["qkv"].apply_split(x, (n * h, k_heads * h, k_heads * h), live)
+    q, k, v = (with_lora(lora, name, x, y) for name, y in zip("qkv", (q, k, v)))
     q = q.astype(x.dtype).reshape(b, t, n, h)
     k = k.astype(x.dtype).reshape(b, t, k_heads, h)
     v = v.astype(x.dtype).reshape(b, t, k_heads, h)
@@ -99,7 +110,7 @@ def attention(
     kv = backend.write_kv(kv, k, v, rows, positions, tables)
     spec = spec or AttentionSpec(scale=h ** -0.5)
     out = backend.attend(q, kv, rows, positions, span, spec, tables).reshape(b, t, n * h)  # (B, T, N*H)
-    return layer["wo"].apply(out, live).astype(x.dtype), kv
+    return with_lora(lora, "o", out, layer["wo"].apply(out, live)).astype(x.dtype), kv
 
 
 def activation(cfg: ModelConfig, gate: jax.Array) -> jax.Array:
@@ -123,8 +134,10 @@ def moe(cfg: ModelConfig, layer: dict[str, Any], x: jax.Array) -> jax.Array:
     return out.reshape(b, t, d)
 
 
-def mlp(cfg: ModelConfig, layer: dict[str, Any], x: jax.Array, live: jax.Array | None = None) -> jax.Array:
+def mlp(cfg: ModelConfig, layer: dict[str, Any], x: jax.Array, live: jax.Array | None = None,
+        lora: tuple | None = None) -> jax.Array:
     f = cfg.intermediate_size
     gate, up = layer["gate_up"].apply_split(x, (f, f), live)
+    gate, up = with_lora(lora, "gate", x, gate), with_lora(lora, "up", x, up)
     hidden = activation(cfg, gate.astype(x.dtype)) * up.astype(x.dtype)
-    return layer["w_down"].apply(hidden, live).astype(x.dtype)
+    return with_lora(lora, "down", hidden, layer["w_down"].apply(hidden, live)).astype(x.dtype)

@@ -49,6 +49,7 @@ def forward(
     rope: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
     live: jax.Array | None = None,
     tables: jax.Array | None = None,  # (groups, slots, max blocks) int32 (see layer_tables); None: identity
+    lora: tuple | None = None,  # (bank, select): adapter slots per layer and the tokens' selection (model.lora)
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
@@ -59,7 +60,8 @@ def forward(
     last row) instead of computing them. ``live`` (int32 scalar): the first ``live`` of the
     B * T rows hold data and padding follows them; packed projections skip the padding.
     ``tables`` None: row b owns the pool's blocks in order, as ``init_cache`` of B rows lays
-    them out.
+    them out. ``lora``: the adapter bank (a dict of ``model.lora.Slots`` per layer) and each
+    token's column selection (B, T, slots * rank); None: the base model.
     """
     if tables is None:
         pool = cache[0][0]
@@ -78,15 +80,17 @@ def forward(
     new_cache = []
     for i, (layer, kv) in enumerate(zip(params["layers"], cache)):
         cos, sin = ropes[1 if uses_local_rope(cfg, i) else 0]
+        adapters = None if lora is None else (lora[0][i], lora[1])
         with jax.named_scope("attention"):
             h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, positions, kv,
-                              rows, span, backend, live, cfg.attention_spec(i), layer_tables(tables, cfg, i))
+                              rows, span, backend, live, cfg.attention_spec(i), layer_tables(tables, cfg, i),
+                              adapters)
         if cfg.post_norms:  # Gemma: each block's output normed before the residual add
             h = rms_norm(h, layer["post_attn_norm"], eps)
         x = x + h
         with jax.named_scope("mlp"):
             normed = rms_norm(x, layer["mlp_norm"], eps)
-            h = moe(cfg, layer, normed) if cfg.is_moe(i) else mlp(cfg, layer, normed, live)
+            h = moe(cfg, layer, normed) if cfg.is_moe(i) else mlp(cfg, layer, normed, live, adapters)
         if cfg.post_norms:
             h = rms_norm(h, layer["post_mlp_norm"], eps)
         x = x + h

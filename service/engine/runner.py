@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import layers
+from model import layers, lora
 from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
@@ -85,7 +85,7 @@ class ModelRunner:
                  top_logprobs: int = MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
                  quantize: str | None = None, kv_cache_dtype: str | None = None,
                  backend: Backend | None = None, block_size: int = 32, num_blocks: int | None = None,
-                 window_blocks: int = 0):
+                 window_blocks: int = 0, adapters: lora.BankSpec | None = None):
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -155,9 +155,24 @@ class ModelRunner:
                  f" per data replica (x{self.replicas})" if self.replicas > 1 else "", max_batch_size)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
-        self._prefill, self._decode, self._set_row, self._score = Steps(
-            cfg, self.backend, max_batch_size, top_logprobs, plan).jitted(self._cache_sh, self._sampling_sh,
-                                                                            self._out_sh)
+        steps = Steps(cfg, self.backend, max_batch_size, top_logprobs, plan, adapters)
+        self._prefill, self._decode, self._set_row, self._score = steps.jitted(self._cache_sh, self._sampling_sh,
+                                                                               self._out_sh)
+        # LoRA adapters: ``adapters.slots`` of them on the device at once (``load_adapter``), and
+        # each decode slot's adapter slot (-1: the base model; the last entry is padding's).
+        self.adapters = adapters
+        self.slot_adapter = np.full((max_batch_size + 1,), -1, np.int32)
+        self.bank = None
+        if adapters is not None:
+            if channel is not None:
+                raise ValueError("LoRA adapters are not supported on a mesh spanning processes")
+            bank_sh = None if plan is None else adapters.shardings(cfg, plan)
+            self.bank = jax.jit(lambda: adapters.empty(cfg), out_shardings=bank_sh)()
+            if plan is None:
+                self.bank = jax.device_put(self.bank, jax.devices()[0])
+            self._write_slot = steps.jitted_write_slot(bank_sh)
+            log.info("LoRA: %d adapter slots of rank %d over %s, %.1f MiB", adapters.slots, adapters.rank,
+                     "/".join(adapters.targets), param_bytes(self.bank) / 2**20)
 
     def _new_state(self) -> None:
         """The KV cache and sampling state, created directly in place (sharded when there is a
@@ -203,12 +218,25 @@ class ModelRunner:
             handle = self.dispatch_decode(plan.decode, plan.tables, masks, inflight)
         return results, handle
 
-    def set_slot(self, slot: int, params: SamplingParams, prompt_ids, seed: int) -> None:
-        self._set_row_step(slot, smp.row_values(params, self.cfg.vocab_size, prompt_ids, seed))
+    def set_slot(self, slot: int, params: SamplingParams, prompt_ids, seed: int, adapter: int = -1) -> None:
+        """Make ``slot`` ready for a sequence: its sampling row, and the adapter slot its tokens
+        use (-1: the base model)."""
+        if adapter >= 0 and (self.adapters is None or adapter >= self.adapters.slots):
+            raise ValueError(f"adapter slot {adapter} does not exist")
+        self._set_row_step(slot, smp.row_values(params, self.cfg.vocab_size, prompt_ids, seed), adapter)
 
     @replayed
-    def _set_row_step(self, slot: int, row) -> None:
+    def _set_row_step(self, slot: int, row, adapter: int = -1) -> None:
         self.sampling = self._set_row(self.sampling, np.int32(slot), row)
+        self.slot_adapter[slot] = adapter
+
+    def load_adapter(self, slot: int, adapter: "lora.Adapter | None") -> None:
+        """Write ``adapter`` (None: zeros) into adapter slot ``slot``, between steps; no step
+        reads the slot meanwhile (the engine's thread calls this)."""
+        if adapter is not None:
+            self.adapters.check(adapter)
+        columns = self.adapters.columns(adapter, self.cfg)
+        self.bank = self._write_slot(self.bank, np.int32(slot), columns)
 
     def run_prefill(self, op: Prefill, tables: np.ndarray, masks: dict | None = None) -> StepOutput:
         """One prefill call: ``op``'s chunks (of distinct slots; at most ``prompts_per_call``
@@ -218,7 +246,7 @@ class ModelRunner:
         the token drawn after each as a decode step there would draw it. A scored call's
         ``scores`` and an embedding call's ``hidden`` have a row per token, in the chunks' order."""
         self._check_positions(max(c.start + len(c.tokens) for c in op.chunks) - 1)
-        inputs = self.shapes.prefill_inputs(op, masks)
+        inputs = self.shapes.prefill_inputs(op, masks, self.slot_adapter)
         n = int(inputs.live)
         out, hidden = self._prefill_step(tables, inputs, op.scores)
         sampled, scores = out[:4], out[4:]
@@ -230,7 +258,7 @@ class ModelRunner:
     @replayed
     def _prefill_step(self, tables, inputs: PrefillInputs, scored: bool):
         cache, sampling, (out, hidden) = self._prefill(self.params, self.cache, self.sampling, self.rope,
-                                                       self.eos_mask, tables, inputs)
+                                                       self.eos_mask, tables, self.bank, inputs)
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         if scored:
@@ -251,7 +279,7 @@ class ModelRunner:
         previous step over the same slots, on the device: step t+1 is queued before the host
         has even looked at step t's tokens."""
         self._check_positions(max(d.positions))
-        inputs, where = self.shapes.decode_inputs(d, masks)
+        inputs, where = self.shapes.decode_inputs(d, masks, self.slot_adapter)
         rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
         if d.chained:
             if (inflight is None or inflight.rows.shape != rows.shape or (inflight.rows != rows).any()
@@ -274,7 +302,7 @@ class ModelRunner:
 
     def _run_decode(self, tables, inputs: DecodeInputs):
         cache, sampling, out = self._decode(self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables,
-                                            inputs)
+                                            self.bank, inputs)
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         return out

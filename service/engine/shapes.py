@@ -110,14 +110,23 @@ class StepShapes:
                     rows=np.full((1, size), self.slots, np.int32), ends=z(p), slots=np.full((p,), self.slots, np.int32),
                     last=z(p), steps=z(p), following=z(1, size))
 
-    def prefill_inputs(self, op: Prefill, masks: dict | None = None) -> PrefillInputs:
+    @functools.cached_property
+    def no_adapters(self) -> np.ndarray:
+        """Every slot (and padding's out-of-range one) on the base model."""
+        out = np.full((self.slots + 1,), -1, np.int32)
+        out.flags.writeable = False
+        return out
+
+    def prefill_inputs(self, op: Prefill, masks: dict | None = None,
+                       adapters: np.ndarray | None = None) -> PrefillInputs:
         """The inputs of one prefill call packing ``op``'s chunks (of distinct slots) into one
         row of tokens, each token with its slot's table row. A plain call samples at each
         chunk's last token (P sampling rows, a bound of the call's size and span: see
         ``prompts_per_call``); a verify call at every token (as many rows as tokens), with
         the step count a plain decode of that position would have (nothing is accounted for
         penalties there: a speculating request has none). ``masks``: token bitmask rows by
-        slot, for the sequences a grammar constrains."""
+        slot, for the sequences a grammar constrains. ``adapters`` (slots + 1,): each slot's
+        adapter slot (-1: none; the last entry, padding's, -1)."""
         chunks = op.chunks
         n = sum(len(c.tokens) for c in chunks)
         size = bucket_for(n, self.prefill_sizes)
@@ -142,13 +151,16 @@ class StepShapes:
                 a["following"][0, i + k - 1] = c.next_token
             i += k
         allowed = self.allowed(p, a["slots"], None if op.verify else masks)
+        a["adapters"] = (self.no_adapters if adapters is None else adapters)[a["rows"]]
         return PrefillInputs(**a, allowed=allowed, live=np.int32(n), span=self.prefill_span(n, max_start))
 
-    def decode_inputs(self, d: Decode, masks: dict | None = None) -> tuple[DecodeInputs, np.ndarray]:
+    def decode_inputs(self, d: Decode, masks: dict | None = None,
+                      adapters: np.ndarray | None = None) -> tuple[DecodeInputs, np.ndarray]:
         """The inputs of one decode step over ``d``'s slots, and ``where``: batch row
         ``where[i]`` is slot ``d.slots[i]``. Padding rows name slot ``self.slots`` and position
         ``pad_position`` (past every table: their writes are dropped). The rows' token
-        bitmasks come from ``masks`` by slot (all ones elsewhere). ``tokens`` is left zero for a
+        bitmasks come from ``masks`` by slot (all ones elsewhere), their adapter slots from
+        ``adapters`` (as ``prefill_inputs`` takes it). ``tokens`` is left zero for a
         chained step (its input comes from the step in flight, on the device)."""
         n = len(d.slots)
         b = bucket_for(n, self.batch_sizes)
@@ -166,7 +178,9 @@ class StepShapes:
         rows = np.full((b,), self.slots, np.int32)
         rows[:n] = d.slots
         # Live rows first, padding after (at full width every row is a slot: all count).
-        return DecodeInputs(tok, pos, st, None if self.full_width else rows, self.allowed(b, row_slots, masks),
+        adapter = (self.no_adapters if adapters is None else adapters)[row_slots]
+        return DecodeInputs(tok, pos, st, None if self.full_width else rows, adapter,
+                            self.allowed(b, row_slots, masks),
                             np.int32(b if self.full_width else n), span), where
 
     def warmup_shapes(self, verify_tokens: int = 0) -> list[tuple]:

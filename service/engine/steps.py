@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from model import transformer
+from model import lora, transformer
 from model.backends import Backend
 from model.config import ModelConfig
 from service import sampling as smp
@@ -25,6 +25,14 @@ class Steps:
     slots: int
     top_n: int  # top logprobs computed per row
     plan: Any = None  # sharding.Plan, or None on one device
+    adapters: lora.BankSpec | None = None  # the adapter bank's shape; None: no adapters
+
+    def lora(self, bank, slots: jax.Array) -> tuple | None:
+        """What ``transformer.forward`` takes for tokens of these adapter ``slots`` (-1: none)."""
+        if self.adapters is None:
+            return None
+        spec = self.adapters
+        return bank, lora.select(slots, spec.slots, spec.rank, spec.dtype)
 
     def gathered(self, logits: jax.Array) -> jax.Array:
         """Logits whole on every device (vocab-split lm_head) before sampling."""
@@ -35,10 +43,10 @@ class Steps:
         logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding((None, "vocab")))
         return jax.lax.with_sharding_constraint(logits, self.plan.replicated)
 
-    def prefill(self, params, cache, sampling, rope, eos_mask, tables, inp: PrefillInputs):
+    def prefill(self, params, cache, sampling, rope, eos_mask, tables, bank, inp: PrefillInputs):
         """Chunks of several sequences packed into one row of tokens (``PrefillInputs`` says
         what each array holds); tables (groups, slots, max blocks): every KV group's block
-        tables.
+        tables; bank: the adapter slots (None without adapters).
 
         Returns the token sampled at each sampling row (P,) with its logprobs, and the final
         hidden states (T, D) for ``score``. Only a row that ends its prompt (``last``) really
@@ -46,7 +54,7 @@ class Steps:
         """
         hidden, cache = transformer.forward(params, self.cfg, inp.tokens, inp.positions, cache, span=inp.span,
                                             rows=inp.rows, backend=self.backend, rope=rope, live=inp.live,
-                                            tables=tables)
+                                            tables=tables, lora=self.lora(bank, inp.adapters))
         final = jnp.take(hidden[0], inp.ends, axis=0)  # (P, D)
         logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
         out = smp.sample(logits, sampling, inp.steps, eos_mask, self.top_n, rows=inp.slots, allowed=inp.allowed)
@@ -64,7 +72,7 @@ class Steps:
         top, ids = jax.lax.top_k(logits, max(self.top_n, 1))
         return chosen, ids.astype(jnp.int32), top - lse[:, None]
 
-    def decode(self, params, cache, sampling, rope, eos_mask, tables, inp: DecodeInputs):
+    def decode(self, params, cache, sampling, rope, eos_mask, tables, bank, inp: DecodeInputs):
         """One token for each batch row (``DecodeInputs``). The batch is a bucket of the live
         slot count, so the step costs what the live requests need, not what
         ``max_batch_size`` allows. Padding rows name slot ``slots`` (out of range): their
@@ -73,7 +81,7 @@ class Steps:
         """
         hidden, cache = transformer.forward(params, self.cfg, inp.tokens[:, None], inp.positions[:, None], cache,
                                             span=inp.span, rows=inp.rows, backend=self.backend, rope=rope,
-                                            live=inp.live, tables=tables)
+                                            live=inp.live, tables=tables, lora=self.lora(bank, inp.adapters[:, None]))
         logits = self.gathered(transformer.logits(params, self.cfg, hidden[:, 0], inp.live))  # (b, V)
         out = smp.sample(logits, sampling, inp.steps, eos_mask, self.top_n, rows=inp.rows, allowed=inp.allowed)
         sampling = smp.record(sampling, out[0], inp.rows)
@@ -89,3 +97,9 @@ class Steps:
         set_row = jax.jit(smp.set_row, donate_argnums=(0,), out_shardings=sampling_sh)
         score = jax.jit(self.score, out_shardings=out_sh)
         return prefill, decode, set_row, score
+
+    def jitted_write_slot(self, bank_sh=None):
+        """Rewrite one adapter slot of the bank in place (the slot an array: one program)."""
+        rank = self.adapters.rank
+        return jax.jit(lambda bank, slot, columns: lora.write_slot(bank, slot, rank, columns),
+                       donate_argnums=(0,), out_shardings=bank_sh)
