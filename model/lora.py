@@ -231,7 +231,7 @@ class BankSpec:
     slots: int
     rank: int
     targets: tuple[str, ...]
-    dtype: Any
+    dtype: Any = "float32"
 
     def layer_targets(self, cfg: ModelConfig, layer: int) -> tuple[str, ...]:
         return tuple(t for t in self.targets if t in family_targets(cfg, layer))

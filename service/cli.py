@@ -95,7 +95,10 @@ def _engine_config(args, max_batch_size: int):
             tp=args.tp, dp=args.dp, speculative_algorithm=args.speculative_algorithm,
             speculative_num_draft_tokens=args.speculative_num_draft_tokens,
             speculative_max_batch=args.speculative_max_batch, speculative_draft_model=args.speculative_draft_model,
-            speculative_draft_quantize=args.speculative_draft_quantize)
+            speculative_draft_quantize=args.speculative_draft_quantize,
+            adapters=tuple(getattr(args, "adapters", ())), max_loras=getattr(args, "max_loras", None),
+            max_lora_rank=getattr(args, "max_lora_rank", None),
+            runtime_lora=getattr(args, "enable_runtime_lora", False))
     except EngineConfigError as e:
         raise CLIError(str(e)) from None
 
@@ -218,7 +221,8 @@ def cmd_api_server(args) -> None:
         allow_origins=tuple(args.allow_origins or ()), allow_credentials=args.allow_credentials,
         allow_methods=tuple(args.allow_methods or ("*",)), allow_headers=tuple(args.allow_headers or ("*",)),
         stall_timeout=args.stall_timeout, tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser, responses_store=args.responses_store)
+        reasoning_parser=args.reasoning_parser, responses_store=args.responses_store,
+        runtime_lora=args.enable_runtime_lora)
     state = State(settings=settings)
     if not settings.model_name:
         settings.model_name = DEFAULT_MODEL_NAME if args.model is None else \

@@ -60,6 +60,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def _adapter(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an adapter as NAME=PATH")
+    return name, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlaserve", description="LLM serving on JAX/XLA")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server sampling defaults for fields a request leaves out: 'auto' (the "
                         "checkpoint's generation_config.json: temperature, top_p, top_k, min_p, "
                         "repetition_penalty), 'none' (OpenAI's), or a JSON file of them")
+    a.add_argument("--adapters", "--lora-modules", nargs="+", action="extend", type=_adapter, default=[],
+                   metavar="NAME=PATH", dest="adapters",
+                   help="LoRA adapters (PEFT directories) served beside the base model; a request's "
+                        "model field picks one by NAME")
+    a.add_argument("--max-loras", type=int, default=None,
+                   help="adapters on the device at once (default: as many as --adapters names; at least 4 "
+                        "with --enable-runtime-lora)")
+    a.add_argument("--max-lora-rank", type=int, default=None,
+                   help="the largest adapter rank served (default: the largest of --adapters, else 16)")
+    a.add_argument("--enable-runtime-lora", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they change what "
+                        "the server serves)")
     a.add_argument("--warmup-only", action="store_true",
                    help="convert the model and compile every step shape into the cache, then exit "
                         "without serving (a container image's build runs this)")

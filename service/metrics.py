@@ -54,6 +54,9 @@ class EngineMetrics:
         self.spec_rows = Counter("xlaserve_spec_verified_rows", "Decode rows checked in verify calls", registry=r)
         self.spec_length = Gauge("xlaserve_spec_mean_accepted_length",
                                  "Tokens a verified row advances on average (accepted drafts + 1)", registry=r)
+        self.adapters = Gauge("xlaserve_lora_adapters_loaded", "LoRA adapters loaded", registry=r)
+        self.adapter_requests = Counter("xlaserve_lora_requests", "Requests submitted per LoRA adapter",
+                                        ["adapter"], registry=r)
 
     def render(self, engine) -> bytes:
         from service.engine.runner import compile_count
@@ -73,6 +76,7 @@ class EngineMetrics:
         total = snap["prompt_tokens"] + snap["cached_tokens"]
         self.hit_rate.set(snap["cached_tokens"] / total if total else 0.0)
         self.compiles.set(compile_count())
+        self.adapters.set(len(engine.adapters.loaded()) if engine.adapters is not None else 0)
         return generate_latest(self.registry)
 
 

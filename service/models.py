@@ -149,11 +149,37 @@ def build_runner(checkpoint: Path, config: EngineConfig):
     tokenizer = Tokenizer.from_dir(checkpoint)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
+    spec, adapters = read_adapters(config, cfg) if config.lora else (None, [])
     runner = ModelRunner(cfg, params, slots, session_len, eos_ids=frozenset(eos), plan=plan, channel=channel,
                          max_prefill_chunk=config.max_prefill_chunk, quantize=config.quantize,
                          kv_cache_dtype=config.kv_cache_dtype, block_size=config.block_size, num_blocks=num_blocks,
-                         window_blocks=config.window_blocks(cfg, session_len))
+                         window_blocks=config.window_blocks(cfg, session_len), adapters=spec)
+    for slot, adapter in enumerate(adapters):
+        runner.load_adapter(slot, adapter)
+    if adapters:
+        log.info("LoRA adapters: %s", ", ".join(f"{a.name} (rank {a.rank}: {'/'.join(sorted(a.targets))}, {a.path})"
+                                                for a in adapters))
     return runner, tokenizer
+
+
+def read_adapters(config: EngineConfig, cfg):
+    """The adapter bank's shape and the adapters ``config`` names, read from their directories.
+    Raises EngineConfigError naming the adapter that cannot be served."""
+    from model.lora import ATTENTION, MLP, AdapterError, BankSpec, family_targets, load_adapter
+    from service.engine.config import EngineConfigError
+
+    adapters = []
+    for name, path in config.adapters:
+        try:
+            adapters.append(load_adapter(path, name, cfg, config.max_lora_rank))
+        except AdapterError as e:
+            raise EngineConfigError(f"--adapters {name}={path}: {e}") from None
+    if config.runtime_lora:  # any adapter may come later: every projection the model has
+        targets = {t for i in range(cfg.num_layers) for t in family_targets(cfg, i)}
+    else:
+        targets = set().union(*(a.targets for a in adapters))
+    rank = config.max_lora_rank or max((a.rank for a in adapters), default=16)
+    return BankSpec(config.adapter_slots(), rank, tuple(t for t in ATTENTION + MLP if t in targets)), adapters
 
 
 class DraftError(ValueError):
@@ -174,7 +200,7 @@ def build_draft(config: EngineConfig, checkpoint: Path, runner):
         # before a window are gone, and a new sequence's draft catches up from position 0).
         draft_runner, _ = build_runner(draft_checkpoint, dataclasses.replace(
             config, quantize=quantize, session_len=runner.session_len, num_blocks=runner.num_blocks,
-            window_pool=False, max_batch_size=runner.slots))
+            window_pool=False, max_batch_size=runner.slots, adapters=(), runtime_lora=False))
         model = DraftModel(draft_runner, f"{draft_name}{f' ({quantize})' if quantize else ''}")
         model.check(runner)
     except (ModelSourceError, ValueError) as e:

@@ -46,6 +46,8 @@ class SamplingParams:
     speculative: bool = True
     # Predicted Outputs: token ids the answer is expected to repeat; proposed as drafts.
     prediction: tuple[int, ...] = ()
+    # The LoRA adapter (by name) whose model generates; None: the base model.
+    adapter: str | None = None
 
     def __post_init__(self):
         checks = [

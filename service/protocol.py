@@ -286,6 +286,25 @@ class DetokenizeRequest(_Req):
     model: str | None = None
 
 
+class LoadLoraRequest(_Req):
+    """POST /v1/load_lora_adapter (vLLM's shape); ``load_inplace`` is refused."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoraRequest(_Req):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's; adapters here are named, so it is not read
+
+
+class LoraResponse(_Resp):
+    object: str = "lora_adapter"
+    lora_name: str = ""
+    status: str = ""  # "loaded" | "unloaded"
+
+
 class EncodeRequest(_Req):
     """LMDeploy's /v1/encode."""
 
@@ -303,6 +322,7 @@ class ModelCard(_Resp):
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
     owned_by: str = "xlaserve"
     root: str | None = None
+    parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None  # extension
 
 

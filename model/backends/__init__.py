@@ -66,6 +66,10 @@ class Backend(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def activation_dtype(self, cfg: ModelConfig) -> jnp.dtype:
+        """The dtype of the activations between layers (what an adapter's update is added to)."""
+        return jnp.dtype(cfg.dtype)
+
     # -- weights --------------------------------------------------------------------------------
 
     @abc.abstractmethod

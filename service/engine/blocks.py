@@ -33,16 +33,22 @@ __all__ = ["NO_BLOCK", "BlockManager", "Held", "chain_hash"]
 class Held:
     """The blocks one table row (a slot) holds: ``ids[g][i]`` is group g's block for positions
     ``i * block_size ..`` (``NO_BLOCK`` before ``fronts[g]``, where the group gave them back);
-    the first ``len(hashes)`` table entries are full and registered."""
+    the first ``len(hashes)`` table entries are full and registered, their chain started from
+    ``root`` (the sequence's adapter's identity: KV of different adapters never matches)."""
 
     replica: int
     ids: list[list[int]]
     fronts: list[int]
     hashes: list[bytes] = dataclasses.field(default_factory=list)
+    root: bytes = b""
+
+    @property
+    def last_hash(self) -> bytes:
+        return self.hashes[-1] if self.hashes else self.root
 
     @classmethod
-    def empty(cls, replica: int, groups: int) -> "Held":
-        return cls(replica, [[] for _ in range(groups)], [0] * groups)
+    def empty(cls, replica: int, groups: int, root: bytes = b"") -> "Held":
+        return cls(replica, [[] for _ in range(groups)], [0] * groups, root=root)
 
     @property
     def blocks(self) -> list[int]:
@@ -217,15 +223,17 @@ class BlockManager:
             parent = h
         return out
 
-    def match_prefix(self, slot: int, tokens, limit: int) -> int:
+    def match_prefix(self, slot: int, tokens, limit: int, root: bytes = b"") -> int:
         """Give an empty table row the cached blocks of the longest prefix of ``tokens``
-        (at most ``limit`` positions, whole blocks) by reference. Returns the positions hit."""
+        (at most ``limit`` positions, whole blocks) by reference, its hash chain starting from
+        ``root``. Returns the positions hit."""
         held = self.held[slot]
         if held.blocks:
             raise ValueError(f"slot {slot} already holds blocks")
+        held.root = root
         end = min(limit, len(tokens))
         self.queries += end // self.block_size
-        run = self._cached_run(self.pools[held.replica], b"", tokens, 0, end)
+        run = self._cached_run(self.pools[held.replica], root, tokens, 0, end)
         run = run[:self._hits(held, run, 0)]
         self._take(slot, run, 0)
         self.hits += len(run)
@@ -240,7 +248,7 @@ class BlockManager:
         if start % size or len(held.hashes) * size != start or len(held.blocks) * size > start:
             return start
         have = start // size
-        run = self._cached_run(self.pools[held.replica], held.hashes[-1] if held.hashes else b"", tokens, have,
+        run = self._cached_run(self.pools[held.replica], held.last_hash, tokens, have,
                                min(limit, len(tokens)))
         self.queries += len(run) + (have + len(run) < min(limit, len(tokens)) // size)
         hashes = held.hashes + run
@@ -253,7 +261,7 @@ class BlockManager:
         """Register the slot's blocks that ``computed`` positions of ``tokens`` fill."""
         held = self.held[slot]
         full = min(computed, len(tokens), len(held.blocks) * self.block_size) // self.block_size
-        parent = held.hashes[-1] if held.hashes else b""
+        parent = held.last_hash
         for i in range(len(held.hashes), full):
             parent = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
             held.hashes.append(parent)
@@ -270,7 +278,8 @@ class BlockManager:
         """Take the slot's blocks out of its row, references kept (an interactive session
         holds them until its next turn or its end)."""
         held = self.held[slot]
-        self.held[slot] = Held.empty(held.replica, len(self.groups))
+        # The row keeps its chain's root: a preempted sequence extends its recompute from it.
+        self.held[slot] = Held.empty(held.replica, len(self.groups), held.root)
         for group in self.groups:
             group.tables[slot] = NO_BLOCK
         return held
@@ -286,7 +295,8 @@ class BlockManager:
             self.release(held)
             return 0
         row = self.held[slot] = Held(held.replica, [ids[:n] for ids in held.ids],
-                                     [min(f, n) for f in held.fronts], held.hashes[:min(n, keep // self.block_size)])
+                                     [min(f, n) for f in held.fronts], held.hashes[:min(n, keep // self.block_size)],
+                                     held.root)
         for g, group in enumerate(self.groups):
             group.pools[held.replica].give_back(held.ids[g][n:])
             group.tables[slot, :n] = row.ids[g]

@@ -53,6 +53,13 @@ class EngineConfig:
     speculative_max_batch: int = 4
     speculative_draft_model: str | None = None
     speculative_draft_quantize: str | None = None
+    # LoRA adapters: (name, path) served from the start; adapter slots on the device (None: as
+    # many as given, at least 4 with runtime loading) and their rank (None: the largest given,
+    # 16 when none is); runtime_lora: adapters may be loaded and unloaded while serving.
+    adapters: tuple[tuple[str, str], ...] = ()
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+    runtime_lora: bool = False
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size % 16:
@@ -75,6 +82,24 @@ class EngineConfig:
             self.speculation()
         except ValueError as e:
             raise EngineConfigError(str(e)) from None
+        names = [name for name, _ in self.adapters]
+        if len(set(names)) < len(names) or not all(names):
+            raise EngineConfigError(f"--adapters: names must be distinct and non-empty, got {names}")
+        if self.max_loras is not None and self.max_loras < 1:
+            raise EngineConfigError(f"--max-loras {self.max_loras}: at least 1")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise EngineConfigError(f"--max-lora-rank {self.max_lora_rank}: at least 1")
+        if self.max_loras is not None and len(self.adapters) > self.max_loras:
+            raise EngineConfigError(f"--adapters names {len(self.adapters)} adapters, more than --max-loras "
+                                    f"{self.max_loras}")
+
+    @property
+    def lora(self) -> bool:
+        """Whether the engine has adapter slots."""
+        return bool(self.adapters) or self.runtime_lora
+
+    def adapter_slots(self) -> int:
+        return self.max_loras or max(len(self.adapters), 4 if self.runtime_lora else 1)
 
     @property
     def slots(self) -> int:

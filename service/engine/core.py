@@ -10,16 +10,19 @@ preemption), execute the plan (``ModelRunner.execute``), then process the output
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from service.engine.adapters import AdapterRegistry
 from service.engine.blocks import BlockManager
 from service.engine.bridge import stream
 from service.engine.output import OutputProcessor, Stats
@@ -30,7 +33,7 @@ from service.engine.slots import SlotTable
 from service.engine.speculate import Speculation
 from service.engine.waiting import WaitingQueue
 from service.engine.limits import Limits
-from service.errors import ContextLengthExceeded, Draining, EngineFailed, InvalidRequest
+from service.errors import ContextLengthExceeded, Draining, EngineFailed, InvalidRequest, ModelNotFound
 from service.metrics import EngineMetrics, snapshot
 from service.params import SamplingParams
 from service.structured import Grammars
@@ -67,6 +70,8 @@ class Engine:
         self._inflight = None  # (sequences, DecodeHandle) of the decode step on the device
         self.draining = False  # shutting down: admit nothing new, let what runs finish
         self.failed: str | None = None  # why the engine stopped serving, once it has
+        # The LoRA adapters served by name (None: the runner has no adapter slots).
+        self.adapters = AdapterRegistry(runner.adapters, runner.resident) if runner.adapters is not None else None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -130,15 +135,43 @@ class Engine:
         self.limits.token_ids(prompt_ids, params)
         if session_id is None:
             self.limits.prompt(len(prompt_ids), params)
+        elif params.adapter is None and (kept := self.table.session_adapter(session_id)) is not None:
+            params = dataclasses.replace(params, adapter=kept)  # a session keeps its adapter
+        adapter, root = self.adapter_of(params)
         self.waiting.reserve()
         rid = request_id or f"req-{next(self._ids)}"
-        self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id)))
+        self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id, adapter=adapter, root=root)))
+        if params.adapter is not None:
+            self.metrics.adapter_requests.labels(params.adapter).inc()
         return rid
+
+    def adapter_of(self, params: SamplingParams) -> tuple[int, bytes]:
+        """The adapter slot and identity a request's ``adapter`` names ((-1, b"") for none);
+        ModelNotFound when no adapter of that name is loaded."""
+        if params.adapter is None:
+            return -1, b""
+        if self.adapters is None:
+            raise ModelNotFound(f"The model '{params.adapter}' does not exist")
+        return self.adapters.resolve(params.adapter)
+
+    def on_engine_thread(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between steps; its result (or error) in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
+    def load_adapter(self, adapter) -> concurrent.futures.Future:
+        """Put a read adapter (``model.lora.Adapter``) into a free adapter slot, between steps."""
+        def install():
+            busy = {s.req.adapter for s in self.table.running.values()} | {r.adapter for r in self.waiting}
+            return self.adapters.install(adapter, busy, self.runner.load_adapter)
+        return self.on_engine_thread(install)
 
     def check_submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
         """Every check a request's prompts (``n`` generations each) must pass before any is
         submitted, so a bad one is refused with its status before anything streams: token ids
         in the vocabulary, lengths within the session and the pool, room in the queue."""
+        self.adapter_of(params)
         for ids in prompts:
             self.limits.token_ids(ids, params)
             self.limits.prompt(len(ids), params)
@@ -234,6 +267,12 @@ class Engine:
                 kind, arg = item
                 if kind == "add":
                     self.waiting.push(arg)
+                elif kind == "call":
+                    fn, future = arg
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:  # the caller's to report
+                        future.set_exception(e)
                 elif kind == "end_session":
                     self.table.end_session(arg)
                 else:  # "abort" (one request), "abort_session" (a session's), "abort_all"
@@ -279,7 +318,7 @@ class Engine:
                 if req.params.grammar is not None:
                     seq.matcher = self.grammars.matcher(req.params.grammar)
                     seq.grammar_wait = req.params.grammar_after
-                self.runner.set_slot(slot, req.params, seq.seq, seed)
+                self.runner.set_slot(slot, req.params, seq.seq, seed, req.adapter)
             # This request's settings cannot be run (its grammar's matcher, its sampling row):
             # whatever the error, fail it alone and admit the others.
             except Exception:

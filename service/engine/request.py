@@ -50,6 +50,8 @@ class Request:
     emit: Callable[[Output], None]
     session_id: int | None = None
     arrival: float = dataclasses.field(default_factory=time.monotonic)
+    adapter: int = -1  # the adapter slot its tokens use (-1: the base model)
+    root: bytes = b""  # where its blocks' hash chain starts: its adapter's identity
 
 
 @dataclasses.dataclass(eq=False)

@@ -155,6 +155,8 @@ class ModelRunner:
                  f" per data replica (x{self.replicas})" if self.replicas > 1 else "", max_batch_size)
         self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
+        if adapters is not None:  # the update is added to the activations, in their dtype
+            adapters = dataclasses.replace(adapters, dtype=self.backend.activation_dtype(cfg))
         steps = Steps(cfg, self.backend, max_batch_size, top_logprobs, plan, adapters)
         self._prefill, self._decode, self._set_row, self._score = steps.jitted(self._cache_sh, self._sampling_sh,
                                                                                self._out_sh)
@@ -162,6 +164,7 @@ class ModelRunner:
         # each decode slot's adapter slot (-1: the base model; the last entry is padding's).
         self.adapters = adapters
         self.slot_adapter = np.full((max_batch_size + 1,), -1, np.int32)
+        self.resident: dict[int, lora.Adapter] = {}  # adapter slot -> the adapter written there
         self.bank = None
         if adapters is not None:
             if channel is not None:
@@ -237,6 +240,9 @@ class ModelRunner:
             self.adapters.check(adapter)
         columns = self.adapters.columns(adapter, self.cfg)
         self.bank = self._write_slot(self.bank, np.int32(slot), columns)
+        self.resident.pop(slot, None)
+        if adapter is not None:
+            self.resident[slot] = adapter
 
     def run_prefill(self, op: Prefill, tables: np.ndarray, masks: dict | None = None) -> StepOutput:
         """One prefill call: ``op``'s chunks (of distinct slots; at most ``prompts_per_call``

@@ -25,6 +25,7 @@ class Session:
     held: Held | None = None  # its blocks while between turns (None: running, or taken back)
     valid: int = 0  # positions of ``tokens`` whose KV the blocks hold
     used: float = 0.0
+    adapter: str | None = None  # the LoRA adapter of its turns (a turn naming none keeps it)
 
 
 class SlotTable:
@@ -59,13 +60,15 @@ class SlotTable:
         session = self.sessions.get(seq.req.session_id) if seq.req.session_id is not None else None
         reuse = 0
         if session is not None and session.held is not None:
-            if session.held.replica == self.blocks.held[slot].replica and limit > 0:
+            # A session's blocks serve its next turn on the same adapter only.
+            if session.held.replica == self.blocks.held[slot].replica and limit > 0 \
+                    and session.held.root == seq.req.root:
                 reuse = self.blocks.attach(slot, session.held, min(session.valid, limit))
             else:
                 self.blocks.release(session.held)
             session.held = None
         if reuse == 0:
-            reuse = self.blocks.match_prefix(slot, seq.seq, limit)
+            reuse = self.blocks.match_prefix(slot, seq.seq, limit, seq.req.root)
         seq.prefilled = seq.cached = reuse
         self.running[slot] = seq
 
@@ -78,7 +81,8 @@ class SlotTable:
         self.blocks.commit(seq.slot, tokens, valid)
         sid = seq.req.session_id
         if sid is not None and keep_session:
-            self.sessions[sid] = Session(tokens, self.blocks.detach(seq.slot), valid, time.monotonic())
+            self.sessions[sid] = Session(tokens, self.blocks.detach(seq.slot), valid, time.monotonic(),
+                                         seq.params.adapter)
         else:
             self.blocks.free(seq.slot)
 
@@ -116,6 +120,10 @@ class SlotTable:
                 self.blocks.release(session.held)
                 session.held = None
         self.blocks.clear_cache()
+
+    def session_adapter(self, session_id: int) -> str | None:
+        entry = self.sessions.get(session_id)
+        return entry.adapter if entry else None
 
     def history(self, session_id: int | None) -> list[int]:
         entry = self.sessions.get(session_id) if session_id is not None else None

@@ -18,7 +18,7 @@ from service.errors import InvalidRequest, ServiceError
 from service.params import SamplingParams
 from service.parsers import ReasoningParser, ToolCall
 from service.routes.common import (OwnTypeStream, State, chat_prompt, chat_template, check_model, fan_in, guarded,
-                                   require_generation, unless_disconnected)
+                                   require_generation, unless_disconnected, with_adapter)
 from service.structured import GrammarError
 
 
@@ -98,8 +98,8 @@ def prepare_chat(ctx: State, data: p.ChatCompletionRequest, format_param: str = 
 
 def _prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
     engine = require_generation(ctx)
-    check_model(ctx, data.model)
-    params = data.to_sampling_params(ctx.settings.defaults)
+    adapter = check_model(ctx, data.model)
+    params = with_adapter(data.to_sampling_params(ctx.settings.defaults), adapter)
     template = chat_template(ctx, engine)
     plan = tool_plan(data, template, ctx.settings.tool_call_parser)
     prompt = chat_prompt(ctx, engine, data.messages, plan, data.chat_template_kwargs)

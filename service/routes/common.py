@@ -45,6 +45,7 @@ class ServerSettings:
     # embedding checkpoint); the generation routes are then refused.
     embedding: tuple[str, bool] | None = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # /v1/models' "created"
+    runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are served
 
 
 @dataclasses.dataclass
@@ -89,10 +90,21 @@ def require_generation(ctx: State) -> Engine:
     return require_engine(ctx)
 
 
-def check_model(ctx: State, model: str | None) -> None:
-    if model is not None and model != ctx.settings.model_name:
-        raise ModelNotFound(f"The model '{model}' does not exist; this server serves "
-                            f"'{ctx.settings.model_name}'")
+def check_model(ctx: State, model: str | None) -> str | None:
+    """The LoRA adapter a request's ``model`` names (None: the base model); ModelNotFound when
+    it names neither the base model nor a loaded adapter."""
+    if model is None or model == ctx.settings.model_name:
+        return None
+    adapters = ctx.engine.adapters if ctx.engine is not None else None
+    if adapters is not None and model in adapters:
+        return model
+    raise ModelNotFound(f"The model '{model}' does not exist; this server serves '{ctx.settings.model_name}'"
+                        + (f" and the adapters {', '.join(repr(a.name) for a in adapters.loaded())}"
+                           if adapters is not None and adapters.loaded() else ""))
+
+
+def with_adapter(params: SamplingParams, adapter: str | None) -> SamplingParams:
+    return params if adapter is None else dataclasses.replace(params, adapter=adapter)
 
 
 # -- prompts -----------------------------------------------------------------------------------

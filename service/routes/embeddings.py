@@ -59,7 +59,9 @@ def _inputs(engine: Engine, data: Any) -> list[list[int]]:
 @post("/v1/embeddings", summary="Embeddings (OpenAI)", status_code=200)
 async def embeddings(data: JSONBody[e.EmbeddingRequest], ctx: Ctx, request: Request) -> e.EmbeddingResponse:
     engine, pooling, normalize = require_embedding(ctx)
-    check_model(ctx, data.model)
+    if check_model(ctx, data.model) is not None:
+        raise InvalidRequest(f"model {data.model!r} is a LoRA adapter; embeddings come from the base model only",
+                             param="model")
     if data.encoding_format not in ("float", "base64"):
         raise InvalidRequest(f"encoding_format must be float or base64, got {data.encoding_format!r}",
                              param="encoding_format")

@@ -12,16 +12,20 @@ from litestar.params import JSONBody
 from service import protocol as p
 from service.errors import InvalidRequest
 from service.routes.common import (Ctx, OwnTypeStream, error_body, fan_in, guarded, require_generation,
-                                   session_turn_ids, unless_disconnected)
+                                   session_turn_ids, unless_disconnected, with_adapter)
 
 
 @post("/v1/chat/interactive", summary="Interactive chat with server-side sessions (LMDeploy)",
       status_code=200)
 async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, request: Request) -> Any:
     engine = require_generation(ctx)
-    if data.adapter_name:
-        raise InvalidRequest(f"adapter_name {data.adapter_name!r}: this server serves no adapters",
-                             param="adapter_name")
+    # LMDeploy's adapter_name picks a LoRA adapter; a session's later turns keep it when they
+    # name none (see Engine.submit).
+    adapter = None
+    if data.adapter_name and data.adapter_name != ctx.settings.model_name:
+        if engine.adapters is None or data.adapter_name not in engine.adapters:
+            raise InvalidRequest(f"adapter_name {data.adapter_name!r}: no such adapter is loaded", param="adapter_name")
+        adapter = data.adapter_name
     sid = data.session_id
     if data.cancel:
         if sid != -1:
@@ -34,7 +38,7 @@ async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, reque
             engine.end_session(sid)
         return p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
                                      finish_reason="stop")
-    params = data.to_sampling_params(ctx.settings.defaults, ctx.settings.default_fields)
+    params = with_adapter(data.to_sampling_params(ctx.settings.defaults, ctx.settings.default_fields), adapter)
     messages = ([p.ChatMessage(role="user", content=data.prompt)] if isinstance(data.prompt, str)
                 else data.prompt)
     history = engine.session_history(sid) if (sid != -1 and data.interactive_mode) else []

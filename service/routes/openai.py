@@ -17,7 +17,7 @@ from service.chat import call_deltas, call_out
 from service.errors import InvalidRequest, ModelNotFound
 from service.routes.chat_run import check_grammar, prepare_chat
 from service.routes.common import (Ctx, OwnTypeStream, State, check_model, fan_in, require_generation, sse,
-                                   sse_stream, unless_disconnected, usage)
+                                   sse_stream, unless_disconnected, usage, with_adapter)
 from service.routes.logprobs import chat_logprobs, completion_logprobs
 
 
@@ -26,9 +26,14 @@ def _stream(chunks: AsyncIterator[bytes]) -> OwnTypeStream:
 
 
 def _cards(ctx: State) -> list[p.ModelCard]:
+    """The base model, then each loaded adapter (``parent`` the base, ``root`` its directory)."""
     max_len = ctx.engine.session_len if ctx.engine else None
-    return [p.ModelCard(id=ctx.settings.model_name, created=ctx.settings.created, root=ctx.settings.model_name,
-                        max_model_len=max_len)]
+    base = ctx.settings.model_name
+    cards = [p.ModelCard(id=base, created=ctx.settings.created, root=base, max_model_len=max_len)]
+    if ctx.engine is not None and ctx.engine.adapters is not None:
+        cards += [p.ModelCard(id=a.name, created=ctx.settings.created, root=a.path, parent=base,
+                              max_model_len=max_len) for a in ctx.engine.adapters.loaded()]
+    return cards
 
 
 def _anthropic(card: p.ModelCard) -> m.AnthropicModel:
@@ -59,7 +64,7 @@ async def retrieve_model(model: FromPath[str], ctx: Ctx, request: Request) -> An
 async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, request: Request) -> Any:
     run = prepare_chat(ctx, data)
     engine, params, answers = run.engine, run.params, run.answers
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.adapter or ctx.settings.model_name
 
     def chunk(choices, **kw) -> bytes:
         return sse(p.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **kw))
@@ -140,16 +145,16 @@ def _completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
 @post("/v1/completions", summary="Text completion (OpenAI)", status_code=200)
 async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Request) -> Any:
     engine = require_generation(ctx)
-    check_model(ctx, data.model)
+    adapter = check_model(ctx, data.model)
     if data.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
     if data.logprobs is not None and not 0 <= data.logprobs <= 5:
         raise InvalidRequest(f"logprobs must be in [0, 5], got {data.logprobs}", param="logprobs")
-    params = data.to_sampling_params(ctx.settings.defaults)
+    params = with_adapter(data.to_sampling_params(ctx.settings.defaults), adapter)
     check_grammar(engine, params.grammar, "response_format")
     prompts = _completion_prompts(engine, data.prompt)
     engine.check_submit(prompts, params, data.n)  # every prompt checked before any is submitted
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.settings.model_name
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), adapter or ctx.settings.model_name
     total = len(prompts) * data.n
 
     def echo_text(idx: int) -> str:

@@ -159,7 +159,8 @@ async def create_response(data: JSONBody[r.ResponsesRequest], ctx: Ctx, request:
     run = prepare_chat(ctx, chat, "text.format")
     params = run.params
     response = r.ResponseObject(
-        id=_id("resp"), created_at=int(time.time()), model=ctx.settings.model_name, instructions=data.instructions,
+        id=_id("resp"), created_at=int(time.time()), model=params.adapter or ctx.settings.model_name,
+        instructions=data.instructions,
         max_output_tokens=data.max_output_tokens, previous_response_id=data.previous_response_id,
         parallel_tool_calls=data.parallel_tool_calls, tool_choice=msgspec.to_builtins(data.tool_choice or "auto"),
         tools=msgspec.to_builtins(data.tools or []), temperature=params.temperature, top_p=params.top_p,

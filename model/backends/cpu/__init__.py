@@ -47,6 +47,9 @@ class CpuKernels(Backend):
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: the CPU kernels keep the KV cache "
                              "in float32, bfloat16 or int8")
 
+    def activation_dtype(self, cfg):
+        return jnp.dtype(jnp.float32)
+
     def prepare(self, params, cfg, quantize=None):
         """Matrices stay bfloat16 when the model is (half the bytes to stream per token; the
         kernel widens them to float32 as it loads them), float16 ones become float32;
