@@ -213,7 +213,8 @@ def load_adapter(path: str | Path, name: str, cfg: ModelConfig, max_rank: int | 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Slots:
-    """One target's adapters in slots: a (in, S*R), b (S*R, out)."""
+    """One target's adapters in slots: a (in, S*R), b (S*R, out). A backend may hold them in
+    a form of its own (``Backend.adapter_slots``) with the same two methods."""
 
     a: jax.Array
     b: jax.Array
@@ -221,6 +222,11 @@ class Slots:
     def delta(self, x: jax.Array, select: jax.Array) -> jax.Array:
         """x (..., in), select (..., S*R) -> each row's own adapter's update (..., out)."""
         return ((x.astype(self.a.dtype) @ self.a) * select) @ self.b
+
+    def write(self, lo: jax.Array, a: jax.Array, b: jax.Array) -> "Slots":
+        """Columns lo .. lo + R of a and rows lo .. lo + R of b replaced by a (in, R), b (R, out)."""
+        return Slots(jax.lax.dynamic_update_slice_in_dim(self.a, a.astype(self.a.dtype), lo, axis=1),
+                     jax.lax.dynamic_update_slice_in_dim(self.b, b.astype(self.b.dtype), lo, axis=0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,12 +285,7 @@ class BankSpec:
 def write_slot(bank: list, slot: int, rank: int, columns: list) -> list:
     """The bank with slot ``slot``'s columns replaced (jit it with the bank donated)."""
     lo = slot * rank
-
-    def put(whole: Slots, part: Slots) -> Slots:
-        return Slots(jax.lax.dynamic_update_slice_in_dim(whole.a, part.a, lo, axis=1),
-                     jax.lax.dynamic_update_slice_in_dim(whole.b, part.b, lo, axis=0))
-
-    return [{t: put(layer[t], cols[t]) for t in layer} for layer, cols in zip(bank, columns)]
+    return [{t: layer[t].write(lo, cols[t].a, cols[t].b) for t in layer} for layer, cols in zip(bank, columns)]
 
 
 def select(adapters: jax.Array, slots: int, rank: int, dtype: Any) -> jax.Array:

@@ -335,14 +335,21 @@ class ModelRunner:
 
     def warmup(self, progress=None, verify_tokens: int = 0) -> None:
         """Compile every prefill/decode shape now, so serving never compiles (``verify_tokens``:
-        the most tokens a verify call of speculative decoding holds; 0: none)."""
-        shapes = self.shapes.warmup_shapes(verify_tokens)
+        the most tokens a verify call of speculative decoding holds; 0: none). With adapter
+        slots every shape twice: the base model's program, and the one adapters' rows take."""
+        variants = [-1] if self.adapters is None else [-1, 0]
+        for adapter in variants:
+            self.set_slot(0, SamplingParams(), [0], 0, adapter)
+            self._warmup(progress, verify_tokens, adapter)
         self.set_slot(0, SamplingParams(), [0], 0)
+
+    def _warmup(self, progress, verify_tokens: int, adapter: int) -> None:
+        shapes = self.shapes.warmup_shapes(verify_tokens)
         # Nothing is cached yet: every position of every slot may land in block 0.
         tables = self.empty_tables()
         for i, shape in enumerate(shapes):
             if progress:
-                progress(i, len(shapes), shape)
+                progress(i, len(shapes), shape if adapter < 0 else (*shape, "adapters"))
             if shape[0] == "decode":
                 b, span = shape[1], shape[2]
                 self.fetch(self.dispatch_decode(Decode(tuple(range(b)), (0,) * b, (span - 1,) * b, (0,) * b), tables))

@@ -36,6 +36,15 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def _used(adapters: np.ndarray | None, slots: np.ndarray) -> np.ndarray | None:
+    """The adapter slots of these (decode) slots, or None when none has one: a step without
+    adapters compiles and runs as the base model's, a program of its own."""
+    if adapters is None:
+        return None
+    out = adapters[slots]
+    return out if (out >= 0).any() else None
+
+
 @dataclasses.dataclass(frozen=True)
 class StepShapes:
     backend: Backend
@@ -110,13 +119,6 @@ class StepShapes:
                     rows=np.full((1, size), self.slots, np.int32), ends=z(p), slots=np.full((p,), self.slots, np.int32),
                     last=z(p), steps=z(p), following=z(1, size))
 
-    @functools.cached_property
-    def no_adapters(self) -> np.ndarray:
-        """Every slot (and padding's out-of-range one) on the base model."""
-        out = np.full((self.slots + 1,), -1, np.int32)
-        out.flags.writeable = False
-        return out
-
     def prefill_inputs(self, op: Prefill, masks: dict | None = None,
                        adapters: np.ndarray | None = None) -> PrefillInputs:
         """The inputs of one prefill call packing ``op``'s chunks (of distinct slots) into one
@@ -151,7 +153,7 @@ class StepShapes:
                 a["following"][0, i + k - 1] = c.next_token
             i += k
         allowed = self.allowed(p, a["slots"], None if op.verify else masks)
-        a["adapters"] = (self.no_adapters if adapters is None else adapters)[a["rows"]]
+        a["adapters"] = _used(adapters, a["rows"])
         return PrefillInputs(**a, allowed=allowed, live=np.int32(n), span=self.prefill_span(n, max_start))
 
     def decode_inputs(self, d: Decode, masks: dict | None = None,
@@ -178,7 +180,7 @@ class StepShapes:
         rows = np.full((b,), self.slots, np.int32)
         rows[:n] = d.slots
         # Live rows first, padding after (at full width every row is a slot: all count).
-        adapter = (self.no_adapters if adapters is None else adapters)[row_slots]
+        adapter = _used(adapters, row_slots)
         return DecodeInputs(tok, pos, st, None if self.full_width else rows, adapter,
                             self.allowed(b, row_slots, masks),
                             np.int32(b if self.full_width else n), span), where

@@ -31,12 +31,14 @@ class PrefillInputs:
     token (a prompt's last chunk or a decode row) and the tokens its sequence generated
     before it. allowed (P, W): each sampling row's token bitmask. following (1, T): the token
     after each position (a scored call's prompt logprobs). live: the real tokens' count.
-    adapters (1, T): each token's adapter slot (-1: the base model; see ``model.lora``)."""
+    adapters (1, T): each token's adapter slot (-1: the base model; see ``model.lora``), None
+    when no token has one (the step is then the base model's program, which pays nothing for
+    adapters)."""
 
     tokens: np.ndarray
     positions: np.ndarray
     rows: np.ndarray
-    adapters: np.ndarray
+    adapters: np.ndarray | None
     ends: np.ndarray
     slots: np.ndarray
     last: np.ndarray
@@ -52,14 +54,14 @@ class PrefillInputs:
 class DecodeInputs:
     """One decode step over a batch of b rows (a bucket): tokens, positions, steps (b,); rows
     (b,) each batch row's slot (padding: out of range), None at full width (row i is slot i);
-    adapters (b,) each row's adapter slot (-1: the base model); allowed (b, W) the rows' token
-    bitmasks; live the rows that count."""
+    adapters (b,) each row's adapter slot (-1: the base model; None when no row has one);
+    allowed (b, W) the rows' token bitmasks; live the rows that count."""
 
     tokens: np.ndarray | jax.Array
     positions: np.ndarray
     steps: np.ndarray
     rows: np.ndarray | None
-    adapters: np.ndarray
+    adapters: np.ndarray | None
     allowed: np.ndarray
     live: np.ndarray
     span: int = dataclasses.field(metadata=dict(static=True))

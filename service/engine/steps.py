@@ -27,9 +27,10 @@ class Steps:
     plan: Any = None  # sharding.Plan, or None on one device
     adapters: lora.BankSpec | None = None  # the adapter bank's shape; None: no adapters
 
-    def lora(self, bank, slots: jax.Array) -> tuple | None:
-        """What ``transformer.forward`` takes for tokens of these adapter ``slots`` (-1: none)."""
-        if self.adapters is None:
+    def lora(self, bank, slots: jax.Array | None) -> tuple | None:
+        """What ``transformer.forward`` takes for tokens of these adapter ``slots`` (-1: none;
+        None: no token has one, and the step is the base model's)."""
+        if self.adapters is None or slots is None:
             return None
         spec = self.adapters
         return bank, lora.select(slots, spec.slots, spec.rank, spec.dtype)
@@ -81,7 +82,7 @@ class Steps:
         """
         hidden, cache = transformer.forward(params, self.cfg, inp.tokens[:, None], inp.positions[:, None], cache,
                                             span=inp.span, rows=inp.rows, backend=self.backend, rope=rope,
-                                            live=inp.live, tables=tables, lora=self.lora(bank, inp.adapters[:, None]))
+                                            live=inp.live, tables=tables, lora=self.lora(bank, None if inp.adapters is None else inp.adapters[:, None]))
         logits = self.gathered(transformer.logits(params, self.cfg, hidden[:, 0], inp.live))  # (b, V)
         out = smp.sample(logits, sampling, inp.steps, eos_mask, self.top_n, rows=inp.rows, allowed=inp.allowed)
         sampling = smp.record(sampling, out[0], inp.rows)
