@@ -50,12 +50,31 @@ def _hf_greedy(model, prompt=PROMPT):
     return out[0, len(prompt):].tolist()
 
 
+_BUILT: dict = {}
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     """A tiny HF model converted, two PEFT adapters saved beside it, and what transformers
     generates greedily with none, a and b applied."""
-    root = tmp_path_factory.mktemp(request.param)
-    config_cls, overrides = FAMILIES[request.param]
+    return _built(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """``family``'s Llama, for the checks one family shows as well as two."""
+    return _built("llama", tmp_path_factory)
+
+
+def _built(name, tmp_path_factory):
+    if name not in _BUILT:
+        _BUILT[name] = _build(name, tmp_path_factory)
+    return _BUILT[name]
+
+
+def _build(name, tmp_path_factory):
+    root = tmp_path_factory.mktemp(name)
+    config_cls, overrides = FAMILIES[name]
     model = make_hf_checkpoint(root / "hf", config_cls, overrides)
     want = {None: _hf_greedy(model)}
     for i, (name, conf) in enumerate(ADAPTERS.items()):
@@ -129,8 +148,8 @@ def test_adapters_match_transformers_alone_and_mixed(family, path):
     assert len({tuple(v) for v in seeded_alone.values()}) == 3
 
 
-def test_prefix_cache_is_keyed_by_adapter(family):
-    root, _ = family
+def test_prefix_cache_is_keyed_by_adapter(llama):
+    root, _ = llama
     engine = _engine(root, backend=Xla())
     try:
         async def main():
@@ -143,8 +162,8 @@ def test_prefix_cache_is_keyed_by_adapter(family):
     assert cached == [0, 0, 0, 32, 32]
 
 
-def test_no_compiles_after_warmup_when_adapters_join_and_leave(family):
-    root, want = family
+def test_no_compiles_after_warmup_when_adapters_join_and_leave(llama):
+    root, want = llama
     engine = _engine(root, backend=Xla())
     engine.runner.warmup(verify_tokens=0)
     before = compile_count()
@@ -159,10 +178,10 @@ def test_no_compiles_after_warmup_when_adapters_join_and_leave(family):
     assert compile_count() == before
 
 
-def test_bank_writes_only_its_slot(family):
+def test_bank_writes_only_its_slot(llama):
     """Loading into one slot leaves the others' columns as they were (a running request's
     adapter never changes under it)."""
-    root, _ = family
+    root, _ = llama
     cfg = load_config(root / "converted")
     a = lora.load_adapter(root / "a", "a", cfg)
     b = lora.load_adapter(root / "b", "b", cfg)
@@ -190,8 +209,8 @@ def _pair(module, r, fan_in, fan_out):
             f"base_model.model.{module}.lora_B.weight": rng.standard_normal((fan_out, r)).astype(np.float32)}
 
 
-def test_bad_adapters_are_refused_by_name(family, tmp_path):
-    root, _ = family
+def test_bad_adapters_are_refused_by_name(llama, tmp_path):
+    root, _ = llama
     cfg = load_config(root / "converted")
     d = cfg.hidden_size
     q = "model.layers.0.self_attn.q_proj"
@@ -214,8 +233,8 @@ def test_bad_adapters_are_refused_by_name(family, tmp_path):
         read_adapters(EngineConfig(adapters=(("x", str(tmp_path / "missing")),)), cfg)
 
 
-def test_cli_refuses_a_bad_adapter_in_one_line(family, tmp_path):
-    root, _ = family
+def test_cli_refuses_a_bad_adapter_in_one_line(llama, tmp_path):
+    root, _ = llama
     r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "api_server", str(root / "converted"),
                         "--adapters", f"x={tmp_path / 'nothing'}", "--session-len", "64", "--max-batch-size", "2",
                         "--log-level", "ERROR"], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -230,8 +249,8 @@ def test_cli_refuses_a_bad_adapter_in_one_line(family, tmp_path):
 # -- HTTP ------------------------------------------------------------------------------------
 
 
-def test_routes_models_and_runtime_loading(family, tmp_path):
-    root, want = family
+def test_routes_models_and_runtime_loading(llama, tmp_path):
+    root, want = llama
     engine = _engine(root, backend=Xla(), max_loras=3, runtime_lora=True)
     app = create_app(State(ServerSettings(model_name="base", runtime_lora=True), engine))
     chat = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
@@ -280,10 +299,10 @@ def test_routes_models_and_runtime_loading(family, tmp_path):
         assert r.status_code == 404 and "--enable-runtime-lora" in r.json()["error"]["message"]
 
 
-def test_unloading_never_changes_a_running_request(family):
+def test_unloading_never_changes_a_running_request(llama):
     """An adapter unloaded while its request runs, and a new one loaded at once: the running
     request finishes with its own adapter's tokens (the new one takes another slot)."""
-    root, want = family
+    root, want = llama
     engine = _engine(root, backend=Xla(), max_loras=2, runtime_lora=True)
     cfg = engine.runner.cfg
     try:
@@ -303,8 +322,8 @@ def test_unloading_never_changes_a_running_request(family):
     assert toks == want["a"]
 
 
-def test_interactive_sessions_keep_their_adapter(family):
-    root, _ = family
+def test_interactive_sessions_keep_their_adapter(llama):
+    root, _ = llama
     engine = _engine(root, backend=Xla())
     app = create_app(State(ServerSettings(model_name="base"), engine))
     turn = dict(session_id=5, interactive_mode=True, request_output_len=4, temperature=0)
@@ -345,7 +364,9 @@ def test_bundled_model_serves_an_adapter_and_the_readme_snippet_runs(default_che
             tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((8, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
             tensors[f"{key}.lora_B.weight"] = (0.05 * rng.standard_normal((fan_out, 8))).astype(np.float32)
     _write_adapter(tmp_path / "sql-lora", {"r": 8, "lora_alpha": 16, "target_modules": list(names.values())}, tensors)
-    proc, url = start_server(tmp_path / "server.log", "--adapters", f"sql-lora={tmp_path / 'sql-lora'}")
+    # A small server: warm-up compiles each shape twice (with and without adapter rows).
+    proc, url = start_server(tmp_path / "server.log", "--adapters", f"sql-lora={tmp_path / 'sql-lora'}",
+                             "--session-len", "128", "--max-batch-size", "2")
     try:
         chat = dict(messages=[{"role": "user", "content": "Name three colours."}], max_tokens=16, temperature=0)
         base = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120).json()
@@ -359,3 +380,171 @@ def test_bundled_model_serves_an_adapter_and_the_readme_snippet_runs(default_che
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# -- what composes with adapters ---------------------------------------------------------------
+
+
+def test_speculation_and_preemption_keep_each_adapters_tokens(family):
+    """n-gram drafts are checked by the adapter's model, and a pool too small for every
+    sequence preempts and recomputes them: the tokens stay transformers'."""
+    from service.engine.speculate import Speculation
+
+    root, want = family
+    cfg = load_config(root / "converted")
+    config = EngineConfig(adapters=tuple((n, str(root / n)) for n in ADAPTERS))
+    spec, adapters = read_adapters(config, cfg)
+    # 10 blocks of 16: four sequences of 72 positions need 20, so some are preempted.
+    runner = ModelRunner(cfg, load_params(root / "converted", cfg), 4, 128, max_prefill_chunk=32, block_size=16,
+                         num_blocks=10, backend=Xla(), adapters=spec)
+    for slot, a in enumerate(adapters):
+        runner.load_adapter(slot, a)
+    engine = Engine(runner, Tokenizer.from_dir(root / "converted"), speculation=Speculation("ngram", 4, 4))
+    engine.start()
+    try:
+        async def main():
+            return [t for t, _ in await asyncio.gather(*(_generate(engine, a) for a in (None, "a", "b", "a")))]
+
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert got == [want[None], want["a"], want["b"], want["a"]]
+    assert engine.scheduler.preemptions > 0
+    assert engine.stats.spec_drafted > 0
+
+
+def test_data_parallel_replicas_serve_adapters(llama):
+    root, want = llama
+    config = EngineConfig(max_batch_size=4, session_len=128, block_size=16, num_blocks=32, dp=2,
+                          adapters=tuple((n, str(root / n)) for n in ADAPTERS))
+    runner, tokenizer = build_runner(root / "converted", config)
+    engine = Engine(runner, tokenizer)
+    engine.start()
+    try:
+        async def main():
+            return [t for t, _ in await asyncio.gather(*(_generate(engine, a) for a in ("a", "b", None, "b")))]
+
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert got == [want["a"], want["b"], want[None], want["b"]]
+
+
+def test_packed_projections_take_their_adapters(tmp_path):
+    """Phi-3's packed qkv_proj and gate_up_proj against transformers with PEFT (logits), and
+    InternLM2's grouped wqkv laid out as the converter lays out the merged weight."""
+    import jax.numpy as jnp
+
+    from model import transformer
+    from model.families import internlm2
+
+    model = make_hf_checkpoint(tmp_path / "hf", transformers.Phi3Config,
+                               dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    torch.manual_seed(1)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                       target_modules=["qkv_proj", "o_proj", "gate_up_proj",
+                                                                       "down_proj"]))
+    tuned.save_pretrained(tmp_path / "ad")
+    tokens = np.asarray([PROMPT])
+    with torch.no_grad():
+        want = tuned(torch.tensor(tokens)).logits.numpy()
+    convert(tmp_path / "hf", tmp_path / "conv", progress=False)
+    cfg = load_config(tmp_path / "conv")
+    adapter = lora.load_adapter(tmp_path / "ad", "a", cfg)
+    assert adapter.targets == {"q", "k", "v", "o", "gate", "up", "down"}
+    spec = lora.BankSpec(2, 8, lora.ATTENTION + lora.MLP)
+    bank = lora.write_slot(spec.empty(cfg), 1, 8, spec.columns(adapter, cfg))
+    params = Xla().prepare(load_params(tmp_path / "conv", cfg), cfg)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cache = transformer.init_cache(cfg, 1, tokens.shape[1])
+    select = lora.select(jnp.ones(tokens.shape, jnp.int32), 2, 8, jnp.float32)
+    hidden, _ = transformer.forward(params, cfg, jnp.asarray(tokens), positions, cache, span=tokens.shape[1],
+                                    lora=(bank, select))
+    assert np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - want).max() <= 1e-4
+
+    # InternLM2 (no transformers class): W + B·A·scale of wqkv, converted, equals the base's
+    # converted q/k/v plus the adapter's A·B as we lay it out.
+    from model.config import ModelConfig
+
+    icfg = ModelConfig(family="internlm2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=8)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8 * 8, 32)).astype(np.float32)  # (G + 2) * K * H rows
+    a, b = rng.standard_normal((4, 32)).astype(np.float32), rng.standard_normal((64, 4)).astype(np.float32)
+    _write_adapter(tmp_path / "intern", {"r": 4, "lora_alpha": 8},
+                   {"base_model.model.model.layers.0.attention.wqkv.lora_A.weight": a,
+                    "base_model.model.model.layers.0.attention.wqkv.lora_B.weight": b})
+    got = lora.load_adapter(tmp_path / "intern", "i", icfg).weights
+    m = re.fullmatch(internlm2.LAYER + r"attention\.wqkv\.weight", "model.layers.0.attention.wqkv.weight")
+    merged = dict((p[2], x) for p, x in internlm2.wqkv(w + 2.0 * b @ a, icfg, m))
+    plain = dict((p[2], x) for p, x in internlm2.wqkv(w, icfg, m))
+    for name, target in (("wq", "q"), ("wk", "k"), ("wv", "v")):
+        la, lb = got[(0, target)]
+        np.testing.assert_allclose(plain[name].reshape(32, -1) + la @ lb, merged[name].reshape(32, -1), atol=1e-4)
+
+
+def test_gguf_base_with_an_adapter_matches_transformers(default_checkpoint, tmp_path):
+    """The bundled model is converted from its GGUF (q/k un-permuted): a random adapter over
+    q/k/v/o gives transformers' greedy tokens (its GGUF loader, PEFT applying the adapter)."""
+    from model.chat_template import render
+    from service.models import default_gguf
+
+    cfg = load_config(default_checkpoint)
+    rng = np.random.default_rng(1)
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+    tensors = {}
+    for i in range(cfg.num_layers):
+        for t, module in names.items():
+            fan_in, fan_out = lora.target_sizes(cfg, t)
+            key = f"base_model.model.model.layers.{i}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((8, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (0.05 * rng.standard_normal((fan_out, 8))).astype(np.float32)
+    _write_adapter(tmp_path / "ad", {"r": 8, "lora_alpha": 16, "target_modules": list(names.values()),
+                                     "task_type": "CAUSAL_LM"}, tensors)
+    path = default_gguf()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    tuned = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ad")).eval()
+    tok = Tokenizer.from_dir(default_checkpoint)
+    ids = tok.encode(render(tok.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
+                            bos_token=tok.bos_token), add_special_tokens=False)
+    with torch.no_grad():
+        want = tuned.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                              min_new_tokens=16, pad_token_id=0)[0, len(ids):].tolist()
+    config = EngineConfig(adapters=(("ad", str(tmp_path / "ad")),))
+    spec, adapters = read_adapters(config, cfg)
+    runner = ModelRunner(cfg, load_params(default_checkpoint, cfg), 2, 128, adapters=spec)
+    runner.load_adapter(0, adapters[0])
+    engine = Engine(runner, tok)
+    engine.start()
+    try:
+        got = asyncio.run(_generate(engine, "ad", SamplingParams(temperature=0.0, max_tokens=16), ids))[0]
+    finally:
+        engine.stop()
+    assert got[:16] == want
+
+
+def test_tp_adds_no_collective_for_adapters():
+    """Under --tp 2, A and B are split with the projection they feed: o/down's partial
+    products ride in the base product's all-reduce, so a step with adapters has as many
+    collectives as one without."""
+    from model.config import ModelConfig
+    from model.weights import init_params
+    from service.engine import direct
+    from service.engine.step_io import DecodeInputs
+    from sharding import make_mesh, plan_for
+
+    cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    runner = ModelRunner(cfg, init_params(cfg), max_batch_size=4, session_len=64,
+                         plan=plan_for(cfg, make_mesh(2, 1), slots=4),
+                         adapters=lora.BankSpec(2, 8, lora.ATTENTION + lora.MLP))
+    z = np.zeros((4,), np.int32)
+    counts = []
+    for adapters in (None, z):
+        inputs = DecodeInputs(z, z, z, np.arange(4, dtype=np.int32), adapters, runner.shapes.allowed(4, [], None),
+                              np.int32(4), runner.shapes.spans[0])
+        hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, runner.eos_mask,
+                                   direct.identity_tables(runner), runner.bank, inputs).compile().as_text()
+        counts.append({op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in ("all-reduce", "all-gather")})
+    assert counts[0]["all-reduce"] > 0 and counts[1] == counts[0], counts

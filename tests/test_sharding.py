@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from model import transformer as llama
+from model import lora
 from model.config import ModelConfig
 from model.weights import init_params
 from service.engine import direct
@@ -159,15 +160,18 @@ def test_decode_step_gathers_no_weights(models, name, tp, dp):
     is written: activations, not the cache.)"""
     cfg, params = models[name]
     plan = plan_for(cfg, make_mesh(tp, dp), slots=4)
-    runner = ModelRunner(cfg, params, max_batch_size=4, session_len=64, plan=plan)
+    # With LoRA adapter slots, every row on one: their A and B are sharded with the projection
+    # they feed, so they are never gathered either.
+    bank = lora.BankSpec(2, 8, lora.ATTENTION + lora.MLP)
+    runner = ModelRunner(cfg, params, max_batch_size=4, session_len=64, plan=plan, adapters=bank)
     b = runner.shapes.batch_sizes[-1]
     z = np.zeros((b,), np.int32)
     rows = None if runner.full_width else np.arange(b, dtype=np.int32)
     allowed = runner.shapes.allowed(b, [], None)
-    inputs = DecodeInputs(z, z, z, rows, allowed, np.int32(len(z)), runner.shapes.spans[0])
+    inputs = DecodeInputs(z, z, z, rows, z, allowed, np.int32(len(z)), runner.shapes.spans[0])
     hlo = runner._decode.lower(runner.params, runner.cache, runner.sampling, runner.rope, runner.eos_mask,
-                               direct.identity_tables(runner), inputs).compile().as_text()
-    full_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
+                               direct.identity_tables(runner), runner.bank, inputs).compile().as_text()
+    full_shapes = {tuple(x.shape) for x in jax.tree.leaves((params, runner.bank)) if x.ndim >= 2}
     pool = runner.cache[0][0].shape  # (R, NB, BS, K, E)
     r, nb, bs, k, e = pool
     read = -(-runner.shapes.spans[0] // bs)  # blocks read per row at the smallest span
