@@ -42,7 +42,7 @@ def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
 # `make test` runs the suite on two workers, a file each at a time, in collection order: the
 # longest files go first, so that neither worker is left running one of them at the end while
 # the other has nothing to do. (Order of files only; within a file nothing moves.)
-LONGEST_FIRST = ("test_paged.py", "test_cpu_kernels.py", "test_parity.py", "test_multiprocess.py",
+LONGEST_FIRST = ("test_paged.py", "test_cpu_kernels.py", "test_parity.py", "test_lora.py", "test_multiprocess.py",
                  "test_window_pool.py", "test_server.py", "test_proxy.py", "test_engine.py")
 
 
