@@ -263,7 +263,13 @@ def test_routes_models_and_runtime_loading(llama, tmp_path):
                                                       ignore_eos=True)).json()
             assert got["model"] == "a"
             for model in ("a", "b", "base"):
-                assert c.post("/v1/chat/completions", json={**chat, "model": model}).status_code == 200
+                assert c.post("/v1/chat/completions", json={**chat, "model": model}).json()["model"] == model
+            # every generation route takes the adapter by model
+            r = c.post("/v1/responses", json={"model": "b", "input": "hi", "max_output_tokens": 4})
+            assert r.status_code == 200 and r.json()["model"] == "b"
+            r = c.post("/v1/messages", json={"model": "b", "max_tokens": 4,
+                                             "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and r.json()["model"] == "b"
             r = c.post("/v1/chat/completions", json={**chat, "model": "nope"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
             # a third adapter fills the last slot; a fourth is refused naming --max-loras
