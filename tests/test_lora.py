@@ -554,3 +554,23 @@ def test_tp_adds_no_collective_for_adapters():
                                    direct.identity_tables(runner), runner.bank, inputs).compile().as_text()
         counts.append({op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in ("all-reduce", "all-gather")})
     assert counts[0]["all-reduce"] > 0 and counts[1] == counts[0], counts
+
+
+def test_rank_and_alpha_patterns_scale_each_module(llama, tmp_path):
+    """Per-module ranks (rank_pattern: read from the shapes) and alphas (alpha_pattern), and
+    rsLoRA's alpha / sqrt(r): B comes out scaled by each module's own."""
+    root, _ = llama
+    cfg = load_config(root / "converted")
+    d, nh = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    q, o = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"
+    tensors = {**_pair(q, 4, d, nh), **_pair(o, 2, nh, d)}
+    _write_adapter(tmp_path / "p", {"r": 4, "lora_alpha": 8, "rank_pattern": {"o_proj": 2},
+                                    "alpha_pattern": {"o_proj": 6}}, tensors)
+    _write_adapter(tmp_path / "rs", {"r": 4, "lora_alpha": 8, "use_rslora": True, "rank_pattern": {"o_proj": 2},
+                                     "alpha_pattern": {"o_proj": 6}}, tensors)
+    plain, rs = lora.load_adapter(tmp_path / "p", "p", cfg), lora.load_adapter(tmp_path / "rs", "rs", cfg)
+    b_q, b_o = tensors[f"base_model.model.{q}.lora_B.weight"], tensors[f"base_model.model.{o}.lora_B.weight"]
+    np.testing.assert_allclose(plain.weights[(0, "q")][1], (b_q * 8 / 4).T, rtol=1e-6)
+    np.testing.assert_allclose(plain.weights[(1, "o")][1], (b_o * 6 / 2).T, rtol=1e-6)
+    np.testing.assert_allclose(rs.weights[(1, "o")][1], (b_o * 6 / np.sqrt(2)).T, rtol=1e-6)
+    assert plain.rank == 4 and set(plain.weights) == {(0, "q"), (1, "o")}
