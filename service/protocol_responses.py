@@ -317,6 +317,9 @@ class FunctionCallItem(_Resp):
 
 class InputTokensDetails(_Resp):
     cached_tokens: int = 0
+    # Tokens written to a paid prompt cache: none here (every computed block is cached as a
+    # matter of course, at no extra cost), but the SDK's type requires the field.
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(_Resp):

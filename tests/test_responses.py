@@ -312,3 +312,73 @@ def test_the_sdk_lists_a_stored_responses_input_items(oai):
     (item,) = page.data
     assert item.type == "message" and item.role == "user" and item.content[0].text == QUESTION
 
+
+
+def _sse_events(url: str, body: dict) -> list[dict]:
+    events = []
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def _fields(model) -> set[str]:
+    return {f.alias or name for name, f in type(model).model_fields.items()}
+
+
+# Fields the API reference documents that the SDK's type may not have yet.
+DOCUMENTED_EXTRAS = {"response.function_call_arguments.done": {"name"}}
+
+
+def _check_against(adapter, event: dict):
+    """The event validates as the SDK's own type (not merely constructed), and every field we
+    send is one that type has (a misnamed field would be silently dropped by the SDK)."""
+    parsed = adapter.validate_python(event)
+    extra = set(event) - _fields(parsed) - DOCUMENTED_EXTRAS.get(event["type"], set())
+    assert not extra, (event["type"], extra)
+    return parsed
+
+
+@pytest.mark.parametrize("extra", [{}, {"tools": TOOLS, "tool_choice": "required"},
+                                   {"text": {"format": {"type": "json_schema", "name": "city", "schema": {
+                                       "type": "object", "properties": {"name": {"type": "string"}},
+                                       "required": ["name"], "additionalProperties": False}}}}],
+                         ids=["text", "tool_call", "json_schema"])
+def test_every_responses_stream_event_is_the_sdks_type(server, extra):
+    """Each streamed event of a text answer, a tool call and a structured answer validates as
+    the openai SDK's event type with no field it lacks; sequence numbers count from 0; the
+    output item and content part events agree with the final response."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(ResponseStreamEvent)
+    events = _sse_events(server + "/v1/responses", {"model": MODEL, "input": "What's the weather in Paris?",
+                                                    "stream": True, "temperature": 0, "max_output_tokens": 40,
+                                                    **extra})
+    parsed = [_check_against(adapter, e) for e in events]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created"
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")  # (max_output_tokens)
+    final = Response.model_validate(events[-1]["response"])
+    added = [p.item.id for p in parsed if p.type == "response.output_item.added"]
+    done = [p.item for p in parsed if p.type == "response.output_item.done"]
+    assert added == [o.id for o in done] == [o.id for o in final.output]
+    for p in parsed:
+        if p.type == "response.output_item.added" and p.item.type == "message":
+            assert p.item.content == []  # the part arrives with response.content_part.added
+
+
+def test_every_messages_stream_event_is_the_sdks_type(server):
+    from anthropic.types import RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(RawMessageStreamEvent)
+    tools = [{"name": "get_weather", "description": "Weather of a city", "input_schema": TOOLS[0]["parameters"]}]
+    for extra in ({}, {"tools": tools, "tool_choice": {"type": "any"}}):
+        events = _sse_events(server + "/v1/messages", {"model": MODEL, "max_tokens": 40, "stream": True,
+                                                       "messages": [{"role": "user", "content": QUESTION}], **extra})
+        # (Anthropic's keep-alive "ping" is no message event: the SDK skips it by name)
+        kinds = [_check_against(adapter, e).type for e in events if e["type"] != "ping"]
+        assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
