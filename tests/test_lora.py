@@ -574,3 +574,39 @@ def test_rank_and_alpha_patterns_scale_each_module(llama, tmp_path):
     np.testing.assert_allclose(plain.weights[(1, "o")][1], (b_o * 6 / 2).T, rtol=1e-6)
     np.testing.assert_allclose(rs.weights[(1, "o")][1], (b_o * 6 / np.sqrt(2)).T, rtol=1e-6)
     assert plain.rank == 4 and set(plain.weights) == {(0, "q"), (1, "o")}
+
+
+@pytest.mark.parametrize("case, targets", [("qwen3_moe", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                                           ("gemma2", ["q_proj", "o_proj", "gate_proj", "down_proj"])])
+def test_other_families_take_their_adapters(tmp_path, case, targets):
+    """A mixture of experts' attention (its experts are no target) and Gemma 2's soft-capped,
+    post-normed layers, with an adapter: logits equal transformers with PEFT's."""
+    import jax.numpy as jnp
+
+    from model import transformer
+    from test_parity import CASES
+
+    config_cls, overrides = CASES[case]
+    model = make_hf_checkpoint(tmp_path / "hf", config_cls, overrides)
+    torch.manual_seed(2)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                       target_modules=targets))
+    tuned.save_pretrained(tmp_path / "ad")
+    tokens = np.asarray([PROMPT])
+    with torch.no_grad():
+        want = tuned(torch.tensor(tokens)).logits.numpy()
+        with tuned.disable_adapter():
+            base = tuned(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(base - want).max() > 1e-2  # the adapter changes the answer
+    convert(tmp_path / "hf", tmp_path / "conv", progress=False)
+    cfg = load_config(tmp_path / "conv")
+    adapter = lora.load_adapter(tmp_path / "ad", "a", cfg)
+    spec = lora.BankSpec(1, 4, lora.ATTENTION + lora.MLP)
+    bank = lora.write_slot(spec.empty(cfg), 0, 4, spec.columns(adapter, cfg))
+    params = Xla().prepare(load_params(tmp_path / "conv", cfg), cfg)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cache = transformer.init_cache(cfg, 1, tokens.shape[1])
+    select = lora.select(jnp.zeros(tokens.shape, jnp.int32), 1, 4, jnp.float32)
+    hidden, _ = transformer.forward(params, cfg, jnp.asarray(tokens), positions, cache, span=tokens.shape[1],
+                                    lora=(bank, select))
+    assert np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - want).max() <= 1e-4
