@@ -293,8 +293,6 @@ def test_routes_models_and_runtime_loading(llama, tmp_path):
             again = c.post("/v1/completions", json=dict(model="a", prompt=PROMPT, max_tokens=TOKENS, temperature=0,
                                                         ignore_eos=True)).json()
             assert again["choices"][0]["text"] == got["choices"][0]["text"]
-            r = c.post("/v1/embeddings", json={"model": "a", "input": "x"})
-            assert r.status_code == 400
             metrics = c.get("/metrics").text
             assert "xlaserve_lora_adapters_loaded 3.0" in metrics
             assert 'xlaserve_lora_requests_total{adapter="a"}' in metrics
@@ -303,6 +301,10 @@ def test_routes_models_and_runtime_loading(llama, tmp_path):
     with TestClient(create_app(State(ServerSettings(model_name="base"), engine))) as c:
         r = c.post("/v1/load_lora_adapter", json={"lora_name": "q", "lora_path": str(root / "a")})
         assert r.status_code == 404 and "--enable-runtime-lora" in r.json()["error"]["message"]
+        # an embedding server's base model embeds; an adapter's name is refused there, naming it
+        c.app.state.xla.settings.embedding = ("last", True)
+        r = c.post("/v1/embeddings", json={"model": "a", "input": "x"})
+        assert r.status_code == 400 and "LoRA adapter" in r.json()["error"]["message"], r.json()
 
 
 def test_unloading_never_changes_a_running_request(llama):
@@ -436,12 +438,32 @@ def test_data_parallel_replicas_serve_adapters(llama):
     assert got == [want["a"], want["b"], want[None], want["b"]]
 
 
-def test_packed_projections_take_their_adapters(tmp_path):
-    """Phi-3's packed qkv_proj and gate_up_proj against transformers with PEFT (logits), and
-    InternLM2's grouped wqkv laid out as the converter lays out the merged weight."""
+def _converted_adapter_logits(tmp_path, tokens, want, slots: int, slot: int, rank: int):
+    """Convert tmp_path/hf, put the adapter tmp_path/ad in slot ``slot`` of a bank, and check
+    the forward pass's logits with every token on it against ``want`` (1e-4). Returns the adapter."""
     import jax.numpy as jnp
 
     from model import transformer
+
+    convert(tmp_path / "hf", tmp_path / "conv", progress=False)
+    cfg = load_config(tmp_path / "conv")
+    adapter = lora.load_adapter(tmp_path / "ad", "a", cfg)
+    spec = lora.BankSpec(slots, rank, lora.ATTENTION + lora.MLP)
+    bank = lora.write_slot(spec.empty(cfg), slot, rank, spec.columns(adapter, cfg))
+    params = Xla().prepare(load_params(tmp_path / "conv", cfg), cfg)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cache = transformer.init_cache(cfg, 1, tokens.shape[1])
+    select = lora.select(jnp.full(tokens.shape, slot, jnp.int32), slots, rank, jnp.float32)
+    hidden, _ = transformer.forward(params, cfg, jnp.asarray(tokens), positions, cache, span=tokens.shape[1],
+                                    lora=(bank, select))
+    assert np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - want).max() <= 1e-4
+    return adapter
+
+
+def test_packed_projections_take_their_adapters(tmp_path):
+    """Phi-3's packed qkv_proj and gate_up_proj against transformers with PEFT (logits), and
+    InternLM2's grouped wqkv laid out as the converter lays out the merged weight."""
+
     from model.families import internlm2
 
     model = make_hf_checkpoint(tmp_path / "hf", transformers.Phi3Config,
@@ -454,19 +476,8 @@ def test_packed_projections_take_their_adapters(tmp_path):
     tokens = np.asarray([PROMPT])
     with torch.no_grad():
         want = tuned(torch.tensor(tokens)).logits.numpy()
-    convert(tmp_path / "hf", tmp_path / "conv", progress=False)
-    cfg = load_config(tmp_path / "conv")
-    adapter = lora.load_adapter(tmp_path / "ad", "a", cfg)
+    adapter = _converted_adapter_logits(tmp_path, tokens, want, slots=2, slot=1, rank=8)
     assert adapter.targets == {"q", "k", "v", "o", "gate", "up", "down"}
-    spec = lora.BankSpec(2, 8, lora.ATTENTION + lora.MLP)
-    bank = lora.write_slot(spec.empty(cfg), 1, 8, spec.columns(adapter, cfg))
-    params = Xla().prepare(load_params(tmp_path / "conv", cfg), cfg)
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    cache = transformer.init_cache(cfg, 1, tokens.shape[1])
-    select = lora.select(jnp.ones(tokens.shape, jnp.int32), 2, 8, jnp.float32)
-    hidden, _ = transformer.forward(params, cfg, jnp.asarray(tokens), positions, cache, span=tokens.shape[1],
-                                    lora=(bank, select))
-    assert np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - want).max() <= 1e-4
 
     # InternLM2 (no transformers class): W + B·A·scale of wqkv, converted, equals the base's
     # converted q/k/v plus the adapter's A·B as we lay it out.
@@ -581,9 +592,7 @@ def test_rank_and_alpha_patterns_scale_each_module(llama, tmp_path):
 def test_other_families_take_their_adapters(tmp_path, case, targets):
     """A mixture of experts' attention (its experts are no target) and Gemma 2's soft-capped,
     post-normed layers, with an adapter: logits equal transformers with PEFT's."""
-    import jax.numpy as jnp
 
-    from model import transformer
     from test_parity import CASES
 
     config_cls, overrides = CASES[case]
@@ -598,15 +607,4 @@ def test_other_families_take_their_adapters(tmp_path, case, targets):
         with tuned.disable_adapter():
             base = tuned(torch.tensor(tokens)).logits.numpy()
     assert np.abs(base - want).max() > 1e-2  # the adapter changes the answer
-    convert(tmp_path / "hf", tmp_path / "conv", progress=False)
-    cfg = load_config(tmp_path / "conv")
-    adapter = lora.load_adapter(tmp_path / "ad", "a", cfg)
-    spec = lora.BankSpec(1, 4, lora.ATTENTION + lora.MLP)
-    bank = lora.write_slot(spec.empty(cfg), 0, 4, spec.columns(adapter, cfg))
-    params = Xla().prepare(load_params(tmp_path / "conv", cfg), cfg)
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    cache = transformer.init_cache(cfg, 1, tokens.shape[1])
-    select = lora.select(jnp.zeros(tokens.shape, jnp.int32), 1, 4, jnp.float32)
-    hidden, _ = transformer.forward(params, cfg, jnp.asarray(tokens), positions, cache, span=tokens.shape[1],
-                                    lora=(bank, select))
-    assert np.abs(np.asarray(transformer.logits(params, cfg, hidden)) - want).max() <= 1e-4
+    _converted_adapter_logits(tmp_path, tokens, want, slots=1, slot=0, rank=4)

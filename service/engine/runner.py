@@ -164,6 +164,8 @@ class ModelRunner:
         # each decode slot's adapter slot (-1: the base model; the last entry is padding's).
         self.adapters = adapters
         self.slot_adapter = np.full((max_batch_size + 1,), -1, np.int32)
+        # What steps read: None without a bank, so a server without adapters does no per-step work for them.
+        self._adapter_rows = self.slot_adapter if adapters is not None else None
         self.resident: dict[int, lora.Adapter] = {}  # adapter slot -> the adapter written there
         self.bank = None
         if adapters is not None:
@@ -252,7 +254,7 @@ class ModelRunner:
         the token drawn after each as a decode step there would draw it. A scored call's
         ``scores`` and an embedding call's ``hidden`` have a row per token, in the chunks' order."""
         self._check_positions(max(c.start + len(c.tokens) for c in op.chunks) - 1)
-        inputs = self.shapes.prefill_inputs(op, masks, self.slot_adapter)
+        inputs = self.shapes.prefill_inputs(op, masks, self._adapter_rows)
         n = int(inputs.live)
         out, hidden = self._prefill_step(tables, inputs, op.scores)
         sampled, scores = out[:4], out[4:]
@@ -285,7 +287,7 @@ class ModelRunner:
         previous step over the same slots, on the device: step t+1 is queued before the host
         has even looked at step t's tokens."""
         self._check_positions(max(d.positions))
-        inputs, where = self.shapes.decode_inputs(d, masks, self.slot_adapter)
+        inputs, where = self.shapes.decode_inputs(d, masks, self._adapter_rows)
         rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
         if d.chained:
             if (inflight is None or inflight.rows.shape != rows.shape or (inflight.rows != rows).any()
