@@ -107,3 +107,39 @@ def init_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.02) -> Any:
         return jnp.asarray(value.astype(np.float32), dtype=dtype)
 
     return jax.tree.map(make, param_specs(cfg), is_leaf=is_spec)
+
+
+class WeightsError(ValueError):
+    """A param tree that does not fit the model: names the tensor (one line)."""
+
+
+def _leaf_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def check_params(cfg: ModelConfig, params: Any) -> Any:
+    """``params`` (nested dicts and lists, or dicts keyed "0", "1", ... for the layers; arrays of
+    any kind and placement) checked against the model's table before anything uses them: every
+    tensor present, none extra, each of its shape and a floating dtype. Returns the tree in the
+    table's own structure, its leaves as given. Raises WeightsError naming the first tensor
+    that does not fit."""
+    specs = param_specs(cfg)
+    want, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+    got = {_leaf_name(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    names = [_leaf_name(path) for path, _ in want]
+    missing = [n for n in names if n not in got]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"tensor {missing[0]} is missing{more}")
+    extra = sorted(set(got) - set(names))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise WeightsError(f"tensor {extra[0]} is not a weight of this model{more}")
+    for name, (_, spec) in zip(names, want):
+        x = got[name]
+        shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)
+        if shape != spec.shape:
+            raise WeightsError(f"tensor {name} has shape {shape}, the model's is {spec.shape}")
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise WeightsError(f"tensor {name} has dtype {dtype}, not a floating type")
+    return jax.tree_util.tree_unflatten(treedef, [got[n] for n in names])

@@ -82,6 +82,12 @@ class EngineFailed(ServiceError):
     code = "engine_failed"
 
 
+class Sleeping(ServiceError):
+    status = 503
+    type = "server_error"
+    code = "sleeping"
+
+
 class NotReady(ServiceError):
     status = 503
     type = "server_error"

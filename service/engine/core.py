@@ -33,7 +33,7 @@ from service.engine.slots import SlotTable
 from service.engine.speculate import Speculation
 from service.engine.waiting import WaitingQueue
 from service.engine.limits import Limits
-from service.errors import ContextLengthExceeded, Draining, EngineFailed, InvalidRequest, ModelNotFound
+from service.errors import ContextLengthExceeded, Draining, EngineFailed, InvalidRequest, ModelNotFound, Sleeping
 from service.metrics import EngineMetrics, snapshot
 from service.params import SamplingParams
 from service.structured import Grammars
@@ -72,6 +72,15 @@ class Engine:
         self.failed: str | None = None  # why the engine stopped serving, once it has
         # The LoRA adapters served by name (None: the runner has no adapter slots).
         self.adapters = AdapterRegistry(runner.adapters, runner.resident) if runner.adapters is not None else None
+        # Training loops (``pause``, ``sleep``, ``update_weights``): while paused or asleep nothing
+        # is admitted; the weights change only while no sequence runs, so every request's tokens
+        # come from one ``weight_version``.
+        self.paused = False
+        self.sleep_level = 0  # 0 awake; 1 or 2 as ``sleep`` was asked (until ``wake_up`` restores all)
+        self.weight_version = "0"
+        self._updates = 0
+        self.checkpoint = None  # the served checkpoint's directory: where weights reload from after level 2
+        self._control = threading.Lock()  # one pause, sleep, wake or update at a time
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -126,6 +135,8 @@ class Engine:
             raise EngineFailed(self.failed + "; restart the server")
         if self.draining:
             raise Draining("the server is shutting down; send the request to another replica")
+        if self.sleep_level:
+            raise Sleeping("the server is asleep (POST /sleep) and serves no requests until POST /wakeup")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
                session_id: int | None = None, request_id: str | None = None) -> str:
@@ -204,12 +215,168 @@ class Engine:
         aborts the request."""
         return stream(self, prompt_ids, params, session_id)
 
+    # -- training loops: pause, sleep, new weights (any thread but the engine's; they block) ----
+
+    def pause(self, mode: str = "wait", timeout: float | None = None) -> int:
+        """Stop admitting: requests submitted from now on wait in the queue (none is refused or
+        lost), and those running finish (``mode`` "wait"; past ``timeout`` seconds the rest are
+        aborted) or are aborted now ("abort": ``finish_reason`` "abort"). Returns how many were
+        aborted. ``resume`` admits again."""
+        if mode not in ("wait", "abort"):
+            raise InvalidRequest(f"mode must be 'wait' or 'abort', got {mode!r}", param="mode")
+        with self._control:
+            self.paused = True
+            return self._quiesce(mode, timeout)
+
+    def resume(self) -> None:
+        self.paused = False
+        self.on_engine_thread(lambda: None)  # wake the thread: the waiting are admitted now
+
+    def _quiesce(self, mode: str, timeout: float | None) -> int:
+        """Wait (admission stopped) until no sequence runs, aborting them as ``pause`` says."""
+        aborted = 0
+        if mode == "abort" and self.table.running:
+            aborted = len(self.table.running)
+            self._inbox.put(("abort_running", None))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.table.running and self._thread_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                aborted += len(self.table.running)
+                self._inbox.put(("abort_running", None))
+                deadline = None
+            time.sleep(0.01)
+        return aborted
+
+    def _between(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread once no sequence runs (admission is stopped), the
+        decode step in flight read first; its result, or its error raised here."""
+        def settled():
+            if self._inflight is not None:
+                seqs, handle = self._inflight
+                self._inflight = None
+                self.outputs.on_tokens(seqs, self.runner.fetch(handle))
+            if self.table.running:  # not reached: admission stops before this is asked
+                raise RuntimeError("sequences still run")
+            return fn()
+        return self.on_engine_thread(settled).result()
+
+    def _runners(self) -> list[ModelRunner]:
+        draft = self.speculation.draft
+        return [self.runner] + ([draft.runner] if draft is not None else [])
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self.sleep_level)
+
+    def sleep(self, level: int = 1, mode: str = "wait", timeout: float | None = None) -> int:
+        """Give the device memory back between rollouts: admission stops, the running requests
+        finish or are aborted (``mode``, ``timeout``: as ``pause``), then the KV cache is freed
+        (every cached prefix and session's blocks forgotten) and the weights go to host memory
+        (``level`` 1) or are dropped (2: ``update_weights`` or ``wake_up`` reloads them). New
+        requests get 503 until ``wake_up``; those already waiting run after it. Returns how
+        many requests were aborted."""
+        if level not in (1, 2):
+            raise InvalidRequest(f"level must be 1 or 2, got {level}", param="level")
+        if mode not in ("wait", "abort"):
+            raise InvalidRequest(f"mode must be 'wait' or 'abort', got {mode!r}", param="mode")
+        with self._control:
+            paused, self.paused = self.paused, True
+            try:
+                aborted = self._quiesce(mode, timeout)
+
+                def sleep():
+                    self.table.forget_all()
+                    for runner in self._runners():
+                        runner.sleep(level)
+                    self.sleep_level = max(self.sleep_level, level)
+                self._between(sleep)
+            finally:
+                self.paused = paused
+            return aborted
+
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Undo ``sleep`` for ``tags``: "weights" (back from host memory; after level 2 reloaded
+        from the served checkpoint unless ``update_weights`` gave new ones) and "kv_cache" (a new,
+        empty one). Serving resumes once both are back."""
+        unknown = sorted(set(tags) - {"weights", "kv_cache"})
+        if unknown:
+            raise InvalidRequest(f"tags: unknown tag {unknown[0]!r}; weights or kv_cache", param="tags")
+        with self._control:
+            if not self.sleep_level:
+                return
+            reload = None
+            if "weights" in tags and not self.runner.has_weights and self.runner._host_params is None:
+                if self.checkpoint is None:
+                    raise InvalidRequest("the weights were dropped by sleep level 2 and this engine has no "
+                                         "checkpoint to reload them from; update the weights first", param="tags")
+                from model.checkpoint import load_params
+                reload = self.runner.prepare_params(
+                    load_params(self.checkpoint, self.runner.cfg, self.runner.param_shardings()), copy=False)
+            self._between(lambda: self._wake(tags, reload))
+            self.on_engine_thread(lambda: None)
+
+    def _wake(self, tags, reload) -> None:
+        if reload is not None:
+            self.runner.swap_params(reload)
+        for runner in self._runners():
+            runner.wake(weights="weights" in tags, kv_cache="kv_cache" in tags)
+        draft = self.speculation.draft
+        if draft is not None and "kv_cache" in tags:
+            draft.set_rows()
+        if all(r.has_weights and r.has_cache for r in self._runners()):
+            self.sleep_level = 0
+
+    def update_weights(self, params: Any, version: str | None = None, prepared: bool = False) -> str:
+        """Serve new weights: ``params`` (the checkpoint's tree of arrays, any placement; a JAX
+        trainer's own, moved device to device) are checked and prepared beside the served ones
+        while serving goes on, then swapped in between steps once the running requests have
+        finished (admission paused meanwhile; the waiting run on the new weights). Every cached
+        prefix and session's KV is forgotten. Asleep, the weights go on the device and the KV
+        cache stays freed until ``wake_up``. Returns the new ``weight_version``: ``version``,
+        or a counter. Raises ``model.weights.WeightsError`` (a ValueError naming the tensor)
+        with the served weights untouched."""
+        self._check_updatable()
+        new = params if prepared else self.runner.prepare_params(params)
+        with self._control:
+            paused, self.paused = self.paused, True
+            try:
+                self._quiesce("wait", None)
+                return self._between(lambda: self._swap(new, version))
+            finally:
+                self.paused = paused
+                self.on_engine_thread(lambda: None)
+
+    def update_weights_from_path(self, path: str, load_format: str = "auto", version: str | None = None) -> str:
+        """``update_weights`` from files: a converted checkpoint, a Hugging Face directory or a
+        GGUF file of the served architecture (``model.convert.load_for_update``)."""
+        from model.convert.update import load_for_update
+
+        self._check_updatable()
+        params = load_for_update(path, load_format, self.runner.cfg, self.runner.param_shardings())
+        return self.update_weights(self.runner.prepare_params(params, copy=False), version, prepared=True)
+
+    def _check_updatable(self) -> None:
+        if self.failed is not None:
+            raise EngineFailed(self.failed + "; restart the server")
+        if self.draining:
+            raise Draining("the server is shutting down")
+
+    def _swap(self, prepared, version: str | None) -> str:
+        self.runner.swap_params(prepared)
+        self.table.forget_all()  # KV the old weights computed is never read again
+        self._updates += 1
+        self.weight_version = version if version is not None else str(self._updates)
+        if self.sleep_level and self.runner.has_cache:
+            self.sleep_level = 0
+        log.info("weights updated: version %s", self.weight_version)
+        return self.weight_version
+
     # -- engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                idle = not (self.table.running or self.waiting or self._inflight)
+                idle = not (self.table.running or (self.waiting and self.admitting) or self._inflight)
                 self._drain_inbox(block=idle)
                 self._admit()
                 self._step()
@@ -273,6 +440,9 @@ class Engine:
                         future.set_result(fn())
                     except Exception as e:  # the caller's to report
                         future.set_exception(e)
+                elif kind == "abort_running":  # what runs; the waiting stay
+                    for rid in [s.id for s in self.table.running.values()]:
+                        self._abort(rid)
                 elif kind == "end_session":
                     self.table.end_session(arg)
                 else:  # "abort" (one request), "abort_session" (a session's), "abort_all"
@@ -296,8 +466,12 @@ class Engine:
                 self.outputs.finish(seq, "abort")
                 return
 
+    @property
+    def admitting(self) -> bool:
+        return not (self.paused or self.sleep_level)
+
     def _admit(self) -> None:
-        while self.waiting and self.table.has_free:
+        while self.waiting and self.table.has_free and self.admitting:
             req = self.waiting.pop()
             history = self.table.history(req.session_id)
             seq = Sequence(req, seq=history + list(req.prompt_ids), history=len(history))
@@ -309,6 +483,7 @@ class Engine:
                                 history_tokens=len(history)))
                 continue
             slot = self.table.choose(seq)
+            seq.weight_version = self.weight_version
             seq.max_tokens = self.max_length - len(seq.seq)
             if req.params.max_tokens is not None:
                 seq.max_tokens = min(seq.max_tokens, req.params.max_tokens)

@@ -25,9 +25,13 @@ class DraftModel:
     def __init__(self, runner, name: str = "draft"):
         self.runner = runner
         self.name = name
+        self.set_rows()
+
+    def set_rows(self) -> None:
+        """Every slot draws greedily (again after a sleep, which frees the sampling state)."""
         greedy = SamplingParams(temperature=0)
-        for slot in range(runner.slots):
-            runner.set_slot(slot, greedy, [], 0)
+        for slot in range(self.runner.slots):
+            self.runner.set_slot(slot, greedy, [], 0)
 
     def check(self, target) -> None:
         """Raise ValueError naming what makes this draft unusable with ``target`` (a runner)."""

@@ -266,6 +266,7 @@ class OutputProcessor:
         out.completion_tokens = len(seq.generated)
         out.cached_tokens = seq.cached
         out.history_tokens = seq.history
+        out.weight_version = seq.weight_version
         if seq.params.prediction:
             out.prediction_tokens = tuple(seq.predicted)
         if seq.params.embed is not None and seq.pooled is not None:

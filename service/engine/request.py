@@ -40,6 +40,7 @@ class Output:
     embedding: Any = None  # an embedding request's pooled hidden state (np.ndarray (D,), float32)
     # A request with a prediction: its tokens checked as drafts and kept, and not kept (final).
     prediction_tokens: tuple[int, int] | None = None
+    weight_version: str | None = None  # the weights that computed every token of it (final)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,6 +87,7 @@ class Sequence:
     # KV is known (valid while ``draft_epoch`` equals ``preempted``).
     draft_prefilled: int = 0
     draft_epoch: int = 0
+    weight_version: str = ""  # the engine's weights when it was admitted (they cannot change while it runs)
 
     @property
     def id(self) -> str:

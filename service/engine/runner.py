@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import layers, lora
+from model import layers, lora, weights
 from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
@@ -97,6 +97,7 @@ class ModelRunner:
         # The device path, chosen once: the native CPU kernels on one CPU device, else XLA.
         self.backend = backend or select(sharded=plan is not None, cfg=cfg, plan=plan)
         self.backend.check(quantize, kv_cache_dtype)
+        self._quantize = quantize
         if jax.default_backend() == "cpu":
             keep_freed_memory()
         self.full_width = plan is not None and plan.mesh.shape["data"] > 1
@@ -144,6 +145,11 @@ class ModelRunner:
         # step failing on the device would), to check that the engine recovers.
         self.fault: Exception | None = None
         self._new_state()
+        # What new weights must prepare into (``swap_params``): the same tree, shapes, dtypes and
+        # placements, so the compiled steps take them as they are.
+        self._param_avals = self._avals(self.params)
+        self._host_params = None  # the weights while asleep at level 1 (``sleep``)
+        self._host_bank = None
         weight_mib = param_bytes(self.params) / 2**20
         cache_mib = sum(x.nbytes for kv in self.cache for x in kv) / 2**20
         log.info("%s: weights %s, %.0f MiB; KV cache %s, %.0f MiB: %d blocks of %d positions (%d tokens)%s%s, "
@@ -202,6 +208,85 @@ class ModelRunner:
         log.warning("the failed step consumed the KV cache; creating it anew")
         self._new_state()
         return False
+
+    # -- sleep and weight updates (engine thread; no step in flight, no sequence running) ------
+
+    @staticmethod
+    def _avals(tree) -> Any:
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, [(x.shape, x.dtype, x.sharding) for x in leaves]
+
+    @property
+    def has_weights(self) -> bool:
+        return self.params is not None and (self.adapters is None or self.bank is not None)
+
+    @property
+    def has_cache(self) -> bool:
+        return self.cache is not None
+
+    def param_shardings(self) -> Any:
+        """Where each checkpoint weight lives (the tree of ``model.weights.param_specs``)."""
+        if self.plan is not None:
+            return self.plan.param_shardings(self.cfg)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, weights.param_specs(self.cfg), is_leaf=weights.is_spec)
+
+    def prepare_params(self, params: Any, copy: bool = True) -> Any:
+        """New weights as this runner serves them, without touching the ones it serves:
+        ``params`` (the checkpoint's tree; arrays of any placement, or numpy) checked against
+        the model (``weights.WeightsError`` names a tensor that does not fit), cast to the
+        served dtype, put in the served placement (a device array moves or reshards device to
+        device; ``copy``: never aliased, so a caller that later donates or deletes its arrays
+        cannot take the served weights with them), then prepared by the backend (packed
+        panels, quantized copies). Any thread; ``swap_params`` puts the result in service."""
+        if self.channel is not None:
+            raise ValueError("updating weights is not supported on a mesh spanning processes")
+        tree = weights.check_params(self.cfg, params)
+        dtype = jnp.dtype(self.cfg.dtype)
+
+        def place(x, sharding):
+            if isinstance(x, jax.Array):
+                cast = x.astype(dtype) if x.dtype != dtype else x
+                return jax.device_put(cast, sharding, may_alias=False if copy and cast is x else None)
+            return jax.device_put(np.asarray(x, dtype), sharding)
+
+        placed = jax.tree.map(place, tree, self.param_shardings())
+        prepared = self.backend.prepare(placed, self.cfg, self._quantize if self.plan is None else None)
+        if self._avals(prepared) != self._param_avals:  # a backend's preparing depends on nothing else
+            raise ValueError("the new weights prepare into another layout than the served ones")
+        return jax.block_until_ready(prepared)
+
+    def swap_params(self, prepared: Any) -> None:
+        """Serve ``prepare_params``'s weights from the next step on; the old ones are dropped."""
+        self.params, self._host_params = prepared, None
+
+    def sleep(self, level: int) -> None:
+        """Give the device memory back: the KV cache and sampling state are freed, and the
+        weights are copied to host memory (``level`` 1) or dropped (2: they must be updated or
+        reloaded before serving). Adapter slots go to host memory at either level."""
+        if self.channel is not None:
+            raise ValueError("sleep is not supported on a mesh spanning processes")
+        self.cache = self.sampling = None
+        if self.bank is not None:
+            self._bank_sh = jax.tree.map(lambda x: x.sharding, self.bank)
+            self._host_bank, self.bank = jax.tree.map(np.array, self.bank), None
+        if self.params is not None:
+            if level == 1:  # np.array copies: no host view keeps a device buffer alive
+                self._params_sh = jax.tree.map(lambda x: x.sharding, self.params)
+                self._host_params = jax.tree.map(np.array, self.params)
+            self.params = None
+        if level >= 2:
+            self._host_params = None
+
+    def wake(self, weights: bool = True, kv_cache: bool = True) -> None:
+        """Undo ``sleep``: weights from host memory back to their placements (as they were,
+        packed), and a new empty KV cache and sampling state."""
+        if weights and self.params is None and self._host_params is not None:
+            self.params, self._host_params = jax.device_put(self._host_params, self._params_sh), None
+        if weights and self._host_bank is not None:
+            self.bank, self._host_bank = jax.device_put(self._host_bank, self._bank_sh), None
+        if kv_cache and self.cache is None:
+            self._new_state()
 
     def empty_tables(self) -> np.ndarray:
         """Tables of the shape every step takes, (groups, slots, max blocks), every entry block 0."""

@@ -1,0 +1,256 @@
+"""Serving RL rollouts: sleep and wake, weights updated in place (in-process and from disk),
+pause and resume, on tiny random models over both device paths and on a tp=2 mesh."""
+
+import asyncio
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from model.weights import WeightsError, init_params
+from service.engine import Engine
+from service.engine.runner import ModelRunner
+from service.errors import Sleeping
+from service.params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_checkpoint):
+    return Tokenizer.from_dir(default_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def cfg(tokenizer):
+    return ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+def weights(cfg, seed):
+    return init_params(cfg, seed=seed, scale=0.5)
+
+
+def make_engine(cfg, tokenizer, params, backend=None, tp=1):
+    plan = None
+    if tp > 1:
+        from sharding import make_mesh, plan_for
+
+        plan = plan_for(cfg, make_mesh(tp, 1), slots=4)
+    runner = ModelRunner(cfg, params, max_batch_size=4, session_len=128, eos_ids=tokenizer.eos_ids,
+                         max_prefill_chunk=32, block_size=16, backend=backend, plan=plan)
+    engine = Engine(runner, tokenizer)
+    engine.start()
+    return engine
+
+
+def prompts(n=3, length=20):
+    rng = np.random.default_rng(0)
+    shared = [int(x) for x in rng.integers(100, 30000, 16)]  # a prefix the cache can share
+    return [shared + [int(x) for x in rng.integers(100, 30000, length - 16)] for _ in range(n)]
+
+
+async def _collect(engine, ids, params):
+    toks, last = [], None
+    async for out in engine.generate(ids, params):
+        toks += out.token_ids
+        last = out
+    return toks, last
+
+
+def generate(engine, ids_list, params=GREEDY):
+    """Each prompt's (tokens, final Output), all submitted together."""
+    async def main():
+        return await asyncio.gather(*(_collect(engine, ids, params) for ids in ids_list))
+    return asyncio.run(main())
+
+
+def tokens(engine, ids_list, params=GREEDY):
+    return [t for t, _ in generate(engine, ids_list, params)]
+
+
+def served_bytes(runner):
+    return sum(x.nbytes for x in jax.tree.leaves((runner.params, runner.cache, runner.sampling)))
+
+
+def live_bytes():
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+@pytest.fixture(params=["kernels", "xla"])
+def backend(request):
+    if request.param == "xla":
+        from model.backends.xla import Xla
+
+        return Xla()
+    return None  # the runner's own choice: the native CPU kernels
+
+
+def test_sleep_frees_device_memory_and_wake_gives_the_same_tokens(cfg, tokenizer, backend):
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0), backend)
+    try:
+        ids = prompts()
+        greedy, seeded = tokens(engine, ids), tokens(engine, ids, SEEDED)
+        held = served_bytes(engine.runner)
+        before = live_bytes()
+        assert engine.sleep(level=1) == 0 and engine.is_sleeping
+        assert before - live_bytes() >= 0.95 * held
+        with pytest.raises(Sleeping):
+            engine.submit(ids[0], GREEDY, lambda out: None)
+        engine.wake_up()
+        assert not engine.is_sleeping
+        assert tokens(engine, ids) == greedy and tokens(engine, ids, SEEDED) == seeded
+    finally:
+        engine.stop()
+
+
+def test_sleep_level_2_needs_new_weights_or_a_reload(cfg, tokenizer, tmp_path):
+    from model.convert.build import save_checkpoint
+
+    a = weights(cfg, 0)
+    save_checkpoint(tmp_path / "a", cfg, jax.tree.map(np.asarray, a), source="test")
+    engine = make_engine(cfg, tokenizer, a)
+    try:
+        ids = prompts()
+        want_a = tokens(engine, ids)
+        engine.sleep(level=2)
+        engine.wake_up(("kv_cache",))  # the cache back, the weights not: still asleep
+        assert engine.is_sleeping and not engine.runner.has_weights
+        with pytest.raises(Sleeping):
+            engine.submit(ids[0], GREEDY, lambda out: None)
+        with pytest.raises(Exception, match="no checkpoint to reload"):
+            engine.wake_up(("weights",))
+        engine.checkpoint = tmp_path / "a"  # what build_engine sets: the served checkpoint
+        engine.wake_up(("weights",))  # reloaded from the checkpoint
+        assert not engine.is_sleeping and tokens(engine, ids) == want_a
+        # Asleep at level 2, new weights take the place of a reload.
+        b = weights(cfg, 1)
+        fresh = make_engine(cfg, tokenizer, b)
+        want_b = tokens(fresh, ids)
+        fresh.stop()
+        engine.sleep(level=2)
+        engine.update_weights(b)
+        assert engine.is_sleeping  # the KV cache is still freed
+        engine.wake_up()
+        assert tokens(engine, ids) == want_b
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_update_in_process_equals_a_fresh_engine_on_the_new_weights(cfg, tokenizer, backend, tp):
+    if tp > 1 and backend is None:
+        pytest.skip("a mesh runs on XLA")
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0), backend, tp)
+    fresh = make_engine(cfg, tokenizer, weights(cfg, 1), backend, tp)
+    try:
+        ids = prompts()
+        old = tokens(engine, ids)
+        want, want_seeded = tokens(fresh, ids), tokens(fresh, ids, SEEDED)
+        assert want != old
+        variants = engine.runner.compiled_variants()
+        # A trainer's arrays, wherever they are: here placed on another device than the server's.
+        new = jax.device_put(weights(cfg, 1), jax.devices()[-1])
+        assert engine.update_weights(new) == "1" and engine.weight_version == "1"
+        # The compiled steps take the new weights as they are (preparing them may compile its own).
+        assert engine.runner.compiled_variants() == variants
+        del new  # the server holds its own copy
+        (first, out), *_ = generate(engine, ids[:1])
+        assert out.cached_tokens == 0 and out.weight_version == "1"  # nothing the old weights computed
+        assert first == want[0]
+        assert tokens(engine, ids) == want and tokens(engine, ids, SEEDED) == want_seeded
+        assert engine.update_weights(weights(cfg, 0), version="step-0") == "step-0"
+        assert tokens(engine, ids) == old
+    finally:
+        engine.stop()
+        fresh.stop()
+
+
+def test_bad_weights_are_refused_by_name_and_the_old_ones_keep_serving(cfg, tokenizer):
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0))
+    try:
+        ids = prompts()
+        want = tokens(engine, ids)
+        bad = weights(cfg, 1)
+        bad["layers"][1]["wq"] = bad["layers"][1]["wq"][:, :2]
+        with pytest.raises(WeightsError, match=r"layers\.1\.wq has shape"):
+            engine.update_weights(bad)
+        missing = weights(cfg, 1)
+        del missing["layers"][0]["w_up"]
+        with pytest.raises(WeightsError, match=r"layers\.0\.w_up is missing"):
+            engine.update_weights(missing)
+        extra = weights(cfg, 1)
+        extra["layers"][0]["w_gate_proj"] = extra["layers"][0]["w_up"]
+        with pytest.raises(WeightsError, match=r"layers\.0\.w_gate_proj is not a weight"):
+            engine.update_weights(extra)
+        ints = weights(cfg, 1)
+        ints["final_norm"] = np.ones((32,), np.int32)
+        with pytest.raises(WeightsError, match="final_norm has dtype int32"):
+            engine.update_weights(ints)
+        assert engine.weight_version == "0" and tokens(engine, ids) == want
+    finally:
+        engine.stop()
+
+
+def test_an_update_under_load_mixes_no_weights_into_one_request(cfg, tokenizer):
+    """Requests run while weights change: each one's tokens are wholly one version's (equal to a
+    fresh engine's on those weights), none is lost, and those that arrive meanwhile wait."""
+    a, b = weights(cfg, 0), weights(cfg, 1)
+    engine = make_engine(cfg, tokenizer, a)
+    refs = {"0": make_engine(cfg, tokenizer, a), "1": make_engine(cfg, tokenizer, b)}
+    try:
+        ids = prompts(8)
+        long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        want = {v: tokens(r, ids, long) for v, r in refs.items()}
+
+        async def main():
+            first = [asyncio.ensure_future(_collect(engine, x, long)) for x in ids[:4]]
+            await asyncio.sleep(0.05)
+            update = asyncio.ensure_future(asyncio.to_thread(engine.update_weights, b))
+            await asyncio.sleep(0.01)
+            later = [asyncio.ensure_future(_collect(engine, x, long)) for x in ids[4:]]
+            await update
+            return await asyncio.gather(*first, *later)
+
+        results = asyncio.run(main())
+        versions = [out.weight_version for _, out in results]
+        assert all(out.finish_reason == "length" for _, out in results)
+        assert set(versions) <= {"0", "1"} and versions[4:] == ["1"] * 4
+        for i, (toks, out) in enumerate(results):
+            assert toks == want[out.weight_version][i]
+    finally:
+        engine.stop()
+        for r in refs.values():
+            r.stop()
+
+
+def test_pause_aborts_or_waits_and_resume_admits_what_waited(cfg, tokenizer):
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0))
+    try:
+        ids = prompts(2)
+        long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        want = tokens(engine, ids[1:], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        done = {}
+
+        async def main():
+            running = asyncio.ensure_future(_collect(engine, ids[0], long))
+            while not engine.table.running:
+                await asyncio.sleep(0.005)
+            aborted = await asyncio.to_thread(engine.pause, "abort")
+            queued = asyncio.ensure_future(_collect(engine, ids[1], GREEDY))
+            await asyncio.sleep(0.3)
+            done["queued_while_paused"] = not queued.done() and engine.waiting.count == 1
+            engine.resume()
+            return aborted, await running, await queued
+
+        aborted, (_, run_out), (queued_toks, queued_out) = asyncio.run(main())
+        assert aborted == 1 and run_out.finish_reason == "abort"
+        assert done["queued_while_paused"] and queued_toks == want[0] and queued_out.finish_reason == "length"
+        with pytest.raises(Exception, match="mode must be"):
+            engine.pause("keep")
+    finally:
+        engine.stop()
