@@ -2,7 +2,6 @@
 pause and resume, on tiny random models over both device paths and on a tp=2 mesh."""
 
 import asyncio
-import threading
 
 import jax
 import numpy as np
