@@ -26,7 +26,7 @@ from litestar.static_files import create_static_files_router
 from service import protocol as p
 from service.errors import ServiceError, Unauthorized
 from service import protocol_messages
-from service.routes import adapters, embeddings, interactive, messages, openai, ops, responses
+from service.routes import adapters, embeddings, interactive, messages, openai, ops, responses, rollout
 from service.routes.common import Disconnected, ServerSettings, State
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ ROUTES = [openai.list_models, openai.retrieve_model, openai.chat_completions, op
           interactive.chat_interactive, ops.tokenize, ops.detokenize, ops.encode, ops.health, ops.metrics, ops.loads,
           responses.create_response, responses.get_response, responses.delete_response,
           responses.list_input_items, messages.create_message, messages.count_tokens, embeddings.embeddings,
-          adapters.load_lora_adapter, adapters.unload_lora_adapter]
+          adapters.load_lora_adapter, adapters.unload_lora_adapter, *rollout.ROUTES]
 
 
 # -- errors: one handler per type --------------------------------------------------------------

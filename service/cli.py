@@ -222,7 +222,8 @@ def cmd_api_server(args) -> None:
         allow_methods=tuple(args.allow_methods or ("*",)), allow_headers=tuple(args.allow_headers or ("*",)),
         stall_timeout=args.stall_timeout, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, responses_store=args.responses_store,
-        runtime_lora=args.enable_runtime_lora)
+        runtime_lora=args.enable_runtime_lora, sleep_mode=args.enable_sleep_mode,
+        weight_updates=args.enable_weight_updates)
     state = State(settings=settings)
     if not settings.model_name:
         settings.model_name = DEFAULT_MODEL_NAME if args.model is None else \

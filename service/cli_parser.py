@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--enable-runtime-lora", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they change what "
                         "the server serves)")
+    a.add_argument("--enable-sleep-mode", action="store_true",
+                   help="allow POST /sleep, /wakeup and GET /is_sleeping: free the KV cache and move the "
+                        "weights off the device between a training loop's rollouts")
+    a.add_argument("--enable-weight-updates", action="store_true",
+                   help="allow POST /update_weights (new weights from files, between steps), /pause, "
+                        "/resume and /abort_request")
     a.add_argument("--warmup-only", action="store_true",
                    help="convert the model and compile every step shape into the cache, then exit "
                         "without serving (a container image's build runs this)")

@@ -229,5 +229,6 @@ def build_engine(checkpoint: Path, config: EngineConfig, warmup: bool = True):
         log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
                  runner.compiled_variants())
     engine = Engine(runner, tokenizer, max_queue=config.max_queue, speculation=config.speculation(draft))
+    engine.checkpoint = checkpoint  # what a wake after sleep level 2 reloads
     engine.start()
     return engine

@@ -132,6 +132,10 @@ class _Generation(_Req):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     speculative: bool = True  # False: no speculative decoding for this request (same output, less work)
+    # Token-level I/O for training loops (vLLM's names): the prompt's and each choice's token ids
+    # in the response; the response's id (``/abort_request`` takes it), else a random one.
+    return_token_ids: bool = False
+    request_id: str | None = None
 
     def check_fields(self) -> None:
         """Refuse (400, naming the field) what is accepted by the schema but not served."""
@@ -183,6 +187,8 @@ class Prediction(_Req):
 
 class ChatCompletionRequest(_Generation, kw_only=True):
     messages: list[ChatMessage]
+    # Extension: the prompt as token ids, the chat template already applied (messages then empty).
+    prompt_token_ids: list[int] | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     max_tokens: int | None = None
@@ -324,6 +330,7 @@ class ModelCard(_Resp):
     root: str | None = None
     parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None  # extension
+    weight_version: str | msgspec.UnsetType = msgspec.UNSET  # extension: the base model's weights now
 
 
 class ModelList(_Resp):
@@ -391,6 +398,9 @@ class ChatChoice(_Resp):
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    # Extensions, present when asked (return_token_ids) or known (the weights that made it).
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+    weight_version: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatCompletionResponse(_Resp):
@@ -400,6 +410,7 @@ class ChatCompletionResponse(_Resp):
     model: str = ""
     choices: list[ChatChoice] = msgspec.field(default_factory=list)
     usage: Usage | None = None
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # return_token_ids
 
 
 class FunctionDelta(_Resp, omit_defaults=True):
@@ -429,6 +440,8 @@ class ChatChunkChoice(_Resp):
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # this chunk's (return_token_ids)
+    weight_version: str | msgspec.UnsetType = msgspec.UNSET  # on the chunk that finishes the choice
 
 
 class ChatCompletionChunk(_Resp):
@@ -438,6 +451,7 @@ class ChatCompletionChunk(_Resp):
     model: str = ""
     choices: list[ChatChunkChoice] = msgspec.field(default_factory=list)
     usage: Usage | None = None
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # on the first chunk (return_token_ids)
 
 
 class CompletionLogprobs(_Resp):
@@ -452,6 +466,10 @@ class CompletionChoice(_Resp):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # return_token_ids: its prompt's ids (with its first text) and its tokens' (each chunk's own)
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+    weight_version: str | msgspec.UnsetType = msgspec.UNSET  # once it finishes
 
 
 class CompletionResponse(_Resp):

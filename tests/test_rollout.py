@@ -2,6 +2,9 @@
 pause and resume, on tiny random models over both device paths and on a tp=2 mesh."""
 
 import asyncio
+import json
+import threading
+import time
 
 import jax
 import numpy as np
@@ -251,5 +254,191 @@ def test_pause_aborts_or_waits_and_resume_admits_what_waited(cfg, tokenizer):
         assert done["queued_while_paused"] and queued_toks == want[0] and queued_out.finish_reason == "length"
         with pytest.raises(Exception, match="mode must be"):
             engine.pause("keep")
+    finally:
+        engine.stop()
+
+
+def _hf_llama(path, seed, layers=2):
+    """A tiny Llama saved as Hugging Face saves it (safetensors, config.json, a tokenizer)."""
+    import torch
+    import transformers
+
+    from conftest import write_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    for p in model.parameters():  # larger than the init's, so two seeds' greedy tokens differ
+        torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(path)
+    write_tiny_tokenizer(path, 96)
+    return path
+
+
+def _engine_on(checkpoint):
+    from model.checkpoint import load_config, load_params
+
+    cfg = load_config(checkpoint)
+    runner = ModelRunner(cfg, load_params(checkpoint, cfg), max_batch_size=4, session_len=128, max_prefill_chunk=32,
+                         block_size=16)
+    engine = Engine(runner, Tokenizer.from_dir(checkpoint))
+    engine.checkpoint = checkpoint
+    engine.start()
+    return engine
+
+
+def test_update_from_disk_equals_a_fresh_server_on_those_files(tmp_path):
+    from model.convert import convert
+    from model.convert.update import UpdateError
+
+    a, b = _hf_llama(tmp_path / "hf-a", 0), _hf_llama(tmp_path / "hf-b", 1)
+    engine, fresh = _engine_on(convert(a, tmp_path / "a", progress=False)), None
+    try:
+        ids = [[int(x) for x in np.random.default_rng(i).integers(3, 96, 12)] for i in range(3)]
+        old = tokens(engine, ids)
+        fresh = _engine_on(convert(b, tmp_path / "b", progress=False))
+        want = tokens(fresh, ids)
+        assert want != old
+        assert engine.update_weights_from_path(str(b)) == "1"  # a Hugging Face directory, read in memory
+        assert tokens(engine, ids) == want
+        assert engine.update_weights_from_path(str(tmp_path / "a"), "xlaserve", version="a") == "a"  # converted
+        assert tokens(engine, ids) == old
+        with pytest.raises(UpdateError, match="no such file"):
+            engine.update_weights_from_path(str(tmp_path / "nothing"))
+        with pytest.raises(UpdateError, match="load_format 'pt'"):
+            engine.update_weights_from_path(str(b), "pt")
+        deeper = _hf_llama(tmp_path / "hf-3", 2, layers=3)
+        with pytest.raises(UpdateError, match="another architecture: num_layers is 3, the served model's is 2"):
+            engine.update_weights_from_path(str(deeper))
+        assert engine.weight_version == "a" and tokens(engine, ids) == old
+    finally:
+        engine.stop()
+        if fresh is not None:
+            fresh.stop()
+
+
+# -- the routes ----------------------------------------------------------------------------------
+
+
+def _client(engine, **settings):
+    from litestar.testing import TestClient
+
+    from service.app import ServerSettings, State, create_app
+
+    return TestClient(create_app(State(ServerSettings(model_name="tiny", **settings), engine)))
+
+
+CHAT = {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+        "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def test_routes_are_off_without_their_flags(cfg, tokenizer):
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0))
+    try:
+        with _client(engine) as c:
+            for method, path, flag in [("post", "/sleep", "--enable-sleep-mode"),
+                                       ("post", "/wakeup", "--enable-sleep-mode"),
+                                       ("get", "/is_sleeping", "--enable-sleep-mode"),
+                                       ("post", "/pause", "--enable-weight-updates"),
+                                       ("post", "/resume", "--enable-weight-updates")]:
+                r = getattr(c, method)(path)
+                assert r.status_code == 404 and flag in r.json()["error"]["message"]
+            r = c.post("/update_weights", json={"model_path": "/x"})
+            assert r.status_code == 404 and "--enable-weight-updates" in r.json()["error"]["message"]
+            assert not engine.is_sleeping and not engine.paused
+    finally:
+        engine.stop()
+
+
+def test_sleep_wake_and_update_over_http(cfg, tokenizer, tmp_path):
+    from model.convert.build import save_checkpoint
+
+    b = weights(cfg, 1)
+    save_checkpoint(tmp_path / "b", cfg, jax.tree.map(np.asarray, b), source="test")
+    small = ModelConfig(**{**cfg.to_json(), "num_layers": 1})
+    save_checkpoint(tmp_path / "other", small, jax.tree.map(np.asarray, weights(small, 0)), source="test")
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0))
+    fresh = make_engine(cfg, tokenizer, b)
+    try:
+        with _client(fresh) as c:
+            want_b = c.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["token_ids"]
+        with _client(engine, sleep_mode=True, weight_updates=True) as c:
+            before = c.post("/v1/chat/completions", json=CHAT).json()
+            assert before["choices"][0]["weight_version"] == "0"
+            assert c.get("/v1/models").json()["data"][0]["weight_version"] == "0"
+            r = c.post("/sleep?level=1")
+            assert r.status_code == 200 and r.json() == {"is_sleeping": True, "level": 1, "aborted": 0}
+            assert c.get("/health").json() == {"status": "sleeping"}
+            r = c.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "sleeping"
+            assert c.post("/sleep?level=3").status_code == 400
+            assert c.post("/wakeup?tags=weights&tags=gpu").json()["error"]["param"] == "tags"
+            assert c.post("/wakeup?tags=weights&tags=kv_cache").json()["is_sleeping"] is False
+            assert c.get("/is_sleeping").json()["is_sleeping"] is False
+            assert c.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["token_ids"] == \
+                before["choices"][0]["token_ids"]
+            # Bad updates: 400 naming the field, and the old weights keep serving.
+            for body, param, words in [({"model_path": str(tmp_path / "nothing")}, "model_path", "no such file"),
+                                       ({"model_path": str(tmp_path / "b"), "load_format": "pt"}, "load_format",
+                                        "load_format 'pt'"),
+                                       ({"model_path": str(tmp_path / "other")}, "model_path",
+                                        "num_layers is 1"),
+                                       ({"model_path": str(tmp_path / "b"), "flush_cache": False}, "flush_cache",
+                                        "unknown field")]:
+                r = c.post("/update_weights", json=body)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param and \
+                    words in r.json()["error"]["message"], r.json()
+            r = c.post("/update_weights", json={"model_path": str(tmp_path / "b"), "weight_version": "v-b"})
+            assert r.status_code == 200 and r.json()["weight_version"] == "v-b"
+            assert c.get("/get_weight_version").json() == {"weight_version": "v-b"}
+            after = c.post("/v1/chat/completions", json=CHAT).json()["choices"][0]
+            assert after["token_ids"] == want_b and after["weight_version"] == "v-b"
+    finally:
+        engine.stop()
+        fresh.stop()
+
+
+def test_token_ids_in_and_out_and_abort_by_request_id(cfg, tokenizer):
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0))
+    try:
+        with _client(engine, weight_updates=True) as c:
+            r = c.post("/v1/chat/completions", json=CHAT).json()
+            prompt = c.post("/v1/tokenize", json={"messages": CHAT["messages"]}).json()["tokens"]
+            assert r["prompt_token_ids"] == prompt and len(r["choices"][0]["token_ids"]) == 6
+            # The prompt as token ids gives the same answer; streamed, the same ids chunk by chunk.
+            by_ids = {**CHAT, "messages": [], "prompt_token_ids": prompt}
+            assert c.post("/v1/chat/completions", json=by_ids).json()["choices"][0]["token_ids"] == \
+                r["choices"][0]["token_ids"]
+            both = {**CHAT, "prompt_token_ids": prompt}
+            assert c.post("/v1/chat/completions", json=both).json()["error"]["param"] == "prompt_token_ids"
+            with c.stream("POST", "/v1/chat/completions", json={**by_ids, "stream": True}) as s:
+                chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+            assert chunks[0]["prompt_token_ids"] == prompt
+            assert [t for ch in chunks for c_ in ch["choices"] for t in c_.get("token_ids", [])] == \
+                r["choices"][0]["token_ids"]
+            assert chunks[-1]["choices"][0]["weight_version"] == "0"
+            # Completions: each choice its prompt's ids and its own.
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": [prompt, prompt[:5]], "max_tokens": 4,
+                                                "temperature": 0, "return_token_ids": True, "logprobs": 1}).json()
+            assert [ch["prompt_token_ids"] for ch in r["choices"]] == [prompt, prompt[:5]]
+            for ch in r["choices"]:
+                assert [tokenizer.decode([t]) for t in ch["token_ids"]] == ch["logprobs"]["tokens"]
+            # Aborted by the id the request gave: every choice of it ends with "abort" (here while
+            # they wait, admission paused).
+            assert c.post("/pause").json() == {"is_paused": True, "aborted": 0, "waiting": 0}
+            answer = {}
+            long = {**CHAT, "max_tokens": 90, "n": 2, "request_id": "rollout-7"}
+            waiter = threading.Thread(target=lambda: answer.update(c.post("/v1/chat/completions", json=long).json()))
+            waiter.start()
+            while engine.waiting.count < 2:
+                time.sleep(0.01)
+            assert c.post("/abort_request", json={"rid": "rollout-7"}).json() == {"aborted": 2}
+            waiter.join()
+            assert answer["id"] == "rollout-7"
+            assert [ch["finish_reason"] for ch in answer["choices"]] == ["abort", "abort"]
+            assert c.post("/resume").json()["is_paused"] is False
+            assert c.post("/abort_request", json={}).json()["error"]["param"] == "rid"
     finally:
         engine.stop()

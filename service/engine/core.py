@@ -140,6 +140,7 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
                session_id: int | None = None, request_id: str | None = None) -> str:
+        """Queue a request (``request_id``: its id, else the engine's own); returns its id."""
         self._check_serving()
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -198,7 +199,27 @@ class Engine:
         return snapshot(self)
 
     def abort(self, request_id: str) -> None:
+        """Abort a request by its id, with the generations of it (ids ``request_id/k``)."""
         self._inbox.put(("abort", request_id))
+
+    def abort_request(self, request_id: str | None) -> concurrent.futures.Future:
+        """``abort`` (None: every submitted request), between steps; the future has how many
+        requests ended."""
+        def abort():
+            pick = self._picker("abort" if request_id is not None else "abort_all", request_id)
+            rids = self.waiting.ids(pick) + [s.id for s in self.table.running.values() if pick(s.req)]
+            for rid in rids:
+                self._abort(rid)
+            return len(rids)
+        return self.on_engine_thread(abort)
+
+    @staticmethod
+    def _picker(kind: str, arg) -> Callable[[Request], bool]:
+        if kind == "abort":  # a request, and the generations fanned out of it
+            return lambda r: r.id == arg or r.id.startswith(arg + "/")
+        if kind == "abort_session":
+            return lambda r: r.session_id == arg
+        return lambda r: True
 
     def end_session(self, session_id: int) -> None:
         self._inbox.put(("end_session", session_id))
@@ -209,11 +230,11 @@ class Engine:
     def session_history(self, session_id: int) -> list[int]:
         return self.table.history(session_id)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 session_id: int | None = None) -> AsyncIterator[Output]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, session_id: int | None = None,
+                 request_id: str | None = None) -> AsyncIterator[Output]:
         """Submit and stream Outputs on the caller's event loop; closing the iterator early
         aborts the request."""
-        return stream(self, prompt_ids, params, session_id)
+        return stream(self, prompt_ids, params, session_id, request_id)
 
     # -- training loops: pause, sleep, new weights (any thread but the engine's; they block) ----
 
@@ -326,34 +347,39 @@ class Engine:
         if all(r.has_weights and r.has_cache for r in self._runners()):
             self.sleep_level = 0
 
-    def update_weights(self, params: Any, version: str | None = None, prepared: bool = False) -> str:
+    def update_weights(self, params: Any, version: str | None = None, mode: str = "wait",
+                       prepared: bool = False) -> str:
         """Serve new weights: ``params`` (the checkpoint's tree of arrays, any placement; a JAX
         trainer's own, moved device to device) are checked and prepared beside the served ones
         while serving goes on, then swapped in between steps once the running requests have
-        finished (admission paused meanwhile; the waiting run on the new weights). Every cached
+        finished (``mode`` "abort": are aborted; admission paused meanwhile; the waiting run on
+        the new weights). Every cached
         prefix and session's KV is forgotten. Asleep, the weights go on the device and the KV
         cache stays freed until ``wake_up``. Returns the new ``weight_version``: ``version``,
         or a counter. Raises ``model.weights.WeightsError`` (a ValueError naming the tensor)
         with the served weights untouched."""
+        if mode not in ("wait", "abort"):
+            raise InvalidRequest(f"mode must be 'wait' or 'abort', got {mode!r}", param="mode")
         self._check_updatable()
         new = params if prepared else self.runner.prepare_params(params)
         with self._control:
             paused, self.paused = self.paused, True
             try:
-                self._quiesce("wait", None)
+                self._quiesce(mode, None)
                 return self._between(lambda: self._swap(new, version))
             finally:
                 self.paused = paused
                 self.on_engine_thread(lambda: None)
 
-    def update_weights_from_path(self, path: str, load_format: str = "auto", version: str | None = None) -> str:
+    def update_weights_from_path(self, path: str, load_format: str = "auto", version: str | None = None,
+                                 mode: str = "wait") -> str:
         """``update_weights`` from files: a converted checkpoint, a Hugging Face directory or a
         GGUF file of the served architecture (``model.convert.load_for_update``)."""
         from model.convert.update import load_for_update
 
         self._check_updatable()
         params = load_for_update(path, load_format, self.runner.cfg, self.runner.param_shardings())
-        return self.update_weights(self.runner.prepare_params(params, copy=False), version, prepared=True)
+        return self.update_weights(self.runner.prepare_params(params, copy=False), version, mode, prepared=True)
 
     def _check_updatable(self) -> None:
         if self.failed is not None:
@@ -446,10 +472,8 @@ class Engine:
                 elif kind == "end_session":
                     self.table.end_session(arg)
                 else:  # "abort" (one request), "abort_session" (a session's), "abort_all"
-                    pick = None if kind == "abort" else (lambda r: r.session_id == arg) if kind == "abort_session" \
-                        else (lambda r: True)
-                    rids = [arg] if pick is None else self.waiting.ids(pick) + [
-                        s.id for s in self.table.running.values() if pick(s.req)]
+                    pick = self._picker(kind, arg)
+                    rids = self.waiting.ids(pick) + [s.id for s in self.table.running.values() if pick(s.req)]
                     for rid in rids:
                         self._abort(rid)
         except queue.Empty:

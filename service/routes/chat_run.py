@@ -55,9 +55,11 @@ class ChatRun:
     params: SamplingParams
     plan: ToolPlan
     answers: list[Answer]
+    request_id: str | None = None  # the engine's id of it (``Engine.abort`` ends every answer)
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        async for i, out in fan_in(self.engine, [self.prompt_ids], self.params, len(self.answers)):
+        async for i, out in fan_in(self.engine, [self.prompt_ids], self.params, len(self.answers),
+                                   request_id=self.request_id):
             thought, content, calls = self.answers[i].feed(out.text, final=out.finish_reason is not None)
             yield Piece(i, thought, content, calls, out)
 
@@ -102,8 +104,14 @@ def _prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
     params = with_adapter(data.to_sampling_params(ctx.settings.defaults), adapter)
     template = chat_template(ctx, engine)
     plan = tool_plan(data, template, ctx.settings.tool_call_parser)
-    prompt = chat_prompt(ctx, engine, data.messages, plan, data.chat_template_kwargs)
-    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    if data.prompt_token_ids is not None:  # rendered by the caller: the tokens are the prompt
+        if data.messages:
+            raise InvalidRequest("give messages or prompt_token_ids, not both", param="prompt_token_ids")
+        prompt_ids = list(data.prompt_token_ids)
+        prompt = engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    else:
+        prompt = chat_prompt(ctx, engine, data.messages, plan, data.chat_template_kwargs)
+        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
     for t in plan.tools:  # a tool whose parameters schema does not compile is refused
         try:
             check_grammar(engine, structured.json_schema_grammar(t["parameters"]), "tools")

@@ -46,6 +46,8 @@ class ServerSettings:
     embedding: tuple[str, bool] | None = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # /v1/models' "created"
     runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are served
+    sleep_mode: bool = False  # /sleep, /wakeup, /is_sleeping are served
+    weight_updates: bool = False  # /update_weights, /pause, /resume, /abort_request are served
 
 
 @dataclasses.dataclass
@@ -181,18 +183,21 @@ def usage(finals: list[Output], n: int = 1) -> p.Usage:
 
 
 async def fan_in(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-                 session_id: int | None = None) -> AsyncIterator[tuple[int, Output]]:
+                 session_id: int | None = None, request_id: str | None = None) -> AsyncIterator[tuple[int, Output]]:
     """``n`` generations of each prompt, interleaved as their outputs arrive, as (choice index,
-    Output); choice ``k * n + i`` is prompt k's sample i (seeded ``seed + i``)."""
+    Output); choice ``k * n + i`` is prompt k's sample i (seeded ``seed + i``). ``request_id``:
+    the engine's id of a single generation, or ``request_id/index`` of each (``Engine.abort``
+    of ``request_id`` ends them all)."""
     if len(prompts) == 1 and n == 1:
-        async for out in engine.generate(prompts[0], params, session_id=session_id):
+        async for out in engine.generate(prompts[0], params, session_id=session_id, request_id=request_id):
             yield 0, out
         return
     q: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, ids: list[int], sample_params: SamplingParams):
         try:
-            async for out in engine.generate(ids, sample_params):
+            rid = None if request_id is None else f"{request_id}/{index}"
+            async for out in engine.generate(ids, sample_params, request_id=rid):
                 await q.put((index, out))
         except asyncio.CancelledError:  # the consumer is done with us
             raise

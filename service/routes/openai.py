@@ -29,7 +29,8 @@ def _cards(ctx: State) -> list[p.ModelCard]:
     """The base model, then each loaded adapter (``parent`` the base, ``root`` its directory)."""
     max_len = ctx.engine.session_len if ctx.engine else None
     base = ctx.settings.model_name
-    cards = [p.ModelCard(id=base, created=ctx.settings.created, root=base, max_model_len=max_len)]
+    version = {"weight_version": ctx.engine.weight_version} if ctx.engine else {}
+    cards = [p.ModelCard(id=base, created=ctx.settings.created, root=base, max_model_len=max_len, **version)]
     if ctx.engine is not None and ctx.engine.adapters is not None:
         cards += [p.ModelCard(id=a.name, created=ctx.settings.created, root=a.path, parent=base,
                               max_model_len=max_len) for a in ctx.engine.adapters.loaded()]
@@ -64,7 +65,9 @@ async def retrieve_model(model: FromPath[str], ctx: Ctx, request: Request) -> An
 async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, request: Request) -> Any:
     run = prepare_chat(ctx, data)
     engine, params, answers = run.engine, run.params, run.answers
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.adapter or ctx.settings.model_name
+    rid, created, model = response_id(data, "chatcmpl"), int(time.time()), params.adapter or ctx.settings.model_name
+    run.request_id = rid
+    ids = data.return_token_ids
 
     def chunk(choices, **kw) -> bytes:
         return sse(p.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **kw))
@@ -79,12 +82,14 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
                 i, out = piece.index, piece.out
                 if i not in started:
                     started.add(i)
-                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))])
-                if piece.thought or piece.content or out.logprobs:
+                    first = {"prompt_token_ids": run.prompt_ids} if ids and len(started) == 1 else {}
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))],
+                                **first)
+                if piece.thought or piece.content or out.logprobs or (ids and out.token_ids):
                     yield chunk([p.ChatChunkChoice(
                         index=i, delta=p.DeltaMessage(content=piece.content if piece.content or not piece.thought
                                                       else None, reasoning_content=piece.thought or None),
-                        logprobs=chat_logprobs(engine, out))])
+                        logprobs=chat_logprobs(engine, out), **token_ids(ids, out.token_ids))])
                 before = len(answers[i].calls) - len(piece.calls)
                 for k, call in enumerate(piece.calls):
                     for tool_delta in call_deltas(before + k, call):
@@ -92,7 +97,8 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
                 if piece.final:
                     finals[i] = out
                     yield chunk([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(),
-                                                   finish_reason=answers[i].finish_reason(out.finish_reason))])
+                                                   finish_reason=answers[i].finish_reason(out.finish_reason),
+                                                   **version(out))])
             if include_usage:
                 yield chunk([], usage=usage([finals[i] for i in sorted(finals)]))
 
@@ -101,12 +107,14 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
     texts = [""] * data.n
     thoughts = [""] * data.n
     lps: list[list] = [[] for _ in range(data.n)]
+    toks: list[list[int]] = [[] for _ in range(data.n)]
     finals: dict[int, Output] = {}
 
     def feed(piece) -> None:
         i, out = piece.index, piece.out
         texts[i] += piece.content
         thoughts[i] += piece.thought
+        toks[i] += out.token_ids
         if out.logprobs:
             lps[i].extend(chat_logprobs(engine, out).content)
         if piece.final:
@@ -122,9 +130,25 @@ async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, re
         choices.append(p.ChatChoice(
             index=i, message=message,
             logprobs=p.ChoiceLogprobs(content=lps[i]) if params.logprobs is not None else None,
-            finish_reason=answers[i].finish_reason(finals[i].finish_reason)))
+            finish_reason=answers[i].finish_reason(finals[i].finish_reason), **token_ids(ids, toks[i]),
+            **version(finals[i])))
     return p.ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                    usage=usage([finals[i] for i in range(data.n)]))
+                                    usage=usage([finals[i] for i in range(data.n)]),
+                                    **({"prompt_token_ids": run.prompt_ids} if ids else {}))
+
+
+def response_id(data: p.ChatCompletionRequest | p.CompletionRequest, prefix: str) -> str:
+    """The request's own ``request_id``, else a new ``prefix-<hex>``; ``/abort_request`` takes it."""
+    return data.request_id or f"{prefix}-{uuid.uuid4().hex}"
+
+
+def token_ids(asked: bool, ids: list[int]) -> dict[str, Any]:
+    return {"token_ids": list(ids)} if asked else {}
+
+
+def version(out: Output) -> dict[str, Any]:
+    """The weights that computed a finished choice (an engine's Output always says)."""
+    return {"weight_version": out.weight_version} if out.weight_version is not None else {}
 
 
 def _completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
@@ -154,8 +178,12 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     check_grammar(engine, params.grammar, "response_format")
     prompts = _completion_prompts(engine, data.prompt)
     engine.check_submit(prompts, params, data.n)  # every prompt checked before any is submitted
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), adapter or ctx.settings.model_name
+    rid, created, model = response_id(data, "cmpl"), int(time.time()), adapter or ctx.settings.model_name
     total = len(prompts) * data.n
+    ids = data.return_token_ids
+
+    def prompt_ids(idx: int) -> dict[str, Any]:
+        return {"prompt_token_ids": prompts[idx // data.n]} if ids else {}
 
     def echo_text(idx: int) -> str:
         return engine.tokenizer.decode(prompts[idx // data.n]) if data.echo else ""
@@ -167,8 +195,8 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
         return completion_logprobs(engine, outs, offset, prompts[idx // data.n] if scored else None)
 
     if data.max_tokens == 0 and params.prompt_logprobs is None:  # echo only: nothing to run
-        choices = [p.CompletionChoice(index=idx, text=echo_text(idx), finish_reason="length")
-                   for idx in range(total)]
+        choices = [p.CompletionChoice(index=idx, text=echo_text(idx), finish_reason="length", **prompt_ids(idx),
+                                      **token_ids(ids, [])) for idx in range(total)]
         finals = [Output(prompt_tokens=len(prompts[idx // data.n])) for idx in range(total)]
         if data.stream:
             async def echoes():
@@ -186,15 +214,17 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
 
         async def chunks():
             finals, echoed = {}, set()
-            async for idx, out in fan_in(engine, prompts, params, data.n):
+            async for idx, out in fan_in(engine, prompts, params, data.n, request_id=rid):
                 text, first = out.text, idx not in echoed
                 if first:
                     echoed.add(idx)
                     text = echo_text(idx) + text
                 lp = logprobs(idx, [out], len(text) - len(out.text), first)
-                if text or out.finish_reason is not None or lp:
+                if text or out.finish_reason is not None or lp or (ids and (first or out.token_ids)):
                     yield sse(p.CompletionResponse(id=rid, created=created, model=model, choices=[
-                        p.CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=out.finish_reason)]))
+                        p.CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=out.finish_reason,
+                                           **(prompt_ids(idx) if first else {}), **token_ids(ids, out.token_ids),
+                                           **version(out))]))
                 if out.finish_reason is not None:
                     finals[idx] = out
             if include_usage:
@@ -206,7 +236,7 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
     outs: list[list[Output]] = [[] for _ in range(total)]
 
     async def gather() -> None:
-        async for idx, out in fan_in(engine, prompts, params, data.n):
+        async for idx, out in fan_in(engine, prompts, params, data.n, request_id=rid):
             outs[idx].append(out)
 
     await unless_disconnected(request, gather())
@@ -215,6 +245,8 @@ async def completions(data: JSONBody[p.CompletionRequest], ctx: Ctx, request: Re
         echo = echo_text(idx)
         lp = logprobs(idx, outs[idx], len(echo))
         choices.append(p.CompletionChoice(index=idx, text=echo + "".join(o.text for o in outs[idx]),
-                                          logprobs=lp, finish_reason=outs[idx][-1].finish_reason))
+                                          logprobs=lp, finish_reason=outs[idx][-1].finish_reason, **prompt_ids(idx),
+                                          **token_ids(ids, [t for o in outs[idx] for t in o.token_ids]),
+                                          **version(outs[idx][-1])))
     return p.CompletionResponse(id=rid, created=created, model=model, choices=choices,
                                 usage=usage([o[-1] for o in outs], data.n))

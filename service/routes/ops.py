@@ -64,7 +64,8 @@ async def health(ctx: Ctx) -> Response:
         return Response({"status": "engine failed", "detail": ctx.engine.failed}, status_code=503)
     if not ctx.engine.is_alive(ctx.settings.stall_timeout):
         return Response({"status": "engine stalled"}, status_code=503)
-    return Response({"status": "ok"}, status_code=200)
+    # Asleep (POST /sleep) the process is healthy, and says it serves no requests until woken.
+    return Response({"status": "sleeping" if ctx.engine.is_sleeping else "ok"}, status_code=200)
 
 
 class SchedulerLoad(msgspec.Struct):
