@@ -305,10 +305,10 @@ class Scripted:
     def abort(self, request_id):
         pass
 
-    def generate(self, prompt_ids, params, session_id=None):
+    def generate(self, prompt_ids, params, session_id=None, request_id=None):
         from service.engine.bridge import stream
 
-        return stream(self, prompt_ids, params, session_id)
+        return stream(self, prompt_ids, params, session_id, request_id)
 
 
 def test_an_engine_failure_mid_answer_ends_responses_and_messages_streams(engine):
@@ -448,7 +448,7 @@ def test_mean_pooled_embeddings_sum_over_every_chunk(engine):
 class Buggy(Scripted):
     """An engine whose stream breaks with a bug (not a ServiceError) after its first Output."""
 
-    def generate(self, prompt_ids, params, session_id=None):
+    def generate(self, prompt_ids, params, session_id=None, request_id=None):
         outputs = self.outputs
 
         async def broken():

@@ -442,3 +442,13 @@ def test_token_ids_in_and_out_and_abort_by_request_id(cfg, tokenizer):
             assert c.post("/abort_request", json={}).json()["error"]["param"] == "rid"
     finally:
         engine.stop()
+
+
+def test_rollout_example_reports_the_logprobs_a_forward_pass_gives(default_checkpoint, capsys):
+    """tools/rollout_example.py on the bundled model: seeded rollouts, an in-process update per
+    step, every reported logprob within 2e-3 of a plain forward pass of the weights then."""
+    from tools import rollout_example
+
+    assert rollout_example.main(["--steps", "2", "--rollouts", "2", "--max-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1: weights step-1" in out and out.strip().splitlines()[-1].startswith("ok")
