@@ -92,8 +92,11 @@ def backend(request):
     return None  # the runner's own choice: the native CPU kernels
 
 
-def test_sleep_frees_device_memory_and_wake_gives_the_same_tokens(cfg, tokenizer, backend):
-    engine = make_engine(cfg, tokenizer, weights(cfg, 0), backend)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sleep_frees_device_memory_and_wake_gives_the_same_tokens(cfg, tokenizer, backend, tp):
+    if tp > 1 and backend is None:
+        pytest.skip("a mesh runs on XLA")
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0), backend, tp)
     try:
         ids = prompts()
         greedy, seeded = tokens(engine, ids), tokens(engine, ids, SEEDED)
