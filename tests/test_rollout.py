@@ -37,14 +37,14 @@ def weights(cfg, seed):
     return init_params(cfg, seed=seed, scale=0.5)
 
 
-def make_engine(cfg, tokenizer, params, backend=None, tp=1):
+def make_engine(cfg, tokenizer, params, backend=None, tp=1, quantize=None):
     plan = None
     if tp > 1:
         from sharding import make_mesh, plan_for
 
         plan = plan_for(cfg, make_mesh(tp, 1), slots=4)
     runner = ModelRunner(cfg, params, max_batch_size=4, session_len=128, eos_ids=tokenizer.eos_ids,
-                         max_prefill_chunk=32, block_size=16, backend=backend, plan=plan)
+                         max_prefill_chunk=32, block_size=16, backend=backend, plan=plan, quantize=quantize)
     engine = Engine(runner, tokenizer)
     engine.start()
     return engine
@@ -138,6 +138,11 @@ def test_sleep_level_2_needs_new_weights_or_a_reload(cfg, tokenizer, tmp_path):
         want_b = tokens(fresh, ids)
         fresh.stop()
         engine.sleep(level=2)
+        bad = weights(cfg, 1)
+        bad["embed"] = bad["embed"][:-1]
+        with pytest.raises(WeightsError, match="embed has shape"):  # no weights at all, and it stays so
+            engine.update_weights(bad)
+        assert engine.is_sleeping and not engine.runner.has_weights
         engine.update_weights(b)
         assert engine.is_sleeping  # the KV cache is still freed
         engine.wake_up()
@@ -170,6 +175,21 @@ def test_update_in_process_equals_a_fresh_engine_on_the_new_weights(cfg, tokeniz
         assert tokens(engine, ids) == want and tokens(engine, ids, SEEDED) == want_seeded
         assert engine.update_weights(weights(cfg, 0), version="step-0") == "step-0"
         assert tokens(engine, ids) == old
+    finally:
+        engine.stop()
+        fresh.stop()
+
+
+def test_an_update_rebuilds_quantized_weights(cfg, tokenizer):
+    """int8 weights on the CPU kernels: quantized anew from the update, as a fresh server would."""
+    engine = make_engine(cfg, tokenizer, weights(cfg, 0), quantize="int8")
+    fresh = make_engine(cfg, tokenizer, weights(cfg, 1), quantize="int8")
+    try:
+        ids = prompts()
+        want = tokens(fresh, ids)
+        assert tokens(engine, ids) != want
+        engine.update_weights(weights(cfg, 1))
+        assert tokens(engine, ids) == want
     finally:
         engine.stop()
         fresh.stop()
@@ -305,7 +325,7 @@ def test_update_from_disk_equals_a_fresh_server_on_those_files(tmp_path):
         want = tokens(fresh, ids)
         assert want != old
         assert engine.update_weights_from_path(str(b)) == "1"  # a Hugging Face directory, read in memory
-        assert tokens(engine, ids) == want
+        assert tokens(engine, ids) == want and tokens(engine, ids, SEEDED) == tokens(fresh, ids, SEEDED)
         assert engine.update_weights_from_path(str(tmp_path / "a"), "xlaserve", version="a") == "a"  # converted
         assert tokens(engine, ids) == old
         with pytest.raises(UpdateError, match="no such file"):

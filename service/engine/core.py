@@ -326,7 +326,7 @@ class Engine:
             if not self.sleep_level:
                 return
             reload = None
-            if "weights" in tags and not self.runner.has_weights and self.runner._host_params is None:
+            if "weights" in tags and self.runner.weights_dropped:
                 if self.checkpoint is None:
                     raise InvalidRequest("the weights were dropped by sleep level 2 and this engine has no "
                                          "checkpoint to reload them from; update the weights first", param="tags")

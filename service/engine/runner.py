@@ -221,6 +221,11 @@ class ModelRunner:
         return self.params is not None and (self.adapters is None or self.bank is not None)
 
     @property
+    def weights_dropped(self) -> bool:
+        """Asleep at level 2: no weights on the device nor in host memory."""
+        return self.params is None and self._host_params is None
+
+    @property
     def has_cache(self) -> bool:
         return self.cache is not None
 
