@@ -30,19 +30,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32,
                    help="positions per KV cache block, a multiple of 16 (default 32): the unit of "
                         "allocation and of prefix-cache sharing")
-    p.add_argument("--speculative-algorithm", choices=["ngram", "draft"], default=None,
-                   help="speculative decoding: ngram proposes what followed the latest earlier "
-                        "occurrence of the last 1-4 tokens in the prompt and output, draft what a "
-                        "smaller model writes; each step checks the proposals in one call (outputs "
-                        "unchanged, greedy and seeded)")
+    p.add_argument("--speculative-algorithm", choices=["ngram", "draft", "none"], default="ngram",
+                   help="speculative decoding: ngram (the default) proposes what followed the latest "
+                        "earlier occurrence of the last 1-4 tokens in the prompt and output, draft what a "
+                        "smaller model writes, none turns it off; each step checks the proposals in one "
+                        "call (outputs unchanged, greedy and seeded), each sequence's draft length "
+                        "adapting to how its drafts fare")
     p.add_argument("--speculative-draft-model", default=None,
                    help="with --speculative-algorithm draft: the draft model (converted dir, HF dir or "
                         ".gguf, with the served model's tokenizer), or 'same' for the served model itself "
                         "(with --speculative-draft-quantize)")
     p.add_argument("--speculative-draft-quantize", choices=["int8", "w8a8"], default=None,
                    help="quantize the draft model's weights (CPU kernels)")
-    p.add_argument("--speculative-num-draft-tokens", type=int, default=4,
-                   help="proposed tokens checked per step and sequence, 1 to 16 (default 4)")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=8,
+                   help="the most proposed tokens checked per step and sequence, 1 to 16 (default 8); "
+                        "a sequence's drafts halve while rejected and double back while accepted")
     p.add_argument("--speculative-max-batch", type=int, default=4,
                    help="steps with more decode rows than this do not speculate (default 4: past "
                         "it a CPU step is no longer bound by reading the weights)")

@@ -358,3 +358,47 @@ def test_joins_and_leaves_with_speculation_equal_one_at_a_time(tiny, tokenizer):
     finally:
         engine.stop()
     assert engine.stats.spec_accepted > 0 and engine.stats.spec_drafted > engine.stats.spec_accepted
+
+
+def test_draft_length_grows_while_accepted_and_shrinks_while_rejected():
+    """``adapt``: all accepted doubles the next limit (up to K), all rejected halves it (down
+    to 1), a partial run keeps it."""
+    from service.engine import Request, Sequence
+    from service.engine.speculate import adapt
+
+    spec = Speculation(k=8)
+    seq = Sequence(Request("r", [1, 2, 3], GREEDY, lambda out: None), seq=[1, 2, 3])
+    seq.max_tokens = 1000
+    assert spec.limit(seq, 100) == 8  # the start: K
+    assert spec.limit(seq, 5) == 5  # capped by the room left
+    adapt(seq, 8, 0)
+    assert spec.limit(seq, 100) == 4
+    adapt(seq, 4, 2)
+    assert spec.limit(seq, 100) == 4
+    for _ in range(4):
+        adapt(seq, spec.limit(seq, 100), 0)
+    assert spec.limit(seq, 100) == 1
+    adapt(seq, 1, 1)
+    adapt(seq, 2, 2)
+    assert spec.limit(seq, 100) == 4
+    adapt(seq, 2, 2)  # a proposer's short run, all accepted, does not shrink it
+    assert spec.limit(seq, 100) == 4
+    adapt(seq, 4, 4)
+    adapt(seq, 8, 8)
+    assert spec.limit(seq, 100) == 8  # K caps the growth
+    seq.draft_len = 1
+    assert dataclasses.replace(spec, adaptive=False).limit(seq, 100) == 8
+
+
+def test_adaptive_drafts_check_fewer_tokens_that_fail(tiny, tokenizer):
+    """In an engine: always-wrong drafts are checked one at a time once they have failed, far
+    fewer than at a fixed K; right ones keep K; the tokens are plain decoding's either way."""
+    jobs = [(prompt(6, 21), dataclasses.replace(GREEDY, max_tokens=60))]
+    plain, _ = generate(tiny, tokenizer, jobs)
+    got, engine = generate(tiny, tokenizer, jobs, Speculation(k=8, propose=oracle_for(plain, jobs)))
+    st = engine.stats
+    assert got[0][0] == plain[0][0] and (st.spec_accepted + st.spec_rows) / st.spec_rows > 5
+    got, adaptive = generate(tiny, tokenizer, jobs, Speculation(k=8, propose=always_wrong))
+    _, fixed = generate(tiny, tokenizer, jobs, Speculation(k=8, propose=always_wrong, adaptive=False))
+    assert got[0][0] == plain[0][0]
+    assert 0 < adaptive.stats.spec_drafted * 4 < fixed.stats.spec_drafted

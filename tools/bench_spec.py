@@ -2,11 +2,12 @@
 repeat the prompt (hits: copy a passage, edit code) and one whose answers do not (misses: a
 story), with the acceptance rate.
 
-    python tools/bench_spec.py [MODEL] [--quantize w8a8] [--k 4] [--repeat 3] [--streams 1]
+    python tools/bench_spec.py [MODEL] [--quantize w8a8] [--k 4] [--repeat 3] [--streams 1] [--fixed 4 8]
     python tools/bench_spec.py --draft same --draft-quantize w8a8    # a draft model instead of ngram
 
-One runner serves both modes in turn (the same compiled steps), greedy, each prompt --repeat
-times; medians are reported. With --streams N each prompt runs as N concurrent copies (the
+One runner serves every mode in turn (the same compiled steps): plain, each --fixed draft
+length, then the adaptive length up to --k; greedy, each prompt --repeat times; medians are
+reported. With --streams N each prompt runs as N concurrent copies (the
 rate is then all streams' tokens over the wall time): where speculation stops paying, which
 --speculative-max-batch should be.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import time
 
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--draft", default=None, help="a draft model (MODEL argument, or same) instead of ngram")
     ap.add_argument("--draft-quantize", choices=["int8", "w8a8"], default=None)
+    ap.add_argument("--fixed", type=int, nargs="*", default=[], metavar="K",
+                    help="also run with the draft length fixed at each K (no adapting), in the same sitting")
     args = ap.parse_args(argv)
 
     from model.chat_template import render
@@ -93,9 +97,11 @@ def main(argv=None) -> int:
     mode = spec.method
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     print(f"{name}, {args.quantize or runner.cfg.dtype}, {args.streams} stream(s), greedy, up to {args.max_tokens} tokens, "
-          f"K={args.k}, {args.repeat} runs each")
+          f"{spec.describe()}, {args.repeat} runs each")
     plain = {}
-    for mode, speculation in (("plain", None), (mode, spec)):
+    modes = [("plain", None)] + [(f"K={k}", dataclasses.replace(spec, k=k, adaptive=False)) for k in args.fixed
+                                 if k <= args.k] + [(f"{mode}<={args.k}", spec)]
+    for mode, speculation in modes:
         engine = Engine(runner, tokenizer, speculation=speculation)
         engine.start()
         try:
@@ -124,7 +130,7 @@ def main(argv=None) -> int:
                 else:
                     plain[workload] = rate
                 what = "after the first" if args.streams == 1 else "all streams, over the wall time"
-                print(f"{mode:5s} {workload:6s}: {rate:6.1f} tok/s {what}, TTFT {1000 * ttft:5.0f} ms "
+                print(f"{mode:9s} {workload:6s}: {rate:6.1f} tok/s {what}, TTFT {1000 * ttft:5.0f} ms "
                       f"(median of {len(rates)}){extra}", flush=True)
         finally:
             engine.stop()

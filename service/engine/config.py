@@ -48,8 +48,8 @@ class EngineConfig:
     kv_cache_dtype: str | None = None
     tp: int = 1
     dp: int = 1
-    speculative_algorithm: str | None = None
-    speculative_num_draft_tokens: int = 4
+    speculative_algorithm: str | None = "ngram"  # "ngram", "draft", or "none" / None: off
+    speculative_num_draft_tokens: int = 8
     speculative_max_batch: int = 4
     speculative_draft_model: str | None = None
     speculative_draft_quantize: str | None = None
@@ -112,7 +112,7 @@ class EngineConfig:
     def speculation(self, draft=None) -> Speculation:
         """The engine's speculation (off without an algorithm); ``draft``: method "draft"'s
         model, once loaded."""
-        method = self.speculative_algorithm
+        method = None if self.speculative_algorithm == "none" else self.speculative_algorithm
         return Speculation(method if method != "draft" or draft is not None else "ngram",
                            self.speculative_num_draft_tokens, self.speculative_max_batch, draft=draft) \
             if method else Speculation.off(self.speculative_num_draft_tokens, self.speculative_max_batch)

@@ -16,6 +16,7 @@ from model.tokenizer import Tokenizer
 from service.engine.bridge import LoopQueue, deliver
 from service.engine.request import Output, Sequence, TokenLogprob
 from service.engine.slots import SlotTable
+from service.engine.speculate import adapt
 from service.engine.step_io import Sampled, StepOutput
 from service.metrics import EngineMetrics
 
@@ -108,6 +109,7 @@ class OutputProcessor:
             rows += range(at, at + n)
             self.stats.spec_drafted += c.drafts
             self.stats.spec_accepted += n - 1
+            adapt(c.owner, c.drafts, n - 1)
             if c.owner.params.prediction:
                 c.owner.predicted[0] += n - 1
                 c.owner.predicted[1] += c.drafts - (n - 1)

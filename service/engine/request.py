@@ -87,6 +87,7 @@ class Sequence:
     # KV is known (valid while ``draft_epoch`` equals ``preempted``).
     draft_prefilled: int = 0
     draft_epoch: int = 0
+    draft_len: int = 0  # the drafts its next step may check (``speculate.adapt``; 0: K)
     weight_version: str = ""  # the engine's weights when it was admitted (they cannot change while it runs)
 
     @property

@@ -102,6 +102,21 @@ class Prediction:
         return [propose_from_prediction(s.generated, s.params.prediction, k) for s, k in zip(rows, limits)]
 
 
+def adapt(seq: Sequence, drafted: int, accepted: int) -> None:
+    """After a verify of ``drafted`` drafts of which ``accepted`` were: a sequence whose drafts
+    all pass drafts twice as many next time (up to K), one whose drafts all fail half as many
+    (down to one, which a verify checks for about the cost of a decode step); a partial run
+    keeps the length. Measured against fixed lengths in docs/PERFORMANCE.md: at one stream it
+    keeps nearly all of K=8's gain, at four streams it beats both K=4 and K=8 (K=8 loses
+    there on misses), because rows that keep missing stop paying for long drafts."""
+    if drafted <= 0:
+        return
+    if accepted >= drafted:
+        seq.draft_len = max(seq.draft_len, min(64, 2 * drafted))
+    elif accepted == 0:
+        seq.draft_len = max(1, drafted // 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Speculation:
     """What the engine speculates with: ``method`` ("ngram", "draft", or None: off, when only
@@ -116,6 +131,9 @@ class Speculation:
     max_batch: int = 4
     propose: Callable[[list[int], int], list[int]] | None = None
     draft: Any = dataclasses.field(default=None, compare=False)
+    # Each sequence's draft length adapts to how its drafts fare (``adapt``), from K down to 1
+    # and back; False: always up to ``k``.
+    adaptive: bool = True
 
     def __post_init__(self):
         if self.method not in (None, "ngram", "draft"):
@@ -144,7 +162,8 @@ class Speculation:
 
     def describe(self) -> str:
         what = self.method if self.draft is None else f"draft model {self.draft.name}"
-        return f"speculative decoding: {what}, up to {self.k} draft tokens, in steps of <= {self.max_batch} rows"
+        length = f"up to {self.k} draft tokens" + (", fewer while they are rejected" if self.adaptive else "")
+        return f"speculative decoding: {what}, {length}, in steps of <= {self.max_batch} rows"
 
     def eligible(self, seq: Sequence) -> bool:
         p = seq.params
@@ -158,7 +177,8 @@ class Speculation:
         verify step draws one more than it drafts); 0 when it may not speculate."""
         if not self.eligible(seq):
             return 0
-        return max(0, min(self.k, room, seq.max_tokens - len(seq.generated) - 1))
+        want = min(self.k, seq.draft_len or self.k) if self.adaptive else self.k
+        return max(0, min(want, room, seq.max_tokens - len(seq.generated) - 1))
 
     def drafts(self, rows: list[Sequence], limits: list[int], tables: np.ndarray) -> list[list[int]]:
         """Each row's drafts, at most its limit: by its prediction where it sends one, else by
