@@ -260,13 +260,27 @@ class Engine:
             aborted = len(self.table.running)
             self._inbox.put(("abort_running", None))
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.table.running and self._thread_alive():
+        while self._thread_alive():
+            # Asked on the engine thread too: a request it was placing when admission stopped
+            # is running by the time it answers, and nothing is admitted after.
+            if not self.table.running and not self._ask(lambda: bool(self.table.running)):
+                break
             if deadline is not None and time.monotonic() > deadline:
                 aborted += len(self.table.running)
                 self._inbox.put(("abort_running", None))
                 deadline = None
             time.sleep(0.01)
         return aborted
+
+    def _ask(self, fn: Callable[[], Any]) -> Any:
+        """``fn``'s answer from the engine thread (None if the thread died meanwhile)."""
+        future = self.on_engine_thread(fn)
+        while self._thread_alive():
+            try:
+                return future.result(timeout=1)
+            except concurrent.futures.TimeoutError:
+                continue
+        return None
 
     def _between(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread once no sequence runs (admission is stopped), the
@@ -279,7 +293,10 @@ class Engine:
             if self.table.running:  # not reached: admission stops before this is asked
                 raise RuntimeError("sequences still run")
             return fn()
-        return self.on_engine_thread(settled).result()
+        result = self._ask(settled)
+        if not self._thread_alive():
+            raise EngineFailed("the engine thread stopped; restart the server")
+        return result
 
     def _runners(self) -> list[ModelRunner]:
         draft = self.speculation.draft
