@@ -228,6 +228,9 @@ def build_engine(checkpoint: Path, config: EngineConfig, warmup: bool = True):
             draft.runner.warmup()
         log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
                  runner.compiled_variants())
+    from model.backends import trim_freed_memory
+
+    trim_freed_memory()  # the checkpoint's arrays and the compilers' working memory, freed by now
     engine = Engine(runner, tokenizer, max_queue=config.max_queue, speculation=config.speculation(draft))
     engine.checkpoint = checkpoint  # what a wake after sleep level 2 reloads
     engine.start()

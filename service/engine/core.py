@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
+from model.backends import trim_freed_memory
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from service.engine.adapters import AdapterRegistry
 from service.engine.blocks import BlockManager
@@ -328,6 +329,7 @@ class Engine:
                         runner.sleep(level)
                     self.sleep_level = max(self.sleep_level, level)
                 self._between(sleep)
+                trim_freed_memory()
             finally:
                 self.paused = paused
             return aborted
@@ -383,7 +385,9 @@ class Engine:
             paused, self.paused = self.paused, True
             try:
                 self._quiesce(mode, None)
-                return self._between(lambda: self._swap(new, version))
+                current = self._between(lambda: self._swap(new, version))
+                trim_freed_memory()  # the old weights
+                return current
             finally:
                 self.paused = paused
                 self.on_engine_thread(lambda: None)
