@@ -100,8 +100,8 @@ def test_errors_raise_matching_sdk_exceptions(client, server):
 
 
 def test_interactive_session_prefills_only_new_turns(server):
-    """The engine's own counters show the work: each later turn prefills exactly its new
-    tokens, and takes the whole history from the session's blocks."""
+    """The engine's own counters show the work: each later turn prefills its new tokens, and
+    takes the history from the session's blocks."""
     turns = ["hi, what's your name?", "who developed you?", "Tell me more about your developers",
              "Summarize the information we've talked so far"]
     for i, t in enumerate(turns):
@@ -116,8 +116,13 @@ def test_interactive_session_prefills_only_new_turns(server):
             assert body["history_tokens"] == 0
             continue
         assert body["history_tokens"] > 0
-        assert _metric(server, "xlaserve_prompt_tokens_total") - prefilled == body["input_tokens"], body
-        assert _metric(server, "xlaserve_prefix_cache_hit_tokens_total") - cached == body["history_tokens"], body
+        # The new turn's tokens, and at most the last answer's final token: a step that checked
+        # speculative drafts (on by default) does not write the KV of the token it drew last,
+        # where a chained decode step would have.
+        computed = _metric(server, "xlaserve_prompt_tokens_total") - prefilled
+        hit = _metric(server, "xlaserve_prefix_cache_hit_tokens_total") - cached
+        assert computed - body["input_tokens"] in (0, 1), body
+        assert computed + hit == body["input_tokens"] + body["history_tokens"], body
     r = httpx.post(server + "/v1/chat/interactive", json={"prompt": "bye", "session_id": 7,
                                                            "interactive_mode": False, "request_output_len": 4})
     assert r.json()["history_tokens"] == 0
