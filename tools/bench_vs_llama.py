@@ -65,12 +65,14 @@ def start(cmd: list[str], log: Path, env=None):
 
 def chat(url: str, text: str, extra: dict) -> tuple[int, float, float]:
     """(completion tokens, TTFT s, tokens/s after the first) of one streamed greedy chat."""
-    body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 128, "temperature": 0,
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 128, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
     first = last = None
     tokens = chunks = 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"{url}: {r.status_code} {r.read().decode()[:500]}")
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
