@@ -277,7 +277,6 @@ class ModelRunner:
             self._host_bank, self.bank = jax.tree.map(np.array, self.bank), None
         if self.params is not None:
             if level == 1:  # np.array copies: no host view keeps a device buffer alive
-                self._params_sh = jax.tree.map(lambda x: x.sharding, self.params)
                 self._host_params = jax.tree.map(np.array, self.params)
             self.params = None
         if level >= 2:
@@ -287,7 +286,9 @@ class ModelRunner:
         """Undo ``sleep``: weights from host memory back to their placements (as they were,
         packed), and a new empty KV cache and sampling state."""
         if weights and self.params is None and self._host_params is not None:
-            self.params, self._host_params = jax.device_put(self._host_params, self._params_sh), None
+            treedef, avals = self._param_avals  # the placements they were served in
+            shardings = jax.tree.unflatten(treedef, [sharding for _, _, sharding in avals])
+            self.params, self._host_params = jax.device_put(self._host_params, shardings), None
         if weights and self._host_bank is not None:
             self.bank, self._host_bank = jax.device_put(self._host_bank, self._bank_sh), None
         if kv_cache and self.cache is None:
