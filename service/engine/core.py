@@ -206,13 +206,16 @@ class Engine:
     def abort_request(self, request_id: str | None) -> concurrent.futures.Future:
         """``abort`` (None: every submitted request), between steps; the future has how many
         requests ended."""
-        def abort():
-            pick = self._picker("abort" if request_id is not None else "abort_all", request_id)
-            rids = self.waiting.ids(pick) + [s.id for s in self.table.running.values() if pick(s.req)]
-            for rid in rids:
-                self._abort(rid)
-            return len(rids)
-        return self.on_engine_thread(abort)
+        kind = "abort" if request_id is not None else "abort_all"
+        return self.on_engine_thread(lambda: self._abort_matching(kind, request_id))
+
+    def _abort_matching(self, kind: str, arg) -> int:
+        """Engine thread: abort the waiting and running requests ``_picker`` picks; how many."""
+        pick = self._picker(kind, arg)
+        rids = self.waiting.ids(pick) + [s.id for s in self.table.running.values() if pick(s.req)]
+        for rid in rids:
+            self._abort(rid)
+        return len(rids)
 
     @staticmethod
     def _picker(kind: str, arg) -> Callable[[Request], bool]:
@@ -493,10 +496,7 @@ class Engine:
                 elif kind == "end_session":
                     self.table.end_session(arg)
                 else:  # "abort" (one request), "abort_session" (a session's), "abort_all"
-                    pick = self._picker(kind, arg)
-                    rids = self.waiting.ids(pick) + [s.id for s in self.table.running.values() if pick(s.req)]
-                    for rid in rids:
-                        self._abort(rid)
+                    self._abort_matching(kind, arg)
         except queue.Empty:
             pass
 
