@@ -73,6 +73,17 @@ def load_embedding(path: str | Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: cannot read xlaserve.json ({e})") from None
 
 
+def load_vision(path: str | Path):
+    """A vision-language checkpoint's ``model.vision.VisionConfig`` (None: text only)."""
+    from model.vision import VisionConfig
+
+    try:
+        meta = json.loads((Path(path) / "xlaserve.json").read_text()).get("vision")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read xlaserve.json ({e})") from None
+    return None if meta is None else VisionConfig.from_json(meta)
+
+
 def load_params(path: str | Path, cfg: ModelConfig, shardings: Any = None, dtype: str | None = None) -> Any:
     """Restore params straight into their target shardings (one device when None).
 

@@ -94,6 +94,7 @@ def attention(
     spec: AttentionSpec | None = None,  # default: softmax(q.k / sqrt(H)) over 0..p
     tables: jax.Array | None = None,  # (slots, max blocks) int32 block tables
     lora: tuple | None = None,  # adapter slots and selection (see with_lora)
+    limits: jax.Array | None = None,  # (B, T) the last position each query sees (see Backend.attend)
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     b, t, _ = x.shape
     n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -109,7 +110,8 @@ def attention(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv = backend.write_kv(kv, k, v, rows, positions, tables)
     spec = spec or AttentionSpec(scale=h ** -0.5)
-    out = backend.attend(q, kv, rows, positions, span, spec, tables).reshape(b, t, n * h)  # (B, T, N*H)
+    out = backend.attend(q, kv, rows, positions, span, spec, tables,
+                         **({} if limits is None else {"limits": limits})).reshape(b, t, n * h)  # (B, T, N*H)
     return with_lora(lora, "o", out, layer["wo"].apply(out, live)).astype(x.dtype), kv
 
 

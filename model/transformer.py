@@ -50,6 +50,7 @@ def forward(
     live: jax.Array | None = None,
     tables: jax.Array | None = None,  # (groups, slots, max blocks) int32 (see layer_tables); None: identity
     lora: tuple | None = None,  # (bank, select): adapter slots per layer and the tokens' selection (model.lora)
+    images: tuple | None = None,  # (embeds (B, T, D), use (B, T) bool, limits (B, T) int32): see below
 ) -> tuple[jax.Array, KVCache]:
     """Run the blocks; returns final-normed hidden states (B, T, D) and the updated cache.
 
@@ -61,7 +62,10 @@ def forward(
     B * T rows hold data and padding follows them; packed projections skip the padding.
     ``tables`` None: row b owns the pool's blocks in order, as ``init_cache`` of B rows lays
     them out. ``lora``: the adapter bank (a dict of ``model.lora.Slots`` per layer) and each
-    token's column selection (B, T, slots * rank); None: the base model.
+    token's column selection (B, T, slots * rank); None: the base model. ``images``: the
+    tokens where ``use`` is set take ``embeds`` (an image's soft tokens, from
+    ``model.vision.encode``) in place of their embedding, and each query sees the positions up
+    to its ``limits`` entry (its image's last token inside an image, else its own position).
     """
     if tables is None:
         pool = cache[0][0]
@@ -70,6 +74,10 @@ def forward(
     x = params["embed"].lookup(tokens)  # (B, T, D)
     if cfg.embed_scale is not None:  # Gemma: sqrt(D), rounded to the activations' dtype as HF does
         x = x * jnp.asarray(cfg.embed_scale, dtype=x.dtype)
+    limits = None
+    if images is not None:
+        embeds, use, limits = images
+        x = jnp.where(use[..., None], embeds.astype(x.dtype), x)
     if rope is None:
         ropes = [rope_cos_sin(cfg, positions)]
         if cfg.rope_local_theta is not None:
@@ -84,7 +92,7 @@ def forward(
         with jax.named_scope("attention"):
             h, kv = attention(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, positions, kv,
                               rows, span, backend, live, cfg.attention_spec(i), layer_tables(tables, cfg, i),
-                              adapters)
+                              adapters, limits)
         if cfg.post_norms:  # Gemma: each block's output normed before the residual add
             h = rms_norm(h, layer["post_attn_norm"], eps)
         x = x + h

@@ -114,9 +114,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def attend(self, q: jax.Array, kv: tuple, rows: jax.Array | None, positions: jax.Array,
-               span: int, spec: AttentionSpec, tables: jax.Array) -> jax.Array:
+               span: int, spec: AttentionSpec, tables: jax.Array, limits: jax.Array | None = None) -> jax.Array:
         """q (B, T, N, H) over one layer's pool -> (B, T, N, H): a query at position p sees
-        positions 0..p of its table row, or its window's (``spec``: scale, window, soft-cap)."""
+        positions 0..p of its table row, or its window's (``spec``: scale, window, soft-cap).
+        ``limits`` (B, T): the last position each query sees instead of its own (a token of an
+        image attended both ways sees its image's last; the window still starts from p); it
+        never passes the call's last token of the query's row."""
 
     # -- shapes ---------------------------------------------------------------------------------
 

@@ -196,7 +196,9 @@ class GpuKernels(Xla):
         # short prompt, as on the CPU kernels.
         return min(slots, max(1, bucket // 4))
 
-    def attend(self, q, kv, rows, positions, span, spec, tables):
+    def attend(self, q, kv, rows, positions, span, spec, tables, limits=None):
+        if limits is not None:  # an image's two-way span: the kernel masks causally; XLA's path
+            return super().attend(q, kv, rows, positions, span, spec, tables, limits)
         b, t, n, h = q.shape
         if rows is None:
             rows = jnp.arange(b, dtype=jnp.int32)

@@ -214,11 +214,12 @@ class Xla(Backend):
         index = flat_slots(tables, jnp.broadcast_to(write_rows, positions.shape), positions, *kv[0].shape[:3])
         return tuple(scatter_kv(pool, x, index) for pool, x in zip(kv, (k, v)))
 
-    def attend(self, q, kv, rows, positions, span, spec, tables):
+    def attend(self, q, kv, rows, positions, span, spec, tables, limits=None):
         if rows is not None and rows.ndim == 2:  # a prefill call's row per token (1, T)
             p = self.prompts_per_call(q.shape[1], tables.shape[0], span)
             if p > 1:
-                return _attend_packed(q, kv, rows[0], positions[0], span, spec, tables, p)
+                return _attend_packed(q, kv, rows[0], positions[0], span, spec, tables, p,
+                                      None if limits is None else limits[0])
             rows = rows[:, 0]  # one sequence: its first token's row is every real token's
         k_pool, v_pool = kv
         b, t, n, h = q.shape
@@ -240,7 +241,7 @@ class Xla(Backend):
         # A query at position p sees positions 0..p of its sequence: its own prompt, earlier
         # turns, itself; in a windowed layer only the last `window` of them.
         cached = (first[:, None] * block + jnp.arange(nb * block)[None, :])[:, None, :]  # each key's position (B, 1, S)
-        visible = cached <= positions[:, :, None]  # (B, T, S)
+        visible = cached <= (positions if limits is None else limits)[:, :, None]  # (B, T, S)
         if spec.window is not None:
             visible &= cached > positions[:, :, None] - spec.window
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
@@ -252,7 +253,7 @@ class Xla(Backend):
         return out.reshape(b, t, n, h)
 
 
-def _attend_packed(q, kv, rows, positions, span, spec, tables, p):
+def _attend_packed(q, kv, rows, positions, span, spec, tables, p, limits=None):
     """q (1, T, N, H) of up to ``p`` sequences' chunks packed in one call, token t in table row
     ``rows[t]`` at ``positions[t]``: each query is scored against the first ``span`` positions of
     every packed sequence, and sees only its own sequence's positions up to its own (and within
@@ -275,7 +276,7 @@ def _attend_packed(q, kv, rows, positions, span, spec, tables, p):
     key_pos = jnp.tile(jnp.arange(nb * block), p)  # (P*S,)
     key_row = jnp.repeat(packed, nb * block)
     visible = (key_row[None, :] == rows[:, None]) & (key_row[None, :] < slots) & (
-        key_pos[None, :] <= positions[:, None])  # (T, P*S)
+        key_pos[None, :] <= (positions if limits is None else limits)[:, None])  # (T, P*S)
     if spec.window is not None:
         visible &= key_pos[None, :] > positions[:, None] - spec.window
     scores = jnp.where(visible[None, None], scores, -jnp.inf)

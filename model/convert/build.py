@@ -28,10 +28,12 @@ from model.config import ModelConfig, RopeScaling, UnsupportedConfigError, from_
 from model.convert.gguf import gguf_hf_config, gguf_reader, gguf_rope_factors, gguf_tensors, gguf_tokenizer_files
 from model.convert.sources import hf_keys, hf_tensors
 from model.convert.transforms import ConversionError
+from model import vision as vision_model
 from model.weights import param_specs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
+                   "preprocessor_config.json", "processor_config.json")
 # Keys that carry no weights we need (derived buffers of old checkpoints).
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -162,7 +164,8 @@ def _progress(total: int, enabled: bool):
 
 
 def save_checkpoint(dst: Path, cfg: ModelConfig, params: dict, source: str,
-                    embedding: dict[str, Any] | None = None) -> None:
+                    embedding: dict[str, Any] | None = None, vision: tuple | None = None) -> None:
+    """``vision``: a vision tower's (VisionConfig, params), saved beside the language model's."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckpt:
@@ -170,6 +173,9 @@ def save_checkpoint(dst: Path, cfg: ModelConfig, params: dict, source: str,
     meta = {"format_version": FORMAT_VERSION, "config": cfg.to_json(), "source": source}
     if embedding is not None:
         meta["embedding"] = embedding
+    if vision is not None:
+        vision_model.save(dst, vision[1])
+        meta["vision"] = vision[0].to_json()
     (dst / "xlaserve.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -228,8 +234,22 @@ def _convert_hf_dir(src: Path, tmp: Path, dtype: str | None, progress: bool) -> 
         # An embedding model saved without its head (Qwen3-Embedding-4B): the head is never
         # used for embeddings, so the embedding stands in for it rather than a copy.
         cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
-    params = build_params(cfg, _with_model_prefix(hf_tensors(src)), progress)
-    save_checkpoint(tmp, cfg, params, source=str(src), embedding=embedding)
+    vc = vision_model.from_hf_config(hf_cfg, cfg.hidden_size, cfg.dtype)
+    tower: dict[str, np.ndarray] = {}
+
+    def text_tensors():  # the tower's tensors are set aside for its own tree
+        for key, tensor in _with_model_prefix(hf_tensors(src)):
+            if vc is not None and vision_model.VISION_KEY.fullmatch(key):
+                tower[key] = np.asarray(tensor, np.float32)
+            else:
+                yield key, tensor
+
+    params = build_params(cfg, text_tensors(), progress)
+    try:
+        vision = None if vc is None else (vc, vision_model.build_params(vc, tower))
+    except vision_model.VisionError as e:
+        raise ConversionError(str(e)) from None
+    save_checkpoint(tmp, cfg, params, source=str(src), embedding=embedding, vision=vision)
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, tmp / name)

@@ -120,13 +120,17 @@ class CpuKernels(Backend):
         index = flat_slots(tables, write_rows, positions, *kv[0].shape[:3])
         return tuple(scatter_kv(pool, kernels.to_cache(x, pool.dtype), index) for pool, x in zip(kv, (k, v)))
 
-    def attend(self, q, kv, rows, positions, span, spec, tables):
-        # A prefill chunk's T queries are T kernel rows of the same sequence.
+    def attend(self, q, kv, rows, positions, span, spec, tables, limits=None):
+        # A prefill chunk's T queries are T kernel rows of the same sequence. A query sees up
+        # to its limit (its position, or its image's end), from its own window's start.
         b, t, n, h = q.shape
         q_rows = jnp.broadcast_to(_rows(rows, b), (b, t)).reshape(b * t)
         k_pool, v_pool = (x.reshape(x.shape[1:]) for x in kv)  # the one replica's (blocks, block, K, E)
-        out = kernels.decode_attention(q.reshape(b * t, n, h), k_pool, v_pool, q_rows, positions.reshape(b * t) + 1,
-                                       tables, scale=spec.scale, softcap=spec.softcap, window=spec.window)
+        pos = positions.reshape(b * t)
+        ends = (pos if limits is None else limits.reshape(b * t)) + 1
+        starts = jnp.maximum(pos + 1 - spec.window, 0) if spec.window else jnp.zeros_like(pos)
+        out = kernels.decode_attention(q.reshape(b * t, n, h), k_pool, v_pool, q_rows, ends, tables,
+                                       scale=spec.scale, softcap=spec.softcap, starts=starts)
         return out.astype(q.dtype).reshape(b, t, n, h)
 
     def prompts_per_call(self, bucket, slots, span):

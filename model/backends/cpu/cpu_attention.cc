@@ -18,8 +18,10 @@
 //                            (value = int8 * scale)
 //   rows  (B,)          s32   block-table row (the sequence) of each batch row; out of range:
 //                            a padding row
-//   lens  (B,)          s32   positions 0 .. lens-1 are attended (the last `window` of them
-//                            when window > 0: the keys before are never read)
+//   lens  (B,)          s32   positions starts .. lens-1 are attended (the keys before a
+//   starts (B,)         s32   row's start, its sliding window's, are never read). A query
+//                            usually sees up to its own position; one inside an image that
+//                            attends both ways sees up to the image's last position.
 //   tables (R, MB)      s32   each sequence's blocks: position p is at offset p % BS of block
 //                            tables[row, p / BS]
 //   out   (B, N, H)     f32   zeros for padding rows
@@ -27,7 +29,7 @@
 // the pool (BS is a multiple of 16), so the passes below stream a block's positions as before
 // and only look the block up where a new one starts.
 // Attributes: scale (scores are q.k * scale), softcap (> 0: scores become
-// softcap * tanh(scores / softcap) before the softmax), window (0: none).
+// softcap * tanh(scores / softcap) before the softmax).
 //
 // Work items are shared between the calling thread and helpers scheduled on XLA's intra-op
 // thread pool through an atomic counter; the caller returns once every item is done, so a
@@ -81,11 +83,11 @@ struct Problem {
   const T* v;
   const int32_t* rows;
   const int32_t* lens;
+  const int32_t* starts;
   const int32_t* tables;
   float* out;
   int64_t B, N, K, H, R, MB, BS;
   float scale, softcap;
-  int64_t window;
   int64_t stride;  // entries between consecutive positions: K * (H + extra)
 
   // Position `pos` of table row `row` in the cache `base` (k or v).
@@ -111,7 +113,7 @@ inline int64_t Covered(const Problem<T>& p, const Item& it, int64_t b) {
 // Row b's first attended position: the start of its window.
 template <typename T>
 inline int64_t First(const Problem<T>& p, int64_t b) {
-  return p.window > 0 ? std::max<int64_t>(0, p.lens[b] - p.window) : 0;
+  return std::clamp<int64_t>(p.starts[b], 0, p.lens[b]);
 }
 
 // Positions at the start of item `it` that lie before row b's window: never read for b.
@@ -565,14 +567,14 @@ void Combine(const Shared<T>& shared) {
 
 template <typename T, ffi::DataType D>
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> k, ffi::Buffer<D> v,
-                  ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> tables,
-                  ffi::ResultBuffer<ffi::F32> out, float scale, float softcap, int64_t window) {
+                  ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> starts,
+                  ffi::Buffer<ffi::S32> tables, ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 ||
       !std::equal(kd.begin(), kd.end(), vd.begin()) || qd[2] + Stored<T>::kExtra != kd[3] ||
       qd[1] % kd[2] != 0 || (kd[1] % 16 != 0 && td[1] != 1) ||
       rows.element_count() != static_cast<size_t>(qd[0]) ||
-      lens.element_count() != static_cast<size_t>(qd[0]))
+      lens.element_count() != static_cast<size_t>(qd[0]) || starts.element_count() != static_cast<size_t>(qd[0]))
     return ffi::Error::InvalidArgument("decode attention: inconsistent shapes");
 
   // The cache is read in full every step.
@@ -582,8 +584,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
   Problem<T>& p = shared->problem;
   p = Problem<T>{q.typed_data(), reinterpret_cast<const T*>(k.untyped_data()),
                  reinterpret_cast<const T*>(v.untyped_data()), rows.typed_data(), lens.typed_data(),
-                 tables.typed_data(), out->typed_data(), qd[0], qd[1], kd[2], qd[2], td[0], td[1], kd[1],
-                 scale, softcap, window, kd[2] * kd[3]};
+                 starts.typed_data(), tables.typed_data(), out->typed_data(), qd[0], qd[1], kd[2], qd[2], td[0],
+                 td[1], kd[1], scale, softcap, kd[2] * kd[3]};
   // Padding rows (row out of range) and empty rows get no items: their output stays zero.
   auto live_len = [&](int64_t b) {
     const int64_t row = p.rows[b];
@@ -614,7 +616,10 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
     if (live_len(b) == 0) continue;
     if (!blocks.empty()) {
       auto& [b0, nb] = blocks.back();
-      if (b0 + nb == b && nb < kQueryBlock && p.rows[b] == p.rows[b - 1] && live_len(b) == live_len(b - 1) + 1) {
+      // (An image's tokens all see up to its end: equal lengths, then one more per token.)
+      const int64_t grows = live_len(b) - live_len(b - 1);
+      if (b0 + nb == b && nb < kQueryBlock && p.rows[b] == p.rows[b - 1] && (grows == 0 || grows == 1) &&
+          p.starts[b] >= p.starts[b - 1]) {
         ++nb;
         continue;
       }
@@ -650,25 +655,25 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<D> 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                               ffi::Buffer<ffi::S32> tables, ffi::ResultBuffer<ffi::F32> out, float scale,
-                               float softcap, int64_t window) {
-  return Attend<float>(pool, q, k, v, rows, lens, tables, out, scale, softcap, window);
+                               ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tables,
+                               ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
+  return Attend<float>(pool, q, k, v, rows, lens, starts, tables, out, scale, softcap);
 }
 
 ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
                                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                                   ffi::Buffer<ffi::S32> tables, ffi::ResultBuffer<ffi::F32> out, float scale,
-                                   float softcap, int64_t window) {
-  return Attend<uint16_t>(pool, q, k, v, rows, lens, tables, out, scale, softcap, window);
+                                   ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tables,
+                                   ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
+  return Attend<uint16_t>(pool, q, k, v, rows, lens, starts, tables, out, scale, softcap);
 }
 
 ffi::Error DecodeAttentionInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::S8> v,
                                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                                   ffi::Buffer<ffi::S32> tables, ffi::ResultBuffer<ffi::F32> out, float scale,
-                                   float softcap, int64_t window) {
-  return Attend<int8_t>(pool, q, k, v, rows, lens, tables, out, scale, softcap, window);
+                                   ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> tables,
+                                   ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
+  return Attend<int8_t>(pool, q, k, v, rows, lens, starts, tables, out, scale, softcap);
 }
 
 }  // namespace
@@ -682,10 +687,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<float>("softcap")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<float>("softcap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionBf16, DecodeAttentionBf16Impl,
                               ffi::Ffi::Bind()
@@ -696,10 +701,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionBf16, DecodeAttentionBf16Im
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<float>("softcap")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<float>("softcap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionInt8, DecodeAttentionInt8Impl,
                               ffi::Ffi::Bind()
@@ -710,7 +715,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveDecodeAttentionInt8, DecodeAttentionInt8Im
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<float>("softcap")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<float>("softcap"));

@@ -119,17 +119,19 @@ def available() -> bool:
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
                      lengths: jax.Array, tables: jax.Array | None = None, scale: float | None = None,
-                     softcap: float | None = None, window: int | None = None) -> jax.Array:
+                     softcap: float | None = None, window: int | None = None,
+                     starts: jax.Array | None = None) -> jax.Array:
     """q (B, N, H) f32; block pools (NB, BS, K, H) f32, or uint16 holding bfloat16 bits, or
     (NB, BS, K, H + 4) int8 with a scale per head (see ``to_cache``); rows, lengths (B,) int32;
     tables (R, MB) int32 -> (B, N, H) f32.
 
-    Row b attends the sequence of table row ``rows[b]``, positions ``0 .. lengths[b]-1``
-    (only the last ``window`` of them when one is given): position p is at offset p % BS of
-    block ``tables[rows[b], p // BS]``. A row index outside ``[0, R)`` gives zeros (padding
-    rows). BS is a multiple of 16 (or the whole of each sequence: ``tables`` None reads the
-    pool as one block per row, ``rows`` indexing blocks). Scores are ``q.k * scale`` (default
-    1/sqrt(H)), soft-capped as ``softcap * tanh(score / softcap)`` when ``softcap`` is given."""
+    Row b attends the sequence of table row ``rows[b]``, positions ``starts[b] .. lengths[b]-1``
+    (``starts`` default: 0, or the last ``window`` positions when a window is given): position
+    p is at offset p % BS of block ``tables[rows[b], p // BS]``. A row index outside ``[0, R)``
+    gives zeros (padding rows). BS is a multiple of 16 (or the whole of each sequence:
+    ``tables`` None reads the pool as one block per row, ``rows`` indexing blocks). Scores are
+    ``q.k * scale`` (default 1/sqrt(H)), soft-capped as ``softcap * tanh(score / softcap)``
+    when ``softcap`` is given."""
     _require()
     targets = {jnp.dtype(jnp.float32): ATTENTION, jnp.dtype(jnp.uint16): ATTENTION_BF16,
                jnp.dtype(jnp.int8): ATTENTION_INT8}
@@ -142,10 +144,13 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows:
     target = targets[jnp.dtype(k_cache.dtype)]
     if tables is None:
         tables = jnp.arange(k_cache.shape[0], dtype=jnp.int32)[:, None]
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    if starts is None:
+        starts = jnp.maximum(lengths - window, 0) if window else jnp.zeros_like(lengths)
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q.astype(jnp.float32), k_cache, v_cache, rows.astype(jnp.int32),
-        lengths.astype(jnp.int32), tables.astype(jnp.int32), scale=np.float32(q.shape[-1] ** -0.5 if scale is None else scale),
-        softcap=np.float32(softcap or 0.0), window=np.int64(window or 0))
+        q.astype(jnp.float32), k_cache, v_cache, jnp.asarray(rows).astype(jnp.int32), lengths,
+        jnp.asarray(starts).astype(jnp.int32), tables.astype(jnp.int32),
+        scale=np.float32(q.shape[-1] ** -0.5 if scale is None else scale), softcap=np.float32(softcap or 0.0))
 
 
 INT8_SCALE_BYTES = 4

@@ -1,0 +1,164 @@
+"""Image input (Gemma 3): preprocessing equal to the HF image processor's, the vision tower and
+the language model's two-way attention inside an image equal to transformers', on both device
+paths, through the engine and over HTTP."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from model import transformer
+from model import vision
+from model.backends import cpu as cpu_kernels
+from model.checkpoint import load_config, load_params, load_vision
+from model.convert import convert
+
+VOCAB = 160
+BOI, EOI, IMAGE = 157, 158, 159
+TOKENS_PER_IMAGE = 4
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>"
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+            "{% if part['type'] == 'image' %}<start_of_image>{% else %}{{ part['text'] }}{% endif %}"
+            "{% endfor %}{% endif %} w3 {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def write_tokenizer(path):
+    """Words w0..w156, the roles as words, and Gemma 3's image tokens as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(150)}
+    for i, role in enumerate(("<system>", "<user>", "<assistant>", "<tool>")):
+        vocab[role] = 150 + i
+    vocab.update({f"w{i}": i for i in range(154, BOI)})
+    vocab.update({"<start_of_image>": BOI, "<end_of_image>": EOI, "<image_soft_token>": IMAGE})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken("<start_of_image>", special=True), AddedToken("<end_of_image>", special=True),
+                            AddedToken("<image_soft_token>", special=True)])
+    assert tok.token_to_id("<image_soft_token>") == IMAGE
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "w1", "eos_token": "w2", "chat_template": TEMPLATE}))
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 56, "width": 56},
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
+         "do_normalize": True, "do_rescale": True, "do_resize": True, "resample": 2}))
+
+
+def make_gemma3_vlm(path, seed=0, sliding_window=6):
+    """A tiny Gemma 3 vision-language checkpoint: a 56-pixel image is 4x4 patches of 14,
+    pooled 2x2 into 4 soft tokens; 3 text layers, the middle one global."""
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                max_position_embeddings=256, rms_norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=1,
+                head_dim=32, query_pre_attn_scalar=32, sliding_window=sliding_window,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    cfg = transformers.Gemma3Config(
+        text_config=text, vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=56, patch_size=14),
+        mm_tokens_per_image=TOKENS_PER_IMAGE, image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random norms and a non-zero projection, so a mix-up shows
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(0.2 * torch.randn_like(p))
+            elif name.endswith("mm_input_projection_weight"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return model
+
+
+def picture(seed, size=(40, 30)):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma3-vlm")
+    model = make_gemma3_vlm(root / "hf")
+    convert(root / "hf", root / "converted", progress=False)
+    return model, root / "converted"
+
+
+def image_prompt(text_before, images, text_after):
+    """Token ids as Gemma 3's processor expands ``<start_of_image>``: the image's soft tokens
+    between its begin and end tokens (the word-level tokenizer has no newlines to add)."""
+    ids = list(text_before)
+    for _ in range(images):
+        ids += [BOI] + [IMAGE] * TOKENS_PER_IMAGE + [EOI] + [int(x) for x in text_after[:2]]
+    return ids + list(text_after)
+
+
+def hf_logits(model, ids, pixels):
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        out = model(input_ids=ids_t, pixel_values=torch.tensor(pixels) if len(pixels) else None,
+                    token_type_ids=(ids_t == IMAGE).long(), attention_mask=torch.ones_like(ids_t))
+    return out.logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("size", [(56, 56), (40, 30), (7, 90), (300, 17)])
+def test_preprocessing_equals_the_hf_image_processor(vlm, size):
+    """Our numpy/Pillow pixels equal Gemma 3's HF image processor's (its Pillow path) for
+    square, small, and extreme aspect ratios."""
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    _, converted = vlm
+    vc = load_vision(converted)
+    ours = vision.Preprocessor.of(converted, vc)(picture(1, size))
+    ref = Gemma3ImageProcessorPil(size={"height": 56, "width": 56}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    want = ref(picture(1, size), return_tensors="np")["pixel_values"][0]
+    assert ours.shape == want.shape == (3, 56, 56)
+    assert np.abs(ours - want).max() <= 1e-6
+
+
+def test_vision_tower_equals_transformers_image_features(vlm):
+    model, converted = vlm
+    vc = load_vision(converted)
+    pre = vision.Preprocessor.of(converted, vc)
+    pixels = np.stack([pre(picture(s)) for s in (1, 2)])
+    with torch.no_grad():
+        want = model.get_image_features(torch.tensor(pixels)).pooler_output.float().numpy()
+    got = np.asarray(vision.encode(vision.load(converted, vc), vc, jnp.asarray(pixels)))
+    assert got.shape == want.shape == (2, TOKENS_PER_IMAGE, 64)
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_language_model_with_images_equals_transformers_logits(vlm, kernels):
+    """A prompt with two images (the second past the sliding window of the first): every
+    position's logits equal transformers', which attends within each image both ways."""
+    if kernels and not cpu_kernels.available():
+        pytest.skip("the CPU kernels do not build here")
+    model, converted = vlm
+    cfg, vc = load_config(converted), load_vision(converted)
+    pre = vision.Preprocessor.of(converted, vc)
+    pixels = np.stack([pre(picture(s)) for s in (3, 4)])
+    ids = image_prompt([1, 151, 20, 21], 2, [30, 31, 32, 152])
+    want = hf_logits(model, ids, pixels)
+    backend = cpu_kernels.CpuKernels() if kernels else transformer.XLA
+    params = transformer.prepare(load_params(converted, cfg), cfg, backend)
+    feats = np.asarray(vision.encode(vision.load(converted, vc), vc, jnp.asarray(pixels))).reshape(-1, 64)
+    t = len(ids)
+    use = np.asarray(ids) == IMAGE
+    embeds = np.zeros((t, 64), np.float32)
+    embeds[use] = feats
+    limits = np.arange(t)
+    for s in np.flatnonzero(use & ~np.roll(use, 1)):  # each image's tokens see its last
+        e = s
+        while e + 1 < t and use[e + 1]:
+            e += 1
+        limits[s:e + 1] = e
+    cache = transformer.init_cache(cfg, 1, 64, backend=backend)
+    hidden, _ = transformer.forward(params, cfg, jnp.asarray([ids]), jnp.arange(t)[None], cache, span=64,
+                                    backend=backend, images=(jnp.asarray(embeds)[None], jnp.asarray(use)[None],
+                                                             jnp.asarray(limits, jnp.int32)[None]))
+    got = np.asarray(transformer.logits(params, cfg, hidden))[0]
+    assert np.abs(got - want).max() <= 1e-4
