@@ -55,6 +55,8 @@ class EngineMetrics:
         self.spec_length = Gauge("xlaserve_spec_mean_accepted_length",
                                  "Tokens a verified row advances on average (accepted drafts + 1)", registry=r)
         self.adapters = Gauge("xlaserve_lora_adapters_loaded", "LoRA adapters loaded", registry=r)
+        self.images_encoded = Counter("xlaserve_images_encoded", "Images the vision tower encoded (not from its cache)",
+                                      registry=r)
         self.adapter_requests = Counter("xlaserve_lora_requests", "Requests submitted per LoRA adapter",
                                         ["adapter"], registry=r)
 

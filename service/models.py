@@ -146,6 +146,7 @@ def build_runner(checkpoint: Path, config: EngineConfig):
         shardings = plan.param_shardings(cfg)
         log.info("mesh data=%d x model=%d over %s devices", dp, tp, plan.mesh.devices.flat[0].platform)
     params = load_params(checkpoint, cfg, shardings)
+    vision = load_tower(checkpoint, cfg, config, plan, channel)
     tokenizer = Tokenizer.from_dir(checkpoint)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_token_ids)
     tokenizer.eos_ids = frozenset(eos)
@@ -153,13 +154,38 @@ def build_runner(checkpoint: Path, config: EngineConfig):
     runner = ModelRunner(cfg, params, slots, session_len, eos_ids=frozenset(eos), plan=plan, channel=channel,
                          max_prefill_chunk=config.max_prefill_chunk, quantize=config.quantize,
                          kv_cache_dtype=config.kv_cache_dtype, block_size=config.block_size, num_blocks=num_blocks,
-                         window_blocks=config.window_blocks(cfg, session_len), adapters=spec)
+                         window_blocks=config.window_blocks(cfg, session_len), adapters=spec, vision=vision)
     for slot, adapter in enumerate(adapters):
         runner.load_adapter(slot, adapter)
     if adapters:
         log.info("LoRA adapters: %s", ", ".join(f"{a.name} (rank {a.rank}: {'/'.join(sorted(a.targets))}, {a.path})"
                                                 for a in adapters))
     return runner, tokenizer
+
+
+def load_tower(checkpoint: Path, cfg, config: EngineConfig, plan, channel) -> tuple | None:
+    """A vision-language checkpoint's vision tower (its ``VisionConfig`` and params, on every
+    device), or None: a text model, or a mesh spanning processes (images are not served there)."""
+    import dataclasses
+
+    from model import vision
+    from model.checkpoint import load_vision
+    from service.engine.config import EngineConfigError
+
+    vc = load_vision(checkpoint)
+    if vc is None:
+        return None
+    if channel is not None:
+        log.warning("image input is not served on a mesh spanning processes: this server takes text only")
+        return None
+    if config.max_prefill_chunk < vc.tokens_per_image:
+        raise EngineConfigError(f"--max-prefill-token-num {config.max_prefill_chunk} is below the "
+                                f"{vc.tokens_per_image} tokens of one image, which one prefill call computes")
+    vc = dataclasses.replace(vc, dtype=cfg.dtype)
+    params = vision.load(checkpoint, vc, None if plan is None else plan.replicated)
+    log.info("vision tower: %d layers of width %d, %d-pixel images as %d tokens each", vc.num_layers,
+             vc.hidden_size, vc.image_size, vc.tokens_per_image)
+    return vc, params
 
 
 def read_adapters(config: EngineConfig, cfg):

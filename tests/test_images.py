@@ -162,3 +162,96 @@ def test_language_model_with_images_equals_transformers_logits(vlm, kernels):
                                                              jnp.asarray(limits, jnp.int32)[None]))
     got = np.asarray(transformer.logits(params, cfg, hidden))[0]
     assert np.abs(got - want).max() <= 1e-4
+
+
+def hf_greedy(model, ids, pixels, n):
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), pixel_values=torch.tensor(pixels),
+                             token_type_ids=(ids_t == IMAGE).long(), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def build(converted, path):
+    """An engine over the converted model on the XLA path, the CPU kernels, or a tp=2 mesh."""
+    from model.backends.xla import Xla
+    from model.tokenizer import Tokenizer
+    from service.engine import Engine
+    from service.engine.config import EngineConfig
+    from service.engine.runner import ModelRunner
+    from service.models import build_runner, load_tower
+
+    config = EngineConfig(max_batch_size=4, session_len=96, max_prefill_chunk=16, block_size=16, num_blocks=40,
+                          tp=2 if path == "tp2" else 1)
+    if path == "tp2":
+        runner, tokenizer = build_runner(converted, config)
+    else:
+        cfg = load_config(converted)
+        runner = ModelRunner(cfg, load_params(converted, cfg), 4, 96, max_prefill_chunk=16, block_size=16,
+                             num_blocks=40, backend=Xla() if path == "xla" else None,
+                             vision=load_tower(converted, cfg, config, None, None))
+        tokenizer = Tokenizer.from_dir(converted)
+    engine = Engine(runner, tokenizer)
+    engine.start()
+    return engine
+
+
+def run(engine, jobs):
+    """Submit every (ids, images, params) at once; their token lists."""
+    import asyncio
+
+    async def one(ids, ims, params):
+        toks = []
+        async for out in engine.generate(ids, params, images=ims):
+            toks += out.token_ids
+        return toks
+
+    async def main():
+        return await asyncio.gather(*(one(*j) for j in jobs))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("path", ["xla", "kernels", "tp2"])
+def test_engine_greedy_with_images_equals_transformers_and_is_batch_invariant(vlm, path):
+    """Greedy 12 tokens of a one-image and a two-image prompt equal transformers' generate
+    (chunks of 16 tokens: every image lands whole in a call, the cut moving chunk ends); the
+    same requests together with a text-only one give each what it gets alone; a repeated image
+    is encoded once, and a different image behind the same tokens gets no prefix-cache hit."""
+    from service.engine.images import image_of
+    from service.params import SamplingParams
+
+    if path == "kernels" and not cpu_kernels.available():
+        pytest.skip("the CPU kernels do not build here")
+    model, converted = vlm
+    vc = load_vision(converted)
+    pre = vision.Preprocessor.of(converted, vc)
+    pics = {s: pre(picture(s, (30 + 7 * s, 50))) for s in (5, 6, 7)}
+    one = image_prompt([1, 151, 20, 21, 22, 23, 24, 25, 26, 27, 28], 1, [30, 31, 152])
+    two = image_prompt([1, 151, 40, 41, 42], 2, [43, 44, 45, 46, 47, 152])
+    text = [1, 151, 60, 61, 62, 152]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want_one = hf_greedy(model, one, pics[5][None], 12)
+    want_two = hf_greedy(model, two, np.stack([pics[6], pics[7]]), 12)
+    engine = build(converted, path)
+    try:
+        alone = [run(engine, [job])[0] for job in [
+            (one, [image_of(pics[5])], greedy), (two, [image_of(pics[6]), image_of(pics[7])], greedy),
+            (text, [], greedy)]]
+        assert alone[0] == want_one
+        assert alone[1] == want_two
+        encoded = engine.encoder_cache.encoded
+        assert encoded == 3
+        together = run(engine, [(one, [image_of(pics[5])], greedy), (text, [], greedy),
+                                (two, [image_of(pics[6]), image_of(pics[7])], greedy)])
+        assert together == [alone[0], alone[2], alone[1]]
+        assert engine.encoder_cache.encoded == encoded  # every image came from the encoder cache
+        # The one-image prompt with another picture: same token ids, no cached block past the image.
+        hits = engine.blocks.hits
+        other = run(engine, [(one, [image_of(pics[7])], greedy)])[0]
+        first_image_block = one.index(IMAGE) // 16
+        assert engine.blocks.hits - hits <= first_image_block
+        assert other == hf_greedy(model, one, pics[7][None], 12)
+    finally:
+        engine.stop()

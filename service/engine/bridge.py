@@ -35,12 +35,12 @@ def deliver(loop: asyncio.AbstractEventLoop, items: list) -> None:
 
 
 async def stream(engine, prompt_ids: list[int], params, session_id: int | None = None,
-                 request_id: str | None = None) -> AsyncIterator:
+                 request_id: str | None = None, images: list = ()) -> AsyncIterator:
     """``Engine.generate``: submit on the running loop and yield the request's Outputs; leaving
     early aborts it."""
     q: asyncio.Queue = asyncio.Queue()
     rid = engine.submit(prompt_ids, params, LoopQueue(asyncio.get_running_loop(), q), session_id=session_id,
-                        request_id=request_id)
+                        request_id=request_id, images=images)
     finished = False
     try:
         while True:

@@ -25,6 +25,8 @@ from model.backends import trim_freed_memory
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from service.engine.adapters import AdapterRegistry
 from service.engine.blocks import BlockManager
+from service.engine.images import EncoderCache
+from service.engine.images import place as place_images
 from service.engine.bridge import stream
 from service.engine.output import OutputProcessor, Stats
 from service.engine.request import Output, Request, Sequence
@@ -73,6 +75,7 @@ class Engine:
         self.failed: str | None = None  # why the engine stopped serving, once it has
         # The LoRA adapters served by name (None: the runner has no adapter slots).
         self.adapters = AdapterRegistry(runner.adapters, runner.resident) if runner.adapters is not None else None
+        self.encoder_cache = EncoderCache()  # the vision tower's outputs by image (a vision-language model)
         # Training loops (``pause``, ``sleep``, ``update_weights``): while paused or asleep nothing
         # is admitted; the weights change only while no sequence runs, so every request's tokens
         # come from one ``weight_version``.
@@ -140,11 +143,13 @@ class Engine:
             raise Sleeping("the server is asleep (POST /sleep) and serves no requests until POST /wakeup")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Output], None],
-               session_id: int | None = None, request_id: str | None = None) -> str:
-        """Queue a request (``request_id``: its id, else the engine's own); returns its id."""
+               session_id: int | None = None, request_id: str | None = None, images: list = ()) -> str:
+        """Queue a request (``request_id``: its id, else the engine's own; ``images``: its
+        prompt's, ``service.engine.images.Image``s in order); returns its id."""
         self._check_serving()
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        placed = self.place_images(prompt_ids, images, session_id)
         self.limits.token_ids(prompt_ids, params)
         if session_id is None:
             self.limits.prompt(len(prompt_ids), params)
@@ -153,7 +158,8 @@ class Engine:
         adapter, root = self.adapter_of(params)
         self.waiting.reserve()
         rid = request_id or f"req-{next(self._ids)}"
-        self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id, adapter=adapter, root=root)))
+        self._inbox.put(("add", Request(rid, list(prompt_ids), params, emit, session_id, adapter=adapter, root=root,
+                                        images=placed)))
         if params.adapter is not None:
             self.metrics.adapter_requests.labels(params.adapter).inc()
         return rid
@@ -180,12 +186,27 @@ class Engine:
             return self.adapters.install(adapter, busy, self.runner.load_adapter)
         return self.on_engine_thread(install)
 
-    def check_submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
+    def place_images(self, prompt_ids, images, session_id: int | None = None) -> tuple:
+        """The images placed at the prompt's image tokens (``images.place``); refused where
+        the model takes no images, in a session, or where they do not match the prompt."""
+        vision = self.runner.vision
+        if images and vision is None:
+            raise InvalidRequest("this model takes no images (text only)", param="messages")
+        if images and session_id is not None:
+            raise InvalidRequest("images are not supported in interactive sessions", param="messages")
+        if vision is None:
+            return ()
+        vc = vision[0]
+        return place_images(prompt_ids, list(images), vc.image_token_id, vc.tokens_per_image)
+
+    def check_submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, images: list = ()) -> None:
         """Every check a request's prompts (``n`` generations each) must pass before any is
         submitted, so a bad one is refused with its status before anything streams: token ids
-        in the vocabulary, lengths within the session and the pool, room in the queue."""
+        in the vocabulary, images where the prompt places them, lengths within the session and
+        the pool, room in the queue."""
         self.adapter_of(params)
         for ids in prompts:
+            self.place_images(ids, images)
             self.limits.token_ids(ids, params)
             self.limits.prompt(len(ids), params)
         self.check_capacity(len(prompts) * n)
@@ -235,10 +256,10 @@ class Engine:
         return self.table.history(session_id)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, session_id: int | None = None,
-                 request_id: str | None = None) -> AsyncIterator[Output]:
+                 request_id: str | None = None, images: list = ()) -> AsyncIterator[Output]:
         """Submit and stream Outputs on the caller's event loop; closing the iterator early
         aborts the request."""
-        return stream(self, prompt_ids, params, session_id, request_id)
+        return stream(self, prompt_ids, params, session_id, request_id, images)
 
     # -- training loops: pause, sleep, new weights (any thread but the engine's; they block) ----
 
@@ -516,6 +537,7 @@ class Engine:
         return not (self.paused or self.sleep_level)
 
     def _admit(self) -> None:
+        with_images: list[Sequence] = []
         while self.waiting and self.table.has_free and self.admitting:
             req = self.waiting.pop()
             history = self.table.history(req.session_id)
@@ -547,4 +569,32 @@ class Engine:
                 req.emit(Output(finish_reason="error", prompt_tokens=len(seq.seq)))
                 continue
             self.table.place(seq, slot)
+            if req.images:
+                with_images.append(seq)
+        if with_images:
+            self._encode_images(with_images)
 
+    def _encode_images(self, seqs: list[Sequence]) -> None:
+        """The admitted sequences' image features, before any of their chunks is planned: from
+        the encoder cache, else from the vision tower, every image not cached in one batched
+        call. A failure fails these sequences alone."""
+        features: dict[bytes, Any] = {}
+        pixels = {}
+        for s in seqs:
+            for im in s.req.images:
+                if im.key not in features:
+                    features[im.key], pixels[im.key] = self.encoder_cache.get(im.key), im.pixels
+        todo = [k for k, f in features.items() if f is None]
+        try:
+            if todo:
+                for key, f in zip(todo, self.runner.encode_images([pixels[k] for k in todo])):
+                    features[key] = f
+                    self.encoder_cache.put(key, f)
+                self.metrics.images_encoded.inc(len(todo))
+        except Exception:
+            log.exception("the vision tower failed")
+            for s in seqs:
+                self.outputs.finish(s, "error")
+            return
+        for s in seqs:
+            s.image_features = [features[im.key] for im in s.req.images]

@@ -53,6 +53,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     adapter: int = -1  # the adapter slot its tokens use (-1: the base model)
     root: bytes = b""  # where its blocks' hash chain starts: its adapter's identity
+    images: tuple = ()  # its prompt's images (service.engine.images.Image), in order
 
 
 @dataclasses.dataclass(eq=False)
@@ -89,6 +90,10 @@ class Sequence:
     draft_epoch: int = 0
     draft_len: int = 0  # the drafts its next step may check (``speculate.adapt``; 0: K)
     weight_version: str = ""  # the engine's weights when it was admitted (they cannot change while it runs)
+    # Its images' soft tokens from the vision tower (host arrays, kept for a recompute after a
+    # preemption), and its prompt as the prefix cache hashes it (see ``hash_tokens``).
+    image_features: list = dataclasses.field(default_factory=list)
+    keys: list[int] | None = None
 
     @property
     def id(self) -> str:
@@ -121,6 +126,18 @@ class Sequence:
             return self.seq[start:end]
         return self.seq[start:] + self.generated[max(start - n, 0):end - n] if start < n else \
             self.generated[start - n:end - n]
+
+    def hash_tokens(self, start: int, end: int) -> list[int]:
+        """``tokens(start, end)`` as the prefix cache hashes them: an image's tokens stand for
+        its content (``service.engine.images.hash_keys``)."""
+        if not self.req.images:
+            return self.tokens(start, end)
+        if self.keys is None:
+            from service.engine.images import hash_keys
+
+            self.keys = hash_keys(self.seq, self.req.images)
+        n = len(self.seq)
+        return self.keys[start:end] if end <= n else self.keys[start:] + self.tokens(max(start, n), end)
 
     @property
     def constrained(self) -> bool:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import layers, lora, weights
+from model import vision as vision_model
 from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
@@ -85,7 +86,7 @@ class ModelRunner:
                  top_logprobs: int = MAX_TOP_LOGPROBS, plan: Any = None, channel: Any = None,
                  quantize: str | None = None, kv_cache_dtype: str | None = None,
                  backend: Backend | None = None, block_size: int = 32, num_blocks: int | None = None,
-                 window_blocks: int = 0, adapters: lora.BankSpec | None = None):
+                 window_blocks: int = 0, adapters: lora.BankSpec | None = None, vision: tuple | None = None):
         self.cfg = cfg
         self.plan = plan
         self.channel = channel  # sharding.distributed.StepChannel when the mesh spans processes
@@ -117,8 +118,16 @@ class ModelRunner:
             raise ValueError(f"{window_blocks} blocks of {block_size} cannot hold one sequence's window of "
                              f"{self.window} positions")
         self.kv_groups = 2 if self.window else 1  # the tables' first axis: full attention, then windows
+        # A vision-language model's tower: (VisionConfig, params placed on every device).
+        self.vision = vision
+        if vision is not None:
+            vc = vision[0]
+            if self.max_chunk < vc.tokens_per_image:
+                raise ValueError(f"a prefill chunk of {self.max_chunk} tokens cannot hold an image's "
+                                 f"{vc.tokens_per_image} (--max-prefill-token-num)")
+            self._encode = jax.jit(lambda p, x: vision_model.encode(p, vc, x))
         self.shapes = StepShapes(self.backend, max_batch_size, cfg.vocab_size, session_len, self.max_chunk,
-                                 self.full_width, block_size)
+                                 self.full_width, block_size, cfg.hidden_size if vision is not None else 0)
         # Every array is committed to its final placement, like every later (jit-output) value
         # of it: otherwise the second call of each step sees new input shardings and compiles
         # all over again.
@@ -423,13 +432,36 @@ class ModelRunner:
             self.channel.stop()
             self.channel = None
 
+    IMAGE_BATCHES = (1, 2, 4, 8)  # the vision tower's batch buckets
+
+    def encode_images(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """The vision tower over images (3, S, S), batched in buckets of ``IMAGE_BATCHES``:
+        each image's soft tokens (tokens_per_image, D) float32 on the host."""
+        out: list[np.ndarray] = []
+        top = self.IMAGE_BATCHES[-1]
+        for i in range(0, len(pixels), top):
+            group = pixels[i:i + top]
+            b = next(x for x in self.IMAGE_BATCHES if x >= len(group))
+            batch = np.zeros((b, *group[0].shape), np.float32)
+            batch[:len(group)] = group
+            feats = _host(self._encode(self.vision[1], batch)).astype(np.float32)
+            out += list(feats[:len(group)])
+        return out
+
     def compiled_variants(self) -> int:
-        return sum(f._cache_size() for f in (self._prefill, self._decode, self._set_row, self._score))
+        steps = (self._prefill, self._decode, self._set_row, self._score)
+        return sum(f._cache_size() for f in steps + ((self._encode,) if self.vision is not None else ()))
 
     def warmup(self, progress=None, verify_tokens: int = 0) -> None:
         """Compile every prefill/decode shape now, so serving never compiles (``verify_tokens``:
         the most tokens a verify call of speculative decoding holds; 0: none). With adapter
         slots every shape twice: the base model's program, and the one adapters' rows take."""
+        if self.vision is not None:
+            vc = self.vision[0]
+            for b in self.IMAGE_BATCHES:
+                if progress:
+                    progress(0, 1, ("vision", b))
+                self.encode_images([np.zeros((3, vc.image_size, vc.image_size), np.float32)] * b)
         variants = [-1] if self.adapters is None else [-1, 0]
         for adapter in variants:
             self.set_slot(0, SamplingParams(), [0], 0, adapter)

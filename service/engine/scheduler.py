@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from service.engine import images
 from service.engine.plan import Chunk, Decode, Prefill, StepPlan
 from service.engine.request import Sequence
 from service.engine.slots import SlotTable
@@ -170,7 +171,7 @@ class Scheduler:
         seq.prefilled += n
         known = min(seq.prefilled, seq.length)
         if known // self.blocks.block_size > len(self.blocks.held[seq.slot].hashes):
-            self.blocks.commit(seq.slot, seq.tokens(0, known), known)
+            self.blocks.commit(seq.slot, seq.hash_tokens(0, known), known)
 
     # -- speculative decoding ---------------------------------------------------------------
 
@@ -252,9 +253,12 @@ class Scheduler:
             if first and not pack and remaining > budget and budget > 2 * reserve:
                 n = budget - reserve
             start = seq.prefilled
-            n = min(n, self.blocks.room(seq.slot, start))
+            room = self.blocks.room(seq.slot, start)
+            n = min(n, room)
+            if seq.req.images:  # an image's tokens are computed in one call (see engine.images)
+                n = images.cut(seq.req.images, start, n, min(budget - total, room))
             if n <= 0:
-                continue  # it waits for blocks
+                continue  # it waits for blocks (or for a call with room for its image)
             # The call's size and span (its chunks' furthest start) bound how many it packs.
             if len(pack) + 1 > self.prompts_per_call(total + n, max([c.start for c in pack] + [start])):
                 break
@@ -279,7 +283,7 @@ class Scheduler:
         limit = seq.target - 1 if not seq.generated else seq.target
         if seq.prefilled % self.blocks.block_size or seq.prefilled + self.blocks.block_size > limit:
             return
-        got = self.blocks.extend_prefix(seq.slot, seq.tokens(0, limit), seq.prefilled, limit)
+        got = self.blocks.extend_prefix(seq.slot, seq.hash_tokens(0, limit), seq.prefilled, limit)
         if got > seq.prefilled:
             if not seq.preempted:
                 seq.cached += got - seq.prefilled

@@ -16,7 +16,8 @@ import numpy as np
 
 from model.backends import Backend
 from service.engine.plan import Decode, Prefill
-from service.engine.step_io import DecodeInputs, PrefillInputs
+from service.engine import images
+from service.engine.step_io import DecodeInputs, ImageRows, PrefillInputs
 
 MIN_SPAN = 128
 
@@ -56,6 +57,7 @@ class StepShapes:
     # gathering a compacted batch from rows on other devices would move their KV.
     full_width: bool = False
     block_size: int = 32
+    image_width: int = 0  # a vision-language model's text width: its prefill calls carry ImageRows
 
     @functools.cached_property
     def pad_position(self) -> int:
@@ -154,7 +156,25 @@ class StepShapes:
             i += k
         allowed = self.allowed(p, a["slots"], None if op.verify else masks)
         a["adapters"] = _used(adapters, a["rows"])
-        return PrefillInputs(**a, allowed=allowed, live=np.int32(n), span=self.prefill_span(n, max_start))
+        return PrefillInputs(**a, allowed=allowed, live=np.int32(n), images=self._image_rows(chunks, a["positions"]),
+                             span=self.prefill_span(n, max_start))
+
+    def _image_rows(self, chunks, positions: np.ndarray) -> ImageRows | None:
+        """A vision-language model's image rows of a call: the chunks' image tokens (their
+        owners' ``images`` and ``image_features``), every other token seeing up to itself."""
+        if not self.image_width:
+            return None
+        size = positions.shape[1]
+        embeds = np.zeros((size, self.image_width), np.float32)
+        use = np.zeros((size,), bool)
+        limits = positions[0].copy()
+        at = 0
+        for c in chunks:
+            owner = c.owner
+            if owner is not None and owner.req.images and not c.decode:
+                images.fill(owner.req.images, owner.image_features, c.start, len(c.tokens), embeds, use, limits, at)
+            at += len(c.tokens)
+        return ImageRows(embeds[None], use[None], limits[None])
 
     def decode_inputs(self, d: Decode, masks: dict | None = None,
                       adapters: np.ndarray | None = None) -> tuple[DecodeInputs, np.ndarray]:

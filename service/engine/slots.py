@@ -68,7 +68,7 @@ class SlotTable:
                 self.blocks.release(session.held)
             session.held = None
         if reuse == 0:
-            reuse = self.blocks.match_prefix(slot, seq.seq, limit, seq.req.root)
+            reuse = self.blocks.match_prefix(slot, seq.hash_tokens(0, len(seq.seq)), limit, seq.req.root)
         seq.prefilled = seq.cached = reuse
         self.running[slot] = seq
 
@@ -78,7 +78,7 @@ class SlotTable:
         self.running.pop(seq.slot, None)
         tokens = seq.seq + seq.generated
         valid = min(seq.prefilled, len(tokens))
-        self.blocks.commit(seq.slot, tokens, valid)
+        self.blocks.commit(seq.slot, seq.hash_tokens(0, len(tokens)), valid)
         sid = seq.req.session_id
         if sid is not None and keep_session:
             self.sessions[sid] = Session(tokens, self.blocks.detach(seq.slot), valid, time.monotonic(),
@@ -89,7 +89,7 @@ class SlotTable:
     def preempt(self, seq: Sequence) -> None:
         """Take the sequence's blocks back; it keeps its slot and is recomputed from its tokens
         (its prompt and what it generated) when blocks are free again."""
-        tokens = seq.seq + seq.generated
+        tokens = seq.hash_tokens(0, seq.length)
         self.blocks.commit(seq.slot, tokens, min(seq.prefilled, len(tokens)))
         self.blocks.free(seq.slot)
         seq.prefilled = 0

@@ -22,6 +22,19 @@ import numpy as np
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class ImageRows:
+    """A prefill call's image tokens (see ``service.engine.images``), each (1, T): ``embeds``
+    (1, T, D) the vision tower's output for the tokens where ``use`` is set (taking their
+    embedding's place); ``limits`` the last position each token sees (its own, or inside an
+    image that image's last)."""
+
+    embeds: np.ndarray
+    use: np.ndarray
+    limits: np.ndarray
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class PrefillInputs:
     """One prefill (or verify) call: T tokens in one row, P sampling rows.
 
@@ -33,7 +46,8 @@ class PrefillInputs:
     after each position (a scored call's prompt logprobs). live: the real tokens' count.
     adapters (1, T): each token's adapter slot (-1: the base model; see ``model.lora``), None
     when no token has one (the step is then the base model's program, which pays nothing for
-    adapters)."""
+    adapters). images: a vision-language model's every call carries ``ImageRows`` (one program
+    with images or without); None for a text model."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -46,6 +60,7 @@ class PrefillInputs:
     allowed: np.ndarray
     following: np.ndarray
     live: np.ndarray
+    images: ImageRows | None
     span: int = dataclasses.field(metadata=dict(static=True))
 
 

@@ -55,7 +55,9 @@ class Steps:
         """
         hidden, cache = transformer.forward(params, self.cfg, inp.tokens, inp.positions, cache, span=inp.span,
                                             rows=inp.rows, backend=self.backend, rope=rope, live=inp.live,
-                                            tables=tables, lora=self.lora(bank, inp.adapters))
+                                            tables=tables, lora=self.lora(bank, inp.adapters),
+                                            images=None if inp.images is None else (
+                                                inp.images.embeds, inp.images.use, inp.images.limits))
         final = jnp.take(hidden[0], inp.ends, axis=0)  # (P, D)
         logits = self.gathered(transformer.logits(params, self.cfg, final))  # (P, V)
         out = smp.sample(logits, sampling, inp.steps, eos_mask, self.top_n, rows=inp.slots, allowed=inp.allowed)
