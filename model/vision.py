@@ -114,6 +114,14 @@ def from_hf_config(cfg: Mapping[str, Any], text_hidden: int, dtype: str) -> Visi
         text_hidden_size=text_hidden, dtype=dtype)
 
 
+def expand_prompt(text: str, vc: VisionConfig, token_text) -> str:
+    """A rendered prompt with each image's place (the template's ``<start_of_image>``) expanded
+    as Gemma 3's processor does: a blank line, the begin token, the image's soft tokens, the
+    end token, a blank line. ``token_text``: a token id's text."""
+    boi, soft, eoi = (token_text(i) for i in (vc.boi_token_id, vc.image_token_id, vc.eoi_token_id))
+    return text.replace(boi, f"\n\n{boi}{soft * vc.tokens_per_image}{eoi}\n\n")
+
+
 def param_shapes(vc: VisionConfig) -> dict[str, Any]:
     d, f, L, p = vc.hidden_size, vc.intermediate_size, vc.num_layers, vc.patch_size
     layer = {"ln1_w": (d,), "ln1_b": (d,), "ln2_w": (d,), "ln2_b": (d,), "wq": (d, d), "bq": (d,), "wk": (d, d),

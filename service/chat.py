@@ -107,15 +107,37 @@ def tool_plan(req: p.ChatCompletionRequest, template: str | None, parser: str | 
     return plan
 
 
-def _text(m: p.ChatMessage) -> str | None:
+def _text(m: p.ChatMessage) -> str | list[dict] | None:
+    """A message's content as the template takes it: its text, or (a user message with images)
+    its parts in order, ``{"type": "text", "text": ...}`` and ``{"type": "image"}``."""
     if m.content is None or isinstance(m.content, str):
         return m.content
-    parts = []
+    parts: list[dict] = []
     for part in m.content:
-        if part.type != "text":
-            raise InvalidRequest(f"content part type {part.type!r} is not supported (text only)", param="messages")
-        parts.append(part.text or "")
-    return "".join(parts)
+        if part.type == "image_url":
+            if m.role != "user":
+                raise InvalidRequest(f"images are only taken in user messages, not {m.role}", param="messages")
+            parts.append({"type": "image"})
+        elif part.type == "text":
+            parts.append({"type": "text", "text": part.text or ""})
+        else:
+            raise InvalidRequest(f"content part type {part.type!r} is not supported (text, image_url)",
+                                 param="messages")
+    if any(x["type"] == "image" for x in parts):
+        return parts
+    return "".join(x["text"] for x in parts)
+
+
+def image_urls(messages: list[p.ChatMessage]) -> list[str]:
+    """The URLs of the conversation's images, in the order the template places them."""
+    urls = []
+    for m in messages:
+        for part in m.content if isinstance(m.content, list) else ():
+            if part.type == "image_url":
+                if part.image_url is None or not part.image_url.url:
+                    raise InvalidRequest("an image_url content part needs image_url.url", param="messages")
+                urls.append(part.image_url.url)
+    return urls
 
 
 def _arguments(call: p.ToolCallIn) -> Any:

@@ -213,6 +213,7 @@ def cmd_api_server(args) -> None:
                 chat_template = f.read()
         except OSError as e:
             raise CLIError(f"--chat-template: {e}") from None
+    from service.media import MediaSettings
     from service.models import DEFAULT_MODEL_NAME
 
     settings = ServerSettings(
@@ -223,7 +224,10 @@ def cmd_api_server(args) -> None:
         stall_timeout=args.stall_timeout, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, responses_store=args.responses_store,
         runtime_lora=args.enable_runtime_lora, sleep_mode=args.enable_sleep_mode,
-        weight_updates=args.enable_weight_updates)
+        weight_updates=args.enable_weight_updates,
+        media=MediaSettings(limit_per_prompt=args.limit_mm_per_prompt, allowed_local_path=args.allowed_local_media_path,
+                            allowed_domains=tuple(h.lower() for h in args.allowed_media_domains),
+                            fetch_timeout=args.media_fetch_timeout, max_bytes=args.max_image_bytes))
     state = State(settings=settings)
     if not settings.model_name:
         settings.model_name = DEFAULT_MODEL_NAME if args.model is None else \

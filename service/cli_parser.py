@@ -62,6 +62,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def _mm_limit(text: str) -> int:
+    """``--limit-mm-per-prompt``: a count, or vLLM's JSON ``{"image": N}``."""
+    import argparse
+    import json
+
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"image"})
+            if unknown:
+                raise argparse.ArgumentTypeError(f"only images are taken, not {', '.join(unknown)}")
+            value = value.get("image", 4)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: a count of images, or {{\"image\": N}}")
+
+
 def _adapter(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -144,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--enable-weight-updates", action="store_true",
                    help="allow POST /update_weights (new weights from files, between steps), /pause, "
                         "/resume and /abort_request")
+    a.add_argument("--limit-mm-per-prompt", type=_mm_limit, default=4, metavar="N|JSON",
+                   help="images one request may send (default 4); also vLLM's '{\"image\": N}'")
+    a.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="serve image URLs naming local files (file:// or a path) under DIR only "
+                        "(default: no local files)")
+    a.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
+                   help="fetch http(s) image URLs from these hosts only (default: any)")
+    a.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds to fetch one image URL (default 10)")
+    a.add_argument("--max-image-bytes", type=int, default=20 << 20,
+                   help="the largest encoded image a request may send or a URL may return (default 20 MiB)")
     a.add_argument("--warmup-only", action="store_true",
                    help="convert the model and compile every step shape into the cache, then exit "
                         "without serving (a container image's build runs this)")

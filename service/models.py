@@ -257,7 +257,18 @@ def build_engine(checkpoint: Path, config: EngineConfig, warmup: bool = True):
     from model.backends import trim_freed_memory
 
     trim_freed_memory()  # the checkpoint's arrays and the compilers' working memory, freed by now
+    from model.config import UnsupportedConfigError
+    from service.engine.config import EngineConfigError
+
     engine = Engine(runner, tokenizer, max_queue=config.max_queue, speculation=config.speculation(draft))
     engine.checkpoint = checkpoint  # what a wake after sleep level 2 reloads
+    if runner.vision is not None:
+        from model.vision import Preprocessor
+
+        try:
+            engine.image_processor = Preprocessor.of(checkpoint, runner.vision[0])
+        except UnsupportedConfigError as e:
+            engine.stop()
+            raise EngineConfigError(f"the image processor: {e}") from None
     engine.start()
     return engine

@@ -31,9 +31,15 @@ class _Resp(msgspec.Struct, kw_only=True):
 # -- requests ----------------------------------------------------------------------------------
 
 
+class ImageURL(_Req):
+    url: str
+    detail: str | None = None  # OpenAI's resolution hint: a no-op (the model's processor fixes the size)
+
+
 class ContentPart(_Req):
-    type: str
+    type: str  # "text" or "image_url"
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCall(_Req):

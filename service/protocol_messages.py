@@ -10,7 +10,8 @@ Served: ``system`` (a string or text blocks), ``messages`` with text, ``tool_use
 No-ops: ``metadata``, ``cache_control`` (the prefix cache works without breakpoints),
 ``thinking`` and ``output_config.effort`` (a model with a ``--reasoning-parser`` returns
 thinking blocks; their length is the model's own), ``service_tier``, ``speed``,
-``inference_geo``, ``user_profile_id``, ``workspace_id``. Refused with a 400 naming them: images,
+``inference_geo``, ``user_profile_id``, ``workspace_id``. Image blocks in user messages (``base64``
+and ``url`` sources) go to a model that takes images. Refused with a 400 naming them:
 documents, server tools, ``container`` and ``mcp_servers``.
 """
 
@@ -28,8 +29,8 @@ _Req, _Resp = p._Req, p._Resp
 
 
 class Block(_Req):
-    """A content block of a message: text, tool_use, tool_result, thinking (or, refused,
-    image and document)."""
+    """A content block of a message: text, image (a user's), tool_use, tool_result, thinking
+    (or, refused, document)."""
 
     type: str
     text: str | None = None
@@ -163,6 +164,17 @@ def _text(blocks: list[Block], where: str) -> str:
     return "".join(out)
 
 
+def _image_url(source: Any, at: str) -> str:
+    """An image block's source as a URL: base64 data as a data: URL, or the url source's."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise InvalidRequest(f"{at}: an image source must be {{type: base64, media_type, data}} or {{type: url, url}}",
+                         param="messages")
+
+
 def _messages(m: MessageParam, where: str) -> list[p.ChatMessage]:
     """One Anthropic message as chat messages: a user turn's tool_result blocks become tool
     messages (before its text), an assistant turn's tool_use blocks its tool calls and its
@@ -172,10 +184,14 @@ def _messages(m: MessageParam, where: str) -> list[p.ChatMessage]:
     if isinstance(m.content, str):
         return [p.ChatMessage(role=m.role, content=m.content)]
     text, thinking, calls, results = [], [], [], []
+    parts: list[p.ContentPart] = []  # a user turn's text and images, in order
     for k, b in enumerate(m.content):
         at = f"{where}.content[{k}]"
         if b.type == "text":
             text.append(b.text or "")
+            parts.append(p.ContentPart(type="text", text=b.text or ""))
+        elif b.type == "image" and m.role == "user":
+            parts.append(p.ContentPart(type="image_url", image_url=p.ImageURL(url=_image_url(b.source, at))))
         elif b.type == "tool_use" and m.role == "assistant":
             if not b.id or not b.name:
                 raise InvalidRequest(f"{at}: tool_use needs id and name", param="messages")
@@ -196,6 +212,8 @@ def _messages(m: MessageParam, where: str) -> list[p.ChatMessage]:
     if m.role == "assistant":
         out.append(p.ChatMessage(role="assistant", content="".join(text) if text or not calls else None,
                                  tool_calls=calls or None, reasoning_content="".join(thinking) or None))
+    elif any(part.type == "image_url" for part in parts):
+        out.append(p.ChatMessage(role="user", content=parts))
     elif text or not results:
         out.append(p.ChatMessage(role="user", content="".join(text)))
     return out

@@ -15,7 +15,7 @@ No-ops: ``reasoning`` (the model reasons as its template has it), ``text.verbosi
 ``reasoning.encrypted_content`` (reasoning is returned in clear) and of
 ``message.output_text.logprobs`` (``top_logprobs`` turns logprobs on).
 Refused with a 400 naming them: ``background``, ``conversation``, ``prompt``,
-``max_tool_calls``, ``truncation: auto``, tools other than functions, images and files.
+``max_tool_calls``, ``truncation: auto``, tools other than functions, files and images by file_id.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ _Req, _Resp = p._Req, p._Resp
 
 
 class InputContent(_Req):
-    """A content part: input_text, output_text (an earlier answer passed back), text, refusal."""
+    """A content part: input_text, output_text (an earlier answer passed back), text, refusal,
+    input_image (a user message's: ``image_url`` a data: or http(s) URL; ``detail`` a no-op)."""
 
     type: str
     text: str | None = None
+    image_url: str | None = None
+    detail: str | None = None
     refusal: str | None = None
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
@@ -232,6 +235,23 @@ def _text_of(content: Union[str, list[InputContent], None], where: str) -> str:
     return "".join(parts)
 
 
+def _with_images(content: list[InputContent], where: str) -> str | list[p.ContentPart]:
+    """A user message's parts, its input_image items as chat image_url parts (text alone when
+    it has none)."""
+    if not any(part.type == "input_image" for part in content):
+        return _text_of(content, where)
+    parts = []
+    for i, part in enumerate(content):
+        if part.type == "input_image":
+            if not part.image_url:
+                raise InvalidRequest(f"{where}.content[{i}]: input_image needs image_url (file_id is not served)",
+                                     param="input")
+            parts.append(p.ContentPart(type="image_url", image_url=p.ImageURL(url=part.image_url, detail=part.detail)))
+        else:
+            parts.append(p.ContentPart(type="text", text=_text_of([part], where)))
+    return parts
+
+
 def input_messages(items: Union[str, list[InputItem]]) -> list[p.ChatMessage]:
     """``input`` as chat messages: consecutive function calls join one assistant message (with
     any text it began with), their outputs become tool messages, and a reasoning item's text
@@ -248,7 +268,9 @@ def input_messages(items: Union[str, list[InputItem]]) -> list[p.ChatMessage]:
             if item.role not in ("user", "system", "developer", "assistant"):
                 raise InvalidRequest(f"{where}.role {item.role!r} is not one of user, system, developer, assistant",
                                      param="input")
-            out.append(p.ChatMessage(role=item.role, content=_text_of(item.content, where),
+            content = (_with_images(item.content, where) if item.role == "user" and isinstance(item.content, list)
+                       else _text_of(item.content, where))
+            out.append(p.ChatMessage(role=item.role, content=content,
                                      reasoning_content=thought if item.role == "assistant" else None))
             thought = None if item.role == "assistant" else thought
         elif item.type == "function_call":

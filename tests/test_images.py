@@ -255,3 +255,190 @@ def test_engine_greedy_with_images_equals_transformers_and_is_batch_invariant(vl
         assert other == hf_greedy(model, one, pics[7][None], 12)
     finally:
         engine.stop()
+
+
+def png_bytes(seed, size=(40, 30), fmt="PNG"):
+    import io
+
+    buf = io.BytesIO()
+    picture(seed, size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(data, kind="image/png"):
+    import base64
+
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="module")
+def http(vlm, tmp_path_factory):
+    """The app over an engine of the tiny model (XLA path) on a real port (uvicorn in a
+    thread): local files allowed under one folder, at most 2 images a request, fetches timing
+    out after 1 s and limited to 50 kB."""
+    import socket
+    import threading
+    import time as _time
+
+    import httpx
+    import uvicorn
+
+    from service.app import ServerSettings, State, create_app
+    from service.media import MediaSettings
+
+    model, converted = vlm
+    folder = tmp_path_factory.mktemp("media")
+    engine = build(converted, "xla")
+    engine.image_processor = vision.Preprocessor.of(converted, load_vision(converted))
+    media = MediaSettings(limit_per_prompt=2, allowed_local_path=str(folder), fetch_timeout=1.0, max_bytes=50_000)
+    app = create_app(State(ServerSettings(model_name="tiny-vlm", media=media), engine))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        _time.sleep(0.05)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client, engine, model, folder
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.stop()
+
+
+def chat(client, content, **extra):
+    body = {"model": "tiny-vlm", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+            "messages": [{"role": "user", "content": content}], **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_chat_with_an_image_equals_transformers_over_http(http):
+    """A data: URL image in an OpenAI chat: the template's image place expanded to the image's
+    tokens as Gemma 3's processor does, and the answer is transformers' greedy continuation."""
+    client, engine, model, _ = http
+    r = chat(client, [{"type": "text", "text": "w20 w21"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(5))}},
+                      {"type": "text", "text": "w22"}])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = body["prompt_token_ids"]
+    assert ids.count(IMAGE) == TOKENS_PER_IMAGE and ids.count(BOI) == 1 and ids.count(EOI) == 1
+    start = ids.index(IMAGE)
+    assert ids[start - 1] == BOI and ids[start + TOKENS_PER_IMAGE] == EOI
+    pixels = engine.image_processor(picture(5))[None]
+    assert body["choices"][0]["token_ids"] == hf_greedy(model, ids, pixels, 8)
+
+
+def test_openai_and_anthropic_sdks_send_base64_images(http):
+    """The SDKs' own request shapes (chat image_url, Responses input_image, Messages image
+    block) reach the model with the same image: one answer."""
+    import anthropic
+    import openai
+
+    client, _, _, _ = http
+    url = data_url(png_bytes(8))
+    oai = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="x")
+    chat_answer = oai.chat.completions.create(
+        model="tiny-vlm", max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "w30"}]}]).choices[0].message.content
+    resp = oai.responses.create(model="tiny-vlm", max_output_tokens=6, temperature=0, input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": url}, {"type": "input_text", "text": "w30"}]}])
+    ant = anthropic.Anthropic(base_url=str(client.base_url), api_key="x")
+    msg = ant.messages.create(model="tiny-vlm", max_tokens=6, extra_body={"temperature": 0}, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": url.split(",", 1)[1]}},
+        {"type": "text", "text": "w30"}]}])
+    assert chat_answer
+    assert resp.output_text == chat_answer
+    assert msg.content[0].text == chat_answer
+
+
+def test_local_files_only_under_the_allowed_folder(http, tmp_path):
+    client, _, _, folder = http
+    (folder / "cat.png").write_bytes(png_bytes(9))
+    (tmp_path / "outside.png").write_bytes(png_bytes(9))
+    inside = chat(client, [{"type": "image_url", "image_url": {"url": f"file://{folder / 'cat.png'}"}}])
+    assert inside.status_code == 200, inside.text
+    for url in (f"file://{tmp_path / 'outside.png'}", f"{folder}/../{tmp_path.name}/outside.png"):
+        r = chat(client, [{"type": "image_url", "image_url": {"url": url}}])
+        assert r.status_code == 400 and "outside --allowed-local-media-path" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content, says", [
+    ([{"type": "image_url", "image_url": {"url": data_url(b"not an image at all")}}], "not a readable image"),
+    ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(1, fmt="BMP"), "image/bmp")}}], "BMP images"),
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], "not valid base64"),
+    ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(1, (400, 400)))}}], "bytes allowed"),
+    ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(s))}} for s in (1, 2, 3)], "--limit-mm-per-prompt"),
+    ([{"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}], "scheme 'ftp'"),
+    ([{"type": "text", "text": "<start_of_image> w5"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(1))}}],
+     "image placeholder"),
+])
+def test_bad_images_are_a_400_naming_messages_and_the_server_keeps_serving(http, content, says):
+    client, _, _, _ = http
+    r = chat(client, content)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert says in err["message"] and err["param"] == "messages"
+    assert chat(client, [{"type": "text", "text": "w20"}]).status_code == 200
+
+
+def test_image_urls_fetched_with_limits(http):
+    """http(s) image URLs, from a local server: served as image/png; a wrong content type, a
+    404, a body over the size limit and a fetch past the timeout are each a 400."""
+    import http.server as hs
+    import threading
+    import time as _time
+
+    ok = png_bytes(11)
+
+    class Handler(hs.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if self.path == "/slow.png":
+                _time.sleep(3)
+            body, kind, code = {"/ok.png": (ok, "image/png", 200), "/page": (b"<html>", "text/html", 200),
+                                "/big.png": (b"x" * 60_000, "image/png", 200),
+                                "/slow.png": (ok, "image/png", 200)}.get(self.path, (b"", "text/plain", 404))
+            try:
+                self.send_response(code)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+    server = hs.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    client, _, _, _ = http
+    try:
+        same = chat(client, [{"type": "image_url", "image_url": {"url": data_url(ok)}}])
+        fetched = chat(client, [{"type": "image_url", "image_url": {"url": f"{base}/ok.png"}}])
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.json()["choices"][0]["token_ids"] == same.json()["choices"][0]["token_ids"]
+        for path, says in (("/page", "not an image"), ("/missing.png", "HTTP 404"), ("/big.png", "bytes allowed"),
+                           ("/slow.png", "timed out")):
+            r = chat(client, [{"type": "image_url", "image_url": {"url": base + path}}])
+            assert r.status_code == 400 and says in r.json()["error"]["message"], (path, r.text)
+    finally:
+        server.shutdown()
+
+
+def test_images_to_a_text_model_are_refused(default_checkpoint):
+    from litestar.testing import TestClient
+
+    from conftest import tiny_engine
+    from service.app import ServerSettings, State, create_app
+
+    engine = tiny_engine(default_checkpoint, 2)
+    try:
+        with TestClient(create_app(State(ServerSettings(model_name="tiny-vlm"), engine))) as client:
+            r = chat(client, [{"type": "image_url", "image_url": {"url": data_url(png_bytes(1))}}])
+            assert r.status_code == 400 and "takes no images" in r.json()["error"]["message"]
+    finally:
+        engine.stop()

@@ -76,6 +76,7 @@ class Engine:
         # The LoRA adapters served by name (None: the runner has no adapter slots).
         self.adapters = AdapterRegistry(runner.adapters, runner.resident) if runner.adapters is not None else None
         self.encoder_cache = EncoderCache()  # the vision tower's outputs by image (a vision-language model)
+        self.image_processor = None  # Pillow image -> the tower's pixels (model.vision.Preprocessor; build_engine)
         # Training loops (``pause``, ``sleep``, ``update_weights``): while paused or asleep nothing
         # is admitted; the weights change only while no sequence runs, so every request's tokens
         # come from one ``weight_version``.

@@ -12,7 +12,9 @@ from litestar import Request
 
 from service import protocol as p
 from service import structured
-from service.chat import Answer, ToolPlan, tool_plan
+from model.vision import expand_prompt
+from service import media
+from service.chat import Answer, ToolPlan, image_urls, tool_plan
 from service.engine import Engine, Output
 from service.errors import InvalidRequest, ServiceError
 from service.params import SamplingParams
@@ -56,10 +58,11 @@ class ChatRun:
     plan: ToolPlan
     answers: list[Answer]
     request_id: str | None = None  # the engine's id of it (``Engine.abort`` ends every answer)
+    images: list = dataclasses.field(default_factory=list)  # its prompt's (service.engine.images.Image)
 
     async def pieces(self) -> AsyncIterator[Piece]:
         async for i, out in fan_in(self.engine, [self.prompt_ids], self.params, len(self.answers),
-                                   request_id=self.request_id):
+                                   request_id=self.request_id, images=self.images):
             thought, content, calls = self.answers[i].feed(out.text, final=out.finish_reason is not None)
             yield Piece(i, thought, content, calls, out)
 
@@ -86,19 +89,32 @@ class ChatRun:
         await unless_disconnected(request, run())
 
 
-def prepare_chat(ctx: State, data: p.ChatCompletionRequest, format_param: str = "response_format") -> ChatRun:
+async def prepare_chat(ctx: State, data: p.ChatCompletionRequest, format_param: str = "response_format") -> ChatRun:
     """Everything a chat request needs before it runs, every check done (so a bad request is a
-    400 before anything streams): sampling settings, tools, the prompt, its grammar.
-    ``format_param``: the route's own name of the response format (errors name it)."""
+    400 before anything streams): sampling settings, tools, its images read, the prompt, its
+    grammar. ``format_param``: the route's own name of the response format (errors name it)."""
+    images = await load_images(ctx, data.messages)
     try:
-        return _prepare_chat(ctx, data)
+        return _prepare_chat(ctx, data, images)
     except InvalidRequest as e:
         if e.param != "response_format" or format_param == "response_format":
             raise
         raise InvalidRequest(str(e).replace("response_format", format_param), param=format_param) from None
 
 
-def _prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
+async def load_images(ctx: State, messages: list[p.ChatMessage]) -> list:
+    """The conversation's images, read and preprocessed for the model's vision tower; refused
+    when the model takes none."""
+    urls = image_urls(messages)
+    if not urls:
+        return []
+    engine = require_generation(ctx)
+    if engine.runner.vision is None or engine.image_processor is None:
+        raise InvalidRequest("this model takes no images (text only)", param="messages")
+    return await media.load(urls, ctx.settings.media, engine.image_processor)
+
+
+def _prepare_chat(ctx: State, data: p.ChatCompletionRequest, images: list) -> ChatRun:
     engine = require_generation(ctx)
     adapter = check_model(ctx, data.model)
     params = with_adapter(data.to_sampling_params(ctx.settings.defaults), adapter)
@@ -107,10 +123,16 @@ def _prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
     if data.prompt_token_ids is not None:  # rendered by the caller: the tokens are the prompt
         if data.messages:
             raise InvalidRequest("give messages or prompt_token_ids, not both", param="prompt_token_ids")
+        if engine.runner.vision is not None and engine.runner.vision[0].image_token_id in data.prompt_token_ids:
+            raise InvalidRequest("prompt_token_ids may not hold image tokens: send images in messages",
+                                 param="prompt_token_ids")
         prompt_ids = list(data.prompt_token_ids)
         prompt = engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
     else:
         prompt = chat_prompt(ctx, engine, data.messages, plan, data.chat_template_kwargs)
+        if images:
+            prompt = expand_prompt(prompt, engine.runner.vision[0],
+                                   lambda i: engine.tokenizer.decode([i], skip_special_tokens=False))
         prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
     for t in plan.tools:  # a tool whose parameters schema does not compile is refused
         try:
@@ -133,5 +155,6 @@ def _prepare_chat(ctx: State, data: p.ChatCompletionRequest) -> ChatRun:
     if data.prediction is not None:
         params = dataclasses.replace(params, prediction=tuple(
             engine.tokenizer.encode(data.prediction.text(), add_special_tokens=False)))
-    engine.check_submit([prompt_ids], params, data.n)
-    return ChatRun(engine, prompt_ids, params, plan, [Answer(plan, reasoning()) for _ in range(data.n)])
+    engine.check_submit([prompt_ids], params, data.n, images)
+    return ChatRun(engine, prompt_ids, params, plan, [Answer(plan, reasoning()) for _ in range(data.n)],
+                   images=images)

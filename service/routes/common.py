@@ -19,6 +19,7 @@ from service import protocol as p
 from service.chat import conversation
 from service.engine import Engine, Output
 from service.errors import InvalidRequest, ModelNotFound, NotReady, ServiceError
+from service.media import MediaSettings
 from service.params import SamplingParams
 from service.routes.store import ResponseStore
 
@@ -48,6 +49,7 @@ class ServerSettings:
     runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are served
     sleep_mode: bool = False  # /sleep, /wakeup, /is_sleeping are served
     weight_updates: bool = False  # /update_weights, /pause, /resume, /abort_request are served
+    media: MediaSettings = MediaSettings()  # where images may come from, and how many
 
 
 @dataclasses.dataclass
@@ -183,13 +185,15 @@ def usage(finals: list[Output], n: int = 1) -> p.Usage:
 
 
 async def fan_in(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-                 session_id: int | None = None, request_id: str | None = None) -> AsyncIterator[tuple[int, Output]]:
+                 session_id: int | None = None, request_id: str | None = None,
+                 images: list = ()) -> AsyncIterator[tuple[int, Output]]:
     """``n`` generations of each prompt, interleaved as their outputs arrive, as (choice index,
     Output); choice ``k * n + i`` is prompt k's sample i (seeded ``seed + i``). ``request_id``:
     the engine's id of a single generation, or ``request_id/index`` of each (``Engine.abort``
-    of ``request_id`` ends them all)."""
+    of ``request_id`` ends them all). ``images``: a single prompt's."""
     if len(prompts) == 1 and n == 1:
-        async for out in engine.generate(prompts[0], params, session_id=session_id, request_id=request_id):
+        async for out in engine.generate(prompts[0], params, session_id=session_id, request_id=request_id,
+                                         images=images):
             yield 0, out
         return
     q: asyncio.Queue = asyncio.Queue()
@@ -197,7 +201,7 @@ async def fan_in(engine: Engine, prompts: list[list[int]], params: SamplingParam
     async def pump(index: int, ids: list[int], sample_params: SamplingParams):
         try:
             rid = None if request_id is None else f"{request_id}/{index}"
-            async for out in engine.generate(ids, sample_params, request_id=rid):
+            async for out in engine.generate(ids, sample_params, request_id=rid, images=images):
                 await q.put((index, out))
         except asyncio.CancelledError:  # the consumer is done with us
             raise

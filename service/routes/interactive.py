@@ -10,6 +10,7 @@ from litestar import Request, post
 from litestar.params import JSONBody
 
 from service import protocol as p
+from service.chat import image_urls
 from service.errors import InvalidRequest
 from service.routes.common import (Ctx, OwnTypeStream, error_body, fan_in, guarded, require_generation,
                                    session_turn_ids, unless_disconnected, with_adapter)
@@ -41,6 +42,9 @@ async def chat_interactive(data: JSONBody[p.InteractiveRequest], ctx: Ctx, reque
     params = with_adapter(data.to_sampling_params(ctx.settings.defaults, ctx.settings.default_fields), adapter)
     messages = ([p.ChatMessage(role="user", content=data.prompt)] if isinstance(data.prompt, str)
                 else data.prompt)
+    if image_urls(messages):
+        raise InvalidRequest("images are not supported on /v1/chat/interactive: send them to /v1/chat/completions",
+                             param="prompt")
     history = engine.session_history(sid) if (sid != -1 and data.interactive_mode) else []
     if not data.interactive_mode and sid != -1:
         engine.end_session(sid)

@@ -110,7 +110,7 @@ class MessageBuilder:
 
 @post("/v1/messages", summary="Create a message (Anthropic Messages API)", status_code=200)
 async def create_message(data: JSONBody[m.MessagesRequest], ctx: Ctx, request: Request) -> Any:
-    run = prepare_chat(ctx, data.to_chat(), "output_config.format")
+    run = await prepare_chat(ctx, data.to_chat(), "output_config.format")
     message = m.MessageResponse(id=f"msg_{uuid.uuid4().hex}", model=run.params.adapter or ctx.settings.model_name)
     builder = MessageBuilder(message, run.params.stop, len(run.prompt_ids))
 

@@ -63,7 +63,7 @@ async def retrieve_model(model: FromPath[str], ctx: Ctx, request: Request) -> An
 
 @post("/v1/chat/completions", summary="Chat completion (OpenAI)", status_code=200)
 async def chat_completions(data: JSONBody[p.ChatCompletionRequest], ctx: Ctx, request: Request) -> Any:
-    run = prepare_chat(ctx, data)
+    run = await prepare_chat(ctx, data)
     engine, params, answers = run.engine, run.params, run.answers
     rid, created, model = response_id(data, "chatcmpl"), int(time.time()), params.adapter or ctx.settings.model_name
     run.request_id = rid

@@ -156,7 +156,7 @@ async def create_response(data: JSONBody[r.ResponsesRequest], ctx: Ctx, request:
     if data.previous_response_id is not None:
         prior = _store(ctx).get(data.previous_response_id, "previous_response_id").conversation
     chat = data.to_chat(prior)
-    run = prepare_chat(ctx, chat, "text.format")
+    run = await prepare_chat(ctx, chat, "text.format")
     params = run.params
     response = r.ResponseObject(
         id=_id("resp"), created_at=int(time.time()), model=params.adapter or ctx.settings.model_name,
