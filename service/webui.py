@@ -32,7 +32,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 
 class ChatTurn(msgspec.Struct):
     role: str
-    content: str
+    content: str | list[dict[str, Any]]  # text, or OpenAI content parts (text and image_url)
 
 
 class ChatRequest(msgspec.Struct):

@@ -442,3 +442,45 @@ def test_images_to_a_text_model_are_refused(default_checkpoint):
             assert r.status_code == 400 and "takes no images" in r.json()["error"]["message"]
     finally:
         engine.stop()
+
+
+def test_readme_snippet_sends_an_image(http, tmp_path):
+    """The README's image snippet, run as written (its file and model names aside) against the
+    tiny model's server."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    client, _, _, _ = http
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme[readme.index("## Images"):], re.S)[1]
+    picture(4).save(tmp_path / "photo.png")
+    code = (block.replace("http://localhost:23333", str(client.base_url)).replace("gemma-3-4b-it", "tiny-vlm")
+            .replace("What is in this picture?", "w20 w21"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_no_compiles_after_warmup_for_any_image_or_image_count(vlm):
+    """After warm-up (the tower's batch buckets and every step shape, image rows included),
+    requests with images of other sizes, one to three at once, and text alone compile nothing."""
+    from service.engine.images import image_of
+    from service.params import SamplingParams
+
+    _, converted = vlm
+    pre = vision.Preprocessor.of(converted, load_vision(converted))
+    engine = build(converted, "xla")
+    try:
+        engine.runner.warmup()
+        before = engine.runner.compiled_variants()
+        greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        one = image_prompt([1, 151, 20], 1, [30, 152])
+        jobs = [(one, [image_of(pre(picture(20 + i, (17 + 31 * i, 90 - 11 * i))))], greedy) for i in range(3)]
+        run(engine, jobs[:1])
+        run(engine, jobs)
+        run(engine, [([1, 151, 20, 152], [], greedy)] + jobs[1:])
+        assert engine.runner.compiled_variants() == before
+    finally:
+        engine.stop()

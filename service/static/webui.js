@@ -17,10 +17,16 @@ function showError(message) {
   $("error").style.display = message ? "block" : "none";
 }
 
-function bubble(role, text) {
+function bubble(role, text, images = []) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   div.textContent = text;
+  for (const url of images) {  // the user's own files, as data: URLs
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "attached image";
+    div.appendChild(img);
+  }
   $("log").appendChild(div);
   $("log").scrollTop = $("log").scrollHeight;
   return div;
@@ -111,10 +117,27 @@ function busy(on) {
   $("stop").disabled = !on;
 }
 
+let attached = [];  // data: URLs of the images the next message sends
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
 async function send(text) {
   showError("");
-  history.push({ role: "user", content: text });
-  bubble("user", text);
+  const images = attached;
+  attached = [];
+  $("attached").textContent = "";
+  const content = images.length
+    ? [...images.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }]
+    : text;
+  history.push({ role: "user", content });
+  bubble("user", text, images);
   const reply = new Reply();
   controller = new AbortController();
   busy(true);
@@ -173,9 +196,21 @@ $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("form").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
+$("attach").addEventListener("click", () => $("image").click());
+$("image").addEventListener("change", async () => {
+  try {
+    attached = attached.concat(await Promise.all([...$("image").files].map(readAsDataURL)));
+    $("attached").textContent = attached.length ? `${attached.length} image(s)` : "";
+  } catch (e) {
+    showError("cannot read that file");
+  }
+  $("image").value = "";
+});
 $("new").addEventListener("click", () => {
   if (controller) controller.abort();
   history = [];
+  attached = [];
+  $("attached").textContent = "";
   $("log").innerHTML = "";
   showError("");
 });
