@@ -319,8 +319,8 @@ def test_chat_with_an_image_equals_transformers_over_http(http):
     """A data: URL image in an OpenAI chat: the template's image place expanded to the image's
     tokens as Gemma 3's processor does, and the answer is transformers' greedy continuation."""
     client, engine, model, _ = http
-    r = chat(client, [{"type": "text", "text": "w20 w21"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(5))}},
-                      {"type": "text", "text": "w22"}])
+    image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(5))}}
+    r = chat(client, [{"type": "text", "text": "w20 w21"}, image, {"type": "text", "text": "w22"}])
     assert r.status_code == 200, r.text
     body = r.json()
     ids = body["prompt_token_ids"]
@@ -340,11 +340,11 @@ def test_openai_and_anthropic_sdks_send_base64_images(http):
     client, _, _, _ = http
     url = data_url(png_bytes(8))
     oai = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="x")
-    chat_answer = oai.chat.completions.create(
-        model="tiny-vlm", max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "w30"}]}]).choices[0].message.content
-    resp = oai.responses.create(model="tiny-vlm", max_output_tokens=6, temperature=0, input=[{"role": "user", "content": [
-        {"type": "input_image", "image_url": url}, {"type": "input_text", "text": "w30"}]}])
+    chat_answer = oai.chat.completions.create(model="tiny-vlm", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "w30"}]}]).choices[0].message.content
+    resp = oai.responses.create(model="tiny-vlm", max_output_tokens=6, temperature=0, input=[
+        {"role": "user", "content": [{"type": "input_image", "image_url": url}, {"type": "input_text", "text": "w30"}]}])
     ant = anthropic.Anthropic(base_url=str(client.base_url), api_key="x")
     msg = ant.messages.create(model="tiny-vlm", max_tokens=6, extra_body={"temperature": 0}, messages=[{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": url.split(",", 1)[1]}},
@@ -370,7 +370,8 @@ def test_local_files_only_under_the_allowed_folder(http, tmp_path):
     ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(1, fmt="BMP"), "image/bmp")}}], "BMP images"),
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], "not valid base64"),
     ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(1, (400, 400)))}}], "bytes allowed"),
-    ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(s))}} for s in (1, 2, 3)], "--limit-mm-per-prompt"),
+    ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(s))}} for s in (1, 2, 3)],
+     "--limit-mm-per-prompt"),
     ([{"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}], "scheme 'ftp'"),
     ([{"type": "text", "text": "<start_of_image> w5"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(1))}}],
      "image placeholder"),
