@@ -344,11 +344,13 @@ def test_openai_and_anthropic_sdks_send_base64_images(http):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                      {"type": "text", "text": "w30"}]}]).choices[0].message.content
     resp = oai.responses.create(model="tiny-vlm", max_output_tokens=6, temperature=0, input=[
-        {"role": "user", "content": [{"type": "input_image", "image_url": url}, {"type": "input_text", "text": "w30"}]}])
+        {"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                     {"type": "input_text", "text": "w30"}]}])
     ant = anthropic.Anthropic(base_url=str(client.base_url), api_key="x")
-    msg = ant.messages.create(model="tiny-vlm", max_tokens=6, extra_body={"temperature": 0}, messages=[{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": url.split(",", 1)[1]}},
-        {"type": "text", "text": "w30"}]}])
+    msg = ant.messages.create(model="tiny-vlm", max_tokens=6, extra_body={"temperature": 0}, messages=[
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": url.split(",", 1)[1]}},
+            {"type": "text", "text": "w30"}]}])
     assert chat_answer
     assert resp.output_text == chat_answer
     assert msg.content[0].text == chat_answer
@@ -373,7 +375,8 @@ def test_local_files_only_under_the_allowed_folder(http, tmp_path):
     ([{"type": "image_url", "image_url": {"url": data_url(png_bytes(s))}} for s in (1, 2, 3)],
      "--limit-mm-per-prompt"),
     ([{"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}], "scheme 'ftp'"),
-    ([{"type": "text", "text": "<start_of_image> w5"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(1))}}],
+    ([{"type": "text", "text": "<start_of_image> w5"},
+      {"type": "image_url", "image_url": {"url": data_url(png_bytes(1))}}],
      "image placeholder"),
 ])
 def test_bad_images_are_a_400_naming_messages_and_the_server_keeps_serving(http, content, says):
