@@ -198,7 +198,9 @@ class Engine:
         if vision is None:
             return ()
         vc = vision[0]
-        return place_images(prompt_ids, list(images), vc.image_token_id, vc.tokens_per_image)
+        # Without images the prompt's own tokens are at fault (image tokens typed or sent as ids).
+        return place_images(prompt_ids, list(images), vc.image_token_id, vc.tokens_per_image,
+                            "messages" if images else "prompt")
 
     def check_submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, images: list = ()) -> None:
         """Every check a request's prompts (``n`` generations each) must pass before any is
