@@ -49,7 +49,9 @@ def decode(data: bytes, param: str, settings: MediaSettings):
             return im.convert("RGB")
     except InvalidRequest:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise InvalidRequest(f"{param}: not a readable image (an unknown or broken format)", param=param) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidRequest(f"{param}: not a readable image ({e})", param=param) from None
 
 

@@ -179,8 +179,8 @@ def load_tower(checkpoint: Path, cfg, config: EngineConfig, plan, channel) -> tu
         log.warning("image input is not served on a mesh spanning processes: this server takes text only")
         return None
     if config.max_prefill_chunk < vc.tokens_per_image:
-        raise EngineConfigError(f"--max-prefill-token-num {config.max_prefill_chunk} is below the "
-                                f"{vc.tokens_per_image} tokens of one image, which one prefill call computes")
+        raise EngineConfigError(f"a prefill call of {config.max_prefill_chunk} tokens cannot hold the "
+                                f"{vc.tokens_per_image} tokens of one image, which one call computes")
     vc = dataclasses.replace(vc, dtype=cfg.dtype)
     params = vision.load(checkpoint, vc, None if plan is None else plan.replicated)
     log.info("vision tower: %d layers of width %d, %d-pixel images as %d tokens each", vc.num_layers,

@@ -124,7 +124,7 @@ class ModelRunner:
             vc = vision[0]
             if self.max_chunk < vc.tokens_per_image:
                 raise ValueError(f"a prefill chunk of {self.max_chunk} tokens cannot hold an image's "
-                                 f"{vc.tokens_per_image} (--max-prefill-token-num)")
+                                 f"{vc.tokens_per_image}")
             self._encode = jax.jit(lambda p, x: vision_model.encode(p, vc, x))
         self.shapes = StepShapes(self.backend, max_batch_size, cfg.vocab_size, session_len, self.max_chunk,
                                  self.full_width, block_size, cfg.hidden_size if vision is not None else 0)
