@@ -297,7 +297,7 @@ class Scripted:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def submit(self, prompt_ids, params, emit, session_id=None, request_id=None):
+    def submit(self, prompt_ids, params, emit, session_id=None, request_id=None, images=()):
         for out in self.outputs:
             emit(out)
         return "scripted"
@@ -305,7 +305,7 @@ class Scripted:
     def abort(self, request_id):
         pass
 
-    def generate(self, prompt_ids, params, session_id=None, request_id=None):
+    def generate(self, prompt_ids, params, session_id=None, request_id=None, images=()):
         from service.engine.bridge import stream
 
         return stream(self, prompt_ids, params, session_id, request_id)
@@ -448,7 +448,7 @@ def test_mean_pooled_embeddings_sum_over_every_chunk(engine):
 class Buggy(Scripted):
     """An engine whose stream breaks with a bug (not a ServiceError) after its first Output."""
 
-    def generate(self, prompt_ids, params, session_id=None, request_id=None):
+    def generate(self, prompt_ids, params, session_id=None, request_id=None, images=()):
         outputs = self.outputs
 
         async def broken():
