@@ -65,7 +65,9 @@ def measure_matmul(n: int = 8192) -> float:
 
 
 def device_params(cfg, shardings=None):
-    """Random weights made on the device(s), in place (sharded when ``shardings`` is given)."""
+    """Random weights made on the device(s), in place (sharded when ``shardings`` is given): one
+    compiled maker per distinct (shape, initialiser, placement), each leaf its own key, so an
+    8B model compiles about ten small programs, not one per leaf."""
     import jax
     import jax.numpy as jnp
 
@@ -74,17 +76,48 @@ def device_params(cfg, shardings=None):
     specs = param_specs(cfg)
     leaves, tree = jax.tree.flatten(specs, is_leaf=is_spec)
     outs = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
+    makers: dict = {}
 
-    def make(spec, i):
-        key = jax.random.fold_in(jax.random.PRNGKey(0), i)
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, cfg.dtype)
-        if spec.init == "zeros":
-            return jnp.zeros(spec.shape, cfg.dtype)
-        return (0.02 * jax.random.normal(key, spec.shape, jnp.float32)).astype(cfg.dtype)
+    def maker(shape, init, out):
+        key = (shape, init, out)
+        if key not in makers:
+            def make(k):
+                if init == "ones":
+                    return jnp.ones(shape, cfg.dtype)
+                if init == "zeros":
+                    return jnp.zeros(shape, cfg.dtype)
+                return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(cfg.dtype)
+            makers[key] = jax.jit(make, out_shardings=out)
+        return makers[key]
 
-    made = [jax.jit(lambda s=spec, i=i: make(s, i), out_shardings=o)() for i, (spec, o) in enumerate(zip(leaves, outs))]
+    made = [maker(tuple(spec.shape), spec.init, o)(jax.random.fold_in(jax.random.PRNGKey(0), i))
+            for i, (spec, o) in enumerate(zip(leaves, outs))]
+    print(f"weights made by {len(makers)} compiled makers for {len(leaves)} tensors")
     return jax.tree.unflatten(tree, made)
+
+
+def versions() -> None:
+    """What the machine runs: JAX and its CUDA plugin, the CUDA and driver versions, the devices."""
+    import importlib.metadata as md
+
+    import jax
+
+    have = {}
+    for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt",
+                 "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime", "flax", "orbax-checkpoint"):
+        try:
+            have[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in have.items()))
+    try:
+        from jax.extend import backend as jax_backend
+
+        backend = jax_backend.get_backend()
+        print(f"backend: {backend.platform} {backend.platform_version}")
+    except Exception as e:  # the figure is informative only
+        print(f"backend: version unknown ({e})")
+    print(f"devices: {jax.devices()}")
 
 
 def main(argv=None) -> int:
@@ -96,25 +129,49 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=2048, help="the TTFT prompt's tokens")
     ap.add_argument("--max-chunk", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--parts", default="bounds,decode,ttft,kernel",
+                    help="comma-separated, in this order: versions, bounds, decode, ttft, kernel (the kernel "
+                         "against the XLA gather at the shape's attention sizes; needs no weights)")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    unknown = parts - {"versions", "bounds", "decode", "ttft", "kernel"}
+    if unknown:
+        ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
 
     import jax
-    import jax.numpy as jnp
+
+    from model.config import ModelConfig
+
+    cfg = ModelConfig(family="llama", dtype="bfloat16", **SHAPES[args.shape])
+    platform = jax.devices()[0].platform
+    interpret = platform != "gpu"
+    print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind} ({platform}); "
+          f"shape {args.shape}, tp {args.tp}")
+    if "versions" in parts:
+        versions()
+    hbm = flops = 0.0
+    if parts & {"bounds", "decode", "ttft"}:
+        gpu = platform == "gpu"
+        hbm, flops = measure_hbm(2.0 if gpu else 0.25), measure_matmul(8192 if gpu else 1024)
+        print(f"bounds (per device): HBM copy {hbm / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.1f} TFLOP/s")
+    if parts & {"decode", "ttft"}:
+        model_parts(args, cfg, parts, platform, hbm, flops)
+    if "kernel" in parts:
+        kernel_part(cfg, platform, interpret)
+    return 0
+
+
+def model_parts(args, cfg, parts, platform, hbm, flops) -> None:
+    """Decode throughput and TTFT on the random model."""
+    import jax
 
     from model.backends import select
     from model.backends.gpu import GpuKernels
-    from model.backends.xla import Xla
-    from model.config import ModelConfig
     from service.engine import direct
     from service.engine.plan import Decode
     from service.engine.runner import ModelRunner
     from service.params import SamplingParams
 
-    cfg = ModelConfig(family="llama", dtype="bfloat16", **SHAPES[args.shape])
-    platform = jax.devices()[0].platform
-    print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind} ({platform}); shape {args.shape}, tp {args.tp}")
-    hbm, flops = measure_hbm(2.0 if platform == "gpu" else 0.25), measure_matmul(8192 if platform == "gpu" else 1024)
-    print(f"bounds (per device): HBM copy {hbm / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.1f} TFLOP/s")
 
     plan = None
     if args.tp > 1:
@@ -126,21 +183,21 @@ def main(argv=None) -> int:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     interpret = platform != "gpu"
+    greedy = SamplingParams(temperature=0, max_tokens=args.steps)
     backend = select(sharded=plan is not None, cfg=cfg, plan=plan)
     if interpret:
         backend = GpuKernels(interpret=True)  # the script's own check on a CPU
     print(f"model: {n_params / 1e9:.2f} B params, {weight_bytes / 2**30:.1f} GiB; backend {backend.describe()}")
 
     # -- decode throughput ----------------------------------------------------------------------
-    slots = max(args.streams)
+    devices = args.tp
+    slots = max(args.streams) if "decode" in parts else 1
     session = args.context + args.steps + 16
     runner = ModelRunner(cfg, params, max_batch_size=slots, session_len=session, plan=plan, backend=backend,
                          block_size=32)
-    greedy = SamplingParams(temperature=0, max_tokens=args.steps)
     for s in range(slots):
         runner.set_slot(s, greedy, [1], seed=s)
-    devices = args.tp
-    for b in args.streams:
+    for b in args.streams if "decode" in parts else ():
         decode = Decode(tuple(range(b)), (1,) * b, (args.context,) * b, (1,) * b)
         tables = direct.identity_tables(runner)
 
@@ -154,11 +211,13 @@ def main(argv=None) -> int:
         t = timed(steps, 3) / args.steps
         tok_s = b / t
         read = weight_bytes + b * (args.context + args.steps // 2) * kv_per_token
-        print(f"decode {b:4d} streams: {tok_s:9.1f} tok/s, step {1000 * t:6.2f} ms; "
-              f"HBM bound {read / t / (hbm * devices):5.1%}, matmul bound {2 * n_params * tok_s / (flops * devices):5.1%}")
+        print(f"decode {b:4d} streams: {tok_s:9.1f} tok/s, step {1000 * t:6.2f} ms; HBM bound "
+              f"{read / t / (hbm * devices):5.1%}, matmul bound {2 * n_params * tok_s / (flops * devices):5.1%}")
     runner = None  # frees its KV pool before the next one
 
     # -- TTFT of a long prompt ------------------------------------------------------------------
+    if "ttft" not in parts:
+        return
     runner = ModelRunner(cfg, params, max_batch_size=1, session_len=args.prompt + 16, plan=plan, backend=backend,
                          max_prefill_chunk=args.max_chunk, block_size=32)
     prompt = [int(x) for x in np.random.default_rng(0).integers(10, cfg.vocab_size, args.prompt)]
@@ -176,9 +235,15 @@ def main(argv=None) -> int:
     t = timed(ttft, 3)
     print(f"TTFT {args.prompt}-token prompt: {1000 * t:.0f} ms warm ({1000 * cold:.0f} ms with compiles), "
           f"{args.prompt / t:.0f} prompt tok/s; matmul bound {2 * n_params * args.prompt / t / (flops * devices):5.1%}")
-    runner = None  # frees its KV pool before the next one
 
-    # -- the kernel against the XLA gather --------------------------------------------------------
+
+def kernel_part(cfg, platform, interpret) -> None:
+    """The attention kernel against the XLA gather on the same batch, at the shape's heads."""
+    import jax
+    import jax.numpy as jnp
+
+    from model.backends.gpu import GpuKernels
+    from model.backends.xla import Xla
     from model.config import AttentionSpec
 
     rng = np.random.default_rng(1)
@@ -212,7 +277,6 @@ def main(argv=None) -> int:
         tx = timed(lambda: fx(*a).block_until_ready(), 10)
         print(f"attention, {name}: kernel {1e6 * tk:8.0f} us, XLA gather {1e6 * tx:8.0f} us "
               f"({tx / tk:4.2f}x), max abs diff {diff:.2e}")
-    return 0
 
 
 if __name__ == "__main__":
