@@ -173,8 +173,9 @@ def hf_greedy(model, ids, pixels, n):
     return out[0, len(ids):].tolist()
 
 
-def build(converted, path):
-    """An engine over the converted model on the XLA path, the CPU kernels, or a tp=2 mesh."""
+def build(converted, path, num_blocks=40, speculation=None):
+    """An engine over the converted model on the XLA path, the CPU kernels, or a tp=2 mesh
+    (``num_blocks`` of 16 positions; ``speculation``: the engine's, default none)."""
     from model.backends.xla import Xla
     from model.tokenizer import Tokenizer
     from service.engine import Engine
@@ -189,10 +190,10 @@ def build(converted, path):
     else:
         cfg = load_config(converted)
         runner = ModelRunner(cfg, load_params(converted, cfg), 4, 96, max_prefill_chunk=16, block_size=16,
-                             num_blocks=40, backend=Xla() if path == "xla" else None,
+                             num_blocks=num_blocks, backend=Xla() if path == "xla" else None,
                              vision=load_tower(converted, cfg, config, None, None))
         tokenizer = Tokenizer.from_dir(converted)
-    engine = Engine(runner, tokenizer)
+    engine = Engine(runner, tokenizer, speculation=speculation)
     engine.start()
     return engine
 
@@ -486,5 +487,29 @@ def test_no_compiles_after_warmup_for_any_image_or_image_count(vlm):
         run(engine, jobs)
         run(engine, [([1, 151, 20, 152], [], greedy)] + jobs[1:])
         assert engine.runner.compiled_variants() == before
+    finally:
+        engine.stop()
+
+
+def test_images_with_ngram_speculation_and_preemption_keep_transformers_tokens(vlm):
+    """N-gram drafts checked by the model, and a block pool too small for three image prompts
+    at once (sequences preempted and recomputed with their kept image features): each answer
+    is still transformers' greedy one, and no image is encoded twice."""
+    from service.engine.images import image_of
+    from service.engine.speculate import Speculation
+    from service.params import SamplingParams
+
+    model, converted = vlm
+    pre = vision.Preprocessor.of(converted, load_vision(converted))
+    pics = [pre(picture(30 + i, (20 + 9 * i, 40))) for i in range(3)]
+    prompts = [image_prompt([1, 151, 20 + i, 21, 22, 23], 1, [30, 31, 30, 31, 152]) for i in range(3)]
+    want = [hf_greedy(model, ids, px[None], 20) for ids, px in zip(prompts, pics)]
+    engine = build(converted, "xla", num_blocks=7, speculation=Speculation("ngram", 4, 4))
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        got = run(engine, [(ids, [image_of(px)], greedy) for ids, px in zip(prompts, pics)])
+        assert got == want
+        assert engine.scheduler.preemptions > 0
+        assert engine.encoder_cache.encoded == 3
     finally:
         engine.stop()
