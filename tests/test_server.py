@@ -157,9 +157,10 @@ def test_readme_curl_snippets_run(server):
 
 def test_readme_python_snippet_runs(server):
     # (the LoRA section's snippet needs a server with an adapter: tests/test_lora.py runs it; the
-    # training loops' in-process sketch is what tools/rollout_example.py runs, in tests/test_rollout.py)
-    openai_block, structured_block, client_block = [b for b in _readme_blocks("python")
-                                                    if "sql-lora" not in b and "build_engine" not in b]
+    # images section's, a model that takes images: tests/test_images.py; the training loops'
+    # in-process sketch is what tools/rollout_example.py runs, in tests/test_rollout.py)
+    openai_block, structured_block, client_block = [
+        b for b in _readme_blocks("python") if "sql-lora" not in b and "build_engine" not in b and "image_url" not in b]
     for block, expect in ((openai_block, "ChatCompletion("), (structured_block, "tool_calls get_weather {"),
                           (client_block, "'choices': [")):
         code = block.replace("http://localhost:23333", server)
