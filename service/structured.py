@@ -139,7 +139,11 @@ class Grammars:
                 self._compiled.move_to_end(grammar)
                 return m
         llg = _llg()
-        m = llg.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        try:
+            tokenizer = self._tokenizer()
+        except ValueError as e:  # a vocabulary llguidance cannot read (a word-level one)
+            raise GrammarError(f"this model's tokenizer cannot carry a grammar ({e})") from None
+        m = llg.LLMatcher(tokenizer, grammar, log_level=0)
         if m.is_error():
             raise GrammarError(m.get_error())
         with self._lock:

@@ -513,3 +513,12 @@ def test_images_with_ngram_speculation_and_preemption_keep_transformers_tokens(v
         assert engine.encoder_cache.encoded == 3
     finally:
         engine.stop()
+
+
+def test_a_grammar_the_tokenizer_cannot_carry_is_a_400(http):
+    """The tiny model's word-level tokenizer has no decoder llguidance reads: a response format
+    is refused with a 400 naming it, not a 500."""
+    client, _, _, _ = http
+    r = chat(client, [{"type": "text", "text": "w40"}], response_format={"type": "json_object"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format" and "cannot carry a grammar" in r.json()["error"]["message"]
