@@ -136,6 +136,38 @@ def test_backend_attend_equals_the_xla_gather(shape):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", ["one chunk", "packed prefill"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_attention_limits_equal_the_xla_gather(shape, window):
+    """Queries inside an image (tokens that see up to their image's last position, the window
+    still starting from their own) on the kernel equal the XLA gather with the same limits, an
+    image crossing a tile boundary (tiles of 16 tokens here) included."""
+    rng = np.random.default_rng(3)
+    slots, block, max_blocks, heads, k_heads, head = 4, 16, 8, 8, 2, 16
+    k_pool, v_pool = pools(rng, 1, 40, block, k_heads, head, jnp.float32)
+    tables = jnp.asarray(shuffled_tables(rng, slots, max_blocks, 40))
+    spec, span, pad = AttentionSpec(scale=0.25, window=window), max_blocks * block, max_blocks * block
+    if shape == "one chunk":
+        rows, positions = np.asarray([1], np.int32), np.arange(20, 52, dtype=np.int32)[None]
+        spans = [(25, 30), (33, 42)]  # the second crosses the tile boundary at position 36
+    else:
+        r, p = flat_call([(2, 0, 9), (0, 50, 1), (3, 30, 14)], slots, pad, pad=40)
+        rows, positions = r[None], p[None]
+        spans = [(2, 7), (33, 41)]  # positions inside rows 2 and 3's chunks
+    limits = positions.copy()
+    for lo, hi in spans:
+        inside = (positions >= lo) & (positions < hi) & (positions < pad)
+        limits[inside] = hi - 1
+    q = jnp.asarray(rng.standard_normal((*positions.shape, heads, head)), jnp.float32)
+    args = (q, (k_pool, v_pool), jnp.asarray(rows), jnp.asarray(positions), span, spec, tables)
+    got = GpuKernels(interpret=INTERPRET).attend(*args, limits=jnp.asarray(limits))
+    want = Xla(pack_prompts=shape == "packed prefill").attend(*args, limits=jnp.asarray(limits))
+    causal = Xla(pack_prompts=shape == "packed prefill").attend(*args)
+    real = np.asarray(positions < pad)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+    assert np.abs(np.asarray(got)[real] - np.asarray(causal)[real]).max() > 1e-3  # the limits mattered
+
+
 def test_supported_head_sizes():
     assert supported(64) and supported(128) and supported(16)
     assert not supported(96) and not supported(8)
@@ -209,16 +241,19 @@ def test_kernel_per_device_on_a_tensor_parallel_mesh():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
 
 
-@pytest.mark.parametrize("window,softcap,dtype,group", [(None, None, jnp.bfloat16, 4), (64, 30.0, jnp.bfloat16, 8),
-                                                         (None, None, jnp.float32, 1), (None, None, jnp.float16, 3)])
-def test_kernel_lowers_to_triton_for_cuda(window, softcap, dtype, group):
+@pytest.mark.parametrize("window,softcap,dtype,group,limited", [
+    (None, None, jnp.bfloat16, 4, False), (64, 30.0, jnp.bfloat16, 8, False), (None, None, jnp.float32, 1, False),
+    (None, None, jnp.float16, 3, False), (64, None, jnp.bfloat16, 4, True)])
+def test_kernel_lowers_to_triton_for_cuda(window, softcap, dtype, group, limited):
     """Every op of the kernel has a Triton lowering: the call exported for CUDA (on any machine)
-    holds the Triton custom call, with the grid the work items give."""
+    holds the Triton custom call, with the grid the work items give (``limited``: with each
+    query's attention limit, as an image's tokens have)."""
     from jax import export
 
     heads, k_heads, head = 2 * group, 2, 128
     spec = AttentionSpec(scale=head ** -0.5, window=window, softcap=softcap)
-    f = jax.jit(lambda q, k, v, r, p, t: ragged_paged_attention(q, k, v, r, p, t, spec, segments=9))
+    f = jax.jit(lambda q, k, v, r, p, t: ragged_paged_attention(q, k, v, r, p, t, spec, segments=9,
+                                                                limits=p if limited else None))
     args = (jax.ShapeDtypeStruct((64, heads, head), dtype), *[jax.ShapeDtypeStruct((1, 33, 32, k_heads, head), dtype)] * 2,
             *[jax.ShapeDtypeStruct((64,), jnp.int32)] * 2, jax.ShapeDtypeStruct((8, 4), jnp.int32))
     triton = "__gpu$xla.gpu.triton"

@@ -174,7 +174,8 @@ def hf_greedy(model, ids, pixels, n):
 
 
 def build(converted, path, num_blocks=40, speculation=None):
-    """An engine over the converted model on the XLA path, the CPU kernels, or a tp=2 mesh
+    """An engine over the converted model on the XLA path, the CPU kernels, the GPU kernel
+    (interpreted), or a tp=2 mesh
     (``num_blocks`` of 16 positions; ``speculation``: the engine's, default none)."""
     from model.backends.xla import Xla
     from model.tokenizer import Tokenizer
@@ -189,8 +190,11 @@ def build(converted, path, num_blocks=40, speculation=None):
         runner, tokenizer = build_runner(converted, config)
     else:
         cfg = load_config(converted)
+        from model.backends.gpu import GpuKernels
+
+        backend = {"xla": Xla(), "gpu-interpret": GpuKernels(interpret=True)}.get(path)
         runner = ModelRunner(cfg, load_params(converted, cfg), 4, 96, max_prefill_chunk=16, block_size=16,
-                             num_blocks=num_blocks, backend=Xla() if path == "xla" else None,
+                             num_blocks=num_blocks, backend=backend,
                              vision=load_tower(converted, cfg, config, None, None))
         tokenizer = Tokenizer.from_dir(converted)
     engine = Engine(runner, tokenizer, speculation=speculation)
@@ -214,7 +218,7 @@ def run(engine, jobs):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("path", ["xla", "kernels", "tp2"])
+@pytest.mark.parametrize("path", ["xla", "kernels", "gpu-interpret", "tp2"])
 def test_engine_greedy_with_images_equals_transformers_and_is_batch_invariant(vlm, path):
     """Greedy 12 tokens of a one-image and a two-image prompt equal transformers' generate
     (chunks of 16 tokens: every image lands whole in a call, the cut moving chunk ends); the

@@ -21,7 +21,9 @@ How one call is cut into work (``_work_items``, plain XLA ops inside the same ji
   two), and walks its row's blocks from the first one its window can see to the block of its
   last query, one pool block per step: a (rows, H) x (H, block) product, a float32 online
   softmax, and a (rows, block) x (block, H) product into a float32 accumulator. Causal masking
-  inside a chunk, windows and soft-caps are masks and a tanh on the block's scores.
+  inside a chunk, windows and soft-caps are masks and a tanh on the block's scores. With
+  ``limits`` (an image's tokens attend to the whole image) each query row is masked by its own
+  limit instead of its position, and a tile walks to its last token's limit.
 
 Queries are laid out (K, tokens * Gp, H) so a tile's rows are one contiguous slice: token t's
 group is rows t*Gp .. t*Gp + Gp - 1. Tiles are ``rows`` = 16 query rows for decode calls (one
@@ -80,9 +82,9 @@ def _work_items(rows, positions, tq: int, n_items: int, slots: int, limit: int):
     return starts, lengths.astype(jnp.int32), jnp.clip(rows[at], 0, slots - 1), first_pos
 
 
-def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *,
+def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, last_ref, tables_ref, q_ref, lim_ref, k_ref, v_ref, o_ref, *,
             group: int, rows: int, scale: float, window: int | None, softcap: float | None,
-            rows_per_replica: int):
+            rows_per_replica: int, limited: bool):
     w, kh = pl.program_id(0), pl.program_id(1)
     start, n, row, p0 = starts_ref[w], lengths_ref[w], rows_ref[w], pos_ref[w]
     block = k_ref.shape[2]
@@ -95,8 +97,12 @@ def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref
     # float32 stays float32 (no TF32 rounding): that path exists for exactness, bfloat16 for speed.
     tf32 = q.dtype != jnp.float32
 
+    # ``limited``: each query sees up to its own limit (an image's tokens, its image's last
+    # position); limits never decrease along a row, so the tile's last one bounds its blocks.
+    q_lim = lim_ref[pl.ds(start * group, rows)] if limited else q_pos
     first = jnp.int32(0) if window is None else jnp.maximum(p0 - window + 1, 0) // block
-    end = jnp.where(p0 >= 0, (p0 + n - 1) // block + 1, first)
+    last = last_ref[w] if limited else p0 + n - 1
+    end = jnp.where(p0 >= 0, last // block + 1, first)
 
     def step(j, carry):
         m_prev, l_prev, acc = carry
@@ -107,7 +113,7 @@ def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         k_pos = j * block + lax.broadcasted_iota(jnp.int32, (rows, block), 1)
-        seen = k_pos <= q_pos[:, None]
+        seen = k_pos <= q_lim[:, None]
         if window is not None:
             seen &= k_pos > q_pos[:, None] - window
         s = jnp.where(seen, s, NEG)
@@ -129,11 +135,14 @@ def _kernel(starts_ref, lengths_ref, rows_ref, pos_ref, tables_ref, q_ref, k_ref
 
 
 def ragged_paged_attention(q, k_pool, v_pool, rows, positions, tables, spec: AttentionSpec, *,
-                           interpret: bool = False, segments: int | None = None, tile_rows: int = 64):
+                           interpret: bool = False, segments: int | None = None, tile_rows: int = 64,
+                           limits=None):
     """q (M, N, H) of M flat tokens, token i of table row ``rows[i]`` at ``positions[i]``, over
     one layer's (replicas, blocks, block, K, H) pools -> (M, N, H): each query sees positions
-    0..p of its row (its window's only), through the row's ``tables`` entry. ``segments``:
-    a bound on the runs of consecutive tokens of one row the call holds (default M)."""
+    0..p of its row (its window's only), through the row's ``tables`` entry; with ``limits``
+    (M,), 0..limits[i] (never decreasing along a row's run, never past the call's last token of
+    that row). ``segments``: a bound on the runs of consecutive tokens of one row the call
+    holds (default M)."""
     m, n, h = q.shape
     replicas, _, block, k_heads, _ = k_pool.shape
     slots, max_blocks = tables.shape
@@ -150,14 +159,21 @@ def ragged_paged_attention(q, k_pool, v_pool, rows, positions, tables, spec: Att
     qs = q.reshape(m, k_heads, group, h)
     qs = jnp.pad(qs, ((0, 0), (0, 0), (0, gp - group), (0, 0))).transpose(1, 0, 2, 3).reshape(k_heads, m * gp, h)
     qs = jnp.pad(qs, ((0, 0), (0, rows_per_tile), (0, 0)))
+    limited = limits is not None
+    if limited:  # each query row's limit, laid out as the query rows are; each tile's last
+        lim = jnp.pad(jnp.repeat(limits.astype(jnp.int32), gp), (0, rows_per_tile))
+        last = limits.astype(jnp.int32)[jnp.clip(starts + lengths - 1, 0, m - 1)]
+    else:  # unused operands: the kernel reads the positions instead
+        lim, last = jnp.zeros((1,), jnp.int32), jnp.zeros_like(starts)
     kernel = functools.partial(_kernel, group=gp, rows=rows_per_tile, scale=float(spec.scale),
-                               window=spec.window, softcap=spec.softcap, rows_per_replica=slots // replicas)
+                               window=spec.window, softcap=spec.softcap, rows_per_replica=slots // replicas,
+                               limited=limited)
     extra = {}
     if not interpret:
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
     out = pl.pallas_call(kernel, grid=(n_items, k_heads), out_shape=jax.ShapeDtypeStruct(qs.shape, q.dtype),
                          interpret=interpret, name="ragged_paged_attention", **extra)(
-        starts, lengths, item_rows, item_pos, tables, qs, k_pool, v_pool)
+        starts, lengths, item_rows, item_pos, last, tables, qs, lim, k_pool, v_pool)
     out = out[:, :m * gp].reshape(k_heads, m, gp, h)[:, :, :group].transpose(1, 0, 2, 3)
     return out.reshape(m, n, h)
 
@@ -197,8 +213,6 @@ class GpuKernels(Xla):
         return min(slots, max(1, bucket // 4))
 
     def attend(self, q, kv, rows, positions, span, spec, tables, limits=None):
-        if limits is not None:  # an image's two-way span: the kernel masks causally; XLA's path
-            return super().attend(q, kv, rows, positions, span, spec, tables, limits)
         b, t, n, h = q.shape
         if rows is None:
             rows = jnp.arange(b, dtype=jnp.int32)
@@ -209,12 +223,15 @@ class GpuKernels(Xla):
         call = functools.partial(ragged_paged_attention, spec=spec, interpret=self.interpret, segments=segments,
                                  tile_rows=16 if t == 1 else 64)
         flat = (q.reshape(b * t, n, h), *kv, rows.reshape(b * t), positions.reshape(b * t), tables)
+        if limits is not None:
+            flat = (*flat, limits.reshape(b * t))
+            call = (lambda f: lambda *a: f(*a[:-1], limits=a[-1]))(call)
         if self.mesh is None:
             out = call(*flat)
         else:
             from jax.sharding import PartitionSpec as P
 
             heads, pool = P(None, "model", None), P(None, None, None, "model", None)
-            out = jax.shard_map(call, mesh=self.mesh, in_specs=(heads, pool, pool, P(), P(), P()), out_specs=heads,
-                                check_vma=False)(*flat)
+            specs = (heads, pool, pool, P(), P(), P()) + ((P(),) if limits is not None else ())
+            out = jax.shard_map(call, mesh=self.mesh, in_specs=specs, out_specs=heads, check_vma=False)(*flat)
         return out.reshape(b, t, n, h)
