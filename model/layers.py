@@ -110,8 +110,7 @@ def attention(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv = backend.write_kv(kv, k, v, rows, positions, tables)
     spec = spec or AttentionSpec(scale=h ** -0.5)
-    out = backend.attend(q, kv, rows, positions, span, spec, tables,
-                         **({} if limits is None else {"limits": limits})).reshape(b, t, n * h)  # (B, T, N*H)
+    out = backend.attend(q, kv, rows, positions, span, spec, tables, limits).reshape(b, t, n * h)  # (B, T, N*H)
     return with_lora(lora, "o", out, layer["wo"].apply(out, live)).astype(x.dtype), kv
 
 

@@ -220,12 +220,13 @@ class GpuKernels(Xla):
             rows, segments = jnp.broadcast_to(rows[:, None], (b, t)), b
         else:  # a prefill call: a table row per token, chunks of distinct rows and a padding run
             segments = self.prompts_per_call(t, tables.shape[0], span) + 1
-        call = functools.partial(ragged_paged_attention, spec=spec, interpret=self.interpret, segments=segments,
-                                 tile_rows=16 if t == 1 else 64)
+        def call(q, k, v, rows, positions, tables, limits=None):  # (positional: shard_map passes them so)
+            return ragged_paged_attention(q, k, v, rows, positions, tables, spec, interpret=self.interpret,
+                                          segments=segments, tile_rows=16 if t == 1 else 64, limits=limits)
+
         flat = (q.reshape(b * t, n, h), *kv, rows.reshape(b * t), positions.reshape(b * t), tables)
         if limits is not None:
             flat = (*flat, limits.reshape(b * t))
-            call = (lambda f: lambda *a: f(*a[:-1], limits=a[-1]))(call)
         if self.mesh is None:
             out = call(*flat)
         else:
