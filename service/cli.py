@@ -12,6 +12,7 @@ import time
 from service.cli_parser import build_parser
 
 log = logging.getLogger("xlaserve")
+_LAUNCHED = time.monotonic()  # the command's start, for the time-to-ready line
 
 
 class CLIError(Exception):
@@ -26,14 +27,13 @@ def _setup_logging(level: str) -> None:
 
 
 def _enable_compile_cache() -> None:
-    import jax
-
     from model.checkpoint import cache_dir, host_id
+    from service.engine import programs
 
-    # Per CPU: XLA's CPU programs use this machine's instructions (see host_id).
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax" / host_id()))
-    # Every program, even a quick one: a warm start (a container's first) then compiles nothing.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # The step programs whole, keyed without tracing them, so a restart loads them as they are
+    # (see programs); per CPU, as XLA's CPU programs use this machine's instructions (see
+    # host_id).
+    programs.enable(cache_dir() / "programs" / host_id())
 
 
 def _check_parallel(args) -> bool:
@@ -269,6 +269,15 @@ def cmd_api_server(args) -> None:
     def load():
         try:
             state.engine, _ = _load_engine(args, args.max_batch_size, warmup=True)
+            runner = state.engine.runner
+            loaded, compiled = runner.program_counts()
+            log.info("ready %.1f s after launch (%s start: %d step programs compiled, %d loaded)",
+                     time.monotonic() - _LAUNCHED, "a warm" if not compiled else "a cold", compiled, loaded)
+            mem = runner.memory()
+            if mem["resident"]:
+                log.info("resident memory %.0f MiB: weights %.0f, KV cache %.0f, the rest %.0f (the runtime, "
+                         "compiled programs, tokenizer, Python)", mem["resident"], mem["weights"], mem["kv_cache"],
+                         mem["resident"] - mem["weights"] - mem["kv_cache"])
             print(f"xlaserve: serving {settings.model_name} at {url} (Swagger UI: {url}/)", flush=True)
             if registrar is not None:  # /health answers 200 from here on
                 registrar.start()

@@ -252,8 +252,9 @@ def build_engine(checkpoint: Path, config: EngineConfig, warmup: bool = True):
         runner.warmup(progress, verify_tokens=config.verify_tokens())
         if draft is not None:
             draft.runner.warmup()
-        log.info("warm-up done in %.1fs (%d compiled variants)", time.monotonic() - t0,
-                 runner.compiled_variants())
+        loaded, compiled = runner.program_counts()
+        log.info("warm-up done in %.1fs: %d step programs, %d read from the compiled-program store, %d compiled",
+                 time.monotonic() - t0, runner.compiled_variants(), loaded, compiled)
     from model.backends import trim_freed_memory
 
     trim_freed_memory()  # the checkpoint's arrays and the compilers' working memory, freed by now

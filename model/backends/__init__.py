@@ -66,6 +66,10 @@ class Backend(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def settle(self, tree) -> None:
+        """Make the memory of arrays every step reads ready for it (the weights, the KV cache),
+        once they are in place; a backend may leave this to the first step."""
+
     def activation_dtype(self, cfg: ModelConfig) -> jnp.dtype:
         """The dtype of the activations between layers (what an adapter's update is added to)."""
         return jnp.dtype(cfg.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from model import vision as vision_model
 from model.backends import Backend, keep_freed_memory, param_bytes, select
 from model.config import ModelConfig
 from service import sampling as smp
+from service.engine import programs
 from service.engine.plan import Chunk, Decode, Prefill, StepPlan
 from service.engine.shapes import StepShapes
 from service.engine.step_io import DecodeInputs, PrefillInputs, Sampled, StepOutput
@@ -125,7 +127,8 @@ class ModelRunner:
             if self.max_chunk < vc.tokens_per_image:
                 raise ValueError(f"a prefill chunk of {self.max_chunk} tokens cannot hold an image's "
                                  f"{vc.tokens_per_image}")
-            self._encode = jax.jit(lambda p, x: vision_model.encode(p, vc, x))
+            self._encode = programs.Program(jax.jit(lambda p, x: vision_model.encode(p, vc, x)), "encode",
+                                            repr(vc), (1,), channel is None)
         self.shapes = StepShapes(self.backend, max_batch_size, cfg.vocab_size, session_len, self.max_chunk,
                                  self.full_width, block_size, cfg.hidden_size if vision is not None else 0)
         # Every array is committed to its final placement, like every later (jit-output) value
@@ -173,8 +176,14 @@ class ModelRunner:
         if adapters is not None:  # the update is added to the activations, in their dtype
             adapters = dataclasses.replace(adapters, dtype=self.backend.activation_dtype(cfg))
         steps = Steps(cfg, self.backend, max_batch_size, top_logprobs, plan, adapters)
-        self._prefill, self._decode, self._set_row, self._score = steps.jitted(self._cache_sh, self._sampling_sh,
-                                                                               self._out_sh)
+        prefill, decode, set_row, score = steps.jitted(self._cache_sh, self._sampling_sh, self._out_sh)
+        # Kept on disk when the CLI enables it (see ``programs``), so a restart does not trace them again;
+        # a step a mesh of several processes runs is traced by each process alike.
+        static, keep = steps.describe(), channel is None
+        self._prefill = programs.Program(prefill, "prefill", static, (5, 6, 7), keep)
+        self._decode = programs.Program(decode, "decode", static, (5, 6, 7), keep)
+        self._set_row = programs.Program(set_row, "set_row", static, (1, 2), keep)
+        self._score = programs.Program(score, "score", static, (1, 2, 3), keep)
         # LoRA adapters: ``adapters.slots`` of them on the device at once (``load_adapter``), and
         # each decode slot's adapter slot (-1: the base model; the last entry is padding's).
         self.adapters = adapters
@@ -346,7 +355,8 @@ class ModelRunner:
         if adapter is not None:
             self.resident[slot] = adapter
 
-    def run_prefill(self, op: Prefill, tables: np.ndarray, masks: dict | None = None) -> StepOutput:
+    def run_prefill(self, op: Prefill, tables: np.ndarray, masks: dict | None = None,
+                    as_tokens: int | None = None) -> StepOutput:
         """One prefill call: ``op``'s chunks (of distinct slots; at most ``prompts_per_call``
         of them, ``max_chunk`` tokens in all) in one row of tokens. ``sampled`` has a row per
         chunk, in order: the token drawn after its last position (meaningful where it ends its
@@ -354,7 +364,7 @@ class ModelRunner:
         the token drawn after each as a decode step there would draw it. A scored call's
         ``scores`` and an embedding call's ``hidden`` have a row per token, in the chunks' order."""
         self._check_positions(max(c.start + len(c.tokens) for c in op.chunks) - 1)
-        inputs = self.shapes.prefill_inputs(op, masks, self._adapter_rows)
+        inputs = self.shapes.prefill_inputs(op, masks, self._adapter_rows, as_tokens)
         n = int(inputs.live)
         out, hidden = self._prefill_step(tables, inputs, op.scores)
         sampled, scores = out[:4], out[4:]
@@ -363,10 +373,14 @@ class ModelRunner:
                           Sampled(inputs.following[0], *map(_host, scores)) if op.scores else None,
                           _host(hidden)[:n].astype(np.float32) if op.embeds else None)
 
+    def _prefill_args(self, tables, inputs: PrefillInputs) -> tuple:
+        return self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, self.bank, inputs
+
+    _decode_args = _prefill_args
+
     @replayed
     def _prefill_step(self, tables, inputs: PrefillInputs, scored: bool):
-        cache, sampling, (out, hidden) = self._prefill(self.params, self.cache, self.sampling, self.rope,
-                                                       self.eos_mask, tables, self.bank, inputs)
+        cache, sampling, (out, hidden) = self._prefill(*self._prefill_args(tables, inputs))
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         if scored:
@@ -381,13 +395,13 @@ class ModelRunner:
                              "(--session-len)")
 
     def dispatch_decode(self, d: Decode, tables: np.ndarray, masks: dict | None = None,
-                        inflight: "DecodeHandle | None" = None) -> "DecodeHandle":
+                        inflight: "DecodeHandle | None" = None, as_rows: int | None = None) -> "DecodeHandle":
         """Start a decode step over ``d`` and return its handle without waiting for it
         (``fetch`` waits). A chained ``d`` (no tokens) takes its inputs from ``inflight``, the
         previous step over the same slots, on the device: step t+1 is queued before the host
         has even looked at step t's tokens."""
         self._check_positions(max(d.positions))
-        inputs, where = self.shapes.decode_inputs(d, masks, self._adapter_rows)
+        inputs, where = self.shapes.decode_inputs(d, masks, self._adapter_rows, as_rows)
         rows = inputs.rows if inputs.rows is not None else np.arange(self.slots)
         if d.chained:
             if (inflight is None or inflight.rows.shape != rows.shape or (inflight.rows != rows).any()
@@ -400,17 +414,18 @@ class ModelRunner:
 
     @replayed
     def _decode_step(self, tables, inputs: DecodeInputs):
-        # Placed like a step's own output tokens, so both kinds of input share one compile.
-        return self._run_decode(tables, dataclasses.replace(
-            inputs, tokens=jax.device_put(inputs.tokens, self._token_sharding)))
+        return self._run_decode(tables, self._placed(inputs))
+
+    def _placed(self, inputs: DecodeInputs) -> DecodeInputs:
+        # Placed like a step's own output tokens, so both kinds of input run one executable.
+        return dataclasses.replace(inputs, tokens=jax.device_put(inputs.tokens, self._token_sharding))
 
     def fetch(self, handle: "DecodeHandle") -> Sampled:
         """Wait for a dispatched step: host arrays whose rows follow its slots."""
         return Sampled.of(None if x is None else _host(x)[handle.where] for x in handle.out)
 
     def _run_decode(self, tables, inputs: DecodeInputs):
-        cache, sampling, out = self._decode(self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables,
-                                            self.bank, inputs)
+        cache, sampling, out = self._decode(*self._decode_args(tables, inputs))
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         return out
@@ -448,44 +463,111 @@ class ModelRunner:
             out += list(feats[:len(group)])
         return out
 
+    def memory(self) -> dict[str, float]:
+        """MiB: this process's resident memory, and the weights' and KV cache's share of it."""
+        try:
+            with open("/proc/self/statm") as f:
+                resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            resident = 0.0
+        weights = 0.0 if self.params is None else param_bytes(self.params) / 2**20
+        cache = 0.0 if self.cache is None else sum(x.nbytes for kv in self.cache for x in kv) / 2**20
+        return {"resident": resident, "weights": weights, "kv_cache": cache}
+
+    def program_counts(self) -> tuple[int, int]:
+        """(read from the store, compiled) executables of the step programs so far."""
+        progs = [self._prefill, self._decode, self._set_row, self._score] + ([self._encode] if self.vision else [])
+        return sum(p.loaded for p in progs), sum(p.compiled for p in progs)
+
     def compiled_variants(self) -> int:
         steps = (self._prefill, self._decode, self._set_row, self._score)
         return sum(f._cache_size() for f in steps + ((self._encode,) if self.vision is not None else ()))
 
     def warmup(self, progress=None, verify_tokens: int = 0) -> None:
-        """Compile every prefill/decode shape now, so serving never compiles (``verify_tokens``:
-        the most tokens a verify call of speculative decoding holds; 0: none). With adapter
-        slots every shape twice: the base model's program, and the one adapters' rows take."""
+        """Make every step shape's program ready now, so serving never compiles
+        (``verify_tokens``: the most tokens a verify call of speculative decoding holds; 0:
+        none). With adapter slots every shape twice: the base model's program, and the one
+        adapters' rows take. Nothing runs: each program is compiled, or read from the store
+        (see ``programs``), two at a time. On a mesh of several processes each shape runs
+        once instead, so that every process compiles it as it replays the step."""
         if self.vision is not None:
             vc = self.vision[0]
             for b in self.IMAGE_BATCHES:
-                if progress:
-                    progress(0, 1, ("vision", b))
-                self.encode_images([np.zeros((3, vc.image_size, vc.image_size), np.float32)] * b)
+                self._encode.executable(self.vision[1], np.zeros((b, 3, vc.image_size, vc.image_size), np.float32))
+        self.backend.settle((self.params, self.cache, self.bank))
         variants = [-1] if self.adapters is None else [-1, 0]
         for adapter in variants:
             self.set_slot(0, SamplingParams(), [0], 0, adapter)
-            self._warmup(progress, verify_tokens, adapter)
+            calls = self._warmup_calls(verify_tokens)
+            if self.channel is not None:
+                self._warmup_runs(progress, calls, adapter)
+            else:
+                self._ready(progress, calls, adapter)
         self.set_slot(0, SamplingParams(), [0], 0)
 
-    def _warmup(self, progress, verify_tokens: int, adapter: int) -> None:
-        shapes = self.shapes.warmup_shapes(verify_tokens)
+    def _warmup_calls(self, verify_tokens: int) -> list[tuple]:
+        """(shape, op, size) of every step shape: ``op`` on one live token or row, shaped as
+        ``size`` (its program is the same, and padding costs next to nothing)."""
+        calls = []
+        for shape in self.shapes.warmup_shapes(verify_tokens):
+            kind, n = shape[0], shape[1]
+            if kind == "decode":
+                op = Decode((0,), (0,), (shape[2] - 1,), (0,))
+            elif kind == "verify":
+                op = Prefill((Chunk(slot=0, tokens=(0,), start=shape[2] - n, last=True, step=1, decode=True),),
+                             verify=True)
+            elif kind == "score":  # a scored prompt: its prefill, then its scores
+                op = Prefill((Chunk(slot=0, tokens=(0,), start=0, last=True, score=True),))
+            else:
+                op = Prefill((Chunk(slot=0, tokens=(0,), start=shape[2] - n, last=True),))
+            calls.append((shape, op, n))
+        return calls
+
+    def _warmup_runs(self, progress, calls: list[tuple], adapter: int) -> None:
         # Nothing is cached yet: every position of every slot may land in block 0.
         tables = self.empty_tables()
-        for i, shape in enumerate(shapes):
+        for i, (shape, op, n) in enumerate(calls):
             if progress:
-                progress(i, len(shapes), shape if adapter < 0 else (*shape, "adapters"))
-            if shape[0] == "decode":
-                b, span = shape[1], shape[2]
-                self.fetch(self.dispatch_decode(Decode(tuple(range(b)), (0,) * b, (span - 1,) * b, (0,) * b), tables))
-            elif shape[0] == "verify":
-                n, span = shape[1], shape[2]
-                self.run_prefill(Prefill((Chunk(slot=0, tokens=(0,) * n, start=span - n, last=True, step=1,
-                                                decode=True, drafts=n - 1),), verify=True), tables)
-            elif shape[0] == "score":  # a scored prompt: its prefill, then its scores
-                self.run_prefill(Prefill((Chunk(slot=0, tokens=(0,) * shape[1], start=0, last=True, score=True),)),
-                                 tables)
+                progress(i, len(calls), shape if adapter < 0 else (*shape, "adapters"))
+            if isinstance(op, Decode):
+                self.fetch(self.dispatch_decode(op, tables, as_rows=n))
             else:
-                n, span = shape[1], shape[2]
-                self.run_prefill(Prefill((Chunk(slot=0, tokens=(0,) * n, start=span - n, last=True),)), tables)
+                self.run_prefill(op, tables, as_tokens=n)
         jax.block_until_ready(self.cache)
+
+    def _ready(self, progress, calls: list[tuple], adapter: int) -> None:
+        tables = self.empty_tables()
+        todo = []  # (shape, program, arguments)
+        for shape, op, n in calls:
+            if isinstance(op, Decode):
+                inputs, _ = self.shapes.decode_inputs(op, None, self._adapter_rows, n)
+                todo.append((shape, self._decode, self._decode_args(tables, self._placed(inputs))))
+            else:
+                inputs = self.shapes.prefill_inputs(op, None, self._adapter_rows, n)
+                todo.append((shape, self._prefill, self._prefill_args(tables, inputs)))
+        self._make(progress, todo, adapter)
+        # A scored call's second program takes the prefill's hidden states: stand-ins for them,
+        # shaped and placed as the prefill's executable returns them.
+        scores = []
+        for shape, program, args in todo:
+            if shape[0] == "score":
+                hidden = program.executable(*args).out_info[2][1]
+                inputs = args[-1]
+                scores.append((("scores", shape[1]), self._score, (self.params, hidden, inputs.following, inputs.live)))
+        self._make(progress, scores, adapter)
+
+    def _make(self, progress, todo: list[tuple], adapter: int) -> None:
+        """Every ``(shape, program, args)``'s executable: the stored ones read two at a time (on
+        2 cores that halves the wait), then the others compiled in turn."""
+        import concurrent.futures
+
+        stored = [t for t in todo if t[1].stored(*t[2])]
+        if stored:
+            log.info("loading %d compiled programs", len(stored))
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda t: t[1].executable(*t[2]), stored))
+        missing = [t for t in todo if not t[1].ready(*t[2])]
+        for i, (shape, program, args) in enumerate(missing):
+            if progress:
+                progress(i, len(missing), shape if adapter < 0 else (*shape, "adapters"))
+            program.executable(*args)

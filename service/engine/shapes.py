@@ -122,7 +122,7 @@ class StepShapes:
                     last=z(p), steps=z(p), following=z(1, size))
 
     def prefill_inputs(self, op: Prefill, masks: dict | None = None,
-                       adapters: np.ndarray | None = None) -> PrefillInputs:
+                       adapters: np.ndarray | None = None, as_tokens: int | None = None) -> PrefillInputs:
         """The inputs of one prefill call packing ``op``'s chunks (of distinct slots) into one
         row of tokens, each token with its slot's table row. A plain call samples at each
         chunk's last token (P sampling rows, a bound of the call's size and span: see
@@ -130,12 +130,14 @@ class StepShapes:
         the step count a plain decode of that position would have (nothing is accounted for
         penalties there: a speculating request has none). ``masks``: token bitmask rows by
         slot, for the sequences a grammar constrains. ``adapters`` (slots + 1,): each slot's
-        adapter slot (-1: none; the last entry, padding's, -1)."""
+        adapter slot (-1: none; the last entry, padding's, -1). ``as_tokens``: shaped as a call of
+        that many tokens (warm-up runs each shape on one token: padding costs nothing)."""
         chunks = op.chunks
         n = sum(len(c.tokens) for c in chunks)
-        size = bucket_for(n, self.prefill_sizes)
+        shaped = as_tokens or n
+        size = bucket_for(shaped, self.prefill_sizes)
         max_start = max((c.start for c in chunks), default=0)
-        p = size if op.verify else self.prompts_per_call(n, max_start)
+        p = size if op.verify else self.prompts_per_call(shaped, max_start)
         if not chunks or (not op.verify and len(chunks) > p) or len({c.slot for c in chunks}) < len(chunks):
             raise ValueError(f"a prefill call packs 1 to {p} chunks of distinct slots, got {len(chunks)}")
         a = self._blank(size, p)
@@ -157,7 +159,7 @@ class StepShapes:
         allowed = self.allowed(p, a["slots"], None if op.verify else masks)
         a["adapters"] = _used(adapters, a["rows"])
         return PrefillInputs(**a, allowed=allowed, live=np.int32(n), images=self._image_rows(chunks, a["positions"]),
-                             span=self.prefill_span(n, max_start))
+                             span=self.prefill_span(shaped, max_start))
 
     def _image_rows(self, chunks, positions: np.ndarray) -> ImageRows | None:
         """A vision-language model's image rows of a call: the chunks' image tokens (their
@@ -176,16 +178,17 @@ class StepShapes:
             at += len(c.tokens)
         return ImageRows(embeds[None], use[None], limits[None])
 
-    def decode_inputs(self, d: Decode, masks: dict | None = None,
-                      adapters: np.ndarray | None = None) -> tuple[DecodeInputs, np.ndarray]:
+    def decode_inputs(self, d: Decode, masks: dict | None = None, adapters: np.ndarray | None = None,
+                      as_rows: int | None = None) -> tuple[DecodeInputs, np.ndarray]:
         """The inputs of one decode step over ``d``'s slots, and ``where``: batch row
         ``where[i]`` is slot ``d.slots[i]``. Padding rows name slot ``self.slots`` and position
         ``pad_position`` (past every table: their writes are dropped). The rows' token
         bitmasks come from ``masks`` by slot (all ones elsewhere), their adapter slots from
         ``adapters`` (as ``prefill_inputs`` takes it). ``tokens`` is left zero for a
-        chained step (its input comes from the step in flight, on the device)."""
+        chained step (its input comes from the step in flight, on the device). ``as_rows``:
+        shaped as a step of that many rows (as ``prefill_inputs``'s ``as_tokens``)."""
         n = len(d.slots)
-        b = bucket_for(n, self.batch_sizes)
+        b = bucket_for(as_rows or n, self.batch_sizes)
         span = bucket_for(max(d.positions) + 1, self.spans)
         # Batch row of each given slot: itself at full width, else packed from row 0.
         where = np.asarray(d.slots) if self.full_width else np.arange(n)

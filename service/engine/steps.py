@@ -90,6 +90,15 @@ class Steps:
         sampling = smp.record(sampling, out[0], inp.rows)
         return cache, sampling, out
 
+    def describe(self) -> str:
+        """Everything besides the code and the arguments that the traced steps depend on (what
+        ``programs.Program`` keys a stored executable by)."""
+        b = self.backend
+        settings = {k: v for k, v in sorted(vars(b).items()) if isinstance(v, (bool, int, float, str, type(None)))}
+        plan = None if self.plan is None else (repr(self.plan.mesh), sorted(self.plan.rules.items()))
+        return repr((self.cfg, type(b).__qualname__, b.describe(), settings, self.slots, self.top_n, plan,
+                     self.adapters))
+
     def jitted(self, cache_sh=None, sampling_sh=None, out_sh=None):
         """(prefill, decode, set_row, score) jitted, with the state donated and, on
         a mesh, every output committed to its placement."""

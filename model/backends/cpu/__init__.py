@@ -50,6 +50,9 @@ class CpuKernels(Backend):
     def activation_dtype(self, cfg):
         return jnp.dtype(jnp.float32)
 
+    def settle(self, tree) -> None:
+        kernels.use_huge_pages(tree)
+
     def prepare(self, params, cfg, quantize=None):
         """Matrices stay bfloat16 when the model is (half the bytes to stream per token; the
         kernel widens them to float32 as it loads them), float16 ones become float32;

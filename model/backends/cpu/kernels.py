@@ -117,6 +117,18 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
+def use_huge_pages(tree) -> None:
+    """Back every array of ``tree`` (the packed weights, the KV cache: what each step streams
+    whole) with 2 MiB pages now, rather than on the first step that reads it."""
+    if not available():
+        return
+    lib = _state["lib"]
+    lib.XlaserveUseHugePages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array) and x.nbytes >= 2 << 20:
+            lib.XlaserveUseHugePages(x.unsafe_buffer_pointer(), x.nbytes)
+
+
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
                      lengths: jax.Array, tables: jax.Array | None = None, scale: float | None = None,
                      softcap: float | None = None, window: int | None = None,
