@@ -168,6 +168,22 @@ def test_attention_limits_equal_the_xla_gather(shape, window):
     assert np.abs(np.asarray(got)[real] - np.asarray(causal)[real]).max() > 1e-3  # the limits mattered
 
 
+def test_unused_work_items_walk_no_blocks():
+    """Items past the call's tiles (length 0) and padding tiles get first position -1, so the
+    kernel's block loop is empty for them; real tiles keep their first token's position."""
+    from model.backends.gpu import _work_items
+
+    # Row 0 at positions 100..104, then row 1 at 7..8, then two padding tokens (row out of range).
+    rows = jnp.asarray([0, 0, 0, 0, 0, 1, 1, 4, 4], jnp.int32)
+    positions = jnp.asarray([100, 101, 102, 103, 104, 7, 8, 0, 0], jnp.int32)
+    starts, lengths, item_rows, first = (np.asarray(x) for x in _work_items(rows, positions, tq=4, n_items=8,
+                                                                           slots=4, limit=512))
+    assert starts.tolist() == [0, 4, 5, 7, 9, 9, 9, 9]
+    assert lengths.tolist() == [4, 1, 2, 2, 0, 0, 0, 0]
+    assert first.tolist() == [100, 104, 7, -1, -1, -1, -1, -1]
+    assert item_rows[:3].tolist() == [0, 0, 1]
+
+
 def test_supported_head_sizes():
     assert supported(64) and supported(128) and supported(16)
     assert not supported(96) and not supported(8)

@@ -151,8 +151,9 @@ def main(argv=None) -> int:
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
     print(f"decode step alone (sync): {ms(sync):.2f} ms; chained on the runner: {ms(chained):.2f} ms; "
           f"the engine, per output token: {ms(engine_tpot):.2f} ms ({1 / statistics.median(engine_tpot):.1f} tok/s)")
-    print(f"host share of the engine's per-token time: {1 - statistics.median(chained) / statistics.median(engine_tpot):.1%} "
-          f"over the chained runner, {1 - statistics.median(sync) / statistics.median(engine_tpot):.1%} over the step alone")
+    tpot = statistics.median(engine_tpot)
+    print(f"host share of the engine's per-token time: {1 - statistics.median(chained) / tpot:.1%} "
+          f"over the chained runner, {1 - statistics.median(sync) / tpot:.1%} over the step alone")
     for title, counts in zip(("engine thread", "event loop thread"), sampler.counts):
         total = sum(counts.values()) or 1
         print(f"{title} ({total} samples):")
