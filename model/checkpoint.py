@@ -95,7 +95,7 @@ def load_params(path: str | Path, cfg: ModelConfig, shardings: Any = None, dtype
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.make_single_device_sharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract_params(cfg))
     target = abstract_params(cfg, shardings)
     with ocp.StandardCheckpointer() as ckpt:

@@ -193,7 +193,7 @@ def load(path: Path, vc: VisionConfig, sharding: Any = None) -> dict[str, Any]:
     default the first device)."""
     import orbax.checkpoint as ocp
 
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or jax.sharding.make_single_device_sharding(jax.devices()[0])
     dtype = jnp.dtype(vc.dtype)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype, sharding=sharding), param_shapes(vc),
                           is_leaf=lambda x: isinstance(x, tuple))

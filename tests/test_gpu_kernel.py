@@ -273,7 +273,11 @@ def test_kernel_lowers_to_triton_for_cuda(window, softcap, dtype, group, limited
     args = (jax.ShapeDtypeStruct((64, heads, head), dtype), *[jax.ShapeDtypeStruct((1, 33, 32, k_heads, head), dtype)] * 2,
             *[jax.ShapeDtypeStruct((64,), jnp.int32)] * 2, jax.ShapeDtypeStruct((8, 4), jnp.int32))
     triton = "__gpu$xla.gpu.triton"
-    exported = export.export(f, platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
+    # With no GPU here, the target GPU is named abstractly (newer JAX asks for one to pick the
+    # Triton compute capability; older ones take it as a no-op).
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        exported = export.export(f, platforms=["cuda"],
+                                 disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
     text = exported.mlir_module()
     assert f"@{triton}" in text and "grid_y = 2" in text  # one program per KV head

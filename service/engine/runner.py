@@ -171,7 +171,7 @@ class ModelRunner:
                  f", the {sum(map(cfg.is_sliding, range(cfg.num_layers)))} sliding-window layers "
                  f"{self.window_blocks} blocks" if self.window else "",
                  f" per data replica (x{self.replicas})" if self.replicas > 1 else "", max_batch_size)
-        self._token_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if plan is None
+        self._token_sharding = (jax.sharding.make_single_device_sharding(jax.devices()[0]) if plan is None
                                 else plan.replicated)
         if adapters is not None:  # the update is added to the activations, in their dtype
             adapters = dataclasses.replace(adapters, dtype=self.backend.activation_dtype(cfg))
@@ -251,7 +251,7 @@ class ModelRunner:
         """Where each checkpoint weight lives (the tree of ``model.weights.param_specs``)."""
         if self.plan is not None:
             return self.plan.param_shardings(self.cfg)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.make_single_device_sharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, weights.param_specs(self.cfg), is_leaf=weights.is_spec)
 
     def prepare_params(self, params: Any, copy: bool = True) -> Any:
