@@ -128,9 +128,10 @@ def server(default_checkpoint, tmp_path_factory):
         proc.wait(timeout=60)
 
 
-def tiny_engine(checkpoint, slots: int, max_queue: int = 256):
+def tiny_engine(checkpoint, slots: int, max_queue: int = 256, warmup: bool = False):
     """A started engine over a tiny random model with the default model's tokenizer: the HTTP
-    layer's tests get real engine behaviour at almost no compile cost."""
+    layer's tests get real engine behaviour at almost no compile cost (``warmup``: every step
+    shape compiled before it starts, as a server's is, so no request waits for a compile)."""
     from model.config import ModelConfig
     from model.tokenizer import Tokenizer
     from model.weights import init_params
@@ -142,6 +143,8 @@ def tiny_engine(checkpoint, slots: int, max_queue: int = 256):
                       intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     runner = ModelRunner(cfg, init_params(cfg, seed=0), max_batch_size=slots, session_len=128,
                          eos_ids=tokenizer.eos_ids, max_prefill_chunk=32)
+    if warmup:
+        runner.warmup()
     engine = Engine(runner, tokenizer, max_queue=max_queue)
     engine.start()
     return engine

@@ -13,7 +13,8 @@ from service.app import ServerSettings, State, create_app  # noqa: E402
 
 @pytest.fixture(scope="module")
 def app(default_checkpoint):
-    engine = tiny_engine(default_checkpoint, slots=4, max_queue=64)
+    # Warmed up: a case's request must not wait out its 10 s timeout for the first compile.
+    engine = tiny_engine(default_checkpoint, slots=4, max_queue=64, warmup=True)
     yield create_app(State(ServerSettings(model_name="tiny"), engine))
     engine.stop()
 

@@ -139,8 +139,10 @@ class Program:
         with self._lock:
             exe = self._executables.get(key)
         if exe is None:  # loading or compiling outside the lock: two shapes may load at once
-            exe = self._load_or_compile(args)
+            exe, loaded = self._load_or_compile(args)
             with self._lock:
+                self.loaded += loaded
+                self.compiled += not loaded
                 exe = self._executables.setdefault(key, exe)
         return exe
 
@@ -152,10 +154,10 @@ class Program:
             h.update(b"\0")
         return self._root / f"{self._name}-{h.hexdigest()[:32]}.bin"
 
-    def _load_or_compile(self, args: tuple):
+    def _load_or_compile(self, args: tuple) -> tuple[Any, bool]:
+        """(the executable, whether it was read from the store rather than compiled)."""
         if self._root is None:
-            self.compiled += 1
-            return self._jitted.lower(*args).compile()
+            return self._jitted.lower(*args).compile(), False
         from jax.experimental import serialize_executable
 
         path = self._path(args)
@@ -163,15 +165,12 @@ class Program:
             try:
                 payload, in_tree, out_tree, ids = pickle.loads(path.read_bytes())
                 by_id = {d.id: d for d in jax.devices()}
-                exe = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
-                                                                execution_devices=[by_id[i] for i in ids])
-                self.loaded += 1
-                return exe
+                return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                 execution_devices=[by_id[i] for i in ids]), True
             except Exception as e:  # another jaxlib's format, a torn file: compile it again
                 log.info("compiled program %s did not load (%s); compiling it again", path.name, e)
         # JAX's persistent cache is off while programs are stored (see enable).
         exe = self._jitted.lower(*args).compile()
-        self.compiled += 1
         try:
             # The devices it runs on, in the order of its device assignment.
             ids = [d.id for d in exe._executable.xla_executable.local_devices()]
@@ -182,4 +181,4 @@ class Program:
             os.replace(f.name, path)  # whole or not at all, should two servers start at once
         except Exception as e:  # a read-only cache, a backend that cannot serialize
             log.info("compiled program %s not kept (%s)", path.name, e)
-        return exe
+        return exe, False
