@@ -90,6 +90,11 @@ def _placements(args: tuple) -> str:
     return repr([getattr(x, "sharding", None) for x in jax.tree.leaves(args)])
 
 
+def signature(program: "Program", args: tuple) -> tuple:
+    """The in-memory key of ``program``'s executable for ``args``."""
+    return _signature(tuple(args[i] for i in program._varying))
+
+
 class Program:
     """A jitted step called through its compiled executables, one per shape of the arguments
     at ``varying``. The others (weights, KV cache, sampling state) keep their shapes and
@@ -139,11 +144,12 @@ class Program:
         with self._lock:
             exe = self._executables.get(key)
         if exe is None:  # loading or compiling outside the lock: two shapes may load at once
-            exe, loaded = self._load_or_compile(args)
+            made, loaded = self._load_or_compile(args)
             with self._lock:
-                self.loaded += loaded
-                self.compiled += not loaded
-                exe = self._executables.setdefault(key, exe)
+                exe = self._executables.setdefault(key, made)
+                if exe is made:  # counted once, should two threads have made the same one
+                    self.loaded += loaded
+                    self.compiled += not loaded
         return exe
 
     def _path(self, args: tuple) -> Path:

@@ -561,7 +561,11 @@ class ModelRunner:
         2 cores that halves the wait), then the others compiled in turn."""
         import concurrent.futures
 
-        stored = [t for t in todo if t[1].stored(*t[2])]
+        # One entry per executable (a scored prompt's prefill may be a plain prefill's twin).
+        unique = {}
+        for t in todo:
+            unique.setdefault((id(t[1]), programs.signature(t[1], t[2])), t)
+        stored = [t for t in unique.values() if t[1].stored(*t[2])]
         if stored:
             log.info("loading %d compiled programs", len(stored))
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
