@@ -90,11 +90,6 @@ def _placements(args: tuple) -> str:
     return repr([getattr(x, "sharding", None) for x in jax.tree.leaves(args)])
 
 
-def signature(program: "Program", args: tuple) -> tuple:
-    """The in-memory key of ``program``'s executable for ``args``."""
-    return _signature(tuple(args[i] for i in program._varying))
-
-
 class Program:
     """A jitted step called through its compiled executables, one per shape of the arguments
     at ``varying``. The others (weights, KV cache, sampling state) keep their shapes and
@@ -117,8 +112,12 @@ class Program:
         self.loaded = 0  # executables read from the store
         self.compiled = 0  # executables compiled in this process
 
+    def key(self, *args) -> tuple:
+        """The in-memory key of these arguments' executable (the varying ones' signature)."""
+        return _signature(tuple(args[i] for i in self._varying))
+
     def __call__(self, *args):
-        exe = self._executables.get(_signature(tuple(args[i] for i in self._varying)))
+        exe = self._executables.get(self.key(*args))
         if exe is None:
             exe = self.executable(*args)
         return exe(*args)
@@ -131,7 +130,7 @@ class Program:
         return len(self._executables)
 
     def ready(self, *args) -> bool:
-        return _signature(tuple(args[i] for i in self._varying)) in self._executables
+        return self.key(*args) in self._executables
 
     def stored(self, *args) -> bool:
         """Whether these arguments' executable is in the store (loading it compiles nothing)."""
@@ -140,7 +139,7 @@ class Program:
     def executable(self, *args):
         """The executable these arguments (arrays, or ShapeDtypeStructs with their placements)
         run: in memory, else from the store, else compiled now (and stored). Any thread."""
-        key = _signature(tuple(args[i] for i in self._varying))
+        key = self.key(*args)
         with self._lock:
             exe = self._executables.get(key)
         if exe is None:  # loading or compiling outside the lock: two shapes may load at once

@@ -373,14 +373,13 @@ class ModelRunner:
                           Sampled(inputs.following[0], *map(_host, scores)) if op.scores else None,
                           _host(hidden)[:n].astype(np.float32) if op.embeds else None)
 
-    def _prefill_args(self, tables, inputs: PrefillInputs) -> tuple:
+    def _step_args(self, tables, inputs: PrefillInputs | DecodeInputs) -> tuple:
+        """A prefill or decode step's arguments (what its ``Program`` keys and runs)."""
         return self.params, self.cache, self.sampling, self.rope, self.eos_mask, tables, self.bank, inputs
-
-    _decode_args = _prefill_args
 
     @replayed
     def _prefill_step(self, tables, inputs: PrefillInputs, scored: bool):
-        cache, sampling, (out, hidden) = self._prefill(*self._prefill_args(tables, inputs))
+        cache, sampling, (out, hidden) = self._prefill(*self._step_args(tables, inputs))
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         if scored:
@@ -425,7 +424,7 @@ class ModelRunner:
         return Sampled.of(None if x is None else _host(x)[handle.where] for x in handle.out)
 
     def _run_decode(self, tables, inputs: DecodeInputs):
-        cache, sampling, out = self._decode(*self._decode_args(tables, inputs))
+        cache, sampling, out = self._decode(*self._step_args(tables, inputs))
         self._raise_fault()
         self.cache, self.sampling = cache, sampling
         return out
@@ -474,14 +473,15 @@ class ModelRunner:
         cache = 0.0 if self.cache is None else sum(x.nbytes for kv in self.cache for x in kv) / 2**20
         return {"resident": resident, "weights": weights, "kv_cache": cache}
 
+    def _programs(self) -> list:
+        return [self._prefill, self._decode, self._set_row, self._score] + ([self._encode] if self.vision else [])
+
     def program_counts(self) -> tuple[int, int]:
         """(read from the store, compiled) executables of the step programs so far."""
-        progs = [self._prefill, self._decode, self._set_row, self._score] + ([self._encode] if self.vision else [])
-        return sum(p.loaded for p in progs), sum(p.compiled for p in progs)
+        return sum(p.loaded for p in self._programs()), sum(p.compiled for p in self._programs())
 
     def compiled_variants(self) -> int:
-        steps = (self._prefill, self._decode, self._set_row, self._score)
-        return sum(f._cache_size() for f in steps + ((self._encode,) if self.vision is not None else ()))
+        return sum(p._cache_size() for p in self._programs())
 
     def warmup(self, progress=None, verify_tokens: int = 0) -> None:
         """Make every step shape's program ready now, so serving never compiles
@@ -541,10 +541,10 @@ class ModelRunner:
         for shape, op, n in calls:
             if isinstance(op, Decode):
                 inputs, _ = self.shapes.decode_inputs(op, None, self._adapter_rows, n)
-                todo.append((shape, self._decode, self._decode_args(tables, self._placed(inputs))))
+                todo.append((shape, self._decode, self._step_args(tables, self._placed(inputs))))
             else:
                 inputs = self.shapes.prefill_inputs(op, None, self._adapter_rows, n)
-                todo.append((shape, self._prefill, self._prefill_args(tables, inputs)))
+                todo.append((shape, self._prefill, self._step_args(tables, inputs)))
         self._make(progress, todo, adapter)
         # A scored call's second program takes the prefill's hidden states: stand-ins for them,
         # shaped and placed as the prefill's executable returns them.
@@ -564,7 +564,7 @@ class ModelRunner:
         # One entry per executable (a scored prompt's prefill may be a plain prefill's twin).
         unique = {}
         for t in todo:
-            unique.setdefault((id(t[1]), programs.signature(t[1], t[2])), t)
+            unique.setdefault((id(t[1]), t[1].key(*t[2])), t)
         stored = [t for t in unique.values() if t[1].stored(*t[2])]
         if stored:
             log.info("loading %d compiled programs", len(stored))
